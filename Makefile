@@ -1,0 +1,302 @@
+# ember — top-level, non-recursive Makefile (in the manner of kvmtool's).
+#
+#   make                 build everything into build/
+#   make deps            install the Debian packages the build and the tests need (idempotent)
+#   make run             deps + build + start emberd in the foreground with embedded defaults
+#   make check           deps + build + every test (unit, integration)
+#   make SANITIZE=1 check   the same with ASan+UBSan (objects in build/sanitize/)
+#   make lint            clang-format check, clang-tidy, cppcheck
+#   make bench-rpc       GetNode latency and throughput over the unix socket
+#   make install DESTDIR=… PREFIX=…
+#   make clean
+
+VERSION := 0.1.0
+
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SBINDIR ?= $(PREFIX)/sbin
+# /etc unless installing into a private prefix
+SYSCONFDIR ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
+SYSTEMDUNITDIR ?= $(if $(filter /usr,$(PREFIX)),/lib/systemd/system,$(PREFIX)/lib/systemd/system)
+DOCDIR ?= $(PREFIX)/share/doc/ember
+DESTDIR ?=
+
+ifeq ($(SANITIZE),1)
+B ?= build/sanitize
+SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+else
+B ?= build
+SAN_FLAGS :=
+endif
+
+SHELL := /bin/bash
+CC ?= gcc
+PKG_CONFIG ?= pkg-config
+PROTOC ?= protoc
+PROTOC_C ?= protoc-c
+PYTHON ?= /usr/bin/python3
+
+PKGS := grpc libprotobuf-c inih libsystemd
+PKG_CFLAGS = $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
+CMOCKA_CFLAGS = $(shell $(PKG_CONFIG) --cflags cmocka 2>/dev/null)
+CMOCKA_LIBS = $(shell $(PKG_CONFIG) --libs cmocka 2>/dev/null)
+
+# kvmtool's extra warnings, less the ones generated protobuf-c code cannot meet.
+WARNINGS := -Wall -Wextra -Werror -Wformat=2 -Winit-self -Wmissing-declarations \
+	-Wmissing-prototypes -Wnested-externs -Wold-style-definition -Wredundant-decls \
+	-Wsign-compare -Wstrict-prototypes -Wundef -Wvolatile-register-var -Wwrite-strings \
+	-Wshadow -Wno-format-nonliteral -Wvla
+GEN_WARNINGS := -Wall -Wextra -Werror
+
+CFLAGS ?= -O2 -g
+# The project's flags come first so that CFLAGS/CPPFLAGS/LDFLAGS from the environment win.
+BASE_CPPFLAGS := -D_GNU_SOURCE -DEMBER_VERSION='"$(VERSION)"' \
+	-DEMBER_SYSCONFDIR='"$(SYSCONFDIR)"' -I. -I$(B)/proto
+BASE_CFLAGS := -std=gnu11 -pthread -fno-strict-aliasing -fstack-protector-strong \
+	-D_FORTIFY_SOURCE=2 $(SAN_FLAGS)
+ALL_CPPFLAGS = $(BASE_CPPFLAGS) $(PKG_CFLAGS) $(CPPFLAGS)
+ALL_CFLAGS = $(BASE_CFLAGS) $(CFLAGS)
+ALL_LDFLAGS = -pthread $(SAN_FLAGS) $(LDFLAGS)
+
+ifeq ($(V),1)
+Q :=
+else
+Q := @
+endif
+
+all: $(B)/emberd $(B)/test/rpctestd $(B)/test/rpc-bench unit-tests pystubs
+
+# ---------------------------------------------------------------------------------------------
+# protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
+# reflection (embedded in the binary)
+
+PROTO_SYS := /usr/include
+GRPC_PROTO := /usr/share/grpc-proto
+EMBER_PROTOS := ember/v1/node.proto
+WKT_PROTOS := google/protobuf/timestamp.proto google/protobuf/duration.proto
+GRPC_PROTOS := grpc/health/v1/health.proto grpc/reflection/v1/reflection.proto \
+	grpc/reflection/v1alpha/reflection.proto
+
+PROTO_C := $(patsubst %.proto,$(B)/proto/%.pb-c.c,$(EMBER_PROTOS) $(WKT_PROTOS) $(GRPC_PROTOS) \
+	google/protobuf/descriptor.proto)
+PROTO_H := $(PROTO_C:.c=.h)
+PROTO_OBJS := $(PROTO_C:.c=.o)
+
+$(B)/proto/.stamp-c: proto/ember/v1/node.proto
+	@mkdir -p $(B)/proto
+	@echo "  PROTOC-C $@"
+	$(Q)$(PROTOC_C) -Iproto -I$(PROTO_SYS) --c_out=$(B)/proto $(EMBER_PROTOS)
+	$(Q)$(PROTOC_C) -I$(PROTO_SYS) --c_out=$(B)/proto $(WKT_PROTOS) \
+		google/protobuf/descriptor.proto
+	$(Q)$(PROTOC_C) -I$(GRPC_PROTO) --c_out=$(B)/proto $(GRPC_PROTOS)
+	$(Q)touch $@
+$(PROTO_C) $(PROTO_H): $(B)/proto/.stamp-c
+
+# --include_imports: reflection must be able to hand out every dependency.
+$(B)/proto/ember.desc: proto/ember/v1/node.proto
+	@mkdir -p $(@D)
+	@echo "  PROTOC   $@"
+	$(Q)$(PROTOC) -Iproto -I$(PROTO_SYS) -I$(GRPC_PROTO) --include_imports \
+		--descriptor_set_out=$@ $(EMBER_PROTOS) $(GRPC_PROTOS)
+
+$(B)/proto/%.pb-c.o: $(B)/proto/%.pb-c.c $(B)/proto/.stamp-c
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(GEN_WARNINGS) -c $< -o $@
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+COMMON_SRCS := common/log.c common/fileio.c common/id.c
+AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
+	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c
+AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
+
+COMMON_OBJS := $(COMMON_SRCS:%.c=$(B)/%.o)
+AGENT_LIB_OBJS := $(AGENT_LIB_SRCS:%.c=$(B)/%.o)
+
+ALL_SRCS := $(COMMON_SRCS) $(AGENT_SRCS)
+
+$(B)/%.o: %.c $(B)/proto/.stamp-c
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+
+$(B)/libcommon.a: $(COMMON_OBJS)
+	@echo "  AR       $@"
+	$(Q)rm -f $@ && $(AR) rcs $@ $^
+
+# The descriptor set is linked in as data (.incbin), so the binary carries its own API.
+$(B)/agent/descriptor-set.o: agent/descriptor-set.S $(B)/proto/ember.desc
+	@mkdir -p $(@D)
+	@echo "  AS       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) -DDESCRIPTOR_SET_FILE='"$(B)/proto/ember.desc"' -c $< -o $@
+
+$(B)/emberd: $(B)/agent/main.o $(AGENT_LIB_OBJS) $(B)/agent/descriptor-set.o $(PROTO_OBJS) \
+		$(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+
+# ---------------------------------------------------------------------------------------------
+# tests
+
+UNIT_TESTS := test-config test-id test-rpc-descriptors test-fileio
+UNIT_BINS := $(UNIT_TESTS:%=$(B)/test/unit/%)
+
+$(B)/test/unit/%.o: test/unit/%.c $(B)/proto/.stamp-c
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(CMOCKA_CFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+
+$(B)/test/unit/test-config: $(B)/test/unit/test-config.o $(B)/agent/config.o $(B)/libcommon.a
+$(B)/test/unit/test-id: $(B)/test/unit/test-id.o $(B)/libcommon.a
+$(B)/test/unit/test-fileio: $(B)/test/unit/test-fileio.o $(B)/libcommon.a
+$(B)/test/unit/test-rpc-descriptors: $(B)/test/unit/test-rpc-descriptors.o \
+	$(B)/agent/rpc-descriptors.o $(B)/agent/descriptor-set.o \
+	$(B)/proto/google/protobuf/descriptor.pb-c.o $(B)/libcommon.a
+$(UNIT_BINS):
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(CMOCKA_LIBS) $(PKG_LIBS) -o $@
+
+unit-tests: $(UNIT_BINS)
+
+# rpctestd: the gRPC layer with a test service whose handlers block, stream and report what
+# they saw, so that back-pressure, deadlines, cancellation and drain can be tested for real.
+$(B)/test/proto/.stamp-c: test/rpc/rpctest.proto
+	@mkdir -p $(@D)
+	@echo "  PROTOC-C $@"
+	$(Q)$(PROTOC_C) -Itest/rpc --c_out=$(B)/test/proto rpctest.proto
+	$(Q)touch $@
+$(B)/test/proto/rpctest.pb-c.c: $(B)/test/proto/.stamp-c
+$(B)/test/proto/rpctest.desc: test/rpc/rpctest.proto
+	@mkdir -p $(@D)
+	$(Q)$(PROTOC) -Itest/rpc -I$(PROTO_SYS) -I$(GRPC_PROTO) --include_imports \
+		--descriptor_set_out=$@ rpctest.proto $(GRPC_PROTOS)
+$(B)/test/proto/rpctest.pb-c.o: $(B)/test/proto/rpctest.pb-c.c
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(GEN_WARNINGS) -I$(B)/test/proto -c $< -o $@
+$(B)/test/rpc/rpctestd.o: test/rpc/rpctestd.c $(B)/test/proto/.stamp-c $(B)/proto/.stamp-c
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) -I$(B)/test/proto $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+$(B)/test/rpc/descriptor-set.o: agent/descriptor-set.S $(B)/test/proto/rpctest.desc
+	@mkdir -p $(@D)
+	$(Q)$(CC) $(ALL_CPPFLAGS) -DDESCRIPTOR_SET_FILE='"$(B)/test/proto/rpctest.desc"' -c $< -o $@
+$(B)/test/rpctestd: $(B)/test/rpc/rpctestd.o $(B)/test/proto/rpctest.pb-c.o \
+		$(B)/test/rpc/descriptor-set.o $(filter $(B)/agent/rpc%,$(AGENT_LIB_OBJS)) \
+		$(filter-out $(B)/proto/ember/%,$(PROTO_OBJS)) $(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+
+# Benchmark client: plain gRPC core, so the figures measure the server, not a client runtime.
+$(B)/test/rpc-bench: test/bench/rpc-bench.c $(B)/proto/.stamp-c $(PROTO_OBJS)
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) $< $(PROTO_OBJS) $(ALL_LDFLAGS) \
+		$(PKG_LIBS) -lm -o $@
+
+# Python stubs for the integration tests. health/reflection are generated from inside the
+# grpc-proto tree so that no top-level "grpc" package shadows grpcio.
+$(B)/py/.stamp: proto/ember/v1/node.proto test/rpc/rpctest.proto
+	@mkdir -p $(B)/py
+	@echo "  PROTOC   $(B)/py"
+	$(Q)$(PROTOC) -Iproto -I$(PROTO_SYS) --python_out=$(B)/py --grpc_python_out=$(B)/py \
+		--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin $(EMBER_PROTOS)
+	$(Q)$(PROTOC) -I$(GRPC_PROTO)/grpc --python_out=$(B)/py --grpc_python_out=$(B)/py \
+		--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin \
+		health/v1/health.proto reflection/v1/reflection.proto \
+		reflection/v1alpha/reflection.proto
+	$(Q)$(PROTOC) -Itest/rpc --python_out=$(B)/py --grpc_python_out=$(B)/py \
+		--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin rpctest.proto
+	$(Q)touch $@
+pystubs: $(B)/py/.stamp
+
+UNIT_ENV := EMBER_SRCDIR=$(CURDIR)
+PYTEST_ENV := EMBER_BUILD=$(CURDIR)/$(B) EMBER_SRCDIR=$(CURDIR) EMBER_SANITIZE=$(SANITIZE) \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:log_path=$(CURDIR)/$(B)/asan \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(CURDIR)/$(B)/ubsan \
+	LSAN_OPTIONS=suppressions=$(CURDIR)/test/lsan.supp:print_suppressions=0
+PYTEST_ARGS ?=
+
+check: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(MAKE) --no-print-directory check-unit check-integration
+
+check-unit: unit-tests
+	@set -e; for t in $(UNIT_BINS); do echo "  UNIT     $$t"; \
+		$(PYTEST_ENV) $(UNIT_ENV) $$t; done
+
+check-integration: all
+	@rm -f $(B)/asan.* $(B)/ubsan.*
+	$(PYTEST_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider test/integration $(PYTEST_ARGS)
+	@if ls $(B)/asan.* $(B)/ubsan.* >/dev/null 2>&1; then \
+		echo "sanitizer reports:"; cat $(B)/asan.* $(B)/ubsan.* 2>/dev/null; exit 1; fi
+
+bench-rpc: all
+	$(PYTHON) test/bench/bench-rpc.py --build $(B)
+
+run: deps
+	$(Q)$(MAKE) --no-print-directory $(B)/emberd
+	exec $(B)/emberd
+
+# ---------------------------------------------------------------------------------------------
+# dependencies: Debian packages, installed only when something is missing
+
+DEB_PKGS := build-essential pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler \
+	protobuf-compiler protobuf-compiler-grpc libprotobuf-dev grpc-proto libinih-dev \
+	libsystemd-dev libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest \
+	openssl clang-format clang-tidy cppcheck
+
+deps:
+	@missing=$$(for p in $(DEB_PKGS); do \
+		dpkg-query -W -f='$${db:Status-Status}\n' $$p 2>/dev/null | grep -qx installed \
+			|| echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "  DEPS     installing:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root to install" $$missing >&2; exit 1; fi; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# ---------------------------------------------------------------------------------------------
+# lint
+
+LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h test/unit/*.c test/rpc/*.c test/bench/*.c)
+TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c
+
+lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c
+	@echo "  FORMAT   (clang-format --dry-run)"
+	$(Q)clang-format --dry-run --Werror $(LINT_SRCS)
+	@echo "  TIDY"
+	$(Q)clang-tidy --quiet $(TIDY_SRCS) -- $(BASE_CPPFLAGS) -I$(B)/test/proto $(PKG_CFLAGS) \
+		-std=gnu11 2>&1 | { grep -v "warnings generated" || true; }; \
+		exit $${PIPESTATUS[0]}
+	@echo "  CPPCHECK"
+	$(Q)cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
+		--inline-suppr --std=c11 -D_GNU_SOURCE -I. --suppress=missingIncludeSystem \
+		$(ALL_SRCS) test/rpc/rpctestd.c
+
+format:
+	clang-format -i $(LINT_SRCS)
+
+# ---------------------------------------------------------------------------------------------
+
+install: $(B)/emberd
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(SYSCONFDIR)/ember $(DESTDIR)$(SYSTEMDUNITDIR) \
+		$(DESTDIR)$(DOCDIR)
+	install -m 0755 $(B)/emberd $(DESTDIR)$(SBINDIR)/emberd
+	install -m 0644 ember.conf $(DESTDIR)$(DOCDIR)/ember.conf.example
+	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	[ -e $(DESTDIR)$(SYSCONFDIR)/ember/ember.conf ] || \
+		install -m 0644 ember.conf $(DESTDIR)$(SYSCONFDIR)/ember/ember.conf
+	sed 's|@SBINDIR@|$(SBINDIR)|g' debian/emberd.service.in \
+		> $(DESTDIR)$(SYSTEMDUNITDIR)/emberd.service
+	chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/emberd.service
+
+clean:
+	rm -rf build
+
+.PHONY: all deps run check check-unit check-integration unit-tests pystubs lint format \
+	install clean bench-rpc
+.DELETE_ON_ERROR:
+
+-include $(shell find $(B) -name '*.d' 2>/dev/null)

@@ -1,0 +1,531 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#include "config.h"
+
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/macro.h"
+
+typedef enum KeyType {
+	KEY_ABS_PATH,     /* absolute path, required */
+	KEY_OPT_ABS_PATH, /* empty or absolute path */
+	KEY_PROGRAM,      /* a name looked up in PATH, or an absolute path */
+	KEY_LOG_LEVEL,
+	KEY_BOOL,
+	KEY_UINT,
+	KEY_LISTEN_ADDR, /* empty or HOST:PORT */
+} KeyType;
+
+typedef struct Key {
+	ConfigKeyInfo info;
+	KeyType type;
+	size_t offset;
+	unsigned min, max; /* KEY_UINT */
+} Key;
+
+#define STR(field) offsetof(Config, field)
+
+static const Key keys[] = {
+        {{"agent", "state_dir", "/var/lib/ember", "an absolute path",
+          "State that survives reboots: node id, templates, sandboxes, snapshots."},
+         KEY_ABS_PATH,
+         STR(state_dir),
+         0,
+         0},
+        {{"agent", "run_dir", "/run/ember", "an absolute path",
+          "Runtime state: the API socket, per-sandbox working directories."},
+         KEY_ABS_PATH,
+         STR(run_dir),
+         0,
+         0},
+        {{"agent", "log_level", "info", "debug, info, notice, warning or err",
+          "Most verbose level logged."},
+         KEY_LOG_LEVEL,
+         STR(log_level),
+         0,
+         0},
+        {{"agent", "firecracker_bin", "firecracker",
+          "a program name (looked up in PATH) or an absolute path",
+          "The Firecracker binary (or fcsim) used to run sandboxes."},
+         KEY_PROGRAM,
+         STR(firecracker_bin),
+         0,
+         0},
+
+        {{"api", "socket", "", "empty (meaning <run_dir>/ember.sock) or an absolute path",
+          "gRPC unix socket, mode 0600, guarded by <socket>.lock."},
+         KEY_OPT_ABS_PATH,
+         STR(socket),
+         0,
+         0},
+        {{"api", "tcp_listen", "", "empty (no TCP listener) or HOST:PORT, e.g. 0.0.0.0:7070",
+          "Optional TCP listener. Requires tls_cert, tls_key and tls_client_ca (mutual TLS) "
+          "unless insecure_tcp = true."},
+         KEY_LISTEN_ADDR,
+         STR(tcp_listen),
+         0,
+         0},
+        {{"api", "tls_cert", "", "empty or an absolute path to a PEM file",
+          "Server certificate chain for tcp_listen."},
+         KEY_OPT_ABS_PATH,
+         STR(tls_cert),
+         0,
+         0},
+        {{"api", "tls_key", "", "empty or an absolute path to a PEM file",
+          "Private key of tls_cert."},
+         KEY_OPT_ABS_PATH,
+         STR(tls_key),
+         0,
+         0},
+        {{"api", "tls_client_ca", "", "empty or an absolute path to a PEM file",
+          "CA bundle client certificates must chain to; clients without one are refused."},
+         KEY_OPT_ABS_PATH,
+         STR(tls_client_ca),
+         0,
+         0},
+        {{"api", "insecure_tcp", "false", "true or false",
+          "Serve tcp_listen in plaintext without client authentication. Anyone who can reach "
+          "the port controls the node: for isolated test networks only."},
+         KEY_BOOL,
+         STR(insecure_tcp),
+         0,
+         0},
+        {{"api", "max_message_mib", "16", "a whole number from 1 to 1024",
+          "Largest gRPC message accepted or sent, in MiB (gRPC's default is 4)."},
+         KEY_UINT,
+         STR(max_message_mib),
+         1,
+         1024},
+        {{"api", "keepalive_time_s", "30", "a whole number from 1 to 86400",
+          "The server pings each connection after this many idle seconds, so a vanished "
+          "scheduler is noticed."},
+         KEY_UINT,
+         STR(keepalive_time_s),
+         1,
+         86400},
+        {{"api", "keepalive_timeout_s", "10", "a whole number from 1 to 3600",
+          "A connection whose ping is not answered within this many seconds is closed."},
+         KEY_UINT,
+         STR(keepalive_timeout_s),
+         1,
+         3600},
+        {{"api", "min_ping_interval_s", "10", "a whole number from 1 to 3600",
+          "Clients may send keepalive pings this often (seconds) without being disconnected "
+          "with GOAWAY too_many_pings; set client keepalive_time at or above it."},
+         KEY_UINT,
+         STR(min_ping_interval_s),
+         1,
+         3600},
+        {{"api", "max_concurrent_calls", "256", "a whole number from 1 to 4096",
+          "Calls handled at once (each holds a worker thread); more get RESOURCE_EXHAUSTED."},
+         KEY_UINT,
+         STR(max_concurrent_calls),
+         1,
+         4096},
+        {{"api", "shutdown_grace_s", "15", "a whole number from 0 to 3600",
+          "On SIGTERM, calls in flight get this many seconds to finish before they are "
+          "cancelled. Keep it below systemd's TimeoutStopSec."},
+         KEY_UINT,
+         STR(shutdown_grace_s),
+         0,
+         3600},
+};
+
+static const Key *key_find(const char *section, const char *key)
+{
+	for (size_t i = 0; i < ELEMENTSOF(keys); i++)
+		if (strcmp(keys[i].info.section, section) == 0 &&
+		    strcmp(keys[i].info.key, key) == 0)
+			return &keys[i];
+	return NULL;
+}
+
+size_t config_n_keys(void)
+{
+	return ELEMENTSOF(keys);
+}
+
+const ConfigKeyInfo *config_key_info(size_t i)
+{
+	return i < ELEMENTSOF(keys) ? &keys[i].info : NULL;
+}
+
+static int errorf(char **ret_error, int r, const char *format, ...) _printf_(3, 4);
+static int errorf(char **ret_error, int r, const char *format, ...)
+{
+	va_list ap;
+
+	if (ret_error) {
+		va_start(ap, format);
+		if (vasprintf(ret_error, format, ap) < 0)
+			*ret_error = NULL;
+		va_end(ap);
+	}
+	return r;
+}
+
+static bool parse_bool(const char *v, bool *ret)
+{
+	static const char *const yes[] = {"true", "yes", "on", "1"};
+	static const char *const no[] = {"false", "no", "off", "0"};
+
+	for (size_t i = 0; i < ELEMENTSOF(yes); i++) {
+		if (strcasecmp(v, yes[i]) == 0) {
+			*ret = true;
+			return true;
+		}
+		if (strcasecmp(v, no[i]) == 0) {
+			*ret = false;
+			return true;
+		}
+	}
+	return false;
+}
+
+static bool parse_uint(const char *v, unsigned min, unsigned max, unsigned *ret)
+{
+	char *end;
+	unsigned long long x;
+
+	if (*v < '0' || *v > '9')
+		return false;
+	errno = 0;
+	x = strtoull(v, &end, 10);
+	if (errno || *end || x < min || x > max)
+		return false;
+	*ret = (unsigned)x;
+	return true;
+}
+
+/* HOST:PORT where HOST is a name, an IPv4 address or a bracketed IPv6 address. gRPC resolves
+ * the name itself; here only the shape is checked so that mistakes fail at startup. */
+static bool listen_addr_valid(const char *v)
+{
+	const char *colon = strrchr(v, ':');
+	unsigned port;
+
+	if (!colon || colon == v)
+		return false;
+	if (!parse_uint(colon + 1, 0, 65535, &port))
+		return false;
+	if (v[0] == '[')
+		return colon[-1] == ']' && colon - v > 2;
+	for (const char *p = v; p < colon; p++)
+		if (*p == ':' || *p == '/' || *p == ' ')
+			return false;
+	return true;
+}
+
+int config_set(Config *c, const char *section, const char *key, const char *value, char **ret_error)
+{
+	const Key *k = key_find(section, key);
+	void *field;
+	bool b;
+	unsigned u;
+	int level;
+
+	if (!k) {
+		bool section_known = false;
+		for (size_t i = 0; i < ELEMENTSOF(keys); i++)
+			section_known = section_known || strcmp(keys[i].info.section, section) == 0;
+		if (!section_known)
+			return errorf(ret_error, -ENOENT,
+			              "unknown section [%s]; known sections are [agent] and [api]",
+			              section);
+		char known[512] = "";
+		size_t len = 0;
+		for (size_t i = 0; i < ELEMENTSOF(keys) && len < sizeof(known); i++)
+			if (strcmp(keys[i].info.section, section) == 0)
+				len += (size_t)snprintf(known + len, sizeof(known) - len, "%s%s",
+				                        len ? ", " : "", keys[i].info.key);
+		return errorf(ret_error, -ENOENT, "unknown key [%s] %s; keys of [%s] are: %s",
+		              section, key, section, known);
+	}
+	field = (char *)c + k->offset;
+
+	/* A newline or other control character would make the value mean something else once
+	 * written back as an ini file (--dump-config): refuse it outright. */
+	for (const char *p = value; *p; p++)
+		if ((unsigned char)*p < 0x20 || *p == 0x7f)
+			return errorf(ret_error, -EINVAL,
+			              "[%s] %s: the value contains a control character", section,
+			              key);
+
+#define BAD(...)                                                                                   \
+	errorf(ret_error, -EINVAL, "[%s] %s = \"%s\": expected %s", section, key, value,           \
+	       k->info.allowed)
+
+	switch (k->type) {
+	case KEY_ABS_PATH:
+	case KEY_OPT_ABS_PATH:
+		if (k->type == KEY_ABS_PATH ? value[0] != '/' : value[0] && value[0] != '/')
+			return BAD();
+		if (strlen(value) >= PATH_MAX)
+			return BAD();
+		break;
+	case KEY_PROGRAM:
+		if (!value[0] || (strchr(value, '/') && value[0] != '/'))
+			return BAD();
+		break;
+	case KEY_LOG_LEVEL:
+		level = log_level_from_string(value);
+		if (level < 0 || level < LOG_ERR)
+			return BAD();
+		*(int *)field = level;
+		return 0;
+	case KEY_BOOL:
+		if (!parse_bool(value, &b))
+			return BAD();
+		*(bool *)field = b;
+		return 0;
+	case KEY_UINT:
+		if (!parse_uint(value, k->min, k->max, &u))
+			return BAD();
+		*(unsigned *)field = u;
+		return 0;
+	case KEY_LISTEN_ADDR:
+		if (value[0] && !listen_addr_valid(value))
+			return BAD();
+		break;
+	}
+#undef BAD
+
+	char *copy = strdup(value);
+	if (!copy)
+		return -ENOMEM;
+	free(*(char **)field);
+	*(char **)field = copy;
+	return 0;
+}
+
+int config_init(Config *c)
+{
+	*c = (Config){};
+	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
+		int r = config_set(c, keys[i].info.section, keys[i].info.key,
+		                   keys[i].info.default_value, NULL);
+		if (r < 0) {
+			config_free(c);
+			return r;
+		}
+	}
+	return 0;
+}
+
+void config_free(Config *c)
+{
+	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
+		KeyType t = keys[i].type;
+		if (t == KEY_ABS_PATH || t == KEY_OPT_ABS_PATH || t == KEY_PROGRAM ||
+		    t == KEY_LISTEN_ADDR) {
+			char **p = (char **)((char *)c + keys[i].offset);
+			free(*p);
+			*p = NULL;
+		}
+	}
+	free(c->loaded_from);
+	c->loaded_from = NULL;
+}
+
+typedef struct LoadCtx {
+	Config *config;
+	FILE *file;
+	const char *path;
+	int lineno; /* Debian's inih has no INI_HANDLER_LINENO: the reader counts lines */
+	int error_line;
+	char *error;
+	int r;
+} LoadCtx;
+
+static void load_fail(LoadCtx *ctx, int r, char *message)
+{
+	if (ctx->r < 0) {
+		free(message);
+		return;
+	}
+	ctx->r = r;
+	ctx->error = message;
+	ctx->error_line = ctx->lineno;
+}
+
+static char *read_line(char *str, int num, void *stream)
+{
+	LoadCtx *ctx = stream;
+	char *s = fgets(str, num, ctx->file);
+	size_t len;
+
+	if (!s)
+		return NULL;
+	ctx->lineno++;
+	/* inih reads at most num-1 bytes and would take the rest of a longer line as a line
+	 * of its own: refuse the file instead of reading something else than was written. */
+	len = strlen(s);
+	if (len == (size_t)num - 1 && s[len - 1] != '\n' && !feof(ctx->file)) {
+		char *m;
+		if (asprintf(&m, "%s:%d: line longer than %d bytes", ctx->path, ctx->lineno,
+		             num - 2) < 0)
+			m = NULL;
+		load_fail(ctx, -E2BIG, m);
+		return NULL;
+	}
+	return s;
+}
+
+static int on_ini_entry(void *user, const char *section, const char *name, const char *value)
+{
+	LoadCtx *ctx = user;
+	_cleanup_free_ char *err = NULL;
+	int r;
+
+	if (ctx->r < 0)
+		return 0;
+	if (!name) /* a section header alone */
+		return 1;
+	r = config_set(ctx->config, section, name, value ?: "", &err);
+	if (r < 0) {
+		char *m;
+		if (asprintf(&m, "%s:%d: %s", ctx->path, ctx->lineno, err ?: "invalid") < 0)
+			m = NULL;
+		load_fail(ctx, r, m);
+		return 0;
+	}
+	return 1;
+}
+
+int config_load_file(Config *c, const char *path, bool must_exist, char **ret_error)
+{
+	LoadCtx ctx = {.config = c, .path = path};
+	_cleanup_fclose_ FILE *f = NULL;
+	struct stat st;
+	int line;
+
+	f = fopen(path, "re");
+	if (!f) {
+		if (errno == ENOENT && !must_exist)
+			return 0;
+		return errorf(ret_error, -errno, "cannot read config file %s: %s", path,
+		              strerror(errno));
+	}
+	if (fstat(fileno(f), &st) < 0)
+		return errorf(ret_error, -errno, "cannot stat config file %s: %s", path,
+		              strerror(errno));
+	/* /dev/null is a fine "no settings"; a directory is a mistake. */
+	if (!S_ISREG(st.st_mode) && !S_ISCHR(st.st_mode) && !S_ISFIFO(st.st_mode))
+		return errorf(ret_error, -EISDIR, "config file %s is not a regular file", path);
+	ctx.file = f;
+	line = ini_parse_stream(read_line, &ctx, on_ini_entry, &ctx);
+	if (ferror(f) && ctx.r >= 0) {
+		free(ctx.error);
+		return errorf(ret_error, -EIO, "cannot read config file %s", path);
+	}
+	/* inih keeps going after a syntax error and returns the first bad line; a refused
+	 * value on a later line must not hide it. */
+	if (line != 0 && (ctx.r >= 0 || line < ctx.error_line)) {
+		free(ctx.error);
+		return errorf(ret_error, -EINVAL,
+		              "%s:%d: syntax error (expected [section] or key = value)", path,
+		              line);
+	}
+	if (ctx.r < 0) {
+		if (ret_error)
+			*ret_error = ctx.error;
+		else
+			free(ctx.error);
+		return ctx.r;
+	}
+	free(c->loaded_from);
+	c->loaded_from = strdup(path);
+	return c->loaded_from ? 0 : -ENOMEM;
+}
+
+static int check_readable(const char *key, const char *path, char **ret_error)
+{
+	if (access(path, R_OK) < 0)
+		return errorf(ret_error, -errno, "[api] %s = \"%s\": cannot read it: %s", key, path,
+		              strerror(errno));
+	return 0;
+}
+
+int config_finish(Config *c, char **ret_error)
+{
+	int r;
+
+	if (!c->socket[0]) {
+		char *s;
+		if (asprintf(&s, "%s/ember.sock", c->run_dir) < 0)
+			return -ENOMEM;
+		free(c->socket);
+		c->socket = s;
+	}
+	/* sun_path is 108 bytes including the NUL; the lock file name needs room too. */
+	if (strlen(c->socket) > 100)
+		return errorf(ret_error, -ENAMETOOLONG,
+		              "[api] socket = \"%s\": expected a path of at most 100 bytes (unix "
+		              "socket addresses are limited to 108)",
+		              c->socket);
+
+	bool any_tls = c->tls_cert[0] || c->tls_key[0] || c->tls_client_ca[0];
+	bool all_tls = c->tls_cert[0] && c->tls_key[0] && c->tls_client_ca[0];
+	if (any_tls && !all_tls)
+		return errorf(ret_error, -EINVAL,
+		              "[api] tls_cert, tls_key and tls_client_ca must be set together "
+		              "(mutual TLS needs all three)");
+	if (c->tcp_listen[0]) {
+		if (c->insecure_tcp && any_tls)
+			return errorf(ret_error, -EINVAL,
+			              "[api] insecure_tcp = true together with TLS files: choose "
+			              "one");
+		if (!c->insecure_tcp && !all_tls)
+			return errorf(
+			        ret_error, -EINVAL,
+			        "[api] tcp_listen = \"%s\" needs tls_cert, tls_key and "
+			        "tls_client_ca (clients must present a certificate), or "
+			        "insecure_tcp = true to serve plaintext without authentication",
+			        c->tcp_listen);
+		if (all_tls) {
+			if ((r = check_readable("tls_cert", c->tls_cert, ret_error)) < 0 ||
+			    (r = check_readable("tls_key", c->tls_key, ret_error)) < 0 ||
+			    (r = check_readable("tls_client_ca", c->tls_client_ca, ret_error)) < 0)
+				return r;
+		}
+	}
+	return 0;
+}
+
+void config_dump(const Config *c, FILE *f)
+{
+	const char *section = NULL;
+
+	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
+		const Key *k = &keys[i];
+		const void *field = (const char *)c + k->offset;
+
+		if (!section || strcmp(section, k->info.section) != 0) {
+			fprintf(f, "%s[%s]\n", section ? "\n" : "", k->info.section);
+			section = k->info.section;
+		}
+		switch (k->type) {
+		case KEY_LOG_LEVEL:
+			fprintf(f, "%s = %s\n", k->info.key,
+			        log_level_to_string(*(const int *)field));
+			break;
+		case KEY_BOOL:
+			fprintf(f, "%s = %s\n", k->info.key,
+			        *(const bool *)field ? "true" : "false");
+			break;
+		case KEY_UINT:
+			fprintf(f, "%s = %u\n", k->info.key, *(const unsigned *)field);
+			break;
+		default:
+			fprintf(f, "%s = %s\n", k->info.key, *(char *const *)field);
+			break;
+		}
+	}
+}

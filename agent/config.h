@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * emberd's configuration: an ini file (libinih) over embedded defaults, then command-line
+ * overrides. Every key lives in one table (config.c) that also drives validation, the
+ * --dump-config output and the test that README.md and ember.conf document every key.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define CONFIG_DEFAULT_FILE EMBER_SYSCONFDIR "/ember/ember.conf"
+
+typedef struct Config {
+	/* [agent] */
+	char *state_dir;
+	char *run_dir;
+	int log_level;
+	char *firecracker_bin;
+
+	/* [api] */
+	char *socket; /* empty in the file means <run_dir>/ember.sock; resolved by finish */
+	char *tcp_listen;
+	char *tls_cert;
+	char *tls_key;
+	char *tls_client_ca;
+	bool insecure_tcp;
+	unsigned max_message_mib;
+	unsigned keepalive_time_s;
+	unsigned keepalive_timeout_s;
+	unsigned min_ping_interval_s;
+	unsigned max_concurrent_calls;
+	unsigned shutdown_grace_s;
+
+	char *loaded_from; /* the config file read, NULL when none */
+} Config;
+
+typedef struct ConfigKeyInfo {
+	const char *section;
+	const char *key;
+	const char *default_value; /* as written in the file; "" for empty */
+	const char *allowed;       /* human description of valid values */
+	const char *doc;
+} ConfigKeyInfo;
+
+/* Fills in the embedded defaults. */
+int config_init(Config *c);
+void config_free(Config *c);
+
+/* Sets one key from its text form, validated. On failure *ret_error says which key, the value
+ * and what is allowed (caller frees). */
+int config_set(Config *c, const char *section, const char *key, const char *value,
+               char **ret_error);
+
+/* Loads an ini file over the current values. must_exist=false: a missing file is fine. */
+int config_load_file(Config *c, const char *path, bool must_exist, char **ret_error);
+
+/* Derives what depends on other keys and checks combinations (TCP without TLS, …). */
+int config_finish(Config *c, char **ret_error);
+
+/* Writes the effective configuration as an ini file. */
+void config_dump(const Config *c, FILE *f);
+
+size_t config_n_keys(void);
+const ConfigKeyInfo *config_key_info(size_t i);

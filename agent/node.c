@@ -1,0 +1,240 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#include "node.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/statvfs.h>
+#include <sys/utsname.h>
+#include <systemd/sd-id128.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/fileio.h"
+#include "common/log.h"
+#include "common/macro.h"
+#include "ember/v1/node.pb-c.h"
+#include "probe.h"
+
+/* Probes run a program (firecracker --version) and open devices: cheap enough per minute,
+ * not per call. */
+#define PROBE_MAX_AGE_SEC 30
+
+struct NodeService {
+	const Config *config;
+	char node_id[SD_ID128_UUID_STRING_MAX];
+	struct timespec start_time; /* CLOCK_REALTIME */
+
+	pthread_mutex_t probe_lock;
+	time_t probed_at; /* CLOCK_MONOTONIC seconds, 0 = never */
+	ProbeResult kvm, dm, uffd, fc;
+};
+
+static int node_id_load(const char *state_dir, char *ret, char **ret_error)
+{
+	_cleanup_free_ char *path = NULL, *text = NULL;
+	sd_id128_t id;
+	int r;
+
+	if (asprintf(&path, "%s/node-id", state_dir) < 0)
+		return -ENOMEM;
+	r = read_full_file(path, 4096, &text, NULL);
+	if (r >= 0) {
+		text[strcspn(text, " \t\r\n")] = 0;
+		/* Never replace an unreadable id silently: the scheduler knows the node by it. */
+		if (sd_id128_from_string(text, &id) < 0) {
+			if (asprintf(
+			            ret_error,
+			            "%s holds \"%s\", which is not a UUID; fix or remove it (a new "
+			            "id is then generated and the scheduler sees a new node)",
+			            path, text) < 0)
+				*ret_error = NULL;
+			return -EINVAL;
+		}
+		sd_id128_to_uuid_string(id, ret);
+		return 0;
+	}
+	if (r != -ENOENT) {
+		if (asprintf(ret_error, "cannot read %s: %s", path, strerror(-r)) < 0)
+			*ret_error = NULL;
+		return r;
+	}
+
+	r = sd_id128_randomize(&id);
+	if (r < 0)
+		return r;
+	sd_id128_to_uuid_string(id, ret);
+	char line[SD_ID128_UUID_STRING_MAX + 1];
+	int n = snprintf(line, sizeof(line), "%s\n", ret);
+	r = write_file_atomic(path, line, (size_t)n, 0644);
+	if (r < 0) {
+		if (asprintf(ret_error, "cannot write %s: %s", path, strerror(-r)) < 0)
+			*ret_error = NULL;
+		return r;
+	}
+	log_info("generated node id %s (stored in %s)", ret, path);
+	return 0;
+}
+
+int node_service_new(const Config *config, NodeService **ret, char **ret_error)
+{
+	_cleanup_(node_service_freep) NodeService *n = NULL;
+	int r;
+
+	n = calloc(1, sizeof(*n));
+	if (!n)
+		return -ENOMEM;
+	n->config = config;
+	pthread_mutex_init(&n->probe_lock, NULL);
+	clock_gettime(CLOCK_REALTIME, &n->start_time);
+	r = node_id_load(config->state_dir, n->node_id, ret_error);
+	if (r < 0)
+		return r;
+	*ret = TAKE_PTR(n);
+	return 0;
+}
+
+void node_service_free(NodeService *n)
+{
+	if (!n)
+		return;
+	pthread_mutex_destroy(&n->probe_lock);
+	free(n);
+}
+
+const char *node_service_id(const NodeService *n)
+{
+	return n->node_id;
+}
+
+static void probes_refresh(NodeService *n, ProbeResult out[4])
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	pthread_mutex_lock(&n->probe_lock);
+	if (n->probed_at == 0 || now.tv_sec - n->probed_at >= PROBE_MAX_AGE_SEC) {
+		probe_kvm(&n->kvm);
+		probe_device_mapper(&n->dm);
+		probe_userfaultfd(&n->uffd);
+		probe_firecracker(n->config->firecracker_bin, &n->fc);
+		n->probed_at = now.tv_sec ?: 1;
+	}
+	out[0] = n->kvm;
+	out[1] = n->dm;
+	out[2] = n->uffd;
+	out[3] = n->fc;
+	pthread_mutex_unlock(&n->probe_lock);
+}
+
+/* MemTotal and MemAvailable from /proc/meminfo, in bytes. */
+static void read_meminfo(uint64_t *total, uint64_t *available)
+{
+	_cleanup_fclose_ FILE *f = fopen("/proc/meminfo", "re");
+	char line[256];
+	unsigned long long kb;
+
+	*total = *available = 0;
+	while (f && fgets(line, sizeof(line), f)) {
+		if (sscanf(line, "MemTotal: %llu kB", &kb) == 1)
+			*total = kb * 1024;
+		else if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
+			*available = kb * 1024;
+	}
+}
+
+static time_t read_boot_time(void)
+{
+	_cleanup_fclose_ FILE *f = fopen("/proc/stat", "re");
+	char line[256];
+	long long t;
+
+	while (f && fgets(line, sizeof(line), f))
+		if (sscanf(line, "btime %lld", &t) == 1)
+			return (time_t)t;
+	return 0;
+}
+
+static void fill_probe(Ember__V1__Probe *p, ProbeResult *r)
+{
+	p->available = r->available;
+	p->version = r->version;
+	p->reason = r->reason;
+}
+
+static RpcCode get_node(RpcCall *call, const ProtobufCMessage *request, void *userdata)
+{
+	NodeService *n = userdata;
+	Ember__V1__NodeInfo info = EMBER__V1__NODE_INFO__INIT;
+	Ember__V1__NodeCapabilities caps = EMBER__V1__NODE_CAPABILITIES__INIT;
+	Ember__V1__Probe probes[4];
+	Google__Protobuf__Timestamp start = GOOGLE__PROTOBUF__TIMESTAMP__INIT;
+	Google__Protobuf__Timestamp boot = GOOGLE__PROTOBUF__TIMESTAMP__INIT;
+	ProbeResult results[4];
+	char hostname[256] = "";
+	struct utsname uts;
+	struct statvfs vfs;
+	long cpus;
+	(void)request;
+
+	probes_refresh(n, results);
+	for (size_t i = 0; i < ELEMENTSOF(probes); i++) {
+		ember__v1__probe__init(&probes[i]);
+		fill_probe(&probes[i], &results[i]);
+	}
+	caps.kvm = &probes[0];
+	caps.device_mapper = &probes[1];
+	caps.userfaultfd = &probes[2];
+	caps.firecracker = &probes[3];
+
+	(void)gethostname(hostname, sizeof(hostname) - 1);
+	if (uname(&uts) < 0)
+		uts.release[0] = 0;
+	cpus = sysconf(_SC_NPROCESSORS_ONLN);
+
+	info.node_id = n->node_id;
+	info.hostname = hostname;
+	info.agent_version = (char *)EMBER_VERSION;
+	info.kernel_release = uts.release;
+	info.cpu_count = cpus > 0 ? (uint32_t)cpus : 0;
+	read_meminfo(&info.memory_total_bytes, &info.memory_available_bytes);
+	info.state_dir = n->config->state_dir;
+	if (statvfs(n->config->state_dir, &vfs) == 0) {
+		info.disk_total_bytes = (uint64_t)vfs.f_blocks * vfs.f_frsize;
+		info.disk_free_bytes = (uint64_t)vfs.f_bavail * vfs.f_frsize;
+	}
+	info.capabilities = &caps;
+	switch (rpc_server_get_state(rpc_call_server(call))) {
+	case RPC_SERVER_STARTING:
+		info.serving_state = EMBER__V1__SERVING_STATE__SERVING_STATE_STARTING;
+		break;
+	case RPC_SERVER_SERVING:
+		info.serving_state = EMBER__V1__SERVING_STATE__SERVING_STATE_SERVING;
+		break;
+	default:
+		info.serving_state = EMBER__V1__SERVING_STATE__SERVING_STATE_DRAINING;
+		break;
+	}
+	start.seconds = n->start_time.tv_sec;
+	start.nanos = (int32_t)n->start_time.tv_nsec;
+	info.start_time = &start;
+	boot.seconds = read_boot_time();
+	if (boot.seconds > 0)
+		info.boot_time = &boot;
+	info.sandbox_count = 0; /* no sandboxes until the lifecycle lands */
+
+	if (rpc_call_send(call, &info.base) < 0)
+		return RPC_CANCELLED;
+	return RPC_OK;
+}
+
+int node_service_register(NodeService *n, RpcServer *s)
+{
+	static const RpcMethodHandler handlers[] = {
+	        {"GetNode", get_node},
+	};
+	return rpc_server_add_service(s, &ember__v1__node__descriptor, handlers,
+	                              ELEMENTSOF(handlers), n);
+}

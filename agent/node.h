@@ -1,0 +1,17 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The ember.v1.Node service: handlers and the node-wide facts they report. */
+#pragma once
+
+#include "common/macro.h"
+#include "config.h"
+#include "rpc.h"
+
+typedef struct NodeService NodeService;
+
+/* Loads the node id from <state_dir>/node-id, creating it on first start. */
+int node_service_new(const Config *config, NodeService **ret, char **ret_error);
+void node_service_free(NodeService *n);
+DEFINE_POINTER_CLEANUP(NodeService, node_service_free)
+
+int node_service_register(NodeService *n, RpcServer *s);
+const char *node_service_id(const NodeService *n);

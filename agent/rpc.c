@@ -1,0 +1,1365 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * gRPC core server: one completion queue, one poller thread, handlers on a worker pool.
+ *
+ * Every completion-queue tag is a `Tag` whose callback runs on the poller. Callbacks never block:
+ * they update state under the call's mutex, start the next batch if one is due, and signal the
+ * worker that may be waiting. Batches on one call are serialized per direction (one send batch
+ * and one receive batch at most in flight, grpc-core.md trap 4/5), which is what the per-call
+ * send queue is for.
+ *
+ * Call lifetime is a reference count: one for the handler (or the immediate reply), one per
+ * batch in flight. The grpc_call is unref'ed when the last one goes.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/log.h>
+#include <grpc/support/time.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/fileio.h"
+#include "common/log.h"
+#include "common/macro.h"
+#include "rpc-internal.h"
+
+#define REQUESTS_PER_METHOD    4
+#define WORKER_IDLE_EXIT_SEC   30
+#define STREAM_MAX_QUEUED_MSGS 1024
+
+typedef struct Tag Tag;
+struct Tag {
+	void (*done)(Tag *tag, bool ok);
+};
+
+typedef struct RpcMethod {
+	RpcServer *server;
+	char *path; /* "/ember.v1.Node/GetNode" */
+	const ProtobufCMessageDescriptor *input;
+	bool client_streaming, server_streaming;
+	RpcHandler handler; /* NULL: UNIMPLEMENTED */
+	void *userdata;
+	void *registered;
+} RpcMethod;
+
+typedef struct RpcService {
+	char *name;
+	RpcMethod *methods;
+	size_t n_methods;
+} RpcService;
+
+/* One outstanding "give me the next call" request, reused after each call it yields. */
+typedef struct RequestSlot {
+	Tag tag;
+	RpcServer *server;
+	RpcMethod *method; /* NULL: the catch-all for unregistered methods */
+	grpc_call *call;
+	gpr_timespec deadline;
+	grpc_metadata_array metadata;
+	grpc_byte_buffer *payload;
+	grpc_call_details details;
+	struct RequestSlot *next; /* all slots, for freeing */
+} RequestSlot;
+
+typedef struct SendItem {
+	grpc_byte_buffer *buf;
+	size_t size;
+	struct SendItem *next;
+} SendItem;
+
+struct RpcCall {
+	RpcServer *server;
+	RpcMethod *method; /* NULL for unregistered methods */
+	char *path;
+	grpc_call *call;
+	gpr_timespec deadline; /* GPR_CLOCK_MONOTONIC */
+	ProtobufCMessage *request;
+	atomic_int ref;
+
+	pthread_mutex_t mu;
+	pthread_cond_t cond;
+
+	Tag close_tag;
+	int cancelled_flag; /* written by gRPC core for RECV_CLOSE_ON_SERVER */
+	bool closed;
+	bool dead; /* cancelled, deadline passed, peer gone, or a send failed */
+
+	Tag send_tag;
+	SendItem *queue_head, *queue_tail;
+	size_t queued_bytes, queued_msgs; /* including the one in flight */
+	SendItem *in_flight;
+	bool send_in_flight;
+	bool initial_metadata_sent;
+	bool reply_sent; /* unary: one reply only */
+	bool status_queued, status_in_flight, status_sent;
+	RpcCode status;
+	char *status_message;
+	grpc_slice status_slice;
+
+	Tag recv_tag;
+	grpc_byte_buffer *recv_buf;
+	bool recv_in_flight, recv_ok, recv_eof;
+
+	unsigned wake_gen;
+	char *error_message; /* from rpc_call_error() */
+
+	RpcCall *prev, *next; /* server->calls */
+	RpcCall *job_next;    /* pool queue */
+};
+
+struct RpcServer {
+	RpcServerOptions opts;
+	grpc_server *server;
+	grpc_completion_queue *cq;
+	pthread_t poller;
+	bool poller_running;
+	bool started;
+	_Atomic uint64_t heartbeat_usec;
+	RpcDescIndex *desc;
+
+	RpcService *services;
+	size_t n_services;
+	RequestSlot *slots;
+
+	pthread_mutex_t mu; /* guards everything below */
+	pthread_cond_t cond;
+	_Atomic RpcServerState state; /* read without the lock by rpc_call_wait() */
+	bool shutdown_started, shutdown_done, cancelled_all;
+	Tag shutdown_tag;
+	RpcCall *calls;
+	size_t n_calls;
+
+	/* worker pool */
+	RpcCall *jobs_head, *jobs_tail;
+	unsigned n_threads, n_idle, n_active;
+	pthread_t *exited; /* exited workers awaiting pthread_join; room for max_concurrent_calls */
+	size_t n_exited;
+	bool pool_stopping;
+};
+
+static const char *const code_names[_RPC_CODE_MAX] = {
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+};
+
+const char *rpc_code_to_string(RpcCode code)
+{
+	return (unsigned)code < _RPC_CODE_MAX ? code_names[code] : "INVALID";
+}
+
+static uint64_t now_usec(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000ULL + (uint64_t)ts.tv_nsec / 1000ULL;
+}
+
+static struct timespec abs_timeout(int64_t timeout_ms)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	ts.tv_sec += timeout_ms / 1000;
+	ts.tv_nsec += (timeout_ms % 1000) * 1000000L;
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	return ts;
+}
+
+static void cond_init_monotonic(pthread_cond_t *c)
+{
+	pthread_condattr_t a;
+	pthread_condattr_init(&a);
+	pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+	pthread_cond_init(c, &a);
+	pthread_condattr_destroy(&a);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* gRPC core's own log lines go through ours: errors stay visible, chatter goes to debug. */
+
+static void grpc_log_to_ember(gpr_log_func_args *a)
+{
+	int level = a->severity == GPR_LOG_SEVERITY_ERROR  ? LOG_WARNING
+	            : a->severity == GPR_LOG_SEVERITY_INFO ? LOG_DEBUG
+	                                                   : LOG_DEBUG;
+	log_struct(level, 0, LOG_FIELDS({"GRPC_FILE", a->file}), "grpc: %s", a->message);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* calls */
+
+static void call_unref(RpcCall *c)
+{
+	RpcServer *s;
+
+	if (atomic_fetch_sub(&c->ref, 1) != 1)
+		return;
+
+	s = c->server;
+	pthread_mutex_lock(&s->mu);
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		s->calls = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	s->n_calls--;
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->mu);
+
+	for (SendItem *i = c->queue_head, *n; i; i = n) {
+		n = i->next;
+		grpc_byte_buffer_destroy(i->buf);
+		free(i);
+	}
+	if (c->recv_buf)
+		grpc_byte_buffer_destroy(c->recv_buf);
+	if (c->request)
+		protobuf_c_message_free_unpacked(c->request, NULL);
+	grpc_slice_unref(c->status_slice);
+	grpc_call_unref(c->call);
+	pthread_mutex_destroy(&c->mu);
+	pthread_cond_destroy(&c->cond);
+	free(c->status_message);
+	free(c->error_message);
+	free(c->path);
+	free(c);
+}
+
+static void call_ref(RpcCall *c)
+{
+	atomic_fetch_add(&c->ref, 1);
+}
+
+static void drop_queue_locked(RpcCall *c)
+{
+	for (SendItem *i = c->queue_head, *n; i; i = n) {
+		n = i->next;
+		c->queued_bytes -= i->size;
+		c->queued_msgs--;
+		grpc_byte_buffer_destroy(i->buf);
+		free(i);
+	}
+	c->queue_head = c->queue_tail = NULL;
+}
+
+/* Marks the call dead and drops what is queued: nobody will read it. Caller holds c->mu. */
+static void call_kill_locked(RpcCall *c)
+{
+	c->dead = true;
+	drop_queue_locked(c);
+	pthread_cond_broadcast(&c->cond);
+}
+
+static void on_send_done(Tag *tag, bool ok);
+
+/* Starts the next send batch if none is in flight. Caller holds c->mu. */
+static void call_pump_locked(RpcCall *c)
+{
+	grpc_op ops[3] = {};
+	size_t n = 0;
+	SendItem *item;
+	bool with_status = false;
+
+	if (c->send_in_flight || c->status_sent || c->status_in_flight)
+		return;
+	if (c->dead) {
+		/* Nothing can reach the client any more; status is moot (RECV_CLOSE has fired or
+		 * will fire with cancelled set). */
+		return;
+	}
+	/* A unary reply waits for the status so that both leave in one batch. */
+	if (c->method && !c->method->server_streaming && !c->status_queued)
+		return;
+
+	item = c->queue_head;
+	if (!item && !c->status_queued)
+		return;
+
+	if (!c->initial_metadata_sent) {
+		ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+		n++;
+	}
+	if (item) {
+		ops[n].op = GRPC_OP_SEND_MESSAGE;
+		ops[n].data.send_message.send_message = item->buf;
+		n++;
+		c->queue_head = item->next;
+		if (!c->queue_head)
+			c->queue_tail = NULL;
+	}
+	if (c->status_queued && !c->queue_head) {
+		c->status_slice = grpc_slice_from_copied_string(c->status_message ?: "");
+		ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+		ops[n].data.send_status_from_server.status = (grpc_status_code)c->status;
+		ops[n].data.send_status_from_server.status_details =
+		        c->status_message ? &c->status_slice : NULL;
+		n++;
+		with_status = true;
+	}
+
+	call_ref(c);
+	c->in_flight = item;
+	c->send_in_flight = true;
+	c->status_in_flight = with_status;
+	grpc_call_error e = grpc_call_start_batch(c->call, ops, n, &c->send_tag, NULL);
+	if (e != GRPC_CALL_OK) {
+		/* No tag will arrive for this batch (grpc-core.md): undo by hand. */
+		log_debug("%s: send batch refused: %d", c->path, (int)e);
+		c->send_in_flight = c->status_in_flight = false;
+		c->in_flight = NULL;
+		if (item) {
+			c->queued_bytes -= item->size;
+			c->queued_msgs--;
+			grpc_byte_buffer_destroy(item->buf);
+			free(item);
+		}
+		call_kill_locked(c);
+		atomic_fetch_sub(&c->ref, 1); /* cannot be the last: the caller holds one */
+		return;
+	}
+	c->initial_metadata_sent = true;
+}
+
+static void on_send_done(Tag *tag, bool ok)
+{
+	RpcCall *c = (RpcCall *)((char *)tag - offsetof(RpcCall, send_tag));
+
+	pthread_mutex_lock(&c->mu);
+	if (c->in_flight) {
+		c->queued_bytes -= c->in_flight->size;
+		c->queued_msgs--;
+		grpc_byte_buffer_destroy(c->in_flight->buf);
+		free(c->in_flight);
+		c->in_flight = NULL;
+	}
+	c->send_in_flight = false;
+	if (c->status_in_flight) {
+		c->status_in_flight = false;
+		c->status_sent = true;
+	}
+	if (!ok)
+		call_kill_locked(c);
+	else
+		call_pump_locked(c);
+	pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->mu);
+	call_unref(c);
+}
+
+static void on_close(Tag *tag, bool ok)
+{
+	RpcCall *c = (RpcCall *)((char *)tag - offsetof(RpcCall, close_tag));
+
+	pthread_mutex_lock(&c->mu);
+	c->closed = true;
+	if (!ok || c->cancelled_flag) {
+		log_debug("%s: cancelled (deadline, client cancel or disconnect)", c->path);
+		call_kill_locked(c);
+	}
+	pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->mu);
+	call_unref(c);
+}
+
+static void on_recv_done(Tag *tag, bool ok)
+{
+	RpcCall *c = (RpcCall *)((char *)tag - offsetof(RpcCall, recv_tag));
+
+	pthread_mutex_lock(&c->mu);
+	c->recv_in_flight = false;
+	c->recv_ok = ok;
+	pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->mu);
+	call_unref(c);
+}
+
+/* Queues the final status and lets the pump send it after what is queued. */
+static void call_finish(RpcCall *c, RpcCode code, const char *message)
+{
+	pthread_mutex_lock(&c->mu);
+	if (!c->status_queued) {
+		/* A failed unary call sends its status alone, not a half-built reply. */
+		if (code != RPC_OK && c->method && !c->method->server_streaming)
+			drop_queue_locked(c);
+		c->status_queued = true;
+		c->status = code;
+		c->status_message = message ? strdup(message) : NULL;
+		call_pump_locked(c);
+	}
+	pthread_mutex_unlock(&c->mu);
+}
+
+static RpcCall *call_new(RpcServer *s, RpcMethod *m, const char *path, grpc_call *gc,
+                         gpr_timespec deadline)
+{
+	RpcCall *c = calloc(1, sizeof(*c));
+	if (!c)
+		return NULL;
+	c->path = strdup(path);
+	if (!c->path) {
+		free(c);
+		return NULL;
+	}
+	c->server = s;
+	c->method = m;
+	c->call = gc;
+	c->deadline = gpr_convert_clock_type(deadline, GPR_CLOCK_MONOTONIC);
+	c->status_slice = grpc_empty_slice();
+	atomic_init(&c->ref, 1);
+	pthread_mutex_init(&c->mu, NULL);
+	cond_init_monotonic(&c->cond);
+	c->close_tag.done = on_close;
+	c->send_tag.done = on_send_done;
+	c->recv_tag.done = on_recv_done;
+
+	pthread_mutex_lock(&s->mu);
+	c->next = s->calls;
+	if (s->calls)
+		s->calls->prev = c;
+	s->calls = c;
+	s->n_calls++;
+	pthread_mutex_unlock(&s->mu);
+	return c;
+}
+
+/* RECV_CLOSE_ON_SERVER in its own batch right away: it is how cancellation, deadlines and
+ * disconnects become visible (grpc-core.md). */
+static int call_watch_close(RpcCall *c)
+{
+	grpc_op op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
+
+	op.data.recv_close_on_server.cancelled = &c->cancelled_flag;
+	call_ref(c);
+	if (grpc_call_start_batch(c->call, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
+		atomic_fetch_sub(&c->ref, 1);
+		pthread_mutex_lock(&c->mu);
+		call_kill_locked(c);
+		pthread_mutex_unlock(&c->mu);
+		return -EIO;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* worker pool: grows on demand up to max_concurrent_calls threads, idle threads retire */
+
+static void reap_exited_locked(RpcServer *s)
+{
+	for (size_t i = 0; i < s->n_exited; i++)
+		pthread_join(s->exited[i], NULL);
+	s->n_exited = 0;
+}
+
+static void run_call(RpcCall *c)
+{
+	RpcMethod *m = c->method;
+	RpcCode code;
+
+	code = m->handler(c, c->request, m->userdata);
+	if (code == RPC_OK && !m->server_streaming) {
+		pthread_mutex_lock(&c->mu);
+		bool replied = c->reply_sent;
+		pthread_mutex_unlock(&c->mu);
+		if (!replied && !c->dead) {
+			log_error("%s: handler returned OK without a reply", c->path);
+			code = rpc_call_error(c, RPC_INTERNAL, "handler returned no reply");
+		}
+	}
+	if (code != RPC_OK)
+		log_debug("%s: %s: %s", c->path, rpc_code_to_string(code),
+		          c->error_message ?: "(no message)");
+	call_finish(c, code,
+	            code == RPC_OK ? NULL : (c->error_message ?: rpc_code_to_string(code)));
+	call_unref(c);
+}
+
+static void *worker_main(void *p)
+{
+	RpcServer *s = p;
+
+	pthread_mutex_lock(&s->mu);
+	for (;;) {
+		RpcCall *c = s->jobs_head;
+		if (c) {
+			s->jobs_head = c->job_next;
+			if (!s->jobs_head)
+				s->jobs_tail = NULL;
+			pthread_mutex_unlock(&s->mu);
+			run_call(c);
+			pthread_mutex_lock(&s->mu);
+			s->n_active--;
+			pthread_cond_broadcast(&s->cond);
+			continue;
+		}
+		if (s->pool_stopping)
+			break;
+		s->n_idle++;
+		struct timespec ts = abs_timeout(WORKER_IDLE_EXIT_SEC * 1000);
+		int r = pthread_cond_timedwait(&s->cond, &s->mu, &ts);
+		s->n_idle--;
+		if (r == ETIMEDOUT && !s->jobs_head && s->n_threads > 1)
+			break;
+	}
+	/* Retire: the next pool operation (or free) joins us. `exited` has room for every thread
+	 * there can be (at most max_concurrent_calls), so this cannot fail. */
+	s->exited[s->n_exited++] = pthread_self();
+	s->n_threads--;
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->mu);
+	return NULL;
+}
+
+/* Hands a call to a worker; -EBUSY when max_concurrent_calls are already running. */
+static int pool_submit(RpcServer *s, RpcCall *c)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&s->mu);
+	reap_exited_locked(s);
+	if (s->n_active >= s->opts.max_concurrent_calls || s->pool_stopping) {
+		r = -EBUSY;
+		goto out;
+	}
+	if (s->n_idle == 0) {
+		pthread_t t;
+		if (pthread_create(&t, NULL, worker_main, s) == 0)
+			s->n_threads++;
+		else if (s->n_threads == 0) {
+			r = -EAGAIN;
+			goto out;
+		}
+		/* else: an existing worker picks the job up when it is done */
+	}
+	c->job_next = NULL;
+	if (s->jobs_tail)
+		s->jobs_tail->job_next = c;
+	else
+		s->jobs_head = c;
+	s->jobs_tail = c;
+	s->n_active++;
+	pthread_cond_broadcast(&s->cond);
+out:
+	pthread_mutex_unlock(&s->mu);
+	return r;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* accepting calls */
+
+static void on_request(Tag *tag, bool ok);
+
+static int slot_arm(RequestSlot *slot)
+{
+	RpcServer *s = slot->server;
+	grpc_call_error e;
+
+	slot->call = NULL;
+	slot->payload = NULL;
+	grpc_metadata_array_init(&slot->metadata);
+	if (slot->method) {
+		bool with_payload = !slot->method->client_streaming;
+		e = grpc_server_request_registered_call(
+		        s->server, slot->method->registered, &slot->call, &slot->deadline,
+		        &slot->metadata, with_payload ? &slot->payload : NULL, s->cq, s->cq,
+		        &slot->tag);
+	} else {
+		grpc_call_details_init(&slot->details);
+		e = grpc_server_request_call(s->server, &slot->call, &slot->details,
+		                             &slot->metadata, s->cq, s->cq, &slot->tag);
+	}
+	if (e != GRPC_CALL_OK) {
+		grpc_metadata_array_destroy(&slot->metadata);
+		if (!slot->method)
+			grpc_call_details_destroy(&slot->details);
+		return -EIO;
+	}
+	return 0;
+}
+
+/* Answers a call that will never reach a handler (unknown method, overload, bad request). */
+static void reply_now(RpcServer *s, RpcMethod *m, const char *path, grpc_call *gc,
+                      gpr_timespec deadline, RpcCode code, const char *message)
+{
+	RpcCall *c = call_new(s, m, path, gc, deadline);
+	if (!c) {
+		grpc_call_cancel_with_status(gc, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory",
+		                             NULL);
+		grpc_call_unref(gc);
+		return;
+	}
+	(void)call_watch_close(c);
+	call_finish(c, code, message);
+	call_unref(c);
+}
+
+/* Unpacks the request that came with the call; returns NULL or what is wrong with it. */
+static const char *request_unpack(RpcCall *c, grpc_byte_buffer *payload)
+{
+	grpc_byte_buffer_reader reader;
+	grpc_slice slice;
+
+	/* NULL payload: the client half-closed without sending the request. */
+	if (!payload)
+		return "no request message";
+	if (!grpc_byte_buffer_reader_init(&reader, payload)) {
+		grpc_byte_buffer_destroy(payload);
+		return "request cannot be decompressed";
+	}
+	slice = grpc_byte_buffer_reader_readall(&reader);
+	grpc_byte_buffer_reader_destroy(&reader);
+	grpc_byte_buffer_destroy(payload);
+	c->request = protobuf_c_message_unpack(c->method->input, NULL, GRPC_SLICE_LENGTH(slice),
+	                                       GRPC_SLICE_START_PTR(slice));
+	grpc_slice_unref(slice);
+	return c->request ? NULL : "request does not parse as its protobuf message type";
+}
+
+static void accept_call(RequestSlot *slot)
+{
+	RpcServer *s = slot->server;
+	RpcMethod *m = slot->method;
+	grpc_call *gc = TAKE_PTR(slot->call);
+	_cleanup_free_ char *msg = NULL;
+	RpcCall *c;
+
+	if (!m) {
+		char *method = grpc_slice_to_c_string(slot->details.method);
+		log_debug("call to unknown method %s", method);
+		if (asprintf(&msg, "unknown method %s", method) < 0)
+			msg = NULL;
+		reply_now(s, NULL, method, gc, slot->details.deadline, RPC_UNIMPLEMENTED,
+		          msg ?: "unknown method");
+		gpr_free(method);
+		return;
+	}
+
+	c = call_new(s, m, m->path, gc, slot->deadline);
+	if (!c) {
+		grpc_call_cancel_with_status(gc, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory",
+		                             NULL);
+		grpc_call_unref(gc);
+		if (slot->payload)
+			grpc_byte_buffer_destroy(slot->payload);
+		return;
+	}
+
+	if (!m->client_streaming) {
+		const char *bad = request_unpack(c, TAKE_PTR(slot->payload));
+		if (bad) {
+			(void)call_watch_close(c);
+			call_finish(c, RPC_INVALID_ARGUMENT, bad);
+			call_unref(c);
+			return;
+		}
+	}
+
+	if (call_watch_close(c) < 0) {
+		call_unref(c);
+		return;
+	}
+
+	if (!m->handler) {
+		if (asprintf(&msg, "%s is not implemented in emberd %s yet", m->path,
+		             s->opts.version ?: "") < 0)
+			msg = NULL;
+		call_finish(c, RPC_UNIMPLEMENTED, msg ?: "not implemented");
+		call_unref(c);
+		return;
+	}
+
+	int r = pool_submit(s, c);
+	if (r < 0) {
+		if (r == -EBUSY &&
+		    asprintf(&msg,
+		             "emberd is already handling %u calls (api.max_concurrent_calls); "
+		             "retry later",
+		             s->opts.max_concurrent_calls) < 0)
+			msg = NULL;
+		call_finish(c, r == -EBUSY ? RPC_RESOURCE_EXHAUSTED : RPC_UNAVAILABLE,
+		            msg ?: "cannot start a worker thread");
+		call_unref(c);
+	}
+	/* else: the job owns our reference now */
+}
+
+static void on_request(Tag *tag, bool ok)
+{
+	RequestSlot *slot = (RequestSlot *)tag;
+
+	if (!ok) {
+		/* Server shutting down: the slot is not re-armed. */
+		grpc_metadata_array_destroy(&slot->metadata);
+		if (!slot->method)
+			grpc_call_details_destroy(&slot->details);
+		return;
+	}
+	accept_call(slot);
+	grpc_metadata_array_destroy(&slot->metadata);
+	if (!slot->method)
+		grpc_call_details_destroy(&slot->details);
+	/* Re-arm at once so that concurrency is not limited by the number of slots. */
+	if (slot_arm(slot) < 0)
+		log_debug("cannot re-arm request slot (server shutting down?)");
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* poller */
+
+static void *poller_main(void *p)
+{
+	RpcServer *s = p;
+
+	for (;;) {
+		gpr_timespec dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+		                               gpr_time_from_millis(1000, GPR_TIMESPAN));
+		grpc_event ev = grpc_completion_queue_next(s->cq, dl, NULL);
+		atomic_store(&s->heartbeat_usec, now_usec());
+		if (ev.type == GRPC_QUEUE_SHUTDOWN)
+			break;
+		if (ev.type == GRPC_OP_COMPLETE)
+			((Tag *)ev.tag)->done(ev.tag, ev.success);
+	}
+	return NULL;
+}
+
+static void on_shutdown(Tag *tag, bool ok)
+{
+	RpcServer *s = (RpcServer *)((char *)tag - offsetof(RpcServer, shutdown_tag));
+	(void)ok;
+	pthread_mutex_lock(&s->mu);
+	s->shutdown_done = true;
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->mu);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* public API */
+
+static pthread_once_t grpc_log_once = PTHREAD_ONCE_INIT;
+static void grpc_log_setup(void)
+{
+	gpr_set_log_function(grpc_log_to_ember);
+	gpr_set_log_verbosity(GPR_LOG_SEVERITY_INFO);
+}
+
+int rpc_server_new(const RpcServerOptions *opts, RpcServer **ret)
+{
+	RpcServer *s;
+	int r;
+
+	pthread_once(&grpc_log_once, grpc_log_setup);
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->opts = *opts;
+	if (s->opts.max_concurrent_calls == 0)
+		s->opts.max_concurrent_calls = 256;
+	if (s->opts.stream_high_water_bytes == 0)
+		s->opts.stream_high_water_bytes = 1 << 20;
+	s->exited = calloc(s->opts.max_concurrent_calls, sizeof(pthread_t));
+	if (!s->exited) {
+		free(s);
+		return -ENOMEM;
+	}
+	pthread_mutex_init(&s->mu, NULL);
+	cond_init_monotonic(&s->cond);
+	atomic_store(&s->state, RPC_SERVER_STARTING);
+	s->shutdown_tag.done = on_shutdown;
+	atomic_store(&s->heartbeat_usec, now_usec());
+
+	r = rpc_desc_index_new(opts->descriptor_set, opts->descriptor_set_size, &s->desc);
+	if (r < 0) {
+		pthread_mutex_destroy(&s->mu);
+		pthread_cond_destroy(&s->cond);
+		free(s->exited);
+		free(s);
+		return r;
+	}
+
+	grpc_init();
+
+	int max_msg =
+	        s->opts.max_message_bytes > INT_MAX ? INT_MAX : (int)s->opts.max_message_bytes;
+#define INT_ARG(k, v) {.type = GRPC_ARG_INTEGER, .key = (char *)(k), .value.integer = (v)}
+	grpc_arg args[] = {
+	        INT_ARG(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, max_msg),
+	        INT_ARG(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, max_msg),
+	        /* A second daemon must not silently share the port (grpc-core.md trap 2). */
+	        INT_ARG(GRPC_ARG_ALLOW_REUSEPORT, 0),
+	        /* Server pings notice dead schedulers (half-open TCP) long before the 2 h
+	         * default; they go on without calls and without data. */
+	        INT_ARG(GRPC_ARG_KEEPALIVE_TIME_MS, (int)s->opts.keepalive_time_ms),
+	        INT_ARG(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, (int)s->opts.keepalive_timeout_ms),
+	        INT_ARG(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1),
+	        INT_ARG(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0),
+	        /* Clients may keep channels warm with pings this often without being sent
+	         * GOAWAY too_many_pings (trap 7). */
+	        INT_ARG(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+	                (int)s->opts.min_ping_interval_ms),
+	};
+#undef INT_ARG
+	grpc_channel_args cargs = {.num_args = ELEMENTSOF(args), .args = args};
+
+	s->cq = grpc_completion_queue_create_for_next(NULL);
+	s->server = grpc_server_create(&cargs, NULL);
+	if (!s->cq || !s->server) {
+		rpc_server_free(s);
+		return -ENOMEM;
+	}
+	grpc_server_register_completion_queue(s->server, s->cq, NULL);
+
+	r = rpc_health_register(s);
+	if (r >= 0)
+		r = rpc_reflection_register(s);
+	if (r < 0) {
+		rpc_server_free(s);
+		return r;
+	}
+	*ret = s;
+	return 0;
+}
+
+int rpc_server_add_service(RpcServer *s, const ProtobufCServiceDescriptor *service,
+                           const RpcMethodHandler *handlers, size_t n_handlers, void *userdata)
+{
+	RpcService *svc;
+	RpcService *n;
+
+	if (s->started)
+		return -EBUSY;
+	n = reallocarray(s->services, s->n_services + 1, sizeof(*n));
+	if (!n)
+		return -ENOMEM;
+	s->services = n;
+	svc = &s->services[s->n_services];
+	*svc = (RpcService){};
+	svc->name = strdup(service->name);
+	svc->methods = calloc(service->n_methods, sizeof(RpcMethod));
+	if (!svc->name || !svc->methods) {
+		free(svc->name);
+		free(svc->methods);
+		return -ENOMEM;
+	}
+	s->n_services++;
+
+	for (unsigned i = 0; i < service->n_methods; i++) {
+		const ProtobufCMethodDescriptor *md = &service->methods[i];
+		const RpcDescMethod *dm = rpc_desc_find_method(s->desc, service->name, md->name);
+		RpcMethod *m = &svc->methods[svc->n_methods];
+
+		/* Every method must be in the descriptor set: it is where streaming kinds and
+		 * reflection come from. A mismatch is a build error, not a runtime surprise. */
+		if (!dm)
+			return log_debug_errno(ENOENT, "%s.%s missing from the descriptor set",
+			                       service->name, md->name);
+		m->server = s;
+		if (asprintf(&m->path, "/%s/%s", service->name, md->name) < 0)
+			return -ENOMEM;
+		svc->n_methods++;
+		m->input = md->input;
+		m->client_streaming = dm->client_streaming;
+		m->server_streaming = dm->server_streaming;
+		m->userdata = userdata;
+		for (size_t j = 0; j < n_handlers; j++)
+			if (strcmp(handlers[j].name, md->name) == 0)
+				m->handler = handlers[j].handler;
+		m->registered = grpc_server_register_method(
+		        s->server, m->path, NULL,
+		        m->client_streaming ? GRPC_SRM_PAYLOAD_NONE
+		                            : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+		        0);
+		if (!m->registered)
+			return -EEXIST;
+	}
+	for (size_t j = 0; j < n_handlers; j++) {
+		bool found = false;
+		for (size_t i = 0; i < svc->n_methods; i++)
+			found = found || strcmp(strrchr(svc->methods[i].path, '/') + 1,
+			                        handlers[j].name) == 0;
+		if (!found)
+			return log_debug_errno(ENOENT, "handler for unknown method %s.%s",
+			                       service->name, handlers[j].name);
+	}
+	return 0;
+}
+
+int rpc_server_listen_unix(RpcServer *s, const char *path, mode_t mode)
+{
+	_cleanup_free_ char *addr = NULL;
+	grpc_server_credentials *creds;
+	mode_t old;
+	int port;
+
+	if (asprintf(&addr, "unix:%s", path) < 0)
+		return -ENOMEM;
+	creds = grpc_insecure_server_credentials_create();
+	/* gRPC binds here; the umask keeps the socket from ever being wider than `mode`. The
+	 * umask is process-wide, but nothing else creates files while we start up. */
+	old = umask((mode_t)~mode & 0777);
+	port = grpc_server_add_http2_port(s->server, addr, creds);
+	umask(old);
+	grpc_server_credentials_release(creds);
+	if (port == 0)
+		return -EADDRNOTAVAIL;
+	if (chmod(path, mode) < 0)
+		return -errno;
+	return 0;
+}
+
+int rpc_server_listen_tcp(RpcServer *s, const char *addr, const RpcTlsFiles *tls)
+{
+	grpc_server_credentials *creds;
+	int port;
+
+	if (tls) {
+		_cleanup_free_ char *cert = NULL, *key = NULL, *ca = NULL;
+		int r;
+
+		if ((r = read_full_file(tls->cert_file, 1 << 20, &cert, NULL)) < 0 ||
+		    (r = read_full_file(tls->key_file, 1 << 20, &key, NULL)) < 0 ||
+		    (r = read_full_file(tls->client_ca_file, 1 << 20, &ca, NULL)) < 0)
+			return r;
+		grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
+		creds = grpc_ssl_server_credentials_create_ex(
+		        ca, &pair, 1, GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY,
+		        NULL);
+		if (!creds)
+			return -EINVAL;
+	} else {
+		creds = grpc_insecure_server_credentials_create();
+	}
+	port = grpc_server_add_http2_port(s->server, addr, creds);
+	grpc_server_credentials_release(creds);
+	if (port == 0)
+		return -EADDRNOTAVAIL;
+	return port;
+}
+
+int rpc_server_start(RpcServer *s)
+{
+	int r;
+
+	grpc_server_start(s->server);
+	s->started = true;
+	for (size_t i = 0; i <= s->n_services; i++) {
+		size_t n = i < s->n_services ? s->services[i].n_methods : 1;
+		for (size_t j = 0; j < n; j++)
+			for (int k = 0; k < (i < s->n_services ? REQUESTS_PER_METHOD : 2); k++) {
+				RequestSlot *slot = calloc(1, sizeof(*slot));
+				if (!slot)
+					return -ENOMEM;
+				slot->tag.done = on_request;
+				slot->server = s;
+				slot->method =
+				        i < s->n_services ? &s->services[i].methods[j] : NULL;
+				slot->next = s->slots;
+				s->slots = slot;
+				if ((r = slot_arm(slot)) < 0)
+					return r;
+			}
+	}
+	r = pthread_create(&s->poller, NULL, poller_main, s);
+	if (r != 0)
+		return -r;
+	s->poller_running = true;
+	return 0;
+}
+
+void rpc_server_set_state(RpcServer *s, RpcServerState state)
+{
+	atomic_store(&s->state, state);
+	rpc_server_wake_all(s);
+}
+
+RpcServerState rpc_server_get_state(RpcServer *s)
+{
+	return atomic_load(&s->state);
+}
+
+void rpc_server_wake_all(RpcServer *s)
+{
+	pthread_mutex_lock(&s->mu);
+	for (RpcCall *c = s->calls; c; c = c->next) {
+		pthread_mutex_lock(&c->mu);
+		c->wake_gen++;
+		pthread_cond_broadcast(&c->cond);
+		pthread_mutex_unlock(&c->mu);
+	}
+	pthread_mutex_unlock(&s->mu);
+}
+
+void rpc_server_drain_begin(RpcServer *s)
+{
+	pthread_mutex_lock(&s->mu);
+	bool first = !s->shutdown_started;
+	s->shutdown_started = true;
+	pthread_mutex_unlock(&s->mu);
+	if (!first)
+		return;
+	rpc_server_set_state(s, RPC_SERVER_DRAINING);
+	/* Also when never started: gRPC refuses to destroy a server with listeners otherwise. */
+	grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+}
+
+int rpc_server_drain_wait(RpcServer *s, int64_t timeout_ms)
+{
+	struct timespec ts = abs_timeout(timeout_ms < 0 ? 0 : timeout_ms);
+	int r = 0;
+
+	pthread_mutex_lock(&s->mu);
+	/* Done when gRPC has seen every call finish and every handler has returned. */
+	while (!s->shutdown_done || s->n_active > 0)
+		if (pthread_cond_timedwait(&s->cond, &s->mu, &ts) == ETIMEDOUT) {
+			r = -ETIMEDOUT;
+			break;
+		}
+	pthread_mutex_unlock(&s->mu);
+	return r;
+}
+
+void rpc_server_cancel_all(RpcServer *s)
+{
+	pthread_mutex_lock(&s->mu);
+	s->cancelled_all = true;
+	pthread_mutex_unlock(&s->mu);
+	grpc_server_cancel_all_calls(s->server);
+	rpc_server_wake_all(s);
+}
+
+int rpc_server_shutdown(RpcServer *s, int64_t grace_ms, const sigset_t *interrupt)
+{
+	uint64_t deadline = now_usec() + (uint64_t)(grace_ms > 0 ? grace_ms : 0) * 1000ULL;
+	int r;
+
+	rpc_server_drain_begin(s);
+	for (;;) {
+		if (rpc_server_drain_wait(s, 100) == 0)
+			return 0;
+		if (interrupt) {
+			struct timespec zero = {};
+			int sig = sigtimedwait(interrupt, NULL, &zero);
+			if (sig > 0) {
+				r = -EINTR;
+				break;
+			}
+		}
+		if (now_usec() >= deadline) {
+			r = -ETIMEDOUT;
+			break;
+		}
+	}
+	rpc_server_cancel_all(s);
+	if (rpc_server_drain_wait(s, 5000) < 0)
+		return -EBUSY;
+	return r;
+}
+
+uint64_t rpc_server_heartbeat_usec(RpcServer *s)
+{
+	return atomic_load(&s->heartbeat_usec);
+}
+
+void rpc_server_free(RpcServer *s)
+{
+	if (!s)
+		return;
+
+	if (s->server) {
+		rpc_server_drain_begin(s);
+		if (s->poller_running) {
+			if (rpc_server_drain_wait(s, 0) < 0) {
+				rpc_server_cancel_all(s);
+				if (rpc_server_drain_wait(s, 5000) < 0)
+					log_debug(
+					        "calls still running after cancel; freeing anyway");
+			}
+		} else {
+			/* Never started (a listener failed): no poller, so collect the shutdown
+			 * tag here. Only request slots and it can be queued. */
+			while (!s->shutdown_done) {
+				grpc_event ev = grpc_completion_queue_next(
+				        s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+				if (ev.type != GRPC_OP_COMPLETE)
+					break;
+				((Tag *)ev.tag)->done(ev.tag, ev.success);
+			}
+		}
+	}
+
+	pthread_mutex_lock(&s->mu);
+	s->pool_stopping = true;
+	pthread_cond_broadcast(&s->cond);
+	while (s->n_threads > 0)
+		pthread_cond_wait(&s->cond, &s->mu);
+	reap_exited_locked(s);
+	pthread_mutex_unlock(&s->mu);
+
+	if (s->server)
+		grpc_server_destroy(s->server);
+	if (s->cq) {
+		grpc_completion_queue_shutdown(s->cq);
+		if (s->poller_running)
+			pthread_join(s->poller, NULL);
+		else
+			while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME),
+			                                  NULL)
+			               .type != GRPC_QUEUE_SHUTDOWN)
+				;
+		grpc_completion_queue_destroy(s->cq);
+	}
+	for (RequestSlot *sl = s->slots, *n; sl; sl = n) {
+		n = sl->next;
+		free(sl);
+	}
+	for (size_t i = 0; i < s->n_services; i++) {
+		for (size_t j = 0; j < s->services[i].n_methods; j++)
+			free(s->services[i].methods[j].path);
+		free(s->services[i].methods);
+		free(s->services[i].name);
+	}
+	free(s->services);
+	free(s->exited);
+	rpc_desc_index_free(s->desc);
+	pthread_mutex_destroy(&s->mu);
+	pthread_cond_destroy(&s->cond);
+	free(s);
+	grpc_shutdown();
+}
+
+size_t rpc_server_n_services(RpcServer *s)
+{
+	return s->n_services;
+}
+
+const char *rpc_server_service_name(RpcServer *s, size_t i)
+{
+	return i < s->n_services ? s->services[i].name : NULL;
+}
+
+const RpcDescIndex *rpc_server_descriptors(RpcServer *s)
+{
+	return s->desc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* call API */
+
+int rpc_call_send(RpcCall *c, const ProtobufCMessage *msg)
+{
+	size_t size = protobuf_c_message_get_packed_size(msg);
+	grpc_slice slice;
+	SendItem *item;
+
+	if (size > c->server->opts.max_message_bytes)
+		return -EMSGSIZE;
+	item = calloc(1, sizeof(*item));
+	if (!item)
+		return -ENOMEM;
+	slice = grpc_slice_malloc(size);
+	protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
+	item->buf = grpc_raw_byte_buffer_create(&slice, 1);
+	grpc_slice_unref(slice);
+	item->size = size;
+
+	pthread_mutex_lock(&c->mu);
+	if (!c->method->server_streaming && c->reply_sent) {
+		pthread_mutex_unlock(&c->mu);
+		grpc_byte_buffer_destroy(item->buf);
+		free(item);
+		return -EINVAL;
+	}
+	/* Back-pressure: wait for the client to take what is queued. One message always fits so
+	 * that a message larger than the high-water mark still goes out. */
+	while (!c->dead && c->queued_msgs > 0 &&
+	       (c->queued_bytes + size > c->server->opts.stream_high_water_bytes ||
+	        c->queued_msgs >= STREAM_MAX_QUEUED_MSGS))
+		pthread_cond_wait(&c->cond, &c->mu);
+	if (c->dead) {
+		pthread_mutex_unlock(&c->mu);
+		grpc_byte_buffer_destroy(item->buf);
+		free(item);
+		return -ECANCELED;
+	}
+	if (c->queue_tail)
+		c->queue_tail->next = item;
+	else
+		c->queue_head = item;
+	c->queue_tail = item;
+	c->queued_bytes += size;
+	c->queued_msgs++;
+	c->reply_sent = true;
+	call_pump_locked(c);
+	pthread_mutex_unlock(&c->mu);
+	return 0;
+}
+
+int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
+{
+	grpc_op op = {.op = GRPC_OP_RECV_MESSAGE};
+	grpc_byte_buffer *buf;
+	grpc_byte_buffer_reader reader;
+	grpc_slice slice;
+	bool ok;
+
+	if (!c->method->client_streaming)
+		return -EINVAL;
+
+	pthread_mutex_lock(&c->mu);
+	if (c->recv_eof) {
+		pthread_mutex_unlock(&c->mu);
+		return 0;
+	}
+	if (c->dead) {
+		pthread_mutex_unlock(&c->mu);
+		return -ECANCELED;
+	}
+	op.data.recv_message.recv_message = &c->recv_buf;
+	call_ref(c);
+	c->recv_in_flight = true;
+	if (grpc_call_start_batch(c->call, &op, 1, &c->recv_tag, NULL) != GRPC_CALL_OK) {
+		c->recv_in_flight = false;
+		atomic_fetch_sub(&c->ref, 1);
+		pthread_mutex_unlock(&c->mu);
+		return -ECANCELED;
+	}
+	/* The batch completes on a message, on half-close (NULL buffer) and on cancellation. */
+	while (c->recv_in_flight)
+		pthread_cond_wait(&c->cond, &c->mu);
+	buf = TAKE_PTR(c->recv_buf);
+	ok = c->recv_ok;
+	if (ok && !buf)
+		c->recv_eof = true;
+	pthread_mutex_unlock(&c->mu);
+
+	if (!ok) {
+		if (buf)
+			grpc_byte_buffer_destroy(buf);
+		return -ECANCELED;
+	}
+	if (!buf)
+		return 0;
+	if (!grpc_byte_buffer_reader_init(&reader, buf)) {
+		grpc_byte_buffer_destroy(buf);
+		return -EBADMSG;
+	}
+	slice = grpc_byte_buffer_reader_readall(&reader);
+	grpc_byte_buffer_reader_destroy(&reader);
+	grpc_byte_buffer_destroy(buf);
+	*ret = protobuf_c_message_unpack(c->method->input, NULL, GRPC_SLICE_LENGTH(slice),
+	                                 GRPC_SLICE_START_PTR(slice));
+	grpc_slice_unref(slice);
+	return *ret ? 1 : -EBADMSG;
+}
+
+int rpc_call_wait(RpcCall *c, int64_t timeout_ms)
+{
+	struct timespec ts;
+	unsigned gen;
+	int r = 0;
+
+	if (timeout_ms >= 0)
+		ts = abs_timeout(timeout_ms);
+	pthread_mutex_lock(&c->mu);
+	gen = c->wake_gen;
+	for (;;) {
+		if (c->dead) {
+			r = -ECANCELED;
+			break;
+		}
+		if (rpc_server_get_state(c->server) == RPC_SERVER_DRAINING) {
+			r = -ESHUTDOWN;
+			break;
+		}
+		if (c->wake_gen != gen)
+			break;
+		if (timeout_ms < 0)
+			pthread_cond_wait(&c->cond, &c->mu);
+		else if (pthread_cond_timedwait(&c->cond, &c->mu, &ts) == ETIMEDOUT)
+			break;
+	}
+	pthread_mutex_unlock(&c->mu);
+	return r;
+}
+
+void rpc_call_wake(RpcCall *c)
+{
+	pthread_mutex_lock(&c->mu);
+	c->wake_gen++;
+	pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->mu);
+}
+
+bool rpc_call_is_cancelled(RpcCall *c)
+{
+	pthread_mutex_lock(&c->mu);
+	bool dead = c->dead;
+	pthread_mutex_unlock(&c->mu);
+	return dead;
+}
+
+int64_t rpc_call_remaining_ms(RpcCall *c)
+{
+	gpr_timespec now = gpr_now(GPR_CLOCK_MONOTONIC);
+
+	if (gpr_time_cmp(c->deadline, gpr_inf_future(GPR_CLOCK_MONOTONIC)) == 0)
+		return -1;
+	if (gpr_time_cmp(c->deadline, now) <= 0)
+		return 0;
+	return gpr_time_to_millis(gpr_time_sub(c->deadline, now));
+}
+
+const char *rpc_call_method(RpcCall *c)
+{
+	return c->path;
+}
+
+RpcServer *rpc_call_server(RpcCall *c)
+{
+	return c->server;
+}
+
+RpcCode rpc_call_error(RpcCall *c, RpcCode code, const char *format, ...)
+{
+	va_list ap;
+	char *m = NULL;
+
+	va_start(ap, format);
+	if (vasprintf(&m, format, ap) < 0)
+		m = NULL;
+	va_end(ap);
+	free(c->error_message);
+	c->error_message = m;
+	return code;
+}

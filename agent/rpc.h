@@ -1,0 +1,148 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The gRPC server layer: the only code in ember that touches gRPC core (see
+ * ../shared/notes/grpc-core.md for the traps this layer exists to contain).
+ *
+ * Handlers see protobuf-c messages and this small call API, nothing of gRPC core. Each accepted
+ * call runs its handler on a worker thread (never on the completion-queue poller), so a handler
+ * may block: in rpc_call_send() when the client reads slowly (back-pressure), in rpc_call_recv()
+ * waiting for the next client message, or in rpc_call_wait(). All of these return -ECANCELED as
+ * soon as the call is cancelled, its deadline passes or the client goes away.
+ *
+ * A handler returns a status code; for errors it records a message with rpc_call_error(), which
+ * returns the code so that `return rpc_call_error(call, RPC_NOT_FOUND, "…", …);` reads naturally.
+ * Unary handlers send exactly one reply with rpc_call_send() and return RPC_OK; the reply and the
+ * status then leave in one batch.
+ */
+#pragma once
+
+#include <protobuf-c/protobuf-c.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* gRPC status codes (https://grpc.github.io/grpc/core/md_doc_statuscodes.html); the numbers are
+ * part of the wire protocol. */
+typedef enum RpcCode {
+	RPC_OK = 0,
+	RPC_CANCELLED = 1,
+	RPC_UNKNOWN = 2,
+	RPC_INVALID_ARGUMENT = 3,
+	RPC_DEADLINE_EXCEEDED = 4,
+	RPC_NOT_FOUND = 5,
+	RPC_ALREADY_EXISTS = 6,
+	RPC_PERMISSION_DENIED = 7,
+	RPC_RESOURCE_EXHAUSTED = 8,
+	RPC_FAILED_PRECONDITION = 9,
+	RPC_ABORTED = 10,
+	RPC_OUT_OF_RANGE = 11,
+	RPC_UNIMPLEMENTED = 12,
+	RPC_INTERNAL = 13,
+	RPC_UNAVAILABLE = 14,
+	RPC_DATA_LOSS = 15,
+	RPC_UNAUTHENTICATED = 16,
+	_RPC_CODE_MAX,
+} RpcCode;
+
+const char *rpc_code_to_string(RpcCode code);
+
+typedef enum RpcServerState {
+	RPC_SERVER_STARTING, /* listening; health says NOT_SERVING */
+	RPC_SERVER_SERVING,
+	RPC_SERVER_DRAINING, /* no new calls; in-flight calls get the grace period */
+	_RPC_SERVER_STATE_MAX,
+} RpcServerState;
+
+typedef struct RpcServer RpcServer;
+typedef struct RpcCall RpcCall;
+
+/* `request` is the unpacked request for unary and server-streaming methods, NULL for
+ * client-streaming and bidi methods (use rpc_call_recv()). It is owned by the call. */
+typedef RpcCode (*RpcHandler)(RpcCall *call, const ProtobufCMessage *request, void *userdata);
+
+typedef struct RpcMethodHandler {
+	const char *name; /* method name as in the .proto, e.g. "GetNode" */
+	RpcHandler handler;
+} RpcMethodHandler;
+
+typedef struct RpcServerOptions {
+	/* A FileDescriptorSet (protoc --descriptor_set_out --include_imports) covering every
+	 * service added: the source of streaming kinds and of server reflection. Not copied. */
+	const uint8_t *descriptor_set;
+	size_t descriptor_set_size;
+	size_t max_message_bytes;       /* both directions */
+	unsigned keepalive_time_ms;     /* server pings an idle connection this often */
+	unsigned keepalive_timeout_ms;  /* and closes it when the ping is not answered */
+	unsigned min_ping_interval_ms;  /* clients may ping this often without data */
+	unsigned max_concurrent_calls;  /* above it new calls get RESOURCE_EXHAUSTED */
+	size_t stream_high_water_bytes; /* queued per call before rpc_call_send() blocks */
+	const char *version;            /* shown in UNIMPLEMENTED messages */
+} RpcServerOptions;
+
+typedef struct RpcTlsFiles {
+	const char *cert_file;      /* server certificate chain, PEM */
+	const char *key_file;       /* its private key, PEM */
+	const char *client_ca_file; /* CA bundle that client certificates must chain to, PEM */
+} RpcTlsFiles;
+
+int rpc_server_new(const RpcServerOptions *opts, RpcServer **ret);
+void rpc_server_free(RpcServer *s);
+
+/* Registers every method of `service`; methods without an entry in `handlers` answer
+ * UNIMPLEMENTED with a message naming the method. Call before rpc_server_start(). */
+int rpc_server_add_service(RpcServer *s, const ProtobufCServiceDescriptor *service,
+                           const RpcMethodHandler *handlers, size_t n_handlers, void *userdata);
+
+/* The socket is created with `mode` (never wider, not even for a moment). The caller holds
+ * whatever lock guards the path: gRPC unlinks an existing socket before binding. */
+int rpc_server_listen_unix(RpcServer *s, const char *path, mode_t mode);
+/* `tls` NULL means plaintext. Returns the bound port (useful with port 0). */
+int rpc_server_listen_tcp(RpcServer *s, const char *addr, const RpcTlsFiles *tls);
+
+int rpc_server_start(RpcServer *s);
+void rpc_server_set_state(RpcServer *s, RpcServerState state);
+RpcServerState rpc_server_get_state(RpcServer *s);
+
+/* Graceful shutdown, in steps so that the caller can keep handling signals in between:
+ * drain_begin stops accepting calls and tells long-poll handlers (rpc_call_wait → -ESHUTDOWN);
+ * drain_wait returns 0 once every call has finished, -ETIMEDOUT after timeout_ms;
+ * cancel_all cancels what is left. */
+void rpc_server_drain_begin(RpcServer *s);
+int rpc_server_drain_wait(RpcServer *s, int64_t timeout_ms);
+void rpc_server_cancel_all(RpcServer *s);
+/* All three: drain, wait up to grace_ms (cut short when a signal in `interrupt` arrives; the
+ * caller has it blocked), cancel the rest and wait up to 5 s for their handlers. Returns 0 when
+ * everything finished in the grace period, -EINTR or -ETIMEDOUT when calls had to be cancelled,
+ * -EBUSY when handlers were still running after that. */
+int rpc_server_shutdown(RpcServer *s, int64_t grace_ms, const sigset_t *interrupt);
+
+/* CLOCK_MONOTONIC µs of the poller's last turn: it turns at least once a second while alive. */
+uint64_t rpc_server_heartbeat_usec(RpcServer *s);
+
+/* Queue a message. Blocks while more than stream_high_water_bytes are queued for this call and
+ * the client has not taken them. -ECANCELED when the call is gone, -EINVAL for a second reply of
+ * a unary method, -ENOMEM/-EMSGSIZE on packing failure. */
+int rpc_call_send(RpcCall *call, const ProtobufCMessage *msg);
+
+/* Next client message of a client-streaming or bidi call: 1 and *ret (free with
+ * protobuf_c_message_free_unpacked) on a message, 0 when the client half-closed, -ECANCELED,
+ * -EBADMSG when the bytes do not parse as the method's input type. */
+int rpc_call_recv(RpcCall *call, ProtobufCMessage **ret);
+
+/* Sleep until rpc_call_wake(), the timeout (-1: none), cancellation (-ECANCELED) or server
+ * drain (-ESHUTDOWN). Returns 0 when woken or timed out. */
+int rpc_call_wait(RpcCall *call, int64_t timeout_ms);
+void rpc_call_wake(RpcCall *call);
+/* Wakes every call of the server (for state that many long-poll handlers watch). */
+void rpc_server_wake_all(RpcServer *s);
+
+bool rpc_call_is_cancelled(RpcCall *call);
+/* Milliseconds left before the client's deadline, -1 when it set none, 0 when passed. */
+int64_t rpc_call_remaining_ms(RpcCall *call);
+const char *rpc_call_method(RpcCall *call); /* "/ember.v1.Node/GetNode" */
+RpcServer *rpc_call_server(RpcCall *call);
+
+RpcCode rpc_call_error(RpcCall *call, RpcCode code, const char *format, ...)
+        __attribute__((format(printf, 3, 4)));

@@ -1,0 +1,22 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Whole-file reads and writes, directories, and locks. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Reads at most max_size bytes (more is -EFBIG); *ret is NUL-terminated. */
+int read_full_file(const char *path, size_t max_size, char **ret, size_t *ret_size);
+
+/* Writes to a temporary file in the same directory, fsyncs and renames it into place: readers
+ * see the old or the new content, never a torn one, even across a crash. */
+int write_file_atomic(const char *path, const void *data, size_t size, mode_t mode);
+
+/* mkdir -p; existing directories are fine, their mode is left alone. */
+int mkdir_p(const char *path, mode_t mode);
+
+/* Opens (creating) `path` and takes an exclusive non-blocking flock on it; writes our pid into
+ * it. -EBUSY when someone else holds it, with their pid in *ret_holder when known (0 otherwise).
+ * Returns the fd, which holds the lock until closed. */
+int lock_file_acquire(const char *path, pid_t *ret_holder);

@@ -1,0 +1,308 @@
+# emberd end to end over its unix socket: GetNode, UNIMPLEMENTED answers, health, the
+# single-instance lock, graceful shutdown, concurrency.
+
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from conftest import BUILD, SLOW, Proc, wait_for
+
+from ember.v1 import node_pb2, node_pb2_grpc
+from health.v1 import health_pb2, health_pb2_grpc
+
+
+def get_node(e, timeout=5):
+    with e.channel() as ch:
+        return node_pb2_grpc.NodeStub(ch).GetNode(node_pb2.GetNodeRequest(), timeout=timeout)
+
+
+def meminfo():
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def test_get_node_reports_real_facts(start_emberd):
+    e = start_emberd()
+    info = get_node(e)
+
+    version = subprocess.run([os.path.join(BUILD, "emberd"), "--version"],
+                             capture_output=True, text=True, check=True).stdout.split()[1]
+    assert info.agent_version == version
+    assert len(info.node_id) == 36 and info.node_id.count("-") == 4
+    assert info.hostname == os.uname().nodename
+    assert info.kernel_release == os.uname().release
+    assert info.cpu_count == os.sysconf("SC_NPROCESSORS_ONLN")
+    assert info.memory_total_bytes == meminfo()["MemTotal"]
+    assert 0 < info.memory_available_bytes <= info.memory_total_bytes
+    assert info.state_dir == e.state_dir
+    st = os.statvfs(e.state_dir)
+    assert info.disk_total_bytes == st.f_blocks * st.f_frsize
+    # free space moves a little while tests run; it must be the same order of magnitude
+    assert abs(info.disk_free_bytes - st.f_bavail * st.f_frsize) < 2 ** 30
+    assert info.serving_state == node_pb2.SERVING_STATE_SERVING
+    assert abs(info.start_time.seconds - time.time()) < 120
+    assert 0 < info.boot_time.seconds <= time.time()
+
+    caps = info.capabilities
+    for name in ("kvm", "device_mapper", "userfaultfd", "firecracker"):
+        p = getattr(caps, name)
+        assert p.reason, f"{name} probe has no reason"
+    # Each probe must agree with the host as this test sees it.
+    assert caps.device_mapper.available == os.path.exists("/dev/mapper/control")
+    if not os.path.exists("/dev/kvm"):
+        assert not caps.kvm.available and "/dev/kvm" in caps.kvm.reason
+    # The default firecracker_bin is looked up in PATH; these machines have none.
+    from shutil import which
+    if which("firecracker") is None:
+        assert not caps.firecracker.available
+        assert "not found" in caps.firecracker.reason
+
+
+def test_node_id_persists_across_restarts(start_emberd, workdir):
+    root = os.path.join(workdir, "persist")
+    e = start_emberd(root=root)
+    first = get_node(e).node_id
+    assert e.proc.stop() == 0
+    with open(os.path.join(root, "state", "node-id")) as f:
+        assert f.read().strip() == first
+    e2 = start_emberd(root=root)
+    assert get_node(e2).node_id == first
+
+
+def test_corrupt_node_id_is_refused_not_replaced(start_emberd, workdir):
+    root = os.path.join(workdir, "corrupt")
+    os.makedirs(os.path.join(root, "state"))
+    path = os.path.join(root, "state", "node-id")
+    with open(path, "w") as f:
+        f.write("not-a-uuid\n")
+    e = start_emberd(root=root, wait=False)
+    assert e.proc.wait(15) == 1
+    assert "not a UUID" in e.proc.log()
+    with open(path) as f:
+        assert f.read() == "not-a-uuid\n"
+
+
+def test_socket_is_private(start_emberd):
+    e = start_emberd()
+    st = os.stat(e.socket)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_unknown_method_is_unimplemented_at_once(start_emberd):
+    e = start_emberd()
+    with e.channel() as ch:
+        for method in ("/ember.v1.Node/NoSuchMethod", "/no.such.Service/Call"):
+            t = time.monotonic()
+            with pytest.raises(grpc.RpcError) as ei:
+                ch.unary_unary(method)(b"", timeout=30)
+            elapsed = time.monotonic() - t
+            assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert method in ei.value.details()
+            assert elapsed < 1.0, f"{method} took {elapsed:.2f}s"
+
+
+def test_not_yet_implemented_rpcs_say_so(start_emberd):
+    e = start_emberd()
+    with e.channel() as ch:
+        stub = node_pb2_grpc.NodeStub(ch)
+        calls = [
+            lambda: stub.CreateSandbox(node_pb2.CreateSandboxRequest(sandbox_id="a"), timeout=5),
+            lambda: stub.ListSandboxes(node_pb2.ListSandboxesRequest(), timeout=5),
+            lambda: stub.DeleteSnapshot(node_pb2.DeleteSnapshotRequest(), timeout=5),
+            lambda: list(stub.WatchSandboxes(node_pb2.WatchSandboxesRequest(), timeout=5)),
+            lambda: list(stub.Exec(iter([node_pb2.ExecRequest()]), timeout=5)),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as ei:
+                call()
+            assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "not implemented" in ei.value.details()
+
+
+def test_health_check(start_emberd):
+    e = start_emberd()
+    with e.channel() as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        for svc in ("", "ember.v1.Node", "grpc.health.v1.Health",
+                    "grpc.reflection.v1.ServerReflection"):
+            r = h.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING, svc
+        with pytest.raises(grpc.RpcError) as ei:
+            h.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_watch_follows_shutdown(start_emberd):
+    """Watch sends SERVING, then NOT_SERVING when draining; SIGTERM during this open server
+    stream ends emberd well within the grace period."""
+    e = start_emberd("[api]\nshutdown_grace_s = 10\n")
+    ch = e.channel()
+    stream = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+    unknown = health_pb2_grpc.HealthStub(ch).Watch(
+        health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+    t = time.monotonic()
+    e.proc.signal(signal.SIGTERM)
+    assert next(stream).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as ei:
+        next(stream)
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert e.proc.wait(10) == 0
+    assert time.monotonic() - t < 10, "did not wait for the grace period"
+    ch.close()
+
+
+def reflection_stream(ch):
+    from reflection.v1 import reflection_pb2, reflection_pb2_grpc
+    import queue
+    q = queue.Queue()
+
+    def requests():
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            yield item
+
+    responses = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(requests())
+    return reflection_pb2, q, responses
+
+
+def test_inflight_call_finishes_during_grace(start_emberd):
+    """A bidi call open at SIGTERM keeps working during the grace period and emberd exits as
+    soon as the client finishes it."""
+    e = start_emberd("[api]\nshutdown_grace_s = 20\n")
+    ch = e.channel()
+    pb, q, responses = reflection_stream(ch)
+    q.put(pb.ServerReflectionRequest(list_services=""))
+    assert next(responses).list_services_response.service
+
+    t = time.monotonic()
+    e.proc.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert e.proc.alive(), "emberd did not wait for the call in flight"
+    q.put(pb.ServerReflectionRequest(file_containing_symbol="ember.v1.Node"))
+    assert next(responses).file_descriptor_response.file_descriptor_proto
+    q.put(None)
+    with pytest.raises(StopIteration):
+        next(responses)
+    assert e.proc.wait(10) == 0
+    assert time.monotonic() - t < 10
+    # A new call after the drain began is refused.
+    ch.close()
+
+
+def test_call_beyond_grace_is_cancelled(start_emberd):
+    e = start_emberd("[api]\nshutdown_grace_s = 2\n")
+    ch = e.channel()
+    pb, q, responses = reflection_stream(ch)
+    q.put(pb.ServerReflectionRequest(list_services=""))
+    next(responses)
+    t = time.monotonic()
+    e.proc.signal(signal.SIGTERM)
+    with pytest.raises(grpc.RpcError) as ei:
+        next(responses)  # the client never finishes: the server must cancel at the grace end
+    assert ei.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert e.proc.wait(10) == 0
+    elapsed = time.monotonic() - t
+    assert 1.5 < elapsed < 2 + 5 * SLOW, f"exit after {elapsed:.1f}s with a 2s grace"
+    assert "grace period of 2s over" in e.proc.log()
+    q.put(None)
+    ch.close()
+
+
+def test_second_emberd_fails_clearly_first_keeps_serving(start_emberd, workdir, procs):
+    e = start_emberd()
+    node_id = get_node(e).node_id
+    # Same socket, different state dir: the socket lock must stop it.
+    other = os.path.join(workdir, "other")
+    argv = [os.path.join(BUILD, "emberd"), "--config", "/dev/null",
+            "--state-dir", os.path.join(other, "state"), "--run-dir", os.path.join(other, "run"),
+            "--listen", "unix:" + e.socket]
+    os.makedirs(other)
+    p = Proc(argv, os.path.join(other, "second.log"))
+    procs.append(p)
+    assert p.wait(15) == 1
+    log = p.log()
+    assert "another emberd" in log and str(e.proc.pid) in log and e.socket in log
+    # Same state dir too.
+    argv2 = [os.path.join(BUILD, "emberd"), "--config", "/dev/null",
+             "--state-dir", e.state_dir, "--run-dir", os.path.join(other, "run2")]
+    p2 = Proc(argv2, os.path.join(other, "third.log"))
+    procs.append(p2)
+    assert p2.wait(15) == 1
+    assert "another emberd" in p2.log() and e.state_dir in p2.log()
+
+    assert os.path.exists(e.socket)
+    assert get_node(e).node_id == node_id
+    assert e.proc.alive()
+
+
+def test_2000_calls_from_50_concurrent_clients(start_emberd):
+    e = start_emberd()
+    errors = []
+    done = []
+    barrier = threading.Barrier(50)
+
+    def client():
+        try:
+            with e.channel() as ch:
+                stub = node_pb2_grpc.NodeStub(ch)
+                barrier.wait()
+                n = 0
+                for _ in range(40):
+                    r = stub.GetNode(node_pb2.GetNodeRequest(), timeout=30 * SLOW)
+                    assert r.node_id
+                    n += 1
+                done.append(n)
+        except Exception as ex:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(ex))
+
+    threads = [threading.Thread(target=client) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert sum(done) == 2000
+
+
+def test_oversized_request_is_refused(start_emberd):
+    e = start_emberd("[api]\nmax_message_mib = 1\n")
+    # An unknown field (number 1000, bytes) of 2 MiB: well-formed protobuf, too large.
+    payload = b"\xc2\x3e" + b"\x80\x80\x80\x01" + b"x" * (2 * 1024 * 1024)
+    with e.channel() as ch:
+        with pytest.raises(grpc.RpcError) as ei:
+            ch.unary_unary("/ember.v1.Node/GetNode")(payload, timeout=10)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # a request within the limit still works on the same channel
+        assert ch.unary_unary("/ember.v1.Node/GetNode")(b"", timeout=10)
+
+
+def test_garbage_request_is_invalid_argument(start_emberd):
+    e = start_emberd()
+    with e.channel() as ch:
+        with pytest.raises(grpc.RpcError) as ei:
+            ch.unary_unary("/ember.v1.Node/GetNode")(b"\xff\xff\xff", timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_sigint_also_drains(start_emberd):
+    e = start_emberd()
+    e.proc.signal(signal.SIGINT)
+    assert e.proc.wait(10) == 0
+    assert "stopped" in e.proc.log()
+    assert not os.path.exists(e.socket)

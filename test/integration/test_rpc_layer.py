@@ -1,0 +1,206 @@
+# The gRPC layer (agent/rpc*) through rpctestd, whose handlers report what they observed:
+# deadlines and cancellation visible to handlers, per-call send queue and back-pressure for a
+# slow reader, bidi ordering, status handling, the concurrency limit, drain.
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from conftest import SLOW, wait_for
+
+import rpctest_pb2 as pb
+import rpctest_pb2_grpc as pbg
+
+
+def stub(ch):
+    return pbg.TestStub(ch)
+
+
+def stats(target):
+    with grpc.insecure_channel(target) as ch:
+        return stub(ch).Stats(pb.StatsRequest(), timeout=10)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_deadline_visible_to_handler(start_rpctestd):
+    d = start_rpctestd()
+    with grpc.insecure_channel(d.target) as ch:
+        r = stub(ch).Echo(pb.EchoRequest(text="hi"), timeout=5)
+        assert r.text == "hi" and r.method == "/rpctest.Test/Echo"
+        assert 3000 < r.remaining_ms <= 5000
+        r = stub(ch).Echo(pb.EchoRequest(text="no deadline"))
+        assert r.remaining_ms == -1
+
+
+def test_deadline_cancels_waiting_handler(start_rpctestd):
+    d = start_rpctestd()
+    with grpc.insecure_channel(d.target) as ch:
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ei:
+            stub(ch).Sleep(pb.SleepRequest(ms=30000), timeout=0.3)
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t < 2 * SLOW
+    # The handler itself saw the cancellation (it does not sleep on for 30 s).
+    s = wait_for(lambda: (lambda s: s if s.cancellations_seen == 1 else None)(stats(d.target)),
+                 5, "the handler to observe the deadline")
+    assert 250 <= s.last_cancel_after_ms < 2000 * SLOW
+    assert s.sleeps_finished == 0
+
+
+def test_client_cancel_reaches_handler(start_rpctestd):
+    d = start_rpctestd()
+    with grpc.insecure_channel(d.target) as ch:
+        fut = stub(ch).Sleep.future(pb.SleepRequest(ms=30000))
+        time.sleep(0.3)
+        fut.cancel()
+    wait_for(lambda: stats(d.target).cancellations_seen == 1, 5, "cancellation in handler")
+
+
+def test_client_disconnect_reaches_handler(start_rpctestd):
+    d = start_rpctestd()
+    ch = grpc.insecure_channel(d.target)
+    fut = stub(ch).Sleep.future(pb.SleepRequest(ms=30000))  # noqa: F841 (kept alive on purpose)
+    time.sleep(0.3)
+    ch.close()
+    wait_for(lambda: stats(d.target).cancellations_seen == 1, 5, "disconnect seen in handler")
+
+
+def test_server_stream_in_order_and_complete(start_rpctestd):
+    d = start_rpctestd()
+    with grpc.insecure_channel(d.target) as ch:
+        n = 0
+        for chunk in stub(ch).Stream(pb.StreamRequest(count=500, size=3000), timeout=60):
+            assert chunk.seq == n
+            assert chunk.data == bytes((n * 31 + j) & 0xFF for j in range(3000))
+            n += 1
+        assert n == 500
+
+
+def test_slow_reader_gets_back_pressure(start_rpctestd):
+    """A client that stops reading makes the handler block in rpc_call_send(): the number of
+    chunks accepted stays bounded (high-water mark + transport windows), and so does memory;
+    when the client reads again everything arrives, in order."""
+    d = start_rpctestd("--high-water", 256 * 1024)
+    count, size = 2000, 64 * 1024  # 125 MiB in all
+    rss_before = rss_kib(d.pid)
+    with grpc.insecure_channel(d.target) as ch:
+        it = stub(ch).Stream(pb.StreamRequest(count=count, size=size), timeout=300)
+        assert next(it).seq == 0
+        time.sleep(1.5 * SLOW)  # the client reads nothing
+        sent_while_paused = stats(d.target).stream_sent
+        time.sleep(1.0 * SLOW)
+        assert stats(d.target).stream_sent == sent_while_paused, "handler kept sending"
+        rss_paused = rss_kib(d.pid)
+        # HTTP/2 flow control windows plus our queue: a few MiB, far from 125 MiB
+        assert sent_while_paused * size < 32 * 2 ** 20, sent_while_paused
+        assert rss_paused - rss_before < 64 * 1024, (rss_before, rss_paused)
+        n = 1
+        for chunk in it:
+            assert chunk.seq == n
+            n += 1
+        assert n == count
+    assert stats(d.target).stream_sent == count
+
+
+def test_bidi_echo_in_order(start_rpctestd):
+    d = start_rpctestd()
+    with grpc.insecure_channel(d.target) as ch:
+        reqs = [pb.Chunk(seq=i, data=bytes([i & 0xFF]) * (i * 37 % 70000)) for i in range(300)]
+        got = list(stub(ch).Bidi(iter(reqs), timeout=60))
+        assert [c.seq for c in got] == list(range(300))
+        assert all(g.data == r.data for g, r in zip(got, reqs))
+
+
+def test_error_status_and_message(start_rpctestd):
+    d = start_rpctestd()
+    with grpc.insecure_channel(d.target) as ch:
+        for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+                     grpc.StatusCode.RESOURCE_EXHAUSTED):
+            with pytest.raises(grpc.RpcError) as ei:
+                stub(ch).Fail(pb.FailRequest(code=code.value[0], message="because"), timeout=5)
+            assert ei.value.code() == code
+            assert ei.value.details() == "because"
+
+
+def test_declared_method_without_handler(start_rpctestd):
+    d = start_rpctestd()
+    with grpc.insecure_channel(d.target) as ch:
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ei:
+            stub(ch).Missing(pb.EchoRequest(), timeout=30)
+        assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "/rpctest.Test/Missing" in ei.value.details()
+        assert time.monotonic() - t < 1
+
+
+def test_concurrency_limit(start_rpctestd):
+    d = start_rpctestd("--max-calls", 4)
+    with grpc.insecure_channel(d.target) as ch:
+        futs = [stub(ch).Sleep.future(pb.SleepRequest(ms=1500)) for _ in range(4)]
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub(ch).Echo(pb.EchoRequest(text="one too many"), timeout=5)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_concurrent_calls" in ei.value.details()
+        for f in futs:
+            assert f.result(timeout=10).text == "slept"
+        # capacity is back once they finished
+        assert stub(ch).Echo(pb.EchoRequest(text="ok"), timeout=5).text == "ok"
+
+
+def test_many_concurrent_streams(start_rpctestd):
+    d = start_rpctestd()
+    errors = []
+
+    def worker():
+        try:
+            with grpc.insecure_channel(d.target) as ch:
+                seqs = [c.seq for c in stub(ch).Stream(pb.StreamRequest(count=200, size=100),
+                                                       timeout=60)]
+                assert seqs == list(range(200))
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def test_drain_lets_call_finish(start_rpctestd):
+    d = start_rpctestd("--grace-ms", 10000)
+    with grpc.insecure_channel(d.target) as ch:
+        fut = stub(ch).Sleep.future(pb.SleepRequest(ms=1500))
+        time.sleep(0.3)
+        t = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert fut.result(timeout=10).text == "slept"
+    assert d.wait(10) == 0
+    assert time.monotonic() - t < 5
+    assert d.p.stdout.readline().decode().strip() == "SHUTDOWN clean"
+
+
+def test_drain_cancels_after_grace(start_rpctestd):
+    d = start_rpctestd("--grace-ms", 1000)
+    with grpc.insecure_channel(d.target) as ch:
+        fut = stub(ch).Sleep.future(pb.SleepRequest(ms=60000))
+        time.sleep(0.3)
+        t = time.monotonic()
+        d.signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError):
+            fut.result(timeout=20)
+    assert d.wait(10) == 0
+    assert 0.9 < time.monotonic() - t < 6 * SLOW
+    assert d.p.stdout.readline().decode().strip() == "SHUTDOWN timeout"
