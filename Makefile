@@ -214,7 +214,7 @@ UNIT_ENV := EMBER_SRCDIR=$(CURDIR)
 PYTEST_ENV := EMBER_BUILD=$(CURDIR)/$(B) EMBER_SRCDIR=$(CURDIR) EMBER_SANITIZE=$(SANITIZE) \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:log_path=$(CURDIR)/$(B)/asan \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(CURDIR)/$(B)/ubsan \
-	LSAN_OPTIONS=suppressions=$(CURDIR)/test/lsan.supp:print_suppressions=0
+	LSAN_OPTIONS=print_suppressions=0
 PYTEST_ARGS ?=
 
 check: deps
@@ -261,7 +261,7 @@ deps:
 # lint
 
 LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h test/unit/*.c test/rpc/*.c test/bench/*.c)
-TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c
+TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c
 
 lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c
 	@echo "  FORMAT   (clang-format --dry-run)"

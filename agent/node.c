@@ -26,6 +26,7 @@ struct NodeService {
 	const Config *config;
 	char node_id[SD_ID128_UUID_STRING_MAX];
 	struct timespec start_time; /* CLOCK_REALTIME */
+	time_t boot_time;           /* read once: /proc/stat is large and btime never changes */
 
 	pthread_mutex_t probe_lock;
 	time_t probed_at; /* CLOCK_MONOTONIC seconds, 0 = never */
@@ -78,6 +79,18 @@ static int node_id_load(const char *state_dir, char *ret, char **ret_error)
 	return 0;
 }
 
+static time_t read_boot_time(void)
+{
+	_cleanup_fclose_ FILE *f = fopen("/proc/stat", "re");
+	char line[256];
+	long long t;
+
+	while (f && fgets(line, sizeof(line), f))
+		if (sscanf(line, "btime %lld", &t) == 1)
+			return (time_t)t;
+	return 0;
+}
+
 int node_service_new(const Config *config, NodeService **ret, char **ret_error)
 {
 	_cleanup_(node_service_freep) NodeService *n = NULL;
@@ -89,6 +102,7 @@ int node_service_new(const Config *config, NodeService **ret, char **ret_error)
 	n->config = config;
 	pthread_mutex_init(&n->probe_lock, NULL);
 	clock_gettime(CLOCK_REALTIME, &n->start_time);
+	n->boot_time = read_boot_time();
 	r = node_id_load(config->state_dir, n->node_id, ret_error);
 	if (r < 0)
 		return r;
@@ -143,18 +157,6 @@ static void read_meminfo(uint64_t *total, uint64_t *available)
 		else if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
 			*available = kb * 1024;
 	}
-}
-
-static time_t read_boot_time(void)
-{
-	_cleanup_fclose_ FILE *f = fopen("/proc/stat", "re");
-	char line[256];
-	long long t;
-
-	while (f && fgets(line, sizeof(line), f))
-		if (sscanf(line, "btime %lld", &t) == 1)
-			return (time_t)t;
-	return 0;
 }
 
 static void fill_probe(Ember__V1__Probe *p, ProbeResult *r)
@@ -220,7 +222,7 @@ static RpcCode get_node(RpcCall *call, const ProtobufCMessage *request, void *us
 	start.seconds = n->start_time.tv_sec;
 	start.nanos = (int32_t)n->start_time.tv_nsec;
 	info.start_time = &start;
-	boot.seconds = read_boot_time();
+	boot.seconds = n->boot_time;
 	if (boot.seconds > 0)
 		info.boot_time = &boot;
 	info.sandbox_count = 0; /* no sandboxes until the lifecycle lands */

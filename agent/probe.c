@@ -169,14 +169,17 @@ static int run_version(const char *path, int timeout_ms, char *buf, size_t size)
 	size_t len = 0;
 	pid_t pid;
 	char *argv[] = {(char *)path, (char *)"--version", NULL};
+	char *envp[] = {NULL}; /* the version does not depend on our environment */
 
+	if (!path || size == 0)
+		return -EINVAL;
 	if (pipe2(pipefd, O_CLOEXEC) < 0)
 		return -errno;
 	posix_spawn_file_actions_init(&fa);
 	posix_spawn_file_actions_adddup2(&fa, pipefd[1], STDOUT_FILENO);
 	posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
 	posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-	r = -posix_spawn(&pid, path, &fa, NULL, argv, environ);
+	r = -posix_spawn(&pid, path, &fa, NULL, argv, envp);
 	posix_spawn_file_actions_destroy(&fa);
 	close(pipefd[1]);
 	if (r < 0) {
@@ -221,7 +224,7 @@ static int run_version(const char *path, int timeout_ms, char *buf, size_t size)
 void probe_firecracker(const char *bin, ProbeResult *ret)
 {
 	_cleanup_free_ char *path = NULL;
-	char line[128];
+	char line[128] = "";
 	int r;
 
 	r = find_program(bin, &path);

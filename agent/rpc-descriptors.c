@@ -266,18 +266,16 @@ const RpcDescMethod *rpc_desc_find_method(const RpcDescIndex *idx, const char *s
                                           const char *method)
 {
 	_cleanup_free_ char *full = NULL;
-	RpcDescMethod key;
-
 	if (idx->n_methods == 0 || asprintf(&full, "%s.%s", service, method) < 0)
 		return NULL;
-	key.name = full;
+	RpcDescMethod key = {.name = full};
 	return bsearch(&key, idx->methods, idx->n_methods, sizeof(*idx->methods), cmp_method);
 }
 
 int rpc_desc_closure(const RpcDescIndex *idx, const RpcDescFile *file, const RpcDescFile ***ret)
 {
 	/* Breadth-first over imports; `seen` keeps each file once even with diamond imports. */
-	_cleanup_free_ const RpcDescFile **out = calloc(idx->n_files, sizeof(*out));
+	_cleanup_free_ const RpcDescFile **out = calloc(idx->n_files, sizeof(const RpcDescFile *));
 	_cleanup_free_ bool *seen = calloc(idx->n_files, sizeof(bool));
 	size_t n = 0;
 

@@ -57,7 +57,7 @@ static int answer(RpcCall *call, Request *req)
 	case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_LIST_SERVICES: {
 		size_t n = rpc_server_n_services(s);
 		svcs = calloc(n ?: 1, sizeof(*svcs));
-		svc_ptrs = calloc(n ?: 1, sizeof(*svc_ptrs));
+		svc_ptrs = calloc(n ?: 1, sizeof(Grpc__Reflection__V1__ServiceResponse *));
 		if (!svcs || !svc_ptrs)
 			return -ENOMEM;
 		for (size_t i = 0; i < n; i++) {

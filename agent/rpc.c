@@ -210,9 +210,7 @@ static void cond_init_monotonic(pthread_cond_t *c)
 
 static void grpc_log_to_ember(gpr_log_func_args *a)
 {
-	int level = a->severity == GPR_LOG_SEVERITY_ERROR  ? LOG_WARNING
-	            : a->severity == GPR_LOG_SEVERITY_INFO ? LOG_DEBUG
-	                                                   : LOG_DEBUG;
+	int level = a->severity == GPR_LOG_SEVERITY_ERROR ? LOG_WARNING : LOG_DEBUG;
 	log_struct(level, 0, LOG_FIELDS({"GRPC_FILE", a->file}), "grpc: %s", a->message);
 }
 
@@ -458,11 +456,11 @@ static RpcCall *call_new(RpcServer *s, RpcMethod *m, const char *path, grpc_call
  * disconnects become visible (grpc-core.md). */
 static int call_watch_close(RpcCall *c)
 {
-	grpc_op op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
+	grpc_op close_op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
 
-	op.data.recv_close_on_server.cancelled = &c->cancelled_flag;
+	close_op.data.recv_close_on_server.cancelled = &c->cancelled_flag;
 	call_ref(c);
-	if (grpc_call_start_batch(c->call, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
+	if (grpc_call_start_batch(c->call, &close_op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
 		atomic_fetch_sub(&c->ref, 1);
 		pthread_mutex_lock(&c->mu);
 		call_kill_locked(c);
@@ -526,7 +524,7 @@ static void *worker_main(void *p)
 		if (s->pool_stopping)
 			break;
 		s->n_idle++;
-		struct timespec ts = abs_timeout(WORKER_IDLE_EXIT_SEC * 1000);
+		struct timespec ts = abs_timeout((int64_t)WORKER_IDLE_EXIT_SEC * 1000);
 		int r = pthread_cond_timedwait(&s->cond, &s->mu, &ts);
 		s->n_idle--;
 		if (r == ETIMEDOUT && !s->jobs_head && s->n_threads > 1)
@@ -1227,7 +1225,7 @@ int rpc_call_send(RpcCall *c, const ProtobufCMessage *msg)
 
 int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
 {
-	grpc_op op = {.op = GRPC_OP_RECV_MESSAGE};
+	grpc_op recv_op = {.op = GRPC_OP_RECV_MESSAGE};
 	grpc_byte_buffer *buf;
 	grpc_byte_buffer_reader reader;
 	grpc_slice slice;
@@ -1245,10 +1243,10 @@ int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
 		pthread_mutex_unlock(&c->mu);
 		return -ECANCELED;
 	}
-	op.data.recv_message.recv_message = &c->recv_buf;
+	recv_op.data.recv_message.recv_message = &c->recv_buf;
 	call_ref(c);
 	c->recv_in_flight = true;
-	if (grpc_call_start_batch(c->call, &op, 1, &c->recv_tag, NULL) != GRPC_CALL_OK) {
+	if (grpc_call_start_batch(c->call, &recv_op, 1, &c->recv_tag, NULL) != GRPC_CALL_OK) {
 		c->recv_in_flight = false;
 		atomic_fetch_sub(&c->ref, 1);
 		pthread_mutex_unlock(&c->mu);

@@ -106,16 +106,13 @@ int write_file_atomic(const char *path, const void *data, size_t size, mode_t mo
 		return r;
 	}
 	/* The rename is durable only once the directory is synced. */
-	dir = strdup(path);
+	const char *slash = strrchr(path, '/');
+	if (!slash)
+		dir = strdup(".");
+	else
+		dir = strndup(path, slash == path ? 1 : (size_t)(slash - path));
 	if (!dir)
 		return -ENOMEM;
-	char *slash = strrchr(dir, '/');
-	if (slash == dir)
-		slash[1] = 0;
-	else if (slash)
-		*slash = 0;
-	else
-		strcpy(dir, ".");
 	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (dfd >= 0)
 		(void)fsync(dfd);

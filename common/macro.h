@@ -64,13 +64,16 @@ static inline void fclosep(FILE **f)
 #define _cleanup_fclose_ _cleanup_(fclosep)
 
 /* Defines a cleanup helper for a pointer type: DEFINE_POINTER_CLEANUP(Foo, foo_free) makes
- * foo_freep(), usable as _cleanup_(foo_freep). */
+ * foo_freep(), usable as _cleanup_(foo_freep). `type` is a type name: it cannot be put in
+ * parentheses. */
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define DEFINE_POINTER_CLEANUP(type, func)                                                         \
 	static inline void func##p(type **p)                                                       \
 	{                                                                                          \
 		if (*p)                                                                            \
 			func(*p);                                                                  \
 	}
+// NOLINTEND(bugprone-macro-parentheses)
 
 /* errno as a negative value, never 0: for paths where a libc call "failed" without setting it. */
 static inline int negative_errno(void)

@@ -96,12 +96,20 @@ def workdir():
 
 @pytest.fixture
 def procs():
+    """Daemons started by the test. At teardown the ones still running get SIGTERM, so that
+    they shut down the normal way (and, under SANITIZE=1, LeakSanitizer checks them); one that
+    does not exit in time is killed and fails the test."""
     started = []
     yield started
+    stuck = []
     for p in started:
         if p.alive():
-            p.signal(signal.SIGKILL)
-            p.wait(10)
+            p.signal(signal.SIGTERM)
+            if p.wait(30) is None:
+                p.signal(signal.SIGKILL)
+                p.wait(10)
+                stuck.append(f"{p.argv[0]} (pid {p.pid}) ignored SIGTERM for 30s")
+    assert not stuck, stuck
 
 
 def health_serving(target, service=""):
