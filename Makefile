@@ -117,10 +117,15 @@ AGENT_LIB_OBJS := $(AGENT_LIB_SRCS:%.c=$(B)/%.o)
 
 ALL_SRCS := $(COMMON_SRCS) $(AGENT_SRCS)
 
+# Lower modules may log at debug level only (common/log.h hides the other levels under
+# LOG_DEBUG_ONLY): the agent decides what is logged, once (DESIGN.md §2).
+LOWER_MODULES := common storage netns fcctl
+$(foreach m,$(LOWER_MODULES),$(eval $(B)/$(m)/%.o: MODULE_CPPFLAGS := -DLOG_DEBUG_ONLY))
+
 $(B)/%.o: %.c $(B)/proto/.stamp-c
 	@mkdir -p $(@D)
 	@echo "  CC       $@"
-	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(MODULE_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
 
 $(B)/libcommon.a: $(COMMON_OBJS)
 	@echo "  AR       $@"
@@ -264,6 +269,9 @@ LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h test/unit/*.c test/rpc/
 TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c
 
 lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c
+	@echo "  LAYERS   (lower modules include neither agent/ nor generated headers)"
+	$(Q)bad=$$(grep -nE '#include "(agent/|.*\.pb-c\.h)' $(wildcard $(addsuffix /*.[ch],$(LOWER_MODULES))) || true); \
+		if [ -n "$$bad" ]; then echo "$$bad"; exit 1; fi
 	@echo "  FORMAT   (clang-format --dry-run)"
 	$(Q)clang-format --dry-run --Werror $(LINT_SRCS)
 	@echo "  TIDY"

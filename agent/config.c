@@ -33,109 +33,109 @@ typedef struct Key {
 #define STR(field) offsetof(Config, field)
 
 static const Key keys[] = {
-        {{"agent", "state_dir", "/var/lib/ember", "an absolute path",
-          "State that survives reboots: node id, templates, sandboxes, snapshots."},
-         KEY_ABS_PATH,
-         STR(state_dir),
-         0,
-         0},
-        {{"agent", "run_dir", "/run/ember", "an absolute path",
-          "Runtime state: the API socket, per-sandbox working directories."},
-         KEY_ABS_PATH,
-         STR(run_dir),
-         0,
-         0},
-        {{"agent", "log_level", "info", "debug, info, notice, warning or err",
-          "Most verbose level logged."},
-         KEY_LOG_LEVEL,
-         STR(log_level),
-         0,
-         0},
-        {{"agent", "firecracker_bin", "firecracker",
-          "a program name (looked up in PATH) or an absolute path",
-          "The Firecracker binary (or fcsim) used to run sandboxes."},
-         KEY_PROGRAM,
-         STR(firecracker_bin),
-         0,
-         0},
+	{{"agent", "state_dir", "/var/lib/ember", "an absolute path",
+	  "State that survives reboots: node id, templates, sandboxes, snapshots."},
+	 KEY_ABS_PATH,
+	 STR(state_dir),
+	 0,
+	 0},
+	{{"agent", "run_dir", "/run/ember", "an absolute path",
+	  "Runtime state: the API socket, per-sandbox working directories."},
+	 KEY_ABS_PATH,
+	 STR(run_dir),
+	 0,
+	 0},
+	{{"agent", "log_level", "info", "debug, info, notice, warning or err",
+	  "Most verbose level logged."},
+	 KEY_LOG_LEVEL,
+	 STR(log_level),
+	 0,
+	 0},
+	{{"agent", "firecracker_bin", "firecracker",
+	  "a program name (looked up in PATH) or an absolute path",
+	  "The Firecracker binary (or fcsim) used to run sandboxes."},
+	 KEY_PROGRAM,
+	 STR(firecracker_bin),
+	 0,
+	 0},
 
-        {{"api", "socket", "", "empty (meaning <run_dir>/ember.sock) or an absolute path",
-          "gRPC unix socket, mode 0600, guarded by <socket>.lock."},
-         KEY_OPT_ABS_PATH,
-         STR(socket),
-         0,
-         0},
-        {{"api", "tcp_listen", "", "empty (no TCP listener) or HOST:PORT, e.g. 0.0.0.0:7070",
-          "Optional TCP listener. Requires tls_cert, tls_key and tls_client_ca (mutual TLS) "
-          "unless insecure_tcp = true."},
-         KEY_LISTEN_ADDR,
-         STR(tcp_listen),
-         0,
-         0},
-        {{"api", "tls_cert", "", "empty or an absolute path to a PEM file",
-          "Server certificate chain for tcp_listen."},
-         KEY_OPT_ABS_PATH,
-         STR(tls_cert),
-         0,
-         0},
-        {{"api", "tls_key", "", "empty or an absolute path to a PEM file",
-          "Private key of tls_cert."},
-         KEY_OPT_ABS_PATH,
-         STR(tls_key),
-         0,
-         0},
-        {{"api", "tls_client_ca", "", "empty or an absolute path to a PEM file",
-          "CA bundle client certificates must chain to; clients without one are refused."},
-         KEY_OPT_ABS_PATH,
-         STR(tls_client_ca),
-         0,
-         0},
-        {{"api", "insecure_tcp", "false", "true or false",
-          "Serve tcp_listen in plaintext without client authentication. Anyone who can reach "
-          "the port controls the node: for isolated test networks only."},
-         KEY_BOOL,
-         STR(insecure_tcp),
-         0,
-         0},
-        {{"api", "max_message_mib", "16", "a whole number from 1 to 1024",
-          "Largest gRPC message accepted or sent, in MiB (gRPC's default is 4)."},
-         KEY_UINT,
-         STR(max_message_mib),
-         1,
-         1024},
-        {{"api", "keepalive_time_s", "30", "a whole number from 1 to 86400",
-          "The server pings each connection after this many idle seconds, so a vanished "
-          "scheduler is noticed."},
-         KEY_UINT,
-         STR(keepalive_time_s),
-         1,
-         86400},
-        {{"api", "keepalive_timeout_s", "10", "a whole number from 1 to 3600",
-          "A connection whose ping is not answered within this many seconds is closed."},
-         KEY_UINT,
-         STR(keepalive_timeout_s),
-         1,
-         3600},
-        {{"api", "min_ping_interval_s", "10", "a whole number from 1 to 3600",
-          "Clients may send keepalive pings this often (seconds) without being disconnected "
-          "with GOAWAY too_many_pings; set client keepalive_time at or above it."},
-         KEY_UINT,
-         STR(min_ping_interval_s),
-         1,
-         3600},
-        {{"api", "max_concurrent_calls", "256", "a whole number from 1 to 4096",
-          "Calls handled at once (each holds a worker thread); more get RESOURCE_EXHAUSTED."},
-         KEY_UINT,
-         STR(max_concurrent_calls),
-         1,
-         4096},
-        {{"api", "shutdown_grace_s", "15", "a whole number from 0 to 3600",
-          "On SIGTERM, calls in flight get this many seconds to finish before they are "
-          "cancelled. Keep it below systemd's TimeoutStopSec."},
-         KEY_UINT,
-         STR(shutdown_grace_s),
-         0,
-         3600},
+	{{"api", "socket", "", "empty (meaning <run_dir>/ember.sock) or an absolute path",
+	  "gRPC unix socket, mode 0600, guarded by <socket>.lock."},
+	 KEY_OPT_ABS_PATH,
+	 STR(socket),
+	 0,
+	 0},
+	{{"api", "tcp_listen", "", "empty (no TCP listener) or HOST:PORT, e.g. 0.0.0.0:7070",
+	  "Optional TCP listener. Requires tls_cert, tls_key and tls_client_ca (mutual TLS) "
+	  "unless insecure_tcp = true."},
+	 KEY_LISTEN_ADDR,
+	 STR(tcp_listen),
+	 0,
+	 0},
+	{{"api", "tls_cert", "", "empty or an absolute path to a PEM file",
+	  "Server certificate chain for tcp_listen."},
+	 KEY_OPT_ABS_PATH,
+	 STR(tls_cert),
+	 0,
+	 0},
+	{{"api", "tls_key", "", "empty or an absolute path to a PEM file",
+	  "Private key of tls_cert."},
+	 KEY_OPT_ABS_PATH,
+	 STR(tls_key),
+	 0,
+	 0},
+	{{"api", "tls_client_ca", "", "empty or an absolute path to a PEM file",
+	  "CA bundle client certificates must chain to; clients without one are refused."},
+	 KEY_OPT_ABS_PATH,
+	 STR(tls_client_ca),
+	 0,
+	 0},
+	{{"api", "insecure_tcp", "false", "true or false",
+	  "Serve tcp_listen in plaintext without client authentication. Anyone who can reach "
+	  "the port controls the node: for isolated test networks only."},
+	 KEY_BOOL,
+	 STR(insecure_tcp),
+	 0,
+	 0},
+	{{"api", "max_message_mib", "16", "a whole number from 1 to 1024",
+	  "Largest gRPC message accepted or sent, in MiB (gRPC's default is 4)."},
+	 KEY_UINT,
+	 STR(max_message_mib),
+	 1,
+	 1024},
+	{{"api", "keepalive_time_s", "30", "a whole number from 1 to 86400",
+	  "The server pings each connection after this many idle seconds, so a vanished "
+	  "scheduler is noticed."},
+	 KEY_UINT,
+	 STR(keepalive_time_s),
+	 1,
+	 86400},
+	{{"api", "keepalive_timeout_s", "10", "a whole number from 1 to 3600",
+	  "A connection whose ping is not answered within this many seconds is closed."},
+	 KEY_UINT,
+	 STR(keepalive_timeout_s),
+	 1,
+	 3600},
+	{{"api", "min_ping_interval_s", "10", "a whole number from 1 to 3600",
+	  "Clients may send keepalive pings this often (seconds) without being disconnected "
+	  "with GOAWAY too_many_pings; set client keepalive_time at or above it."},
+	 KEY_UINT,
+	 STR(min_ping_interval_s),
+	 1,
+	 3600},
+	{{"api", "max_concurrent_calls", "256", "a whole number from 1 to 4096",
+	  "Calls handled at once (each holds a worker thread); more get RESOURCE_EXHAUSTED."},
+	 KEY_UINT,
+	 STR(max_concurrent_calls),
+	 1,
+	 4096},
+	{{"api", "shutdown_grace_s", "15", "a whole number from 0 to 3600",
+	  "On SIGTERM, calls in flight get this many seconds to finish before they are "
+	  "cancelled. Keep it below systemd's TimeoutStopSec."},
+	 KEY_UINT,
+	 STR(shutdown_grace_s),
+	 0,
+	 3600},
 };
 
 static const Key *key_find(const char *section, const char *key)
@@ -237,16 +237,16 @@ int config_set(Config *c, const char *section, const char *key, const char *valu
 			section_known = section_known || strcmp(keys[i].info.section, section) == 0;
 		if (!section_known)
 			return errorf(ret_error, -ENOENT,
-			              "unknown section [%s]; known sections are [agent] and [api]",
-			              section);
+				      "unknown section [%s]; known sections are [agent] and [api]",
+				      section);
 		char known[512] = "";
 		size_t len = 0;
 		for (size_t i = 0; i < ELEMENTSOF(keys) && len < sizeof(known); i++)
 			if (strcmp(keys[i].info.section, section) == 0)
 				len += (size_t)snprintf(known + len, sizeof(known) - len, "%s%s",
-				                        len ? ", " : "", keys[i].info.key);
+							len ? ", " : "", keys[i].info.key);
 		return errorf(ret_error, -ENOENT, "unknown key [%s] %s; keys of [%s] are: %s",
-		              section, key, section, known);
+			      section, key, section, known);
 	}
 	field = (char *)c + k->offset;
 
@@ -255,8 +255,8 @@ int config_set(Config *c, const char *section, const char *key, const char *valu
 	for (const char *p = value; *p; p++)
 		if ((unsigned char)*p < 0x20 || *p == 0x7f)
 			return errorf(ret_error, -EINVAL,
-			              "[%s] %s: the value contains a control character", section,
-			              key);
+				      "[%s] %s: the value contains a control character", section,
+				      key);
 
 #define BAD(...)                                                                                   \
 	errorf(ret_error, -EINVAL, "[%s] %s = \"%s\": expected %s", section, key, value,           \
@@ -310,7 +310,7 @@ int config_init(Config *c)
 	*c = (Config){};
 	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
 		int r = config_set(c, keys[i].info.section, keys[i].info.key,
-		                   keys[i].info.default_value, NULL);
+				   keys[i].info.default_value, NULL);
 		if (r < 0) {
 			config_free(c);
 			return r;
@@ -370,7 +370,7 @@ static char *read_line(char *str, int num, void *stream)
 	if (len == (size_t)num - 1 && s[len - 1] != '\n' && !feof(ctx->file)) {
 		char *m;
 		if (asprintf(&m, "%s:%d: line longer than %d bytes", ctx->path, ctx->lineno,
-		             num - 2) < 0)
+			     num - 2) < 0)
 			m = NULL;
 		load_fail(ctx, -E2BIG, m);
 		return NULL;
@@ -411,11 +411,11 @@ int config_load_file(Config *c, const char *path, bool must_exist, char **ret_er
 		if (errno == ENOENT && !must_exist)
 			return 0;
 		return errorf(ret_error, -errno, "cannot read config file %s: %s", path,
-		              strerror(errno));
+			      strerror(errno));
 	}
 	if (fstat(fileno(f), &st) < 0)
 		return errorf(ret_error, -errno, "cannot stat config file %s: %s", path,
-		              strerror(errno));
+			      strerror(errno));
 	/* /dev/null is a fine "no settings"; a directory is a mistake. */
 	if (!S_ISREG(st.st_mode) && !S_ISCHR(st.st_mode) && !S_ISFIFO(st.st_mode))
 		return errorf(ret_error, -EISDIR, "config file %s is not a regular file", path);
@@ -430,8 +430,8 @@ int config_load_file(Config *c, const char *path, bool must_exist, char **ret_er
 	if (line != 0 && (ctx.r >= 0 || line < ctx.error_line)) {
 		free(ctx.error);
 		return errorf(ret_error, -EINVAL,
-		              "%s:%d: syntax error (expected [section] or key = value)", path,
-		              line);
+			      "%s:%d: syntax error (expected [section] or key = value)", path,
+			      line);
 	}
 	if (ctx.r < 0) {
 		if (ret_error)
@@ -449,7 +449,7 @@ static int check_readable(const char *key, const char *path, char **ret_error)
 {
 	if (access(path, R_OK) < 0)
 		return errorf(ret_error, -errno, "[api] %s = \"%s\": cannot read it: %s", key, path,
-		              strerror(errno));
+			      strerror(errno));
 	return 0;
 }
 
@@ -467,28 +467,28 @@ int config_finish(Config *c, char **ret_error)
 	/* sun_path is 108 bytes including the NUL; the lock file name needs room too. */
 	if (strlen(c->socket) > 100)
 		return errorf(ret_error, -ENAMETOOLONG,
-		              "[api] socket = \"%s\": expected a path of at most 100 bytes (unix "
-		              "socket addresses are limited to 108)",
-		              c->socket);
+			      "[api] socket = \"%s\": expected a path of at most 100 bytes (unix "
+			      "socket addresses are limited to 108)",
+			      c->socket);
 
 	bool any_tls = c->tls_cert[0] || c->tls_key[0] || c->tls_client_ca[0];
 	bool all_tls = c->tls_cert[0] && c->tls_key[0] && c->tls_client_ca[0];
 	if (any_tls && !all_tls)
 		return errorf(ret_error, -EINVAL,
-		              "[api] tls_cert, tls_key and tls_client_ca must be set together "
-		              "(mutual TLS needs all three)");
+			      "[api] tls_cert, tls_key and tls_client_ca must be set together "
+			      "(mutual TLS needs all three)");
 	if (c->tcp_listen[0]) {
 		if (c->insecure_tcp && any_tls)
 			return errorf(ret_error, -EINVAL,
-			              "[api] insecure_tcp = true together with TLS files: choose "
-			              "one");
+				      "[api] insecure_tcp = true together with TLS files: choose "
+				      "one");
 		if (!c->insecure_tcp && !all_tls)
 			return errorf(
-			        ret_error, -EINVAL,
-			        "[api] tcp_listen = \"%s\" needs tls_cert, tls_key and "
-			        "tls_client_ca (clients must present a certificate), or "
-			        "insecure_tcp = true to serve plaintext without authentication",
-			        c->tcp_listen);
+				ret_error, -EINVAL,
+				"[api] tcp_listen = \"%s\" needs tls_cert, tls_key and "
+				"tls_client_ca (clients must present a certificate), or "
+				"insecure_tcp = true to serve plaintext without authentication",
+				c->tcp_listen);
 		if (all_tls) {
 			if ((r = check_readable("tls_cert", c->tls_cert, ret_error)) < 0 ||
 			    (r = check_readable("tls_key", c->tls_key, ret_error)) < 0 ||
@@ -514,11 +514,11 @@ void config_dump(const Config *c, FILE *f)
 		switch (k->type) {
 		case KEY_LOG_LEVEL:
 			fprintf(f, "%s = %s\n", k->info.key,
-			        log_level_to_string(*(const int *)field));
+				log_level_to_string(*(const int *)field));
 			break;
 		case KEY_BOOL:
 			fprintf(f, "%s = %s\n", k->info.key,
-			        *(const bool *)field ? "true" : "false");
+				*(const bool *)field ? "true" : "false");
 			break;
 		case KEY_UINT:
 			fprintf(f, "%s = %u\n", k->info.key, *(const unsigned *)field);

@@ -52,7 +52,7 @@ void config_free(Config *c);
 /* Sets one key from its text form, validated. On failure *ret_error says which key, the value
  * and what is allowed (caller frees). */
 int config_set(Config *c, const char *section, const char *key, const char *value,
-               char **ret_error);
+	       char **ret_error);
 
 /* Loads an ini file over the current values. must_exist=false: a missing file is fine. */
 int config_load_file(Config *c, const char *path, bool must_exist, char **ret_error);

@@ -24,6 +24,7 @@
 #include "common/macro.h"
 #include "config.h"
 #include "descriptor-set.h"
+#include "messages.h"
 #include "node.h"
 #include "rpc.h"
 
@@ -75,7 +76,7 @@ enum {
 };
 
 static void add_override(Args *a, const char *section, const char *key, const char *value,
-                         const char *option)
+			 const char *option)
 {
 	if (a->n_overrides < ELEMENTSOF(a->overrides))
 		a->overrides[a->n_overrides++] = (Override){section, key, value, option};
@@ -85,15 +86,15 @@ static void add_override(Args *a, const char *section, const char *key, const ch
 static int parse_argv(int argc, char *argv[], Args *a)
 {
 	static const struct option options[] = {
-	        {"config", required_argument, NULL, 'c'},
-	        {"listen", required_argument, NULL, 'l'},
-	        {"state-dir", required_argument, NULL, ARG_STATE_DIR},
-	        {"run-dir", required_argument, NULL, ARG_RUN_DIR},
-	        {"log-level", required_argument, NULL, ARG_LOG_LEVEL},
-	        {"dump-config", no_argument, NULL, ARG_DUMP_CONFIG},
-	        {"help", no_argument, NULL, 'h'},
-	        {"version", no_argument, NULL, 'V'},
-	        {},
+		{"config", required_argument, NULL, 'c'},
+		{"listen", required_argument, NULL, 'l'},
+		{"state-dir", required_argument, NULL, ARG_STATE_DIR},
+		{"run-dir", required_argument, NULL, ARG_RUN_DIR},
+		{"log-level", required_argument, NULL, ARG_LOG_LEVEL},
+		{"dump-config", no_argument, NULL, ARG_DUMP_CONFIG},
+		{"help", no_argument, NULL, 'h'},
+		{"version", no_argument, NULL, 'V'},
+		{},
 	};
 	int c;
 
@@ -150,7 +151,7 @@ static int load_config(const Args *a, Config *c)
 		return r;
 	}
 	r = config_load_file(c, a->config_file ?: CONFIG_DEFAULT_FILE, a->config_file != NULL,
-	                     &err);
+			     &err);
 	if (r < 0)
 		goto fail;
 	for (size_t i = 0; i < a->n_overrides; i++) {
@@ -183,8 +184,8 @@ static int take_lock(const char *path, const char *what)
 	if (fd == -EBUSY) {
 		if (holder > 0)
 			log_error("another emberd (pid %d) is already using %s (lock %s held); "
-			          "stop it first or choose another --run-dir/--state-dir",
-			          (int)holder, what, path);
+				  "stop it first or choose another --run-dir/--state-dir",
+				  (int)holder, what, path);
 		else
 			log_error("another emberd is already using %s (lock %s held)", what, path);
 		return -EBUSY;
@@ -218,15 +219,18 @@ static int main_loop(RpcServer *server, const sigset_t *mask)
 		if (wait_us > 1000000)
 			wait_us = 1000000;
 		struct timespec ts = {.tv_sec = (time_t)(wait_us / 1000000),
-		                      .tv_nsec = (long)(wait_us % 1000000) * 1000};
+				      .tv_nsec = (long)(wait_us % 1000000) * 1000};
 		int sig = sigtimedwait(mask, NULL, &ts);
 		if (sig == SIGTERM || sig == SIGINT) {
-			log_info("received %s, shutting down", strsignal(sig));
+			log_struct(LOG_INFO, 0,
+				   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_DRAINING},
+					      {"OP", "shutdown"}),
+				   "received %s, shutting down", strsignal(sig));
 			return sig;
 		}
 		if (sig == SIGHUP)
 			log_notice("SIGHUP: configuration reload is not supported; restart emberd "
-			           "to apply changes");
+				   "to apply changes");
 		if (watchdog) {
 			/* A stuck poller means no call can be served: let systemd restart us. */
 			uint64_t age = now_usec() - rpc_server_heartbeat_usec(server);
@@ -234,8 +238,8 @@ static int main_loop(RpcServer *server, const sigset_t *mask)
 				sd_notify(false, "WATCHDOG=1");
 			else
 				log_warning(
-				        "gRPC poller silent for %llus; not pinging the watchdog",
-				        (unsigned long long)(age / 1000000));
+					"gRPC poller silent for %llus; not pinging the watchdog",
+					(unsigned long long)(age / 1000000));
 		}
 	}
 }
@@ -254,7 +258,7 @@ static void drain(RpcServer *server, unsigned grace_s, const sigset_t *mask)
 		break;
 	case -ETIMEDOUT:
 		log_warning("grace period of %us over: calls still in flight were cancelled",
-		            grace_s);
+			    grace_s);
 		break;
 	default:
 		log_warning("some handlers did not return within 5 s of cancellation");
@@ -310,14 +314,14 @@ static int run(const Config *c)
 		return log_error_errno(r, "%s", err ?: "cannot set up the node service");
 
 	RpcServerOptions opts = {
-	        .descriptor_set = ember_descriptor_set,
-	        .descriptor_set_size = ember_descriptor_set_size,
-	        .max_message_bytes = (size_t)c->max_message_mib << 20,
-	        .keepalive_time_ms = c->keepalive_time_s * 1000,
-	        .keepalive_timeout_ms = c->keepalive_timeout_s * 1000,
-	        .min_ping_interval_ms = c->min_ping_interval_s * 1000,
-	        .max_concurrent_calls = c->max_concurrent_calls,
-	        .version = EMBER_VERSION,
+		.descriptor_set = ember_descriptor_set,
+		.descriptor_set_size = ember_descriptor_set_size,
+		.max_message_bytes = (size_t)c->max_message_mib << 20,
+		.keepalive_time_ms = c->keepalive_time_s * 1000,
+		.keepalive_timeout_ms = c->keepalive_timeout_s * 1000,
+		.min_ping_interval_ms = c->min_ping_interval_s * 1000,
+		.max_concurrent_calls = c->max_concurrent_calls,
+		.version = EMBER_VERSION,
 	};
 	r = rpc_server_new(&opts, &server);
 	if (r < 0)
@@ -329,29 +333,29 @@ static int run(const Config *c)
 	r = rpc_server_listen_unix(server, c->socket, 0600);
 	if (r == -EADDRNOTAVAIL)
 		return log_error_errno(r,
-		                       "cannot listen on unix:%s: gRPC could not bind it "
-		                       "(its reason is logged above)",
-		                       c->socket);
+				       "cannot listen on unix:%s: gRPC could not bind it "
+				       "(its reason is logged above)",
+				       c->socket);
 	if (r < 0)
 		return log_error_errno(r, "cannot listen on unix:%s", c->socket);
 	int tcp_port = 0;
 	if (c->tcp_listen[0]) {
 		RpcTlsFiles tls = {c->tls_cert, c->tls_key, c->tls_client_ca};
 		tcp_port =
-		        rpc_server_listen_tcp(server, c->tcp_listen, c->insecure_tcp ? NULL : &tls);
+			rpc_server_listen_tcp(server, c->tcp_listen, c->insecure_tcp ? NULL : &tls);
 		if (tcp_port == -EADDRNOTAVAIL)
 			return log_error_errno(
-			        tcp_port,
-			        "cannot listen on %s: address in use or not an "
-			        "address of this host (gRPC's reason is logged above)",
-			        c->tcp_listen);
+				tcp_port,
+				"cannot listen on %s: address in use or not an "
+				"address of this host (gRPC's reason is logged above)",
+				c->tcp_listen);
 		if (tcp_port < 0)
 			return log_error_errno(tcp_port, "cannot listen on %s", c->tcp_listen);
 		if (c->insecure_tcp)
 			log_warning(
-			        "TCP listener %s is plaintext without authentication "
-			        "(insecure_tcp = true): anyone who reaches it controls this node",
-			        c->tcp_listen);
+				"TCP listener %s is plaintext without authentication "
+				"(insecure_tcp = true): anyone who reaches it controls this node",
+				c->tcp_listen);
 	}
 	r = rpc_server_start(server);
 	if (r < 0)
@@ -361,20 +365,28 @@ static int run(const Config *c)
 	 * (reclaim, adopting sandboxes) goes between start and SERVING. */
 	rpc_server_set_state(server, RPC_SERVER_SERVING);
 	if (tcp_port > 0)
-		log_info("emberd %s (node %s) listening on unix:%s and %s (port %d, %s)",
-		         EMBER_VERSION, node_service_id(node), c->socket, c->tcp_listen, tcp_port,
-		         c->insecure_tcp ? "plaintext" : "mutual TLS");
+		log_struct(LOG_INFO, 0,
+			   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_STARTED}, {"OP", "start"},
+				      {"NODE_ID", node_service_id(node)}),
+			   "emberd %s (node %s) listening on unix:%s and %s (port %d, %s)",
+			   EMBER_VERSION, node_service_id(node), c->socket, c->tcp_listen, tcp_port,
+			   c->insecure_tcp ? "plaintext" : "mutual TLS");
 	else
-		log_info("emberd %s (node %s) listening on unix:%s", EMBER_VERSION,
-		         node_service_id(node), c->socket);
+		log_struct(LOG_INFO, 0,
+			   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_STARTED}, {"OP", "start"},
+				      {"NODE_ID", node_service_id(node)}),
+			   "emberd %s (node %s) listening on unix:%s", EMBER_VERSION,
+			   node_service_id(node), c->socket);
 	sd_notifyf(false, "READY=1\nSTATUS=Serving on unix:%s%s%s", c->socket,
-	           c->tcp_listen[0] ? " and " : "", c->tcp_listen);
+		   c->tcp_listen[0] ? " and " : "", c->tcp_listen);
 
 	main_loop(server, &mask);
 	drain(server, c->shutdown_grace_s, &mask);
 	rpc_server_free(TAKE_PTR(server));
 	(void)unlink(c->socket);
-	log_info("stopped");
+	log_struct(LOG_INFO, 0,
+		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_STOPPED}, {"OP", "shutdown"}),
+		   "stopped");
 	return 0;
 }
 

@@ -47,10 +47,10 @@ static int node_id_load(const char *state_dir, char *ret, char **ret_error)
 		/* Never replace an unreadable id silently: the scheduler knows the node by it. */
 		if (sd_id128_from_string(text, &id) < 0) {
 			if (asprintf(
-			            ret_error,
-			            "%s holds \"%s\", which is not a UUID; fix or remove it (a new "
-			            "id is then generated and the scheduler sees a new node)",
-			            path, text) < 0)
+				    ret_error,
+				    "%s holds \"%s\", which is not a UUID; fix or remove it (a new "
+				    "id is then generated and the scheduler sees a new node)",
+				    path, text) < 0)
 				*ret_error = NULL;
 			return -EINVAL;
 		}
@@ -235,8 +235,8 @@ static RpcCode get_node(RpcCall *call, const ProtobufCMessage *request, void *us
 int node_service_register(NodeService *n, RpcServer *s)
 {
 	static const RpcMethodHandler handlers[] = {
-	        {"GetNode", get_node},
+		{"GetNode", get_node},
 	};
 	return rpc_server_add_service(s, &ember__v1__node__descriptor, handlers,
-	                              ELEMENTSOF(handlers), n);
+				      ELEMENTSOF(handlers), n);
 }

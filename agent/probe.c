@@ -22,7 +22,7 @@
 #include "common/macro.h"
 
 static void set(ProbeResult *r, bool available, const char *version, const char *format, ...)
-        _printf_(4, 5);
+	_printf_(4, 5);
 static void set(ProbeResult *r, bool available, const char *version, const char *format, ...)
 {
 	va_list ap;
@@ -74,8 +74,8 @@ void probe_device_mapper(ProbeResult *ret)
 {
 	_cleanup_close_ int fd = -EBADF;
 	struct dm_ioctl io = {
-	        .version = {DM_VERSION_MAJOR, 0, 0},
-	        .data_size = sizeof(io),
+		.version = {DM_VERSION_MAJOR, 0, 0},
+		.data_size = sizeof(io),
 	};
 	char v[32];
 
@@ -192,7 +192,7 @@ static int run_version(const char *path, int timeout_ms, char *buf, size_t size)
 	for (;;) {
 		clock_gettime(CLOCK_MONOTONIC, &now);
 		long left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 +
-		                          (now.tv_nsec - start.tv_nsec) / 1000000);
+					  (now.tv_nsec - start.tv_nsec) / 1000000);
 		if (left <= 0) {
 			r = -ETIMEDOUT;
 			break;
@@ -243,7 +243,7 @@ void probe_firecracker(const char *bin, ProbeResult *ret)
 		set(ret, false, NULL, "%s --version failed: %s", path,
 		    r == -ETIMEDOUT ? "no answer within 2 s"
 		    : r == -EPROTO  ? "non-zero exit"
-		                    : strerror(-r));
+				    : strerror(-r));
 		return;
 	}
 	/* "Firecracker v1.16.1": the version is the word starting with 'v' and a digit. */

@@ -40,7 +40,7 @@ static int add_symbol(Builder *b, const char *prefix, const char *name, size_t f
 }
 
 static int add_enum(Builder *b, const char *scope, const Google__Protobuf__EnumDescriptorProto *e,
-                    size_t file)
+		    size_t file)
 {
 	/* Enum values live in the enclosing scope, as in C++ (protobuf scoping rules). */
 	int r = add_symbol(b, scope, e->name, file);
@@ -50,7 +50,7 @@ static int add_enum(Builder *b, const char *scope, const Google__Protobuf__EnumD
 }
 
 static int add_message(Builder *b, const char *scope, const Google__Protobuf__DescriptorProto *m,
-                       size_t file)
+		       size_t file)
 {
 	_cleanup_free_ char *full = NULL;
 	int r;
@@ -77,7 +77,7 @@ static int add_message(Builder *b, const char *scope, const Google__Protobuf__De
 }
 
 static int add_service(Builder *b, const char *pkg,
-                       const Google__Protobuf__ServiceDescriptorProto *s, size_t file)
+		       const Google__Protobuf__ServiceDescriptorProto *s, size_t file)
 {
 	RpcDescIndex *idx = b->idx;
 	_cleanup_free_ char *full = NULL;
@@ -105,9 +105,9 @@ static int add_service(Builder *b, const char *pkg,
 		if (!name)
 			return -ENOMEM;
 		idx->methods[idx->n_methods++] = (RpcDescMethod){
-		        .name = name,
-		        .client_streaming = m->has_client_streaming && m->client_streaming,
-		        .server_streaming = m->has_server_streaming && m->server_streaming,
+			.name = name,
+			.client_streaming = m->has_client_streaming && m->client_streaming,
+			.server_streaming = m->has_server_streaming && m->server_streaming,
 		};
 	}
 	return 0;
@@ -263,7 +263,7 @@ const RpcDescFile *rpc_desc_find_symbol(const RpcDescIndex *idx, const char *sym
 }
 
 const RpcDescMethod *rpc_desc_find_method(const RpcDescIndex *idx, const char *service,
-                                          const char *method)
+					  const char *method)
 {
 	_cleanup_free_ char *full = NULL;
 	if (idx->n_methods == 0 || asprintf(&full, "%s.%s", service, method) < 0)

@@ -28,8 +28,8 @@ static HealthStatus current_status(RpcServer *s, const char *service)
 	if (!service_known(s, service))
 		return GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
 	return rpc_server_get_state(s) == RPC_SERVER_SERVING
-	               ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
-	               : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+		       ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+		       : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
 }
 
 static int send_status(RpcCall *call, HealthStatus st)
@@ -84,9 +84,9 @@ static RpcCode health_watch(RpcCall *call, const ProtobufCMessage *request, void
 int rpc_health_register(RpcServer *s)
 {
 	static const RpcMethodHandler handlers[] = {
-	        {"Check", health_check},
-	        {"Watch", health_watch},
+		{"Check", health_check},
+		{"Watch", health_watch},
 	};
 	return rpc_server_add_service(s, &grpc__health__v1__health__descriptor, handlers,
-	                              ELEMENTSOF(handlers), NULL);
+				      ELEMENTSOF(handlers), NULL);
 }

@@ -21,7 +21,7 @@ typedef struct RpcDescFile {
 
 typedef struct RpcDescSymbol {
 	char *name; /* fully qualified without leading dot: "ember.v1.Node", "ember.v1.Node.GetNode"
-	             */
+		     */
 	size_t file;
 } RpcDescSymbol;
 
@@ -45,7 +45,7 @@ void rpc_desc_index_free(RpcDescIndex *idx);
 const RpcDescFile *rpc_desc_find_file(const RpcDescIndex *idx, const char *name);
 const RpcDescFile *rpc_desc_find_symbol(const RpcDescIndex *idx, const char *symbol);
 const RpcDescMethod *rpc_desc_find_method(const RpcDescIndex *idx, const char *service,
-                                          const char *method);
+					  const char *method);
 /* The file and everything it imports, transitively, each once, the file itself first. Returns
  * the count; *ret is malloc'ed. */
 int rpc_desc_closure(const RpcDescIndex *idx, const RpcDescFile *file, const RpcDescFile ***ret);

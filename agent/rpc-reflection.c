@@ -21,12 +21,12 @@ typedef Grpc__Reflection__V1__ServerReflectionRequest Request;
 typedef Grpc__Reflection__V1__ServerReflectionResponse Response;
 
 static void set_error(Response *resp, Grpc__Reflection__V1__ErrorResponse *err, RpcCode code,
-                      const char *message)
+		      const char *message)
 {
 	err->error_code = (int32_t)code;
 	err->error_message = (char *)message;
 	resp->message_response_case =
-	        GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_ERROR_RESPONSE;
+		GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_ERROR_RESPONSE;
 	resp->error_response = err;
 }
 
@@ -37,11 +37,11 @@ static int answer(RpcCall *call, Request *req)
 	Response resp = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__INIT;
 	Grpc__Reflection__V1__ErrorResponse err = GRPC__REFLECTION__V1__ERROR_RESPONSE__INIT;
 	Grpc__Reflection__V1__FileDescriptorResponse files =
-	        GRPC__REFLECTION__V1__FILE_DESCRIPTOR_RESPONSE__INIT;
+		GRPC__REFLECTION__V1__FILE_DESCRIPTOR_RESPONSE__INIT;
 	Grpc__Reflection__V1__ListServiceResponse list =
-	        GRPC__REFLECTION__V1__LIST_SERVICE_RESPONSE__INIT;
+		GRPC__REFLECTION__V1__LIST_SERVICE_RESPONSE__INIT;
 	Grpc__Reflection__V1__ExtensionNumberResponse ext =
-	        GRPC__REFLECTION__V1__EXTENSION_NUMBER_RESPONSE__INIT;
+		GRPC__REFLECTION__V1__EXTENSION_NUMBER_RESPONSE__INIT;
 	_cleanup_free_ Grpc__Reflection__V1__ServiceResponse *svcs = NULL;
 	_cleanup_free_ Grpc__Reflection__V1__ServiceResponse **svc_ptrs = NULL;
 	_cleanup_free_ const RpcDescFile **closure = NULL;
@@ -68,7 +68,7 @@ static int answer(RpcCall *call, Request *req)
 		list.n_service = n;
 		list.service = svc_ptrs;
 		resp.message_response_case =
-		        GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_LIST_SERVICES_RESPONSE;
+			GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_LIST_SERVICES_RESPONSE;
 		resp.list_services_response = &list;
 		return rpc_call_send(call, &resp.base);
 	}
@@ -83,8 +83,8 @@ static int answer(RpcCall *call, Request *req)
 	case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_CONTAINING_EXTENSION:
 		/* No file in the set declares extensions of anything. */
 		if (asprintf(&msg, "no extension %d of %s is known",
-		             req->file_containing_extension->extension_number,
-		             req->file_containing_extension->containing_type ?: "") < 0)
+			     req->file_containing_extension->extension_number,
+			     req->file_containing_extension->containing_type ?: "") < 0)
 			return -ENOMEM;
 		set_error(&resp, &err, RPC_NOT_FOUND, msg);
 		return rpc_call_send(call, &resp.base);
@@ -98,7 +98,7 @@ static int answer(RpcCall *call, Request *req)
 		}
 		ext.base_type_name = req->all_extension_numbers_of_type;
 		resp.message_response_case =
-		        GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_ALL_EXTENSION_NUMBERS_RESPONSE;
+			GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_ALL_EXTENSION_NUMBERS_RESPONSE;
 		resp.all_extension_numbers_response = &ext;
 		return rpc_call_send(call, &resp.base);
 	default:
@@ -126,7 +126,7 @@ static int answer(RpcCall *call, Request *req)
 	files.n_file_descriptor_proto = (size_t)n;
 	files.file_descriptor_proto = blobs;
 	resp.message_response_case =
-	        GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_FILE_DESCRIPTOR_RESPONSE;
+		GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_FILE_DESCRIPTOR_RESPONSE;
 	resp.file_descriptor_response = &files;
 	return rpc_call_send(call, &resp.base);
 }
@@ -170,7 +170,7 @@ static RpcCode reflection_info(RpcCall *call, const ProtobufCMessage *request, v
 			return RPC_OK;
 		if (r == -EBADMSG)
 			return rpc_call_error(call, RPC_INVALID_ARGUMENT,
-			                      "reflection request does not parse");
+					      "reflection request does not parse");
 		if (r < 0)
 			return RPC_CANCELLED;
 		req = as_v1(TAKE_PTR(m));
@@ -181,19 +181,19 @@ static RpcCode reflection_info(RpcCall *call, const ProtobufCMessage *request, v
 			return RPC_CANCELLED;
 		if (r < 0)
 			return rpc_call_error(call, RPC_INTERNAL, "cannot answer: %s",
-			                      strerror(-r));
+					      strerror(-r));
 	}
 }
 
 int rpc_reflection_register(RpcServer *s)
 {
 	static const RpcMethodHandler handlers[] = {
-	        {"ServerReflectionInfo", reflection_info},
+		{"ServerReflectionInfo", reflection_info},
 	};
 	int r = rpc_server_add_service(s, &grpc__reflection__v1__server_reflection__descriptor,
-	                               handlers, ELEMENTSOF(handlers), NULL);
+				       handlers, ELEMENTSOF(handlers), NULL);
 	if (r < 0)
 		return r;
 	return rpc_server_add_service(s, &grpc__reflection__v1alpha__server_reflection__descriptor,
-	                              handlers, ELEMENTSOF(handlers), NULL);
+				      handlers, ELEMENTSOF(handlers), NULL);
 }

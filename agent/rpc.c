@@ -146,29 +146,30 @@ struct RpcServer {
 	/* worker pool */
 	RpcCall *jobs_head, *jobs_tail;
 	unsigned n_threads, n_idle, n_active;
+	unsigned n_queued; /* jobs no worker has taken yet */
 	pthread_t *exited; /* exited workers awaiting pthread_join; room for max_concurrent_calls */
 	size_t n_exited;
 	bool pool_stopping;
 };
 
 static const char *const code_names[_RPC_CODE_MAX] = {
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
+	"OK",
+	"CANCELLED",
+	"UNKNOWN",
+	"INVALID_ARGUMENT",
+	"DEADLINE_EXCEEDED",
+	"NOT_FOUND",
+	"ALREADY_EXISTS",
+	"PERMISSION_DENIED",
+	"RESOURCE_EXHAUSTED",
+	"FAILED_PRECONDITION",
+	"ABORTED",
+	"OUT_OF_RANGE",
+	"UNIMPLEMENTED",
+	"INTERNAL",
+	"UNAVAILABLE",
+	"DATA_LOSS",
+	"UNAUTHENTICATED",
 };
 
 const char *rpc_code_to_string(RpcCode code)
@@ -322,7 +323,7 @@ static void call_pump_locked(RpcCall *c)
 		ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
 		ops[n].data.send_status_from_server.status = (grpc_status_code)c->status;
 		ops[n].data.send_status_from_server.status_details =
-		        c->status_message ? &c->status_slice : NULL;
+			c->status_message ? &c->status_slice : NULL;
 		n++;
 		with_status = true;
 	}
@@ -420,7 +421,7 @@ static void call_finish(RpcCall *c, RpcCode code, const char *message)
 }
 
 static RpcCall *call_new(RpcServer *s, RpcMethod *m, const char *path, grpc_call *gc,
-                         gpr_timespec deadline)
+			 gpr_timespec deadline)
 {
 	RpcCall *c = calloc(1, sizeof(*c));
 	if (!c)
@@ -497,9 +498,9 @@ static void run_call(RpcCall *c)
 	}
 	if (code != RPC_OK)
 		log_debug("%s: %s: %s", c->path, rpc_code_to_string(code),
-		          c->error_message ?: "(no message)");
+			  c->error_message ?: "(no message)");
 	call_finish(c, code,
-	            code == RPC_OK ? NULL : (c->error_message ?: rpc_code_to_string(code)));
+		    code == RPC_OK ? NULL : (c->error_message ?: rpc_code_to_string(code)));
 	call_unref(c);
 }
 
@@ -514,6 +515,7 @@ static void *worker_main(void *p)
 			s->jobs_head = c->job_next;
 			if (!s->jobs_head)
 				s->jobs_tail = NULL;
+			s->n_queued--;
 			pthread_mutex_unlock(&s->mu);
 			run_call(c);
 			pthread_mutex_lock(&s->mu);
@@ -550,7 +552,10 @@ static int pool_submit(RpcServer *s, RpcCall *c)
 		r = -EBUSY;
 		goto out;
 	}
-	if (s->n_idle == 0) {
+	/* An idle worker counts only if no queued job has claimed it yet: it may not have woken
+	 * up since the last submit. Otherwise a burst of long calls (streams) would queue behind
+	 * each other while the pool believes it has spare threads. */
+	if (s->n_queued >= s->n_idle) {
 		pthread_t t;
 		if (pthread_create(&t, NULL, worker_main, s) == 0)
 			s->n_threads++;
@@ -566,6 +571,7 @@ static int pool_submit(RpcServer *s, RpcCall *c)
 	else
 		s->jobs_head = c;
 	s->jobs_tail = c;
+	s->n_queued++;
 	s->n_active++;
 	pthread_cond_broadcast(&s->cond);
 out:
@@ -589,13 +595,13 @@ static int slot_arm(RequestSlot *slot)
 	if (slot->method) {
 		bool with_payload = !slot->method->client_streaming;
 		e = grpc_server_request_registered_call(
-		        s->server, slot->method->registered, &slot->call, &slot->deadline,
-		        &slot->metadata, with_payload ? &slot->payload : NULL, s->cq, s->cq,
-		        &slot->tag);
+			s->server, slot->method->registered, &slot->call, &slot->deadline,
+			&slot->metadata, with_payload ? &slot->payload : NULL, s->cq, s->cq,
+			&slot->tag);
 	} else {
 		grpc_call_details_init(&slot->details);
 		e = grpc_server_request_call(s->server, &slot->call, &slot->details,
-		                             &slot->metadata, s->cq, s->cq, &slot->tag);
+					     &slot->metadata, s->cq, s->cq, &slot->tag);
 	}
 	if (e != GRPC_CALL_OK) {
 		grpc_metadata_array_destroy(&slot->metadata);
@@ -608,12 +614,12 @@ static int slot_arm(RequestSlot *slot)
 
 /* Answers a call that will never reach a handler (unknown method, overload, bad request). */
 static void reply_now(RpcServer *s, RpcMethod *m, const char *path, grpc_call *gc,
-                      gpr_timespec deadline, RpcCode code, const char *message)
+		      gpr_timespec deadline, RpcCode code, const char *message)
 {
 	RpcCall *c = call_new(s, m, path, gc, deadline);
 	if (!c) {
 		grpc_call_cancel_with_status(gc, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory",
-		                             NULL);
+					     NULL);
 		grpc_call_unref(gc);
 		return;
 	}
@@ -639,7 +645,7 @@ static const char *request_unpack(RpcCall *c, grpc_byte_buffer *payload)
 	grpc_byte_buffer_reader_destroy(&reader);
 	grpc_byte_buffer_destroy(payload);
 	c->request = protobuf_c_message_unpack(c->method->input, NULL, GRPC_SLICE_LENGTH(slice),
-	                                       GRPC_SLICE_START_PTR(slice));
+					       GRPC_SLICE_START_PTR(slice));
 	grpc_slice_unref(slice);
 	return c->request ? NULL : "request does not parse as its protobuf message type";
 }
@@ -658,7 +664,7 @@ static void accept_call(RequestSlot *slot)
 		if (asprintf(&msg, "unknown method %s", method) < 0)
 			msg = NULL;
 		reply_now(s, NULL, method, gc, slot->details.deadline, RPC_UNIMPLEMENTED,
-		          msg ?: "unknown method");
+			  msg ?: "unknown method");
 		gpr_free(method);
 		return;
 	}
@@ -666,7 +672,7 @@ static void accept_call(RequestSlot *slot)
 	c = call_new(s, m, m->path, gc, slot->deadline);
 	if (!c) {
 		grpc_call_cancel_with_status(gc, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory",
-		                             NULL);
+					     NULL);
 		grpc_call_unref(gc);
 		if (slot->payload)
 			grpc_byte_buffer_destroy(slot->payload);
@@ -690,7 +696,7 @@ static void accept_call(RequestSlot *slot)
 
 	if (!m->handler) {
 		if (asprintf(&msg, "%s is not implemented in emberd %s yet", m->path,
-		             s->opts.version ?: "") < 0)
+			     s->opts.version ?: "") < 0)
 			msg = NULL;
 		call_finish(c, RPC_UNIMPLEMENTED, msg ?: "not implemented");
 		call_unref(c);
@@ -701,12 +707,12 @@ static void accept_call(RequestSlot *slot)
 	if (r < 0) {
 		if (r == -EBUSY &&
 		    asprintf(&msg,
-		             "emberd is already handling %u calls (api.max_concurrent_calls); "
-		             "retry later",
-		             s->opts.max_concurrent_calls) < 0)
+			     "emberd is already handling %u calls (api.max_concurrent_calls); "
+			     "retry later",
+			     s->opts.max_concurrent_calls) < 0)
 			msg = NULL;
 		call_finish(c, r == -EBUSY ? RPC_RESOURCE_EXHAUSTED : RPC_UNAVAILABLE,
-		            msg ?: "cannot start a worker thread");
+			    msg ?: "cannot start a worker thread");
 		call_unref(c);
 	}
 	/* else: the job owns our reference now */
@@ -741,7 +747,7 @@ static void *poller_main(void *p)
 
 	for (;;) {
 		gpr_timespec dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-		                               gpr_time_from_millis(1000, GPR_TIMESPAN));
+					       gpr_time_from_millis(1000, GPR_TIMESPAN));
 		grpc_event ev = grpc_completion_queue_next(s->cq, dl, NULL);
 		atomic_store(&s->heartbeat_usec, now_usec());
 		if (ev.type == GRPC_QUEUE_SHUTDOWN)
@@ -809,23 +815,23 @@ int rpc_server_new(const RpcServerOptions *opts, RpcServer **ret)
 	grpc_init();
 
 	int max_msg =
-	        s->opts.max_message_bytes > INT_MAX ? INT_MAX : (int)s->opts.max_message_bytes;
+		s->opts.max_message_bytes > INT_MAX ? INT_MAX : (int)s->opts.max_message_bytes;
 #define INT_ARG(k, v) {.type = GRPC_ARG_INTEGER, .key = (char *)(k), .value.integer = (v)}
 	grpc_arg args[] = {
-	        INT_ARG(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, max_msg),
-	        INT_ARG(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, max_msg),
-	        /* A second daemon must not silently share the port (grpc-core.md trap 2). */
-	        INT_ARG(GRPC_ARG_ALLOW_REUSEPORT, 0),
-	        /* Server pings notice dead schedulers (half-open TCP) long before the 2 h
-	         * default; they go on without calls and without data. */
-	        INT_ARG(GRPC_ARG_KEEPALIVE_TIME_MS, (int)s->opts.keepalive_time_ms),
-	        INT_ARG(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, (int)s->opts.keepalive_timeout_ms),
-	        INT_ARG(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1),
-	        INT_ARG(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0),
-	        /* Clients may keep channels warm with pings this often without being sent
-	         * GOAWAY too_many_pings (trap 7). */
-	        INT_ARG(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-	                (int)s->opts.min_ping_interval_ms),
+		INT_ARG(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, max_msg),
+		INT_ARG(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, max_msg),
+		/* A second daemon must not silently share the port (grpc-core.md trap 2). */
+		INT_ARG(GRPC_ARG_ALLOW_REUSEPORT, 0),
+		/* Server pings notice dead schedulers (half-open TCP) long before the 2 h
+		 * default; they go on without calls and without data. */
+		INT_ARG(GRPC_ARG_KEEPALIVE_TIME_MS, (int)s->opts.keepalive_time_ms),
+		INT_ARG(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, (int)s->opts.keepalive_timeout_ms),
+		INT_ARG(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1),
+		INT_ARG(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0),
+		/* Clients may keep channels warm with pings this often without being sent
+		 * GOAWAY too_many_pings (trap 7). */
+		INT_ARG(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+			(int)s->opts.min_ping_interval_ms),
 	};
 #undef INT_ARG
 	grpc_channel_args cargs = {.num_args = ELEMENTSOF(args), .args = args};
@@ -850,7 +856,7 @@ int rpc_server_new(const RpcServerOptions *opts, RpcServer **ret)
 }
 
 int rpc_server_add_service(RpcServer *s, const ProtobufCServiceDescriptor *service,
-                           const RpcMethodHandler *handlers, size_t n_handlers, void *userdata)
+			   const RpcMethodHandler *handlers, size_t n_handlers, void *userdata)
 {
 	RpcService *svc;
 	RpcService *n;
@@ -881,7 +887,7 @@ int rpc_server_add_service(RpcServer *s, const ProtobufCServiceDescriptor *servi
 		 * reflection come from. A mismatch is a build error, not a runtime surprise. */
 		if (!dm)
 			return log_debug_errno(ENOENT, "%s.%s missing from the descriptor set",
-			                       service->name, md->name);
+					       service->name, md->name);
 		m->server = s;
 		if (asprintf(&m->path, "/%s/%s", service->name, md->name) < 0)
 			return -ENOMEM;
@@ -894,10 +900,10 @@ int rpc_server_add_service(RpcServer *s, const ProtobufCServiceDescriptor *servi
 			if (strcmp(handlers[j].name, md->name) == 0)
 				m->handler = handlers[j].handler;
 		m->registered = grpc_server_register_method(
-		        s->server, m->path, NULL,
-		        m->client_streaming ? GRPC_SRM_PAYLOAD_NONE
-		                            : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
-		        0);
+			s->server, m->path, NULL,
+			m->client_streaming ? GRPC_SRM_PAYLOAD_NONE
+					    : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+			0);
 		if (!m->registered)
 			return -EEXIST;
 	}
@@ -905,10 +911,10 @@ int rpc_server_add_service(RpcServer *s, const ProtobufCServiceDescriptor *servi
 		bool found = false;
 		for (size_t i = 0; i < svc->n_methods; i++)
 			found = found || strcmp(strrchr(svc->methods[i].path, '/') + 1,
-			                        handlers[j].name) == 0;
+						handlers[j].name) == 0;
 		if (!found)
 			return log_debug_errno(ENOENT, "handler for unknown method %s.%s",
-			                       service->name, handlers[j].name);
+					       service->name, handlers[j].name);
 	}
 	return 0;
 }
@@ -951,8 +957,8 @@ int rpc_server_listen_tcp(RpcServer *s, const char *addr, const RpcTlsFiles *tls
 			return r;
 		grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
 		creds = grpc_ssl_server_credentials_create_ex(
-		        ca, &pair, 1, GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY,
-		        NULL);
+			ca, &pair, 1, GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY,
+			NULL);
 		if (!creds)
 			return -EINVAL;
 	} else {
@@ -981,7 +987,7 @@ int rpc_server_start(RpcServer *s)
 				slot->tag.done = on_request;
 				slot->server = s;
 				slot->method =
-				        i < s->n_services ? &s->services[i].methods[j] : NULL;
+					i < s->n_services ? &s->services[i].methods[j] : NULL;
 				slot->next = s->slots;
 				s->slots = slot;
 				if ((r = slot_arm(slot)) < 0)
@@ -1101,14 +1107,14 @@ void rpc_server_free(RpcServer *s)
 				rpc_server_cancel_all(s);
 				if (rpc_server_drain_wait(s, 5000) < 0)
 					log_debug(
-					        "calls still running after cancel; freeing anyway");
+						"calls still running after cancel; freeing anyway");
 			}
 		} else {
 			/* Never started (a listener failed): no poller, so collect the shutdown
 			 * tag here. Only request slots and it can be queued. */
 			while (!s->shutdown_done) {
 				grpc_event ev = grpc_completion_queue_next(
-				        s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+					s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
 				if (ev.type != GRPC_OP_COMPLETE)
 					break;
 				((Tag *)ev.tag)->done(ev.tag, ev.success);
@@ -1132,8 +1138,8 @@ void rpc_server_free(RpcServer *s)
 			pthread_join(s->poller, NULL);
 		else
 			while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME),
-			                                  NULL)
-			               .type != GRPC_QUEUE_SHUTDOWN)
+							  NULL)
+				       .type != GRPC_QUEUE_SHUTDOWN)
 				;
 		grpc_completion_queue_destroy(s->cq);
 	}
@@ -1202,7 +1208,7 @@ int rpc_call_send(RpcCall *c, const ProtobufCMessage *msg)
 	 * that a message larger than the high-water mark still goes out. */
 	while (!c->dead && c->queued_msgs > 0 &&
 	       (c->queued_bytes + size > c->server->opts.stream_high_water_bytes ||
-	        c->queued_msgs >= STREAM_MAX_QUEUED_MSGS))
+		c->queued_msgs >= STREAM_MAX_QUEUED_MSGS))
 		pthread_cond_wait(&c->cond, &c->mu);
 	if (c->dead) {
 		pthread_mutex_unlock(&c->mu);
@@ -1276,7 +1282,7 @@ int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
 	grpc_byte_buffer_reader_destroy(&reader);
 	grpc_byte_buffer_destroy(buf);
 	*ret = protobuf_c_message_unpack(c->method->input, NULL, GRPC_SLICE_LENGTH(slice),
-	                                 GRPC_SLICE_START_PTR(slice));
+					 GRPC_SLICE_START_PTR(slice));
 	grpc_slice_unref(slice);
 	return *ret ? 1 : -EBADMSG;
 }

@@ -93,7 +93,7 @@ void rpc_server_free(RpcServer *s);
 /* Registers every method of `service`; methods without an entry in `handlers` answer
  * UNIMPLEMENTED with a message naming the method. Call before rpc_server_start(). */
 int rpc_server_add_service(RpcServer *s, const ProtobufCServiceDescriptor *service,
-                           const RpcMethodHandler *handlers, size_t n_handlers, void *userdata);
+			   const RpcMethodHandler *handlers, size_t n_handlers, void *userdata);
 
 /* The socket is created with `mode` (never wider, not even for a moment). The caller holds
  * whatever lock guards the path: gRPC unlinks an existing socket before binding. */
@@ -128,7 +128,9 @@ int rpc_call_send(RpcCall *call, const ProtobufCMessage *msg);
 
 /* Next client message of a client-streaming or bidi call: 1 and *ret (free with
  * protobuf_c_message_free_unpacked) on a message, 0 when the client half-closed, -ECANCELED,
- * -EBADMSG when the bytes do not parse as the method's input type. */
+ * -EBADMSG when the bytes do not parse as the method's input type. gRPC core may also report a
+ * cancellation as the end of the stream (0); where the difference matters (stdin EOF versus a
+ * vanished client), the next rpc_call_send() or rpc_call_is_cancelled() tells. */
 int rpc_call_recv(RpcCall *call, ProtobufCMessage **ret);
 
 /* Sleep until rpc_call_wake(), the timeout (-1: none), cancellation (-ECANCELED) or server
@@ -145,4 +147,4 @@ const char *rpc_call_method(RpcCall *call); /* "/ember.v1.Node/GetNode" */
 RpcServer *rpc_call_server(RpcCall *call);
 
 RpcCode rpc_call_error(RpcCall *call, RpcCode code, const char *format, ...)
-        __attribute__((format(printf, 3, 4)));
+	__attribute__((format(printf, 3, 4)));

@@ -20,9 +20,9 @@ static LogTarget target = LOG_TARGET_STDERR;
 static const char *log_ident = "ember";
 
 static const char *const level_names[] = {
-        [LOG_EMERG] = "emerg", [LOG_ALERT] = "alert",     [LOG_CRIT] = "crit",
-        [LOG_ERR] = "err",     [LOG_WARNING] = "warning", [LOG_NOTICE] = "notice",
-        [LOG_INFO] = "info",   [LOG_DEBUG] = "debug",
+	[LOG_EMERG] = "emerg", [LOG_ALERT] = "alert",     [LOG_CRIT] = "crit",
+	[LOG_ERR] = "err",     [LOG_WARNING] = "warning", [LOG_NOTICE] = "notice",
+	[LOG_INFO] = "info",   [LOG_DEBUG] = "debug",
 };
 
 int log_level_from_string(const char *s)
@@ -86,7 +86,7 @@ void log_setup(const char *ident, LogTarget t)
 #define LOG_MAX_FIELDS 24
 
 static int log_to_journal(int level, int error, const LogField *fields, size_t n_fields,
-                          const char *file, int line, const char *func, const char *msg)
+			  const char *file, int line, const char *func, const char *msg)
 {
 	char *items[LOG_MAX_FIELDS + 8] = {};
 	struct iovec iov[ELEMENTSOF(items)];
@@ -126,7 +126,7 @@ finish:
 }
 
 static void log_to_stderr(int level, int error, const LogField *fields, size_t n_fields,
-                          const char *msg)
+			  const char *msg)
 {
 	char line[4096];
 	size_t len = 0;
@@ -137,16 +137,16 @@ static void log_to_stderr(int level, int error, const LogField *fields, size_t n
 	gmtime_r(&ts.tv_sec, &tm);
 	len += strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
 	len += (size_t)snprintf(line + len, sizeof(line) - len, ".%03ldZ %s[%d] %s: %s",
-	                        ts.tv_nsec / 1000000, log_ident, (int)getpid(),
-	                        log_level_to_string(level) ?: "?", msg);
+				ts.tv_nsec / 1000000, log_ident, (int)getpid(),
+				log_level_to_string(level) ?: "?", msg);
 	if (error != 0 && len < sizeof(line))
 		len += (size_t)snprintf(line + len, sizeof(line) - len, " (%s)",
-		                        strerror(error > 0 ? error : -error));
+					strerror(error > 0 ? error : -error));
 	for (size_t i = 0; i < n_fields && len < sizeof(line); i++) {
 		if (!fields[i].key || !fields[i].value || strcmp(fields[i].key, "MESSAGE_ID") == 0)
 			continue;
 		len += (size_t)snprintf(line + len, sizeof(line) - len, " %s=%s", fields[i].key,
-		                        fields[i].value);
+					fields[i].value);
 	}
 	if (len >= sizeof(line) - 1)
 		len = sizeof(line) - 2;
@@ -156,7 +156,7 @@ static void log_to_stderr(int level, int error, const LogField *fields, size_t n
 }
 
 int log_internal(int level, int error, const LogField *fields, size_t n_fields, const char *file,
-                 int line, const char *func, const char *format, ...)
+		 int line, const char *func, const char *format, ...)
 {
 	char msg[2048];
 	va_list ap;

@@ -39,14 +39,14 @@ const char *log_level_to_string(int level);
 /* Returns -abs(error) when error != 0, 0 otherwise, so callers can `return log_error_errno(r,…)`.
  */
 int log_internal(int level, int error, const LogField *fields, size_t n_fields, const char *file,
-                 int line, const char *func, const char *format, ...) _printf_(8, 9);
+		 int line, const char *func, const char *format, ...) _printf_(8, 9);
 
 #define log_full_errno(level, error, ...)                                                          \
 	({                                                                                         \
 		int _level_ = (level), _e_ = (error);                                              \
 		(_level_ <= log_get_max_level()) ? log_internal(_level_, _e_, NULL, 0, __FILE__,   \
-		                                                __LINE__, __func__, __VA_ARGS__)   \
-		                                 : (_e_ > 0 ? -_e_ : _e_);                         \
+								__LINE__, __func__, __VA_ARGS__)   \
+						 : (_e_ > 0 ? -_e_ : _e_);                         \
 	})
 
 #define log_debug(...)              log_full_errno(LOG_DEBUG, 0, __VA_ARGS__)
@@ -69,8 +69,8 @@ int log_internal(int level, int error, const LogField *fields, size_t n_fields, 
 	({                                                                                         \
 		int _level_ = (level), _e_ = (error);                                              \
 		(_level_ <= log_get_max_level())                                                   \
-		        ? log_internal(_level_, _e_, fields_and_count, __FILE__, __LINE__,         \
-		                       __func__, __VA_ARGS__)                                      \
-		        : (_e_ > 0 ? -_e_ : _e_);                                                  \
+			? log_internal(_level_, _e_, fields_and_count, __FILE__, __LINE__,         \
+				       __func__, __VA_ARGS__)                                      \
+			: (_e_ > 0 ? -_e_ : _e_);                                                  \
 	})
 #endif

@@ -49,9 +49,9 @@ static int one_call(grpc_channel *ch, grpc_completion_queue *cq, grpc_slice meth
 	int r;
 
 	grpc_call *call = grpc_channel_create_call(
-	        ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL,
-	        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_seconds(10, GPR_TIMESPAN)),
-	        NULL);
+		ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL,
+		gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_seconds(10, GPR_TIMESPAN)),
+		NULL);
 	grpc_metadata_array_init(&initial);
 	grpc_metadata_array_init(&trailing);
 	memset(ops, 0, sizeof(ops));
@@ -72,7 +72,7 @@ static int one_call(grpc_channel *ch, grpc_completion_queue *cq, grpc_slice meth
 		r = -1;
 	} else {
 		grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_REALTIME),
-		                            NULL);
+					    NULL);
 		r = (int)status;
 		/* An OK status without a reply would be a broken server: count it. */
 		if (r == 0 && !reply)
@@ -121,7 +121,7 @@ static void *client_main(void *p)
 	grpc_channel_destroy(ch);
 	grpc_completion_queue_shutdown(cq);
 	while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL)
-	               .type != GRPC_QUEUE_SHUTDOWN)
+		       .type != GRPC_QUEUE_SHUTDOWN)
 		;
 	grpc_completion_queue_destroy(cq);
 	return NULL;
@@ -153,7 +153,7 @@ int main(int argc, char *argv[])
 		return 1;
 	for (int i = 0; i < n; i++) {
 		clients[i] =
-		        (Client){.target = argv[1], .method = argv[2], .seconds = atof(argv[4])};
+			(Client){.target = argv[1], .method = argv[2], .seconds = atof(argv[4])};
 		pthread_create(&clients[i].thread, NULL, client_main, &clients[i]);
 	}
 	for (int i = 0; i < n; i++) {

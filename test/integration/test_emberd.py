@@ -306,3 +306,75 @@ def test_sigint_also_drains(start_emberd):
     assert e.proc.wait(10) == 0
     assert "stopped" in e.proc.log()
     assert not os.path.exists(e.socket)
+
+
+def fake_program(path, script):
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + script)
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.mark.parametrize("script,available,version,reason", [
+    ('echo "Firecracker v1.16.1"\n', True, "1.16.1", "Firecracker v1.16.1"),
+    ('echo "Firecracker v1.16.1 (fcsim)"\n', True, "1.16.1", "(fcsim)"),
+    ("echo something else\n", False, "", "not a Firecracker version"),
+    ("exit 3\n", False, "", "non-zero exit"),
+    ("exec sleep 30\n", False, "", "no answer within 2 s"),
+])
+def test_firecracker_probe(start_emberd, workdir, script, available, version, reason):
+    fc = fake_program(os.path.join(workdir, "fc"), script)
+    e = start_emberd(f"[agent]\nfirecracker_bin = {fc}\n")
+    t = time.monotonic()
+    p = get_node(e, timeout=20).capabilities.firecracker
+    assert p.available == available
+    assert p.version == version
+    assert reason in p.reason
+    assert time.monotonic() - t < 5 * SLOW  # a hanging binary is given up on
+
+
+def test_firecracker_probe_searches_path(start_emberd, workdir, procs):
+    bindir = os.path.join(workdir, "bin")
+    os.makedirs(bindir)
+    fake_program(os.path.join(bindir, "firecracker"), 'echo "Firecracker v1.12.0"\n')
+    root = os.path.join(workdir, "pathnode")
+    os.makedirs(root)
+    env = dict(os.environ, PATH=bindir + ":" + os.environ.get("PATH", "/usr/bin"))
+    p = Proc([os.path.join(BUILD, "emberd"), "--config", "/dev/null",
+              "--state-dir", os.path.join(root, "s"), "--run-dir", os.path.join(root, "r")],
+             os.path.join(root, "log"), env=env)
+    procs.append(p)
+    sock = os.path.join(root, "r", "ember.sock")
+    wait_for(lambda: os.path.exists(sock), 15, "socket")
+    with grpc.insecure_channel("unix:" + sock) as ch:
+        fc = wait_for(lambda: _probe(ch), 15, "GetNode")
+    assert fc.available and fc.version == "1.12.0"
+    assert os.path.join(bindir, "firecracker") in fc.reason
+
+
+def _probe(ch):
+    try:
+        return node_pb2_grpc.NodeStub(ch).GetNode(node_pb2.GetNodeRequest(),
+                                                  timeout=5).capabilities.firecracker
+    except grpc.RpcError:
+        return None
+
+
+@pytest.mark.parametrize("min_ping_s,survives", [(10, False), (1, True)])
+def test_client_ping_policy(start_emberd, min_ping_s, survives):
+    """A client pinging every second on a quiet stream: too often for the default policy
+    (GOAWAY too_many_pings ends the stream), fine when min_ping_interval_s allows it."""
+    e = start_emberd(f"[api]\nmin_ping_interval_s = {min_ping_s}\n")
+    opts = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 5000),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+    with e.channel(options=opts) as ch:
+        stream = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                      timeout=8)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as ei:
+            next(stream)  # nothing more comes: the stream ends by GOAWAY or by its deadline
+        code = ei.value.code()
+    if survives:
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED, ei.value
+    else:
+        assert code == grpc.StatusCode.UNAVAILABLE, ei.value

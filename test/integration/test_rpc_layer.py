@@ -204,3 +204,37 @@ def test_drain_cancels_after_grace(start_rpctestd):
     assert d.wait(10) == 0
     assert 0.9 < time.monotonic() - t < 6 * SLOW
     assert d.p.stdout.readline().decode().strip() == "SHUTDOWN timeout"
+
+
+def test_health_not_serving_while_starting(start_rpctestd):
+    from health.v1 import health_pb2, health_pb2_grpc
+    d = start_rpctestd("--serve-after-ms", 1500)
+    with grpc.insecure_channel(d.target) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        watch = h.Watch(health_pb2.HealthCheckRequest(service="rpctest.Test"), timeout=30)
+        r = h.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # the watch reports the change as it happens
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        r = h.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_burst_of_long_calls_is_not_serialized(start_rpctestd):
+    """Idle workers must not make a burst of long calls wait for each other: each accepted
+    call gets a thread of its own (up to the limit)."""
+    d = start_rpctestd()
+    with grpc.insecure_channel(d.target) as ch:
+        s = stub(ch)
+        # leave a few idle workers behind
+        for f in [s.Echo.future(pb.EchoRequest(text="warm")) for _ in range(4)]:
+            f.result(timeout=10)
+        time.sleep(0.2)
+        t = time.monotonic()
+        futs = [s.Sleep.future(pb.SleepRequest(ms=1500)) for _ in range(24)]
+        for f in futs:
+            assert f.result(timeout=30).text == "slept"
+        elapsed = time.monotonic() - t
+        assert elapsed < 1.5 + 1.2 * SLOW, f"24 parallel 1.5s sleeps took {elapsed:.2f}s"

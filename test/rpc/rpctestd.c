@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * rpctestd SOCKET [--grace-ms N] [--high-water BYTES] [--max-calls N] [--max-msg BYTES]
+ *                  [--serve-after-ms N]
  *
  * The gRPC layer of emberd (agent/rpc*) with the rpctest.Test service: prints "READY" once
- * listening, shuts down gracefully on SIGTERM like emberd does.
+ * listening (health still NOT_SERVING for --serve-after-ms, like an agent still starting up),
+ * shuts down gracefully on SIGTERM like emberd does.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -114,8 +116,8 @@ static RpcCode bidi(RpcCall *call, const ProtobufCMessage *request, void *userda
 		if (r < 0) {
 			atomic_fetch_add(&cancellations_seen, 1);
 			return r == -EBADMSG
-			               ? rpc_call_error(call, RPC_INVALID_ARGUMENT, "bad chunk")
-			               : RPC_CANCELLED;
+				       ? rpc_call_error(call, RPC_INVALID_ARGUMENT, "bad chunk")
+				       : RPC_CANCELLED;
 		}
 		r = rpc_call_send(call, m);
 		protobuf_c_message_free_unpacked(m, NULL);
@@ -149,27 +151,28 @@ static RpcCode stats(RpcCall *call, const ProtobufCMessage *request, void *userd
 int main(int argc, char *argv[])
 {
 	static const RpcMethodHandler handlers[] = {
-	        {"Echo", echo}, {"Sleep", sleep_handler}, {"Stream", stream},
-	        {"Bidi", bidi}, {"Fail", fail},           {"Stats", stats},
+		{"Echo", echo}, {"Sleep", sleep_handler}, {"Stream", stream},
+		{"Bidi", bidi}, {"Fail", fail},           {"Stats", stats},
 	};
 	static const struct option options[] = {
-	        {"grace-ms", required_argument, NULL, 'g'},
-	        {"high-water", required_argument, NULL, 'w'},
-	        {"max-calls", required_argument, NULL, 'c'},
-	        {"max-msg", required_argument, NULL, 'm'},
-	        {},
+		{"grace-ms", required_argument, NULL, 'g'},
+		{"high-water", required_argument, NULL, 'w'},
+		{"max-calls", required_argument, NULL, 'c'},
+		{"max-msg", required_argument, NULL, 'm'},
+		{"serve-after-ms", required_argument, NULL, 's'},
+		{},
 	};
 	RpcServerOptions opts = {
-	        .descriptor_set = ember_descriptor_set,
-	        .descriptor_set_size = ember_descriptor_set_size,
-	        .max_message_bytes = 4 << 20,
-	        .keepalive_time_ms = 30000,
-	        .keepalive_timeout_ms = 10000,
-	        .min_ping_interval_ms = 10000,
-	        .max_concurrent_calls = 64,
-	        .version = "test",
+		.descriptor_set = ember_descriptor_set,
+		.descriptor_set_size = ember_descriptor_set_size,
+		.max_message_bytes = 4 << 20,
+		.keepalive_time_ms = 30000,
+		.keepalive_timeout_ms = 10000,
+		.min_ping_interval_ms = 10000,
+		.max_concurrent_calls = 64,
+		.version = "test",
 	};
-	long grace_ms = 5000;
+	long grace_ms = 5000, serve_after_ms = 0;
 	RpcServer *s = NULL;
 	sigset_t mask;
 	int c, r, sig;
@@ -188,13 +191,16 @@ int main(int argc, char *argv[])
 		case 'm':
 			opts.max_message_bytes = (size_t)atol(optarg);
 			break;
+		case 's':
+			serve_after_ms = atol(optarg);
+			break;
 		default:
 			return 2;
 		}
 	}
 	if (optind != argc - 1) {
 		fprintf(stderr, "usage: rpctestd SOCKET [--grace-ms N] [--high-water B] "
-		                "[--max-calls N] [--max-msg B]\n");
+				"[--max-calls N] [--max-msg B]\n");
 		return 2;
 	}
 
@@ -207,19 +213,24 @@ int main(int argc, char *argv[])
 
 	if ((r = rpc_server_new(&opts, &s)) < 0 ||
 	    (r = rpc_server_add_service(s, &rpctest__test__descriptor, handlers,
-	                                ELEMENTSOF(handlers), NULL)) < 0 ||
+					ELEMENTSOF(handlers), NULL)) < 0 ||
 	    (r = rpc_server_listen_unix(s, argv[optind], 0600)) < 0 ||
 	    (r = rpc_server_start(s)) < 0) {
 		fprintf(stderr, "rpctestd: %s\n", strerror(-r));
 		rpc_server_free(s);
 		return 1;
 	}
-	rpc_server_set_state(s, RPC_SERVER_SERVING);
 	printf("READY\n");
 	fflush(stdout);
 
-	while (sigwait(&mask, &sig) != 0)
-		;
+	struct timespec serve_at = {.tv_sec = serve_after_ms / 1000,
+				    .tv_nsec = (serve_after_ms % 1000) * 1000000L};
+	sig = sigtimedwait(&mask, NULL, &serve_at);
+	if (sig < 0) {
+		rpc_server_set_state(s, RPC_SERVER_SERVING);
+		while (sigwait(&mask, &sig) != 0)
+			;
+	}
 	r = rpc_server_shutdown(s, grace_ms, &mask);
 	printf("SHUTDOWN %s\n", r == 0 ? "clean" : r == -ETIMEDOUT ? "timeout" : "cancelled");
 	fflush(stdout);

@@ -234,8 +234,8 @@ static void test_key_table(void **state)
 
 		/* And it passes the key's own validation. */
 		assert_int_equal(
-		        config_set(&fx->other, k->section, k->key, k->default_value, fx_error(fx)),
-		        0);
+			config_set(&fx->other, k->section, k->key, k->default_value, fx_error(fx)),
+			0);
 	}
 }
 
@@ -248,27 +248,27 @@ static void test_good_file(void **state)
 	Config *c = &fx->c;
 
 	assert_int_equal(fx_load(fx,
-	                         "# every key, none at its default\n"
-	                         "; both comment styles\n"
-	                         "\n"
-	                         "[agent]\n"
-	                         "state_dir = /srv/ember/state\n"
-	                         "run_dir=/srv/ember/run\n"
-	                         "log_level = debug\n"
-	                         "firecracker_bin = /usr/bin/fcsim\n"
-	                         "\n"
-	                         "[api]\n"
-	                         "socket = /srv/ember/api.sock\n"
-	                         "tcp_listen = [::1]:7070\n"
-	                         "insecure_tcp = yes\n"
-	                         "max_message_mib = 1024\n"
-	                         "keepalive_time_s = 1\n"
-	                         "keepalive_timeout_s = 3600\n"
-	                         "min_ping_interval_s = 1 ; inline comment\n"
-	                         "max_concurrent_calls = 4096\n"
-	                         "shutdown_grace_s = 0\n",
-	                         &path),
-	                 0);
+				 "# every key, none at its default\n"
+				 "; both comment styles\n"
+				 "\n"
+				 "[agent]\n"
+				 "state_dir = /srv/ember/state\n"
+				 "run_dir=/srv/ember/run\n"
+				 "log_level = debug\n"
+				 "firecracker_bin = /usr/bin/fcsim\n"
+				 "\n"
+				 "[api]\n"
+				 "socket = /srv/ember/api.sock\n"
+				 "tcp_listen = [::1]:7070\n"
+				 "insecure_tcp = yes\n"
+				 "max_message_mib = 1024\n"
+				 "keepalive_time_s = 1\n"
+				 "keepalive_timeout_s = 3600\n"
+				 "min_ping_interval_s = 1 ; inline comment\n"
+				 "max_concurrent_calls = 4096\n"
+				 "shutdown_grace_s = 0\n",
+				 &path),
+			 0);
 	assert_null(fx->error);
 	assert_string_equal(c->state_dir, "/srv/ember/state");
 	assert_string_equal(c->run_dir, "/srv/ember/run");
@@ -296,51 +296,51 @@ static void test_good_values(void **state)
 	static const struct {
 		const char *section, *key, *value, *dumped;
 	} good[] = {
-	        {"api", "insecure_tcp", "true", "true"},
-	        {"api", "insecure_tcp", "false", "false"},
-	        {"api", "insecure_tcp", "on", "true"},
-	        {"api", "insecure_tcp", "off", "false"},
-	        {"api", "insecure_tcp", "1", "true"},
-	        {"api", "insecure_tcp", "0", "false"},
-	        {"api", "insecure_tcp", "TRUE", "true"},
-	        {"api", "insecure_tcp", "No", "false"},
-	        {"api", "max_message_mib", "1", "1"},
-	        {"api", "max_message_mib", "1024", "1024"},
-	        {"api", "max_message_mib", "007", "7"},
-	        {"api", "shutdown_grace_s", "0", "0"},
-	        {"api", "shutdown_grace_s", "3600", "3600"},
-	        {"api", "keepalive_time_s", "86400", "86400"},
-	        {"api", "tcp_listen", "0.0.0.0:7070", "0.0.0.0:7070"},
-	        {"api", "tcp_listen", "[::1]:80", "[::1]:80"},
-	        {"api", "tcp_listen", "[::]:7070", "[::]:7070"},
-	        {"api", "tcp_listen", "node-1.example.com:443", "node-1.example.com:443"},
-	        {"api", "tcp_listen", "", ""},
-	        {"api", "socket", "", ""},
-	        {"api", "tls_cert", "/etc/ember/cert.pem", "/etc/ember/cert.pem"},
-	        {"agent", "firecracker_bin", "/opt/fc/firecracker", "/opt/fc/firecracker"},
-	        {"agent", "firecracker_bin", "fcsim", "fcsim"},
-	        {"agent", "log_level", "err", "err"},
-	        {"agent", "log_level", "error", "err"},
-	        {"agent", "log_level", "warning", "warning"},
-	        {"agent", "log_level", "notice", "notice"},
-	        {"agent", "log_level", "debug", "debug"},
+		{"api", "insecure_tcp", "true", "true"},
+		{"api", "insecure_tcp", "false", "false"},
+		{"api", "insecure_tcp", "on", "true"},
+		{"api", "insecure_tcp", "off", "false"},
+		{"api", "insecure_tcp", "1", "true"},
+		{"api", "insecure_tcp", "0", "false"},
+		{"api", "insecure_tcp", "TRUE", "true"},
+		{"api", "insecure_tcp", "No", "false"},
+		{"api", "max_message_mib", "1", "1"},
+		{"api", "max_message_mib", "1024", "1024"},
+		{"api", "max_message_mib", "007", "7"},
+		{"api", "shutdown_grace_s", "0", "0"},
+		{"api", "shutdown_grace_s", "3600", "3600"},
+		{"api", "keepalive_time_s", "86400", "86400"},
+		{"api", "tcp_listen", "0.0.0.0:7070", "0.0.0.0:7070"},
+		{"api", "tcp_listen", "[::1]:80", "[::1]:80"},
+		{"api", "tcp_listen", "[::]:7070", "[::]:7070"},
+		{"api", "tcp_listen", "node-1.example.com:443", "node-1.example.com:443"},
+		{"api", "tcp_listen", "", ""},
+		{"api", "socket", "", ""},
+		{"api", "tls_cert", "/etc/ember/cert.pem", "/etc/ember/cert.pem"},
+		{"agent", "firecracker_bin", "/opt/fc/firecracker", "/opt/fc/firecracker"},
+		{"agent", "firecracker_bin", "fcsim", "fcsim"},
+		{"agent", "log_level", "err", "err"},
+		{"agent", "log_level", "error", "err"},
+		{"agent", "log_level", "warning", "warning"},
+		{"agent", "log_level", "notice", "notice"},
+		{"agent", "log_level", "debug", "debug"},
 	};
 	Fixture *fx = *state;
 
 	for (size_t i = 0; i < ELEMENTSOF(good); i++) {
 		_cleanup_free_ char *dumped = NULL;
 		int r = config_set(&fx->c, good[i].section, good[i].key, good[i].value,
-		                   fx_error(fx));
+				   fx_error(fx));
 
 		if (r < 0)
 			fail_msg("[%s] %s = \"%s\" refused: %s", good[i].section, good[i].key,
-			         good[i].value, fx->error);
+				 good[i].value, fx->error);
 		dumped = dump_value(&fx->c, good[i].key);
 		assert_non_null(dumped);
 		if (strcmp(dumped, good[i].dumped) != 0)
 			fail_msg("[%s] %s = \"%s\" stored as \"%s\", expected \"%s\"",
-			         good[i].section, good[i].key, good[i].value, dumped,
-			         good[i].dumped);
+				 good[i].section, good[i].key, good[i].value, dumped,
+				 good[i].dumped);
 	}
 }
 
@@ -352,43 +352,43 @@ typedef struct BadValue {
 } BadValue;
 
 static const BadValue bad_values[] = {
-        {"api", "insecure_tcp", "maybe", "true or false"},
-        {"api", "insecure_tcp", "", "true or false"},
-        {"api", "max_message_mib", "0", "from 1 to 1024"},
-        {"api", "max_message_mib", "1025", "from 1 to 1024"},
-        {"api", "max_message_mib", "4294967297", "from 1 to 1024"},
-        {"api", "max_message_mib", "99999999999999999999999", "from 1 to 1024"},
-        {"api", "shutdown_grace_s", "3601", "from 0 to 3600"},
-        {"api", "max_concurrent_calls", "-1", "from 1 to 4096"},
-        {"api", "shutdown_grace_s", "-0", "from 0 to 3600"},
-        {"api", "keepalive_time_s", "thirty", "from 1 to 86400"},
-        {"api", "keepalive_timeout_s", "10s", "from 1 to 3600"},
-        {"api", "min_ping_interval_s", "1.5", "from 1 to 3600"},
-        {"api", "max_concurrent_calls", "0x10", "from 1 to 4096"},
-        {"api", "max_concurrent_calls", "", "from 1 to 4096"},
-        {"agent", "state_dir", "var/lib/ember", "an absolute path"},
-        {"agent", "state_dir", "", "an absolute path"},
-        {"agent", "run_dir", "./run", "an absolute path"},
-        {"agent", "log_level", "verbose", "debug, info, notice, warning or err"},
-        {"agent", "log_level", "crit", "debug, info, notice, warning or err"},
-        {"agent", "log_level", "", "debug, info, notice, warning or err"},
-        {"agent", "firecracker_bin", "bin/firecracker", "absolute path"},
-        {"agent", "firecracker_bin", "", "absolute path"},
-        {"api", "socket", "run/ember.sock", "an absolute path"},
-        {"api", "tls_cert", "cert.pem", "an absolute path"},
-        {"api", "tls_key", "~/key.pem", "an absolute path"},
-        {"api", "tls_client_ca", "ca.pem", "an absolute path"},
-        {"api", "tcp_listen", "nocolon", "HOST:PORT"},
-        {"api", "tcp_listen", ":80", "HOST:PORT"},
-        {"api", "tcp_listen", "host:99999", "HOST:PORT"},
-        {"api", "tcp_listen", "host:", "HOST:PORT"},
-        {"api", "tcp_listen", "host:-1", "HOST:PORT"},
-        {"api", "tcp_listen", "host:http", "HOST:PORT"},
-        {"api", "tcp_listen", "::1:80", "HOST:PORT"},
-        {"api", "tcp_listen", "[::1]", "HOST:PORT"},
-        {"api", "tcp_listen", "[]:80", "HOST:PORT"},
-        {"api", "tcp_listen", "[::1:80", "HOST:PORT"},
-        {"api", "tcp_listen", "unix:/run/x.sock", "HOST:PORT"},
+	{"api", "insecure_tcp", "maybe", "true or false"},
+	{"api", "insecure_tcp", "", "true or false"},
+	{"api", "max_message_mib", "0", "from 1 to 1024"},
+	{"api", "max_message_mib", "1025", "from 1 to 1024"},
+	{"api", "max_message_mib", "4294967297", "from 1 to 1024"},
+	{"api", "max_message_mib", "99999999999999999999999", "from 1 to 1024"},
+	{"api", "shutdown_grace_s", "3601", "from 0 to 3600"},
+	{"api", "max_concurrent_calls", "-1", "from 1 to 4096"},
+	{"api", "shutdown_grace_s", "-0", "from 0 to 3600"},
+	{"api", "keepalive_time_s", "thirty", "from 1 to 86400"},
+	{"api", "keepalive_timeout_s", "10s", "from 1 to 3600"},
+	{"api", "min_ping_interval_s", "1.5", "from 1 to 3600"},
+	{"api", "max_concurrent_calls", "0x10", "from 1 to 4096"},
+	{"api", "max_concurrent_calls", "", "from 1 to 4096"},
+	{"agent", "state_dir", "var/lib/ember", "an absolute path"},
+	{"agent", "state_dir", "", "an absolute path"},
+	{"agent", "run_dir", "./run", "an absolute path"},
+	{"agent", "log_level", "verbose", "debug, info, notice, warning or err"},
+	{"agent", "log_level", "crit", "debug, info, notice, warning or err"},
+	{"agent", "log_level", "", "debug, info, notice, warning or err"},
+	{"agent", "firecracker_bin", "bin/firecracker", "absolute path"},
+	{"agent", "firecracker_bin", "", "absolute path"},
+	{"api", "socket", "run/ember.sock", "an absolute path"},
+	{"api", "tls_cert", "cert.pem", "an absolute path"},
+	{"api", "tls_key", "~/key.pem", "an absolute path"},
+	{"api", "tls_client_ca", "ca.pem", "an absolute path"},
+	{"api", "tcp_listen", "nocolon", "HOST:PORT"},
+	{"api", "tcp_listen", ":80", "HOST:PORT"},
+	{"api", "tcp_listen", "host:99999", "HOST:PORT"},
+	{"api", "tcp_listen", "host:", "HOST:PORT"},
+	{"api", "tcp_listen", "host:-1", "HOST:PORT"},
+	{"api", "tcp_listen", "host:http", "HOST:PORT"},
+	{"api", "tcp_listen", "::1:80", "HOST:PORT"},
+	{"api", "tcp_listen", "[::1]", "HOST:PORT"},
+	{"api", "tcp_listen", "[]:80", "HOST:PORT"},
+	{"api", "tcp_listen", "[::1:80", "HOST:PORT"},
+	{"api", "tcp_listen", "unix:/run/x.sock", "HOST:PORT"},
 };
 
 static void check_bad_value_message(const BadValue *b, const char *msg)
@@ -413,11 +413,11 @@ static void test_bad_values_in_file(void **state)
 		int r;
 
 		assert_true(asprintf(&content, "# case %zu\n[%s]\n%s = %s\n", i, b->section, b->key,
-		                     b->value) >= 0);
+				     b->value) >= 0);
 		r = fx_load(fx, content, &path);
 		if (r != -EINVAL)
 			fail_msg("[%s] %s = \"%s\": got %d, expected -EINVAL", b->section, b->key,
-			         b->value, r);
+				 b->value, r);
 		assert_non_null(fx->error);
 		/* "file:line: " first, as compilers do, so editors can jump to it. */
 		assert_true(asprintf(&where, "%s:3: ", path) >= 0);
@@ -443,7 +443,7 @@ static void test_bad_values_set(void **state)
 
 		if (r != -EINVAL)
 			fail_msg("[%s] %s = \"%s\": got %d, expected -EINVAL", b->section, b->key,
-			         b->value, r);
+				 b->value, r);
 		assert_non_null(fx->error);
 		check_bad_value_message(b, fx->error);
 		/* Callers that only want the verdict pass no error pointer. */
@@ -502,13 +502,13 @@ static void test_syntax_error(void **state)
 	const char *path;
 
 	assert_int_equal(fx_load(fx,
-	                         "[agent]\n"
-	                         "state_dir = /srv/state\n"
-	                         "\n"
-	                         "this line is not ini\n"
-	                         "run_dir = /srv/run\n",
-	                         &path),
-	                 -EINVAL);
+				 "[agent]\n"
+				 "state_dir = /srv/state\n"
+				 "\n"
+				 "this line is not ini\n"
+				 "run_dir = /srv/run\n",
+				 &path),
+			 -EINVAL);
 	assert_true(asprintf(&where, "%s:4: ", path) >= 0);
 	assert_contains(fx->error, where);
 	assert_contains(fx->error, "syntax error");
@@ -532,19 +532,19 @@ static void test_error_line_number(void **state)
 	const char *path;
 
 	assert_int_equal(fx_load(fx,
-	                         "# ember.conf\n"
-	                         "\n"
-	                         "[agent]\n"
-	                         "; the state\n"
-	                         "state_dir = /srv/state\n"
-	                         "\n"
-	                         "[api]\n"
-	                         "max_message_mib = 16\n"
-	                         "# keepalive\n"
-	                         "keepalive_time_s = 0\n"
-	                         "keepalive_timeout_s = 0\n",
-	                         &path),
-	                 -EINVAL);
+				 "# ember.conf\n"
+				 "\n"
+				 "[agent]\n"
+				 "; the state\n"
+				 "state_dir = /srv/state\n"
+				 "\n"
+				 "[api]\n"
+				 "max_message_mib = 16\n"
+				 "# keepalive\n"
+				 "keepalive_time_s = 0\n"
+				 "keepalive_timeout_s = 0\n",
+				 &path),
+			 -EINVAL);
 	assert_true(asprintf(&where, "%s:10: ", path) >= 0);
 	if (strncmp(fx->error, where, strlen(where)) != 0)
 		fail_msg("expected \"%s\" to start with \"%s\"", fx->error, where);
@@ -618,8 +618,8 @@ static void test_tls_files_missing(void **state)
 		assert_int_equal(config_set(c, "api", "tcp_listen", "[::1]:7070", NULL), 0);
 		for (size_t j = 0; j < ELEMENTSOF(keys); j++)
 			assert_int_equal(config_set(c, "api", keys[j],
-			                            i == j ? missing : fx_file(fx, "pem"), NULL),
-			                 0);
+						    i == j ? missing : fx_file(fx, "pem"), NULL),
+					 0);
 		assert_int_equal(config_finish(c, fx_error(fx)), -ENOENT);
 		assert_contains(fx->error, keys[i]);
 		assert_contains(fx->error, missing);
@@ -634,7 +634,7 @@ static void test_tls_all_readable(void **state)
 	assert_int_equal(config_set(&fx->c, "api", "tls_cert", fx_file(fx, "c"), fx_error(fx)), 0);
 	assert_int_equal(config_set(&fx->c, "api", "tls_key", fx_file(fx, "k"), fx_error(fx)), 0);
 	assert_int_equal(
-	        config_set(&fx->c, "api", "tls_client_ca", fx_file(fx, "ca"), fx_error(fx)), 0);
+		config_set(&fx->c, "api", "tls_client_ca", fx_file(fx, "ca"), fx_error(fx)), 0);
 	assert_int_equal(config_finish(&fx->c, fx_error(fx)), 0);
 	assert_null(fx->error);
 }
@@ -708,10 +708,10 @@ static void test_later_wins(void **state)
 	const char *second;
 
 	assert_int_equal(fx_load(fx,
-	                         "[agent]\nstate_dir = /srv/one\nstate_dir = /srv/two\n"
-	                         "[api]\nmax_message_mib = 8\n",
-	                         NULL),
-	                 0);
+				 "[agent]\nstate_dir = /srv/one\nstate_dir = /srv/two\n"
+				 "[api]\nmax_message_mib = 8\n",
+				 NULL),
+			 0);
 	assert_string_equal(fx->c.state_dir, "/srv/two");
 
 	assert_int_equal(fx_load(fx, "[agent]\nstate_dir = /srv/three\n", &second), 0);
@@ -727,7 +727,7 @@ static void test_later_wins(void **state)
 
 	/* A refused override keeps what was there. */
 	assert_int_equal(config_set(&fx->c, "agent", "state_dir", "relative", fx_error(fx)),
-	                 -EINVAL);
+			 -EINVAL);
 	assert_string_equal(fx->c.state_dir, "/srv/four");
 }
 
@@ -765,23 +765,23 @@ static void test_dump_roundtrip_values(void **state)
 	Fixture *fx = *state;
 
 	assert_int_equal(fx_load(fx,
-	                         "[agent]\n"
-	                         "state_dir = /srv/ember/state\n"
-	                         "run_dir = /srv/ember/run\n"
-	                         "log_level = notice\n"
-	                         "firecracker_bin = fcsim\n"
-	                         "[api]\n"
-	                         "socket = /srv/ember/api.sock\n"
-	                         "tcp_listen = [::1]:7070\n"
-	                         "insecure_tcp = on\n"
-	                         "max_message_mib = 64\n"
-	                         "keepalive_time_s = 86400\n"
-	                         "keepalive_timeout_s = 1\n"
-	                         "min_ping_interval_s = 3600\n"
-	                         "max_concurrent_calls = 1\n"
-	                         "shutdown_grace_s = 0\n",
-	                         NULL),
-	                 0);
+				 "[agent]\n"
+				 "state_dir = /srv/ember/state\n"
+				 "run_dir = /srv/ember/run\n"
+				 "log_level = notice\n"
+				 "firecracker_bin = fcsim\n"
+				 "[api]\n"
+				 "socket = /srv/ember/api.sock\n"
+				 "tcp_listen = [::1]:7070\n"
+				 "insecure_tcp = on\n"
+				 "max_message_mib = 64\n"
+				 "keepalive_time_s = 86400\n"
+				 "keepalive_timeout_s = 1\n"
+				 "min_ping_interval_s = 3600\n"
+				 "max_concurrent_calls = 1\n"
+				 "shutdown_grace_s = 0\n",
+				 NULL),
+			 0);
 	assert_int_equal(config_finish(&fx->c, fx_error(fx)), 0);
 	dump_reload(fx);
 }
@@ -804,8 +804,8 @@ static void test_dump_log_levels(void **state)
 		const char *name;
 		int level;
 	} levels[] = {
-	        {"debug", LOG_DEBUG},     {"info", LOG_INFO}, {"notice", LOG_NOTICE},
-	        {"warning", LOG_WARNING}, {"err", LOG_ERR},   {"error", LOG_ERR},
+		{"debug", LOG_DEBUG},     {"info", LOG_INFO}, {"notice", LOG_NOTICE},
+		{"warning", LOG_WARNING}, {"err", LOG_ERR},   {"error", LOG_ERR},
 	};
 	Fixture *fx = *state;
 
@@ -920,8 +920,8 @@ static char *read_doc(const char *name)
 	r = read_full_file(path, 1 << 20, &text, NULL);
 	if (r < 0)
 		fail_msg("cannot read %s: %s (README.md and ember.conf must document every key; "
-		         "set EMBER_SRCDIR to the source tree)",
-		         path, strerror(-r));
+			 "set EMBER_SRCDIR to the source tree)",
+			 path, strerror(-r));
 	return text;
 }
 
@@ -946,9 +946,9 @@ static void test_keys_documented(void **state)
 			missing++;
 		} else if (!conf_documents_default(conf, k)) {
 			print_error("ember.conf does not give the default of %s: expected \"# %s = "
-			            "%s\"%s or the default on a line naming the key\n",
-			            k->key, k->key, k->default_value,
-			            k->default_value[0] ? "" : " (empty)");
+				    "%s\"%s or the default on a line naming the key\n",
+				    k->key, k->key, k->default_value,
+				    k->default_value[0] ? "" : " (empty)");
 			missing++;
 		}
 	}
@@ -960,31 +960,31 @@ int main(void)
 {
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
 	const struct CMUnitTest tests[] = {
-	        T(test_defaults),
-	        T(test_socket_follows_run_dir),
-	        T(test_key_table),
-	        T(test_good_file),
-	        T(test_good_values),
-	        T(test_bad_values_in_file),
-	        T(test_bad_values_set),
-	        T(test_unknown_key),
-	        T(test_unknown_section),
-	        T(test_syntax_error),
-	        T(test_error_line_number),
-	        T(test_tcp_needs_tls_or_insecure),
-	        T(test_partial_tls),
-	        T(test_insecure_with_tls),
-	        T(test_tls_files_missing),
-	        T(test_tls_all_readable),
-	        T(test_socket_length),
-	        T(test_socket_length_derived_ok),
-	        T(test_missing_file),
-	        T(test_later_wins),
-	        T(test_dump_roundtrip_defaults),
-	        T(test_dump_roundtrip_values),
-	        T(test_dump_roundtrip_tls),
-	        T(test_dump_log_levels),
-	        T(test_keys_documented),
+		T(test_defaults),
+		T(test_socket_follows_run_dir),
+		T(test_key_table),
+		T(test_good_file),
+		T(test_good_values),
+		T(test_bad_values_in_file),
+		T(test_bad_values_set),
+		T(test_unknown_key),
+		T(test_unknown_section),
+		T(test_syntax_error),
+		T(test_error_line_number),
+		T(test_tcp_needs_tls_or_insecure),
+		T(test_partial_tls),
+		T(test_insecure_with_tls),
+		T(test_tls_files_missing),
+		T(test_tls_all_readable),
+		T(test_socket_length),
+		T(test_socket_length_derived_ok),
+		T(test_missing_file),
+		T(test_later_wins),
+		T(test_dump_roundtrip_defaults),
+		T(test_dump_roundtrip_values),
+		T(test_dump_roundtrip_tls),
+		T(test_dump_log_levels),
+		T(test_keys_documented),
 	};
 #undef T
 

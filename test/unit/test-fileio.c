@@ -286,7 +286,7 @@ static void test_write_empty(void **state)
 static void test_write_failure_leaves_nothing(void **state)
 {
 	_cleanup_free_ char *dir = tpath("atomic-fail"), *target = NULL, *names = NULL,
-	                    *missing = NULL;
+			    *missing = NULL;
 	(void)state;
 
 	assert_int_equal(mkdir(dir, 0755), 0);
@@ -473,23 +473,23 @@ static void test_lock_other_process(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	        cmocka_unit_test(test_read_content),
-	        cmocka_unit_test(test_read_size_optional),
-	        cmocka_unit_test(test_read_empty),
-	        cmocka_unit_test(test_read_large),
-	        cmocka_unit_test(test_read_max_size),
-	        cmocka_unit_test(test_read_max_size_large),
-	        cmocka_unit_test(test_read_empty_with_zero_max),
-	        cmocka_unit_test(test_read_missing),
-	        cmocka_unit_test(test_read_directory),
-	        cmocka_unit_test(test_write_replaces),
-	        cmocka_unit_test(test_write_mode_ignores_umask),
-	        cmocka_unit_test(test_write_empty),
-	        cmocka_unit_test(test_write_failure_leaves_nothing),
-	        cmocka_unit_test(test_mkdir_nested),
-	        cmocka_unit_test(test_mkdir_through_file),
-	        cmocka_unit_test(test_lock_same_process),
-	        cmocka_unit_test(test_lock_other_process),
+		cmocka_unit_test(test_read_content),
+		cmocka_unit_test(test_read_size_optional),
+		cmocka_unit_test(test_read_empty),
+		cmocka_unit_test(test_read_large),
+		cmocka_unit_test(test_read_max_size),
+		cmocka_unit_test(test_read_max_size_large),
+		cmocka_unit_test(test_read_empty_with_zero_max),
+		cmocka_unit_test(test_read_missing),
+		cmocka_unit_test(test_read_directory),
+		cmocka_unit_test(test_write_replaces),
+		cmocka_unit_test(test_write_mode_ignores_umask),
+		cmocka_unit_test(test_write_empty),
+		cmocka_unit_test(test_write_failure_leaves_nothing),
+		cmocka_unit_test(test_mkdir_nested),
+		cmocka_unit_test(test_mkdir_through_file),
+		cmocka_unit_test(test_lock_same_process),
+		cmocka_unit_test(test_lock_other_process),
 	};
 
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -17,16 +17,16 @@
 static void test_valid(void **state)
 {
 	static const char *const good[] = {
-	        "a",
-	        "0",
-	        "a-b",
-	        "abc123",
-	        "9lives",
-	        "a--b",
-	        /* A trailing dash is inside the pattern; refusing it would break ids the
-	         * scheduler may already use. */
-	        "a-",
-	        "0-0",
+		"a",
+		"0",
+		"a-b",
+		"abc123",
+		"9lives",
+		"a--b",
+		/* A trailing dash is inside the pattern; refusing it would break ids the
+		 * scheduler may already use. */
+		"a-",
+		"0-0",
 	};
 	(void)state;
 
@@ -63,9 +63,9 @@ static void test_length_limit(void **state)
 static void test_invalid(void **state)
 {
 	static const char *const bad[] = {
-	        "",          "-a",    "-",   "A",   "aB",  "a_b",    "a.b", "a/b",
-	        "..",        "/",     "a b", " a",  "a ",  "a\n",    "a\t", "\xc3\xa9",
-	        "a\xc3\xa9", "a\xff", "a:b", "a+b", "a@b", "sbx\\1", "-0",
+		"",          "-a",    "-",   "A",   "aB",  "a_b",    "a.b", "a/b",
+		"..",        "/",     "a b", " a",  "a ",  "a\n",    "a\t", "\xc3\xa9",
+		"a\xc3\xa9", "a\xff", "a:b", "a+b", "a@b", "sbx\\1", "-0",
 	};
 	(void)state;
 
@@ -79,9 +79,9 @@ static void test_invalid(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	        cmocka_unit_test(test_valid),
-	        cmocka_unit_test(test_length_limit),
-	        cmocka_unit_test(test_invalid),
+		cmocka_unit_test(test_valid),
+		cmocka_unit_test(test_length_limit),
+		cmocka_unit_test(test_invalid),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

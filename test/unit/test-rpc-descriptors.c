@@ -48,7 +48,7 @@ static void test_index_new(void **state)
 
 	/* Also done by the group setup; here so that a failure has a test name and a code. */
 	assert_int_equal(rpc_desc_index_new(ember_descriptor_set, ember_descriptor_set_size, &idx),
-	                 0);
+			 0);
 	assert_non_null(idx);
 	/* node.proto, its two well-known imports, health, reflection v1 and v1alpha. */
 	assert_int_equal(idx->n_files, 6);
@@ -61,12 +61,12 @@ static void test_find_file(void **state)
 {
 	const RpcDescIndex *idx = *state;
 	static const char *const names[] = {
-	        NODE_PROTO,
-	        TIMESTAMP_PROTO,
-	        DURATION_PROTO,
-	        HEALTH_PROTO,
-	        "grpc/reflection/v1/reflection.proto",
-	        "grpc/reflection/v1alpha/reflection.proto",
+		NODE_PROTO,
+		TIMESTAMP_PROTO,
+		DURATION_PROTO,
+		HEALTH_PROTO,
+		"grpc/reflection/v1/reflection.proto",
+		"grpc/reflection/v1alpha/reflection.proto",
 	};
 
 	for (size_t i = 0; i < ELEMENTSOF(names); i++) {
@@ -143,9 +143,9 @@ static void test_find_symbol(void **state)
 	assert_symbol_in(idx, "grpc.health.v1.HealthCheckResponse.ServingStatus", HEALTH_PROTO);
 	assert_symbol_in(idx, "grpc.health.v1.HealthCheckResponse.SERVING", HEALTH_PROTO);
 	assert_symbol_in(idx, "grpc.reflection.v1.ServerReflection",
-	                 "grpc/reflection/v1/reflection.proto");
+			 "grpc/reflection/v1/reflection.proto");
 	assert_symbol_in(idx, "grpc.reflection.v1alpha.ServerReflection",
-	                 "grpc/reflection/v1alpha/reflection.proto");
+			 "grpc/reflection/v1alpha/reflection.proto");
 
 	assert_null(rpc_desc_find_symbol(idx, "ember.v1.NoSuchThing"));
 	assert_null(rpc_desc_find_symbol(idx, "ember.v1"));
@@ -167,11 +167,11 @@ static void test_sorted_unique(void **state)
 	for (size_t i = 1; i < idx->n_symbols; i++)
 		if (strcmp(idx->symbols[i - 1].name, idx->symbols[i].name) >= 0)
 			fail_msg("symbols out of order or duplicated: %s, %s",
-			         idx->symbols[i - 1].name, idx->symbols[i].name);
+				 idx->symbols[i - 1].name, idx->symbols[i].name);
 	for (size_t i = 1; i < idx->n_methods; i++)
 		if (strcmp(idx->methods[i - 1].name, idx->methods[i].name) >= 0)
 			fail_msg("methods out of order or duplicated: %s, %s",
-			         idx->methods[i - 1].name, idx->methods[i].name);
+				 idx->methods[i - 1].name, idx->methods[i].name);
 	for (size_t i = 0; i < idx->n_symbols; i++) {
 		assert_true(idx->symbols[i].file < idx->n_files);
 		if (rpc_desc_find_symbol(idx, idx->symbols[i].name) !=
@@ -181,7 +181,7 @@ static void test_sorted_unique(void **state)
 }
 
 static void assert_method(const RpcDescIndex *idx, const char *service, const char *method,
-                          bool client_streaming, bool server_streaming)
+			  bool client_streaming, bool server_streaming)
 {
 	const RpcDescMethod *m = rpc_desc_find_method(idx, service, method);
 
@@ -189,8 +189,8 @@ static void assert_method(const RpcDescIndex *idx, const char *service, const ch
 		fail_msg("method %s/%s not found", service, method);
 	if (m->client_streaming != client_streaming || m->server_streaming != server_streaming)
 		fail_msg("method %s/%s: client_streaming=%d server_streaming=%d, expected %d %d",
-		         service, method, m->client_streaming, m->server_streaming,
-		         client_streaming, server_streaming);
+			 service, method, m->client_streaming, m->server_streaming,
+			 client_streaming, server_streaming);
 }
 
 static void test_find_method(void **state)
@@ -210,9 +210,9 @@ static void test_find_method(void **state)
 	assert_method(idx, "grpc.health.v1.Health", "Check", false, false);
 	assert_method(idx, "grpc.health.v1.Health", "Watch", false, true);
 	assert_method(idx, "grpc.reflection.v1.ServerReflection", "ServerReflectionInfo", true,
-	              true);
+		      true);
 	assert_method(idx, "grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo", true,
-	              true);
+		      true);
 
 	assert_null(rpc_desc_find_method(idx, "ember.v1.Node", "NoSuchMethod"));
 	assert_null(rpc_desc_find_method(idx, "ember.v1.Nope", "GetNode"));
@@ -241,7 +241,7 @@ static void assert_closure_complete(const RpcDescIndex *idx, const RpcDescFile *
 			const RpcDescFile *dep = &idx->files[files[i]->deps[j]];
 			if (count_in(files, n, dep->name) != 1)
 				fail_msg("%s imports %s, which is missing from the closure",
-				         files[i]->name, dep->name);
+					 files[i]->name, dep->name);
 		}
 	}
 }
@@ -295,8 +295,8 @@ static void test_closure_every_file(void **state)
 /* protobuf-c's structs take char *; these arrays keep -Wwrite-strings happy. */
 static char n_a[] = "a.proto", n_b[] = "b.proto", n_c[] = "c.proto", n_d[] = "d.proto";
 static char n_pkg[] = "pkg", n_outer[] = "Outer", n_inner[] = "Inner", n_enum[] = "E",
-            n_value[] = "V", n_field[] = "f", n_oneof[] = "choice", n_service[] = "S",
-            n_method[] = "Upload", n_type[] = ".pkg.Outer";
+	    n_value[] = "V", n_field[] = "f", n_oneof[] = "choice", n_service[] = "S",
+	    n_method[] = "Upload", n_type[] = ".pkg.Outer";
 
 static uint8_t *pack_set(Google__Protobuf__FileDescriptorProto **files, size_t n, size_t *ret_size)
 {
@@ -315,10 +315,10 @@ static uint8_t *pack_set(Google__Protobuf__FileDescriptorProto **files, size_t n
 /* Gives `f` a service with one method. The import tests add it so that their sets have
  * symbols and methods like any real one; an index with neither is test_empty_set's case. */
 static void add_service(Google__Protobuf__FileDescriptorProto *f,
-                        Google__Protobuf__ServiceDescriptorProto **services,
-                        Google__Protobuf__ServiceDescriptorProto *svc,
-                        Google__Protobuf__MethodDescriptorProto **methods,
-                        Google__Protobuf__MethodDescriptorProto *m)
+			Google__Protobuf__ServiceDescriptorProto **services,
+			Google__Protobuf__ServiceDescriptorProto *svc,
+			Google__Protobuf__MethodDescriptorProto **methods,
+			Google__Protobuf__MethodDescriptorProto *m)
 {
 	m->name = n_method;
 	m->input_type = n_type;
@@ -336,16 +336,16 @@ static void add_service(Google__Protobuf__FileDescriptorProto *f,
 static void test_closure_diamond(void **state)
 {
 	Google__Protobuf__FileDescriptorProto a = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT,
-	                                      b = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT,
-	                                      c = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT,
-	                                      d = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT;
+					      b = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT,
+					      c = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT,
+					      d = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT;
 	char *a_deps[] = {n_b, n_c}, *d_dep[] = {n_d};
 	Google__Protobuf__FileDescriptorProto *files[] = {&d, &b, &c, &a};
 	Google__Protobuf__ServiceDescriptorProto
-	        svc = GOOGLE__PROTOBUF__SERVICE_DESCRIPTOR_PROTO__INIT,
-	        *services[1];
+		svc = GOOGLE__PROTOBUF__SERVICE_DESCRIPTOR_PROTO__INIT,
+		*services[1];
 	Google__Protobuf__MethodDescriptorProto m = GOOGLE__PROTOBUF__METHOD_DESCRIPTOR_PROTO__INIT,
-	                                        *methods[1];
+						*methods[1];
 	_cleanup_free_ uint8_t *data = NULL;
 	_cleanup_free_ const RpcDescFile **closure = NULL;
 	RpcDescIndex *idx = NULL;
@@ -382,14 +382,14 @@ static void test_closure_diamond(void **state)
 static void test_closure_cycle(void **state)
 {
 	Google__Protobuf__FileDescriptorProto a = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT,
-	                                      b = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT;
+					      b = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT;
 	char *a_dep[] = {n_b}, *b_dep[] = {n_a};
 	Google__Protobuf__FileDescriptorProto *files[] = {&a, &b};
 	Google__Protobuf__ServiceDescriptorProto
-	        svc = GOOGLE__PROTOBUF__SERVICE_DESCRIPTOR_PROTO__INIT,
-	        *services[1];
+		svc = GOOGLE__PROTOBUF__SERVICE_DESCRIPTOR_PROTO__INIT,
+		*services[1];
 	Google__Protobuf__MethodDescriptorProto m = GOOGLE__PROTOBUF__METHOD_DESCRIPTOR_PROTO__INIT,
-	                                        *methods[1];
+						*methods[1];
 	_cleanup_free_ uint8_t *data = NULL;
 	_cleanup_free_ const RpcDescFile **closure = NULL;
 	RpcDescIndex *idx = NULL;
@@ -418,16 +418,16 @@ static void test_nested_symbols(void **state)
 {
 	Google__Protobuf__FileDescriptorProto f = GOOGLE__PROTOBUF__FILE_DESCRIPTOR_PROTO__INIT;
 	Google__Protobuf__DescriptorProto outer = GOOGLE__PROTOBUF__DESCRIPTOR_PROTO__INIT,
-	                                  inner = GOOGLE__PROTOBUF__DESCRIPTOR_PROTO__INIT;
+					  inner = GOOGLE__PROTOBUF__DESCRIPTOR_PROTO__INIT;
 	Google__Protobuf__FieldDescriptorProto field =
-	        GOOGLE__PROTOBUF__FIELD_DESCRIPTOR_PROTO__INIT;
+		GOOGLE__PROTOBUF__FIELD_DESCRIPTOR_PROTO__INIT;
 	Google__Protobuf__OneofDescriptorProto oneof =
-	        GOOGLE__PROTOBUF__ONEOF_DESCRIPTOR_PROTO__INIT;
+		GOOGLE__PROTOBUF__ONEOF_DESCRIPTOR_PROTO__INIT;
 	Google__Protobuf__EnumDescriptorProto en = GOOGLE__PROTOBUF__ENUM_DESCRIPTOR_PROTO__INIT;
 	Google__Protobuf__EnumValueDescriptorProto val =
-	        GOOGLE__PROTOBUF__ENUM_VALUE_DESCRIPTOR_PROTO__INIT;
+		GOOGLE__PROTOBUF__ENUM_VALUE_DESCRIPTOR_PROTO__INIT;
 	Google__Protobuf__ServiceDescriptorProto svc =
-	        GOOGLE__PROTOBUF__SERVICE_DESCRIPTOR_PROTO__INIT;
+		GOOGLE__PROTOBUF__SERVICE_DESCRIPTOR_PROTO__INIT;
 	Google__Protobuf__MethodDescriptorProto m = GOOGLE__PROTOBUF__METHOD_DESCRIPTOR_PROTO__INIT;
 	Google__Protobuf__DescriptorProto *nested[] = {&inner}, *messages[] = {&outer};
 	Google__Protobuf__FieldDescriptorProto *fields[] = {&field};
@@ -507,10 +507,10 @@ static void test_garbage(void **state)
 		const uint8_t *data;
 		size_t size;
 	} cases[] = {
-	        {endless_varint, sizeof(endless_varint)},
-	        {wire_type_7, sizeof(wire_type_7)},
-	        {overlong, sizeof(overlong)},
-	        {open_group, sizeof(open_group)},
+		{endless_varint, sizeof(endless_varint)},
+		{wire_type_7, sizeof(wire_type_7)},
+		{overlong, sizeof(overlong)},
+		{open_group, sizeof(open_group)},
 	};
 	(void)state;
 
@@ -534,7 +534,7 @@ static void test_bad_descriptors(void **state)
 	static const uint8_t nameless[] = {0x0a, 0x00};
 	/* "a.proto" importing "b.proto", which is not in the set. */
 	static const uint8_t missing_dep[] = {0x0a, 0x12, 0x0a, 0x07, 'a', '.', 'p', 'r', 'o', 't',
-	                                      'o',  0x1a, 0x07, 'b',  '.', 'p', 'r', 'o', 't', 'o'};
+					      'o',  0x1a, 0x07, 'b',  '.', 'p', 'r', 'o', 't', 'o'};
 	RpcDescIndex *idx = NULL;
 	(void)state;
 
@@ -628,26 +628,26 @@ static void test_empty_set(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	        /* the embedded set */
-	        cmocka_unit_test(test_index_new),
-	        cmocka_unit_test(test_find_file),
-	        cmocka_unit_test(test_file_data),
-	        cmocka_unit_test(test_find_symbol),
-	        cmocka_unit_test(test_sorted_unique),
-	        cmocka_unit_test(test_find_method),
-	        /* imports, as reflection hands them out */
-	        cmocka_unit_test(test_closure_node),
-	        cmocka_unit_test(test_closure_leaf),
-	        cmocka_unit_test(test_closure_every_file),
-	        /* hand-built sets */
-	        cmocka_unit_test(test_closure_diamond),
-	        cmocka_unit_test(test_closure_cycle),
-	        cmocka_unit_test(test_nested_symbols),
-	        /* input that is not a good descriptor set */
-	        cmocka_unit_test(test_garbage),
-	        cmocka_unit_test(test_bad_descriptors),
-	        cmocka_unit_test(test_truncated),
-	        cmocka_unit_test(test_empty_set),
+		/* the embedded set */
+		cmocka_unit_test(test_index_new),
+		cmocka_unit_test(test_find_file),
+		cmocka_unit_test(test_file_data),
+		cmocka_unit_test(test_find_symbol),
+		cmocka_unit_test(test_sorted_unique),
+		cmocka_unit_test(test_find_method),
+		/* imports, as reflection hands them out */
+		cmocka_unit_test(test_closure_node),
+		cmocka_unit_test(test_closure_leaf),
+		cmocka_unit_test(test_closure_every_file),
+		/* hand-built sets */
+		cmocka_unit_test(test_closure_diamond),
+		cmocka_unit_test(test_closure_cycle),
+		cmocka_unit_test(test_nested_symbols),
+		/* input that is not a good descriptor set */
+		cmocka_unit_test(test_garbage),
+		cmocka_unit_test(test_bad_descriptors),
+		cmocka_unit_test(test_truncated),
+		cmocka_unit_test(test_empty_set),
 	};
 
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
