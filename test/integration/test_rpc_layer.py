@@ -37,7 +37,9 @@ def test_deadline_visible_to_handler(start_rpctestd):
     with grpc.insecure_channel(d.target) as ch:
         r = stub(ch).Echo(pb.EchoRequest(text="hi"), timeout=5)
         assert r.text == "hi" and r.method == "/rpctest.Test/Echo"
-        assert 3000 < r.remaining_ms <= 5000
+        # The deadline travels as a grpc-timeout header that gRPC rounds up to a coarser unit,
+        # so the server may see a few ms more than the client asked for; never seconds more.
+        assert 3000 < r.remaining_ms <= 5100
         r = stub(ch).Echo(pb.EchoRequest(text="no deadline"))
         assert r.remaining_ms == -1
 
