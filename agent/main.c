@@ -313,6 +313,8 @@ static int run(const Config *c)
 	if (r < 0)
 		return log_error_errno(r, "%s", err ?: "cannot set up the node service");
 
+	node_service_probe(node);
+
 	RpcServerOptions opts = {
 		.descriptor_set = ember_descriptor_set,
 		.descriptor_set_size = ember_descriptor_set_size,

@@ -159,6 +159,18 @@ static void read_meminfo(uint64_t *total, uint64_t *available)
 	}
 }
 
+void node_service_probe(NodeService *n)
+{
+	static const char *const names[] = {"kvm", "device-mapper", "userfaultfd", "firecracker"};
+	ProbeResult r[4];
+
+	probes_refresh(n, r);
+	for (size_t i = 0; i < ELEMENTSOF(r); i++)
+		log_struct(r[i].available ? LOG_INFO : LOG_NOTICE, 0,
+			   LOG_FIELDS({"OP", "probe"}, {"FACILITY", names[i]}), "%s: %s: %s",
+			   names[i], r[i].available ? "available" : "NOT available", r[i].reason);
+}
+
 static void fill_probe(Ember__V1__Probe *p, ProbeResult *r)
 {
 	p->available = r->available;

@@ -15,3 +15,5 @@ DEFINE_POINTER_CLEANUP(NodeService, node_service_free)
 
 int node_service_register(NodeService *n, RpcServer *s);
 const char *node_service_id(const NodeService *n);
+/* Probes the host facilities now and logs what is (not) available and why. */
+void node_service_probe(NodeService *n);
