@@ -67,7 +67,7 @@ void probe_kvm(ProbeResult *ret)
 		set(ret, false, v, "KVM_CREATE_VM failed: %s", strerror(errno));
 		return;
 	}
-	set(ret, true, v, "/dev/kvm usable (API version %d)", api);
+	set(ret, true, v, "/dev/kvm usable (API version %d, a VM can be created)", api);
 }
 
 void probe_device_mapper(ProbeResult *ret)
@@ -84,8 +84,7 @@ void probe_device_mapper(ProbeResult *ret)
 		if (errno == ENOENT)
 			set(ret, false, NULL,
 			    "/dev/mapper/control does not exist: the kernel has no device-mapper "
-			    "(try modprobe dm-mod dm-snapshot); the file storage backend works "
-			    "without it");
+			    "(try modprobe dm-mod dm-snapshot)");
 		else
 			set(ret, false, NULL, "cannot open /dev/mapper/control: %s",
 			    strerror(errno));
@@ -128,8 +127,9 @@ void probe_userfaultfd(ProbeResult *ret)
 		set(ret, false, NULL, "UFFDIO_API failed: %s", strerror(errno));
 		return;
 	}
-	snprintf(v, sizeof(v), "api %llu", (unsigned long long)api.api);
-	set(ret, true, v, "userfaultfd usable (features 0x%llx)", (unsigned long long)api.features);
+	snprintf(v, sizeof(v), "0x%llx", (unsigned long long)api.api);
+	set(ret, true, v, "userfaultfd usable (UFFD API 0x%llx, features 0x%llx)",
+	    (unsigned long long)api.api, (unsigned long long)api.features);
 }
 
 int find_program(const char *name, char **ret_path)
