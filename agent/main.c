@@ -383,7 +383,12 @@ static int run(const Config *c)
 		   c->tcp_listen[0] ? " and " : "", c->tcp_listen);
 
 	main_loop(server, &mask);
-	drain(server, c->shutdown_grace_s, &mask);
+	/* Only a second SIGTERM/SIGINT cuts the grace period short; SIGHUP stays pending. */
+	sigset_t interrupt;
+	sigemptyset(&interrupt);
+	sigaddset(&interrupt, SIGTERM);
+	sigaddset(&interrupt, SIGINT);
+	drain(server, c->shutdown_grace_s, &interrupt);
 	rpc_server_free(TAKE_PTR(server));
 	(void)unlink(c->socket);
 	log_struct(LOG_INFO, 0,

@@ -73,6 +73,9 @@ static int add_message(Builder *b, const char *scope, const Google__Protobuf__De
 	for (size_t i = 0; i < m->n_oneof_decl; i++)
 		if ((r = add_symbol(b, full, m->oneof_decl[i]->name, file)) < 0)
 			return r;
+	for (size_t i = 0; i < m->n_extension; i++)
+		if ((r = add_symbol(b, full, m->extension[i]->name, file)) < 0)
+			return r;
 	return 0;
 }
 

@@ -162,6 +162,9 @@ static RpcCode reflection_info(RpcCall *call, const ProtobufCMessage *request, v
 	(void)request;
 	(void)userdata;
 
+	/* A reflection session (grpcurl, grpcui) idles between requests: it must not hold up a
+	 * shutdown for the whole grace period. */
+	rpc_call_end_on_drain(call);
 	for (;;) {
 		_cleanup_(messagep) ProtobufCMessage *m = NULL;
 		_cleanup_(requestp) Request *req = NULL;

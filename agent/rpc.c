@@ -114,7 +114,10 @@ struct RpcCall {
 	grpc_byte_buffer *recv_buf;
 	bool recv_in_flight, recv_ok, recv_eof;
 
-	unsigned wake_gen;
+	bool end_on_drain; /* rpc_call_end_on_drain() */
+
+	unsigned wake_gen;   /* bumped by every wake */
+	unsigned wake_seen;  /* wake_gen when rpc_call_wait() last returned */
 	char *error_message; /* from rpc_call_error() */
 
 	RpcCall *prev, *next; /* server->calls */
@@ -135,8 +138,9 @@ struct RpcServer {
 	size_t n_services;
 	RequestSlot *slots;
 
-	pthread_mutex_t mu; /* guards everything below */
-	pthread_cond_t cond;
+	pthread_mutex_t mu;       /* guards everything below */
+	pthread_cond_t cond;      /* calls, handlers or threads finished; shutdown tag arrived */
+	pthread_cond_t pool_cond; /* work for the workers, or pool stopping */
 	_Atomic RpcServerState state; /* read without the lock by rpc_call_wait() */
 	bool shutdown_started, shutdown_done, cancelled_all;
 	Tag shutdown_tag;
@@ -489,9 +493,9 @@ static void run_call(RpcCall *c)
 	code = m->handler(c, c->request, m->userdata);
 	if (code == RPC_OK && !m->server_streaming) {
 		pthread_mutex_lock(&c->mu);
-		bool replied = c->reply_sent;
+		bool replied = c->reply_sent, dead = c->dead;
 		pthread_mutex_unlock(&c->mu);
-		if (!replied && !c->dead) {
+		if (!replied && !dead) {
 			log_error("%s: handler returned OK without a reply", c->path);
 			code = rpc_call_error(c, RPC_INTERNAL, "handler returned no reply");
 		}
@@ -504,6 +508,12 @@ static void run_call(RpcCall *c)
 	call_unref(c);
 }
 
+/* Worker accounting, all under s->mu:
+ *   n_threads  workers that exist (started or starting), never above max_concurrent_calls
+ *   n_idle     workers free to take a job, including ones created but not yet running
+ *   n_queued   jobs not yet taken; a job "claims" one idle worker
+ *   n_active   calls handed to the pool and not finished (queued + running)
+ * A job needs a new thread when every idle worker is already claimed (n_queued >= n_idle). */
 static void *worker_main(void *p)
 {
 	RpcServer *s = p;
@@ -516,24 +526,25 @@ static void *worker_main(void *p)
 			if (!s->jobs_head)
 				s->jobs_tail = NULL;
 			s->n_queued--;
+			s->n_idle--;
 			pthread_mutex_unlock(&s->mu);
 			run_call(c);
 			pthread_mutex_lock(&s->mu);
+			s->n_idle++;
 			s->n_active--;
-			pthread_cond_broadcast(&s->cond);
+			pthread_cond_broadcast(&s->cond); /* drain waiters */
 			continue;
 		}
 		if (s->pool_stopping)
 			break;
-		s->n_idle++;
 		struct timespec ts = abs_timeout((int64_t)WORKER_IDLE_EXIT_SEC * 1000);
-		int r = pthread_cond_timedwait(&s->cond, &s->mu, &ts);
-		s->n_idle--;
-		if (r == ETIMEDOUT && !s->jobs_head && s->n_threads > 1)
+		int r = pthread_cond_timedwait(&s->pool_cond, &s->mu, &ts);
+		if (r == ETIMEDOUT && !s->jobs_head && s->n_idle > 1)
 			break;
 	}
-	/* Retire: the next pool operation (or free) joins us. `exited` has room for every thread
-	 * there can be (at most max_concurrent_calls), so this cannot fail. */
+	/* Retire: the next pool operation (or free) joins us. `exited` has room for
+	 * max_concurrent_calls threads, and at most that many exist between two reaps. */
+	s->n_idle--;
 	s->exited[s->n_exited++] = pthread_self();
 	s->n_threads--;
 	pthread_cond_broadcast(&s->cond);
@@ -541,7 +552,8 @@ static void *worker_main(void *p)
 	return NULL;
 }
 
-/* Hands a call to a worker; -EBUSY when max_concurrent_calls are already running. */
+/* Hands a call to a worker; -EBUSY when max_concurrent_calls are already running, -EAGAIN when
+ * no worker is free and no thread can be started. */
 static int pool_submit(RpcServer *s, RpcCall *c)
 {
 	int r = 0;
@@ -552,18 +564,18 @@ static int pool_submit(RpcServer *s, RpcCall *c)
 		r = -EBUSY;
 		goto out;
 	}
-	/* An idle worker counts only if no queued job has claimed it yet: it may not have woken
-	 * up since the last submit. Otherwise a burst of long calls (streams) would queue behind
-	 * each other while the pool believes it has spare threads. */
+	/* Idle workers already claimed by queued jobs do not count: otherwise a burst of long
+	 * calls (streams) would queue behind each other while the pool believes it has spare
+	 * threads. n_active < max bounds n_threads by max as well. */
 	if (s->n_queued >= s->n_idle) {
 		pthread_t t;
-		if (pthread_create(&t, NULL, worker_main, s) == 0)
-			s->n_threads++;
-		else if (s->n_threads == 0) {
+		if (pthread_create(&t, NULL, worker_main, s) != 0) {
+			/* Queueing would make the call wait behind calls that may never end. */
 			r = -EAGAIN;
 			goto out;
 		}
-		/* else: an existing worker picks the job up when it is done */
+		s->n_threads++;
+		s->n_idle++;
 	}
 	c->job_next = NULL;
 	if (s->jobs_tail)
@@ -573,7 +585,7 @@ static int pool_submit(RpcServer *s, RpcCall *c)
 	s->jobs_tail = c;
 	s->n_queued++;
 	s->n_active++;
-	pthread_cond_broadcast(&s->cond);
+	pthread_cond_signal(&s->pool_cond);
 out:
 	pthread_mutex_unlock(&s->mu);
 	return r;
@@ -799,6 +811,7 @@ int rpc_server_new(const RpcServerOptions *opts, RpcServer **ret)
 	}
 	pthread_mutex_init(&s->mu, NULL);
 	cond_init_monotonic(&s->cond);
+	cond_init_monotonic(&s->pool_cond);
 	atomic_store(&s->state, RPC_SERVER_STARTING);
 	s->shutdown_tag.done = on_shutdown;
 	atomic_store(&s->heartbeat_usec, now_usec());
@@ -807,6 +820,7 @@ int rpc_server_new(const RpcServerOptions *opts, RpcServer **ret)
 	if (r < 0) {
 		pthread_mutex_destroy(&s->mu);
 		pthread_cond_destroy(&s->cond);
+		pthread_cond_destroy(&s->pool_cond);
 		free(s->exited);
 		free(s);
 		return r;
@@ -1024,6 +1038,27 @@ void rpc_server_wake_all(RpcServer *s)
 	pthread_mutex_unlock(&s->mu);
 }
 
+static void call_end_now(RpcCall *c)
+{
+	/* Sends the status and makes every pending batch of the call complete: a handler
+	 * blocked in rpc_call_recv() returns -ECANCELED. Thread-safe in gRPC core. */
+	grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE, "emberd is shutting down",
+				     NULL);
+}
+
+static void end_marked_calls(RpcServer *s)
+{
+	pthread_mutex_lock(&s->mu);
+	for (RpcCall *c = s->calls; c; c = c->next) {
+		pthread_mutex_lock(&c->mu);
+		bool end = c->end_on_drain;
+		pthread_mutex_unlock(&c->mu);
+		if (end)
+			call_end_now(c);
+	}
+	pthread_mutex_unlock(&s->mu);
+}
+
 void rpc_server_drain_begin(RpcServer *s)
 {
 	pthread_mutex_lock(&s->mu);
@@ -1033,6 +1068,7 @@ void rpc_server_drain_begin(RpcServer *s)
 	if (!first)
 		return;
 	rpc_server_set_state(s, RPC_SERVER_DRAINING);
+	end_marked_calls(s);
 	/* Also when never started: gRPC refuses to destroy a server with listeners otherwise. */
 	grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
 }
@@ -1105,9 +1141,15 @@ void rpc_server_free(RpcServer *s)
 		if (s->poller_running) {
 			if (rpc_server_drain_wait(s, 0) < 0) {
 				rpc_server_cancel_all(s);
-				if (rpc_server_drain_wait(s, 5000) < 0)
+				if (rpc_server_drain_wait(s, 5000) < 0) {
+					/* A handler ignores cancellation. Freeing the server under
+					 * it would crash; the process is on its way out, so leave
+					 * everything as it is. */
 					log_debug(
-						"calls still running after cancel; freeing anyway");
+						"handlers still running after cancel: not freeing "
+						"the server");
+					return;
+				}
 			}
 		} else {
 			/* Never started (a listener failed): no poller, so collect the shutdown
@@ -1122,9 +1164,10 @@ void rpc_server_free(RpcServer *s)
 		}
 	}
 
+	/* No handler runs any more (n_active == 0): idle workers exit at once. */
 	pthread_mutex_lock(&s->mu);
 	s->pool_stopping = true;
-	pthread_cond_broadcast(&s->cond);
+	pthread_cond_broadcast(&s->pool_cond);
 	while (s->n_threads > 0)
 		pthread_cond_wait(&s->cond, &s->mu);
 	reap_exited_locked(s);
@@ -1158,6 +1201,7 @@ void rpc_server_free(RpcServer *s)
 	rpc_desc_index_free(s->desc);
 	pthread_mutex_destroy(&s->mu);
 	pthread_cond_destroy(&s->cond);
+	pthread_cond_destroy(&s->pool_cond);
 	free(s);
 	grpc_shutdown();
 }
@@ -1241,6 +1285,10 @@ int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
 		return -EINVAL;
 
 	pthread_mutex_lock(&c->mu);
+	if (c->recv_in_flight) { /* one reader per call: gRPC allows one receive at a time */
+		pthread_mutex_unlock(&c->mu);
+		return -EBUSY;
+	}
 	if (c->recv_eof) {
 		pthread_mutex_unlock(&c->mu);
 		return 0;
@@ -1290,13 +1338,13 @@ int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
 int rpc_call_wait(RpcCall *c, int64_t timeout_ms)
 {
 	struct timespec ts;
-	unsigned gen;
 	int r = 0;
 
 	if (timeout_ms >= 0)
 		ts = abs_timeout(timeout_ms);
 	pthread_mutex_lock(&c->mu);
-	gen = c->wake_gen;
+	/* Compared with the generation seen when the previous wait returned, not with the one
+	 * at entry: a wake between the handler reading its state and calling us is not lost. */
 	for (;;) {
 		if (c->dead) {
 			r = -ECANCELED;
@@ -1306,15 +1354,26 @@ int rpc_call_wait(RpcCall *c, int64_t timeout_ms)
 			r = -ESHUTDOWN;
 			break;
 		}
-		if (c->wake_gen != gen)
+		if (c->wake_gen != c->wake_seen)
 			break;
 		if (timeout_ms < 0)
 			pthread_cond_wait(&c->cond, &c->mu);
 		else if (pthread_cond_timedwait(&c->cond, &c->mu, &ts) == ETIMEDOUT)
 			break;
 	}
+	c->wake_seen = c->wake_gen;
 	pthread_mutex_unlock(&c->mu);
 	return r;
+}
+
+void rpc_call_end_on_drain(RpcCall *c)
+{
+	pthread_mutex_lock(&c->mu);
+	c->end_on_drain = true;
+	pthread_mutex_unlock(&c->mu);
+	/* drain_begin sets the state before it looks at the flags: one of us ends the call. */
+	if (rpc_server_get_state(c->server) == RPC_SERVER_DRAINING)
+		call_end_now(c);
 }
 
 void rpc_call_wake(RpcCall *c)

@@ -131,12 +131,17 @@ int rpc_call_send(RpcCall *call, const ProtobufCMessage *msg);
  * -EBADMSG when the bytes do not parse as the method's input type. gRPC core may also report a
  * cancellation as the end of the stream (0); where the difference matters (stdin EOF versus a
  * vanished client), the next rpc_call_send() or rpc_call_is_cancelled() tells. */
-int rpc_call_recv(RpcCall *call, ProtobufCMessage **ret);
+int rpc_call_recv(RpcCall *call, ProtobufCMessage **ret); /* one reader at a time: -EBUSY */
 
 /* Sleep until rpc_call_wake(), the timeout (-1: none), cancellation (-ECANCELED) or server
  * drain (-ESHUTDOWN). Returns 0 when woken or timed out. */
 int rpc_call_wait(RpcCall *call, int64_t timeout_ms);
 void rpc_call_wake(RpcCall *call);
+
+/* For calls that would otherwise stay open through the whole shutdown grace period waiting for
+ * the client (reflection sessions, watches): end the call with UNAVAILABLE as soon as the
+ * server starts draining. Blocked rpc_call_recv()/rpc_call_send() then return -ECANCELED. */
+void rpc_call_end_on_drain(RpcCall *call);
 /* Wakes every call of the server (for state that many long-poll handlers watch). */
 void rpc_server_wake_all(RpcServer *s);
 

@@ -181,9 +181,10 @@ def reflection_stream(ch):
     return reflection_pb2, q, responses
 
 
-def test_inflight_call_finishes_during_grace(start_emberd):
-    """A bidi call open at SIGTERM keeps working during the grace period and emberd exits as
-    soon as the client finishes it."""
+def test_reflection_session_ends_at_drain(start_emberd):
+    """An idle reflection session (grpcurl, grpcui) must not hold a shutdown for the whole
+    grace period: it ends with UNAVAILABLE as soon as the drain begins. (Calls that finish
+    their work during the grace period are tested through rpctestd in test_rpc_layer.py.)"""
     e = start_emberd("[api]\nshutdown_grace_s = 20\n")
     ch = e.channel()
     pb, q, responses = reflection_stream(ch)
@@ -192,34 +193,13 @@ def test_inflight_call_finishes_during_grace(start_emberd):
 
     t = time.monotonic()
     e.proc.signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert e.proc.alive(), "emberd did not wait for the call in flight"
-    q.put(pb.ServerReflectionRequest(file_containing_symbol="ember.v1.Node"))
-    assert next(responses).file_descriptor_response.file_descriptor_proto
-    q.put(None)
-    with pytest.raises(StopIteration):
-        next(responses)
-    assert e.proc.wait(10) == 0
-    assert time.monotonic() - t < 10
-    # A new call after the drain began is refused.
-    ch.close()
-
-
-def test_call_beyond_grace_is_cancelled(start_emberd):
-    e = start_emberd("[api]\nshutdown_grace_s = 2\n")
-    ch = e.channel()
-    pb, q, responses = reflection_stream(ch)
-    q.put(pb.ServerReflectionRequest(list_services=""))
-    next(responses)
-    t = time.monotonic()
-    e.proc.signal(signal.SIGTERM)
     with pytest.raises(grpc.RpcError) as ei:
-        next(responses)  # the client never finishes: the server must cancel at the grace end
-    assert ei.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        next(responses)
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in ei.value.details()
     assert e.proc.wait(10) == 0
-    elapsed = time.monotonic() - t
-    assert 1.5 < elapsed < 2 + 5 * SLOW, f"exit after {elapsed:.1f}s with a 2s grace"
-    assert "grace period of 2s over" in e.proc.log()
+    assert time.monotonic() - t < 5 * SLOW, "the idle session held up the shutdown"
+    assert "all calls finished" in e.proc.log()
     q.put(None)
     ch.close()
 

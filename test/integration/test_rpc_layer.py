@@ -240,3 +240,37 @@ def test_burst_of_long_calls_is_not_serialized(start_rpctestd):
             assert f.result(timeout=30).text == "slept"
         elapsed = time.monotonic() - t
         assert elapsed < 1.5 + 1.2 * SLOW, f"24 parallel 1.5s sleeps took {elapsed:.2f}s"
+
+
+def test_overload_then_shutdown(start_rpctestd):
+    """Many clients against a small call limit: the pool never runs more workers than the
+    limit (under SANITIZE=1 an overflow of its bookkeeping is caught), refused calls get
+    RESOURCE_EXHAUSTED, and the daemon still shuts down cleanly."""
+    d = start_rpctestd("--max-calls", 2)
+    codes = {}
+    lock = threading.Lock()
+    stop = time.monotonic() + 2 * SLOW
+
+    def client():
+        with grpc.insecure_channel(d.target) as ch:
+            s = stub(ch)
+            while time.monotonic() < stop:
+                futs = [s.Echo.future(pb.EchoRequest(text="x"), timeout=10) for _ in range(8)]
+                for f in futs:
+                    try:
+                        f.result()
+                        code = grpc.StatusCode.OK
+                    except grpc.RpcError as e:
+                        code = e.code()
+                    with lock:
+                        codes[code] = codes.get(code, 0) + 1
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes.get(grpc.StatusCode.OK, 0) > 0
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
