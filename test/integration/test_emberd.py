@@ -197,11 +197,14 @@ def test_reflection_session_ends_at_drain(start_emberd):
         next(responses)
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in ei.value.details()
-    assert e.proc.wait(10) == 0
-    assert time.monotonic() - t < 5 * SLOW, "the idle session held up the shutdown"
-    assert "all calls finished" in e.proc.log()
+    assert time.monotonic() - t < 2 * SLOW
+    # An idle client connection left open costs up to 5 s more: gRPC's graceful GOAWAY waits
+    # for a ping acknowledgement that an idle Python channel only sends when polled.
     q.put(None)
     ch.close()
+    assert e.proc.wait(10) == 0
+    assert time.monotonic() - t < 4 * SLOW, "the idle session held up the shutdown"
+    assert "all calls finished" in e.proc.log()
 
 
 def test_second_emberd_fails_clearly_first_keeps_serving(start_emberd, workdir, procs):
