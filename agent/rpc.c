@@ -12,7 +12,6 @@
  * batch in flight. The grpc_call is unref'ed when the last one goes.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
@@ -95,7 +94,6 @@ struct RpcCall {
 
 	Tag close_tag;
 	int cancelled_flag; /* written by gRPC core for RECV_CLOSE_ON_SERVER */
-	bool closed;
 	bool dead; /* cancelled, deadline passed, peer gone, or a send failed */
 
 	Tag send_tag;
@@ -142,10 +140,9 @@ struct RpcServer {
 	pthread_cond_t cond;      /* calls, handlers or threads finished; shutdown tag arrived */
 	pthread_cond_t pool_cond; /* work for the workers, or pool stopping */
 	_Atomic RpcServerState state; /* read without the lock by rpc_call_wait() */
-	bool shutdown_started, shutdown_done, cancelled_all;
+	bool shutdown_started, shutdown_done;
 	Tag shutdown_tag;
-	RpcCall *calls;
-	size_t n_calls;
+	RpcCall *calls; /* every live call, for waking and ending them */
 
 	/* worker pool */
 	RpcCall *jobs_head, *jobs_tail;
@@ -237,8 +234,6 @@ static void call_unref(RpcCall *c)
 		s->calls = c->next;
 	if (c->next)
 		c->next->prev = c->prev;
-	s->n_calls--;
-	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->mu);
 
 	for (SendItem *i = c->queue_head, *n; i; i = n) {
@@ -386,7 +381,6 @@ static void on_close(Tag *tag, bool ok)
 	RpcCall *c = (RpcCall *)((char *)tag - offsetof(RpcCall, close_tag));
 
 	pthread_mutex_lock(&c->mu);
-	c->closed = true;
 	if (!ok || c->cancelled_flag) {
 		log_debug("%s: cancelled (deadline, client cancel or disconnect)", c->path);
 		call_kill_locked(c);
@@ -452,7 +446,6 @@ static RpcCall *call_new(RpcServer *s, RpcMethod *m, const char *path, grpc_call
 	if (s->calls)
 		s->calls->prev = c;
 	s->calls = c;
-	s->n_calls++;
 	pthread_mutex_unlock(&s->mu);
 	return c;
 }
@@ -1091,9 +1084,6 @@ int rpc_server_drain_wait(RpcServer *s, int64_t timeout_ms)
 
 void rpc_server_cancel_all(RpcServer *s)
 {
-	pthread_mutex_lock(&s->mu);
-	s->cancelled_all = true;
-	pthread_mutex_unlock(&s->mu);
 	grpc_server_cancel_all_calls(s->server);
 	rpc_server_wake_all(s);
 }
