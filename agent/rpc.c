@@ -94,7 +94,7 @@ struct RpcCall {
 
 	Tag close_tag;
 	int cancelled_flag; /* written by gRPC core for RECV_CLOSE_ON_SERVER */
-	bool dead; /* cancelled, deadline passed, peer gone, or a send failed */
+	bool dead;          /* cancelled, deadline passed, peer gone, or a send failed */
 
 	Tag send_tag;
 	SendItem *queue_head, *queue_tail;
