@@ -1,0 +1,149 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Sandbox root disks (DESIGN.md §5).
+ *
+ * dm backend: one shared read-only loop device per base image (the *loop registry*, keyed by
+ * the image's st_dev/st_ino), and per sandbox a sparse copy-on-write file on its own loop
+ * device under a device-mapper snapshot `ember-<id>` (uuid `EMBER-<id>`) with the table
+ * `0 <base sectors> snapshot <base loop> <cow loop> P 8`. The persistent exception store makes
+ * the CoW file alone carry the sandbox's disk across pause, agent restart and reboot.
+ *
+ * file backend, for hosts without device-mapper: the sandbox's disk is its own copy of the base
+ * image, a reflink where the filesystem can (FICLONE) and a sparse copy otherwise.
+ *
+ * Every function returns >= 0 or -errno; where it takes `ret_error`, a failure also sets
+ * *ret_error to a message for a person (caller frees; may stay NULL on -ENOMEM). Nothing here
+ * logs above debug level. Devices are named, so every operation can find them again after the
+ * process that made them is gone: remove works on a disk another process created, and
+ * storage_reclaim() clears what a crash left behind.
+ */
+#pragma once
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+typedef enum StorageBackend {
+	STORAGE_BACKEND_DM,
+	STORAGE_BACKEND_FILE,
+	_STORAGE_BACKEND_MAX,
+	_STORAGE_BACKEND_INVALID = -EINVAL,
+} StorageBackend;
+
+const char *storage_backend_to_string(StorageBackend b);
+StorageBackend storage_backend_from_string(const char *s);
+/* STORAGE_BACKEND_DM when /dev/mapper/control answers, STORAGE_BACKEND_FILE otherwise. */
+StorageBackend storage_backend_detect(void);
+
+typedef struct Storage Storage;
+
+int storage_new(StorageBackend backend, Storage **ret);
+/* Forgets in-memory state only: devices in use by sandboxes stay, a later storage_new() finds
+ * them again. */
+void storage_free(Storage *s);
+StorageBackend storage_get_backend(const Storage *s);
+
+/* One sandbox's disk. The caller keeps these paths in its own records: every operation takes
+ * the spec again, so nothing depends on this process having created the disk. */
+typedef struct StorageDiskSpec {
+	const char *id;         /* sandbox id, [a-z0-9][a-z0-9-]{0,62} */
+	const char *base_image; /* read-only base: template rootfs or flattened snapshot */
+	const char *cow_path;   /* dm: the sparse CoW file; file: the sandbox's copy of the base */
+	uint64_t cow_size;      /* create: bytes of changes the disk may hold (dm: CoW file size) */
+} StorageDiskSpec;
+
+#define STORAGE_DM_PREFIX   "ember-"
+#define STORAGE_UUID_PREFIX "EMBER-"
+/* dm snapshot chunk size in 512-byte sectors: 4 KiB, the page and ext4 block size. */
+#define STORAGE_CHUNK_SECTORS 8
+
+/* Makes a new disk: a new CoW file (refused if it exists) and the device over it. *ret_device
+ * is what to give the VMM: /dev/mapper/ember-<id>, or the copy's path for the file backend. A
+ * failure leaves nothing behind. */
+int storage_disk_create(Storage *s, const StorageDiskSpec *spec, char **ret_device,
+			char **ret_error);
+/* The device again over an existing CoW file (after pause, restart or reboot). */
+int storage_disk_restore(Storage *s, const StorageDiskSpec *spec, char **ret_device,
+			 char **ret_error);
+/* Takes the device down: dm device, CoW loop, base reference. The CoW file stays (deleting it
+ * is the caller's decision). Retries while the device is busy, then -EBUSY with a message
+ * saying who holds it. A disk that does not exist is fine (idempotent). */
+int storage_disk_remove(Storage *s, const StorageDiskSpec *spec, char **ret_error);
+/* Writes the disk's current content into `dest` (new file, refused if it exists) as a sparse
+ * image: blocks of zeros stay unallocated. The result can serve as a base image. The disk must
+ * not be written meanwhile (pause the VM first). */
+int storage_disk_flatten(Storage *s, const StorageDiskSpec *spec, const char *dest,
+			 char **ret_error);
+
+typedef struct StorageDiskStatus {
+	uint64_t used_bytes;     /* changes held: dm CoW data+metadata, file: the copy's own data */
+	uint64_t capacity_bytes; /* what the changes may grow to (cow_size) */
+	uint64_t size_bytes;     /* the disk as the guest sees it */
+	bool invalid;            /* dm: the CoW filled up; the snapshot dropped, writes fail */
+	bool overflow;           /* changes exceed the allowance */
+} StorageDiskStatus;
+
+/* -ENOENT when there is no such disk. */
+int storage_disk_status(Storage *s, const StorageDiskSpec *spec, StorageDiskStatus *ret,
+			char **ret_error);
+
+/* ---- the loop registry (dm backend; exposed for tests and reclaim) ---- */
+
+/* A read-only loop device for the base image, shared: the first acquire attaches (or adopts a
+ * device another process attached for the same inode), later ones count. Thread-safe. */
+int storage_base_acquire(Storage *s, const char *image, char **ret_device, char **ret_error);
+int storage_base_release(Storage *s, const char *image);
+
+/* ---- loop devices ---- */
+
+typedef enum StorageLoopFlags {
+	STORAGE_LOOP_READ_ONLY = 1 << 0,
+	STORAGE_LOOP_DIRECT_IO = 1
+				 << 1, /* bypass the page cache where the backing file allows it */
+} StorageLoopFlags;
+
+/* Attaches `path` to a free loop device. The device is auto-clearing: it detaches itself when
+ * the last user (this fd, a dm device) goes, so a crash between attach and use leaks nothing.
+ * Returns an fd on the device; *ret_device is /dev/loopN. */
+int storage_loop_attach(const char *path, StorageLoopFlags flags, char **ret_device);
+/* Detaches now, or as soon as the device's last user closes it. */
+int storage_loop_detach(const char *device);
+/* The loop device backed by `path` (same st_dev/st_ino), if any: 0 and /dev/loopN, or
+ * -ENOENT. `read_only` < 0: either kind. */
+int storage_loop_find(const char *path, int read_only, char **ret_device);
+
+/* ---- usage and reclaim ---- */
+
+/* Real disk use: st_blocks * 512 of a file; of a tree, every file once even if hard-linked. */
+int storage_usage_file(const char *path, uint64_t *ret);
+int storage_usage_tree(const char *path, uint64_t *ret);
+
+typedef struct StorageReclaimResult {
+	unsigned dm_removed;
+	unsigned loops_detached;
+	unsigned failures;
+} StorageReclaimResult;
+
+/* Removes every ember-* dm device whose id is not in `keep`, then every loop device backed by a
+ * file under `state_dir` that nothing uses any more. For agent start-up: after a crash this
+ * returns the host to the devices its sandboxes need. */
+int storage_reclaim(Storage *s, const char *state_dir, const char *const *keep, size_t n_keep,
+		    StorageReclaimResult *ret, char **ret_error);
+
+/* ---- pieces with no kernel behind them, for unit tests ---- */
+
+/* "0 <sectors> snapshot <major:minor> <major:minor> P <chunk>" */
+int storage_dm_snapshot_table(uint64_t base_sectors, dev_t base, dev_t cow, unsigned chunk,
+			      char **ret);
+/* Parses a snapshot target's status line: "<used>/<total> <metadata>", "Invalid", "Overflow"
+ * or "Merge failed". Sectors. */
+int storage_dm_snapshot_status_parse(const char *params, uint64_t *ret_used, uint64_t *ret_total,
+				     uint64_t *ret_metadata, bool *ret_invalid, bool *ret_overflow);
+/* Writes the content of the block device or file `src` into a new file `dest` (refused if it
+ * exists), leaving 4 KiB blocks of zeros unallocated. */
+int storage_flatten_image(const char *src, const char *dest, char **ret_error);
+/* Copies `src` to a new file `dest` keeping holes; reflink first when `try_reflink`. Returns 1
+ * when it reflinked, 0 when it copied. */
+int storage_copy_sparse(const char *src, const char *dest, bool try_reflink);
