@@ -5,7 +5,7 @@
  * udev: every create/remove carries a cookie and waits for udev to finish with the device, as
  * LVM does, so /dev/mapper/ember-<id> exists (and is gone) when we return. Where udev does not
  * run, libdevmapper makes the nodes itself and the wait returns at once. Where udev looks alive
- * but does not process events (some containers), the wait is bounded: after UDEV_WAIT_MS we
+ * but does not process events (some containers), the wait is bounded: after udev_wait_ms we
  * release the cookie and make the node ourselves rather than hang.
  *
  * libdevmapper keeps process-wide state (control fd, cookies, its log function): all calls into
@@ -30,7 +30,13 @@
 #include "storage-internal.h"
 
 #define REMOVE_ATTEMPTS 8 /* 10 ms doubling: about 2.5 s in all */
-#define UDEV_WAIT_MS    10000
+
+static unsigned udev_wait_ms = 10000;
+
+void storage_set_udev_timeout(unsigned ms)
+{
+	udev_wait_ms = ms;
+}
 
 static pthread_mutex_t dm_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t dm_log_once = PTHREAD_ONCE_INIT;
@@ -98,7 +104,7 @@ static int task_run(struct dm_task *t, const char *name, bool with_cookie)
 	if (!with_cookie || !cookie)
 		return r;
 
-	for (int waited = 0; waited < UDEV_WAIT_MS; waited += 10) {
+	for (unsigned waited = 0; waited < udev_wait_ms; waited += 10) {
 		if (!dm_udev_wait_immediate(cookie, &ready))
 			break;
 		if (ready)
@@ -107,8 +113,8 @@ static int task_run(struct dm_task *t, const char *name, bool with_cookie)
 		nanosleep(&ts, NULL);
 	}
 	/* udev did not answer: release the cookie ourselves and make sure the node exists. */
-	log_debug("udev did not process %s within %d ms; creating nodes ourselves", name ?: "?",
-		  UDEV_WAIT_MS);
+	log_debug("udev did not process %s within %u ms; creating nodes ourselves", name ?: "?",
+		  udev_wait_ms);
 	(void)dm_udev_complete(cookie);
 	(void)dm_udev_wait(cookie);
 	if (name && r == 0)

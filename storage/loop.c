@@ -76,7 +76,7 @@ int storage_loop_attach(const char *path, StorageLoopFlags flags, char **ret_dev
 	_cleanup_close_ int backing = -EBADF, ctl = -EBADF;
 	bool ro = flags & STORAGE_LOOP_READ_ONLY;
 	uint32_t lo_flags = LO_FLAGS_AUTOCLEAR;
-	bool legacy = false;
+	bool legacy = flags & STORAGE_LOOP_LEGACY;
 	char dev[32];
 
 	if (ro)

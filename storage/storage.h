@@ -44,6 +44,10 @@ int storage_new(StorageBackend backend, Storage **ret);
  * them again. */
 void storage_free(Storage *s);
 StorageBackend storage_get_backend(const Storage *s);
+/* How long dm operations wait for udev before making /dev/mapper nodes themselves (default
+ * 10000 ms). Only matters where udev looks alive but does not process events. Process-wide;
+ * set it before any disk operation. */
+void storage_set_udev_timeout(unsigned ms);
 
 /* One sandbox's disk. The caller keeps these paths in its own records: every operation takes
  * the spec again, so nothing depends on this process having created the disk. */
@@ -100,8 +104,11 @@ int storage_base_release(Storage *s, const char *image);
 
 typedef enum StorageLoopFlags {
 	STORAGE_LOOP_READ_ONLY = 1 << 0,
-	STORAGE_LOOP_DIRECT_IO = 1
-				 << 1, /* bypass the page cache where the backing file allows it */
+	/* Bypass the page cache where the backing file allows it. */
+	STORAGE_LOOP_DIRECT_IO = 1 << 1,
+	/* LOOP_SET_FD + LOOP_SET_STATUS64 even where LOOP_CONFIGURE exists: the pre-5.8 path,
+	 * for tests. */
+	STORAGE_LOOP_LEGACY = 1 << 2,
 } StorageLoopFlags;
 
 /* Attaches `path` to a free loop device. The device is auto-clearing: it detaches itself when

@@ -3,6 +3,8 @@
  * storage-tool: the storage/ library from the command line, for the VM tests and
  * `make bench-storage`. Each command prints one line of key=value results.
  *
+ * Options: --backend dm|file (default dm), --udev-timeout-ms N.
+ *
  *   storage-tool [--backend dm|file] create  ID BASE COW SIZE
  *   storage-tool [--backend dm|file] restore ID BASE COW
  *   storage-tool [--backend dm|file] remove  ID BASE COW
@@ -10,9 +12,10 @@
  *   storage-tool [--backend dm|file] status  ID BASE COW [SIZE]
  *   storage-tool reclaim STATE_DIR [KEEP_ID...]
  *   storage-tool usage PATH
- *   storage-tool [--backend dm|file] multi   N BASE DIR SIZE   (N disks in one process)
- *   storage-tool [--backend dm|file] cycles  N BASE DIR SIZE   (create/remove N times; fds)
- *   storage-tool [--backend dm|file] bench   N BASE DIR SIZE   (timings, p50/p99)
+ *   storage-tool [--backend dm|file] multi   N BASE DIR SIZE [PREFIX]  (N disks in one process)
+ *   storage-tool [--backend dm|file] cycles  N BASE DIR SIZE [PREFIX]  (create/remove N times)
+ *   storage-tool [--backend dm|file] bench   N BASE DIR SIZE [PREFIX]  (timings, p50/p99)
+ * Disks made by these are named PREFIX-0, PREFIX-1, … (default prefix "st").
  */
 #include <dirent.h>
 #include <errno.h>
@@ -68,9 +71,11 @@ static double pct(double *v, size_t n, double p)
 	return n ? v[(size_t)((double)(n - 1) * p)] : 0;
 }
 
+static const char *id_prefix = "st";
+
 static void spec_for(char *id, size_t idsz, char *cow, size_t cowsz, const char *dir, int i)
 {
-	snprintf(id, idsz, "st-%d", i);
+	snprintf(id, idsz, "%s-%d", id_prefix, i);
 	snprintf(cow, cowsz, "%s/cow-%d.img", dir, i);
 }
 
@@ -175,13 +180,21 @@ static void usage(void)
 
 int main(int argc, char *argv[])
 {
-	static const struct option options[] = {{"backend", required_argument, NULL, 'b'}, {}};
+	static const struct option options[] = {
+		{"backend", required_argument, NULL, 'b'},
+		{"udev-timeout-ms", required_argument, NULL, 'u'},
+		{},
+	};
 	_cleanup_free_ char *dev = NULL;
 	char *err = NULL;
 	Storage *s = NULL;
 	int c, r, ret = 0;
 
 	while ((c = getopt_long(argc, argv, "+", options, NULL)) >= 0) {
+		if (c == 'u') {
+			storage_set_udev_timeout((unsigned)atoi(optarg));
+			continue;
+		}
 		if (c != 'b')
 			usage();
 		backend = storage_backend_from_string(optarg);
@@ -221,8 +234,10 @@ int main(int argc, char *argv[])
 		goto out;
 	}
 	if (strcmp(cmd, "multi") == 0 || strcmp(cmd, "cycles") == 0 || strcmp(cmd, "bench") == 0) {
-		if (argc != 5)
+		if (argc != 5 && argc != 6)
 			usage();
+		if (argc == 6)
+			id_prefix = argv[5];
 		int n = atoi(argv[1]);
 		uint64_t size = strtoull(argv[4], NULL, 0);
 		ret = strcmp(cmd, "multi") == 0    ? cmd_multi(s, n, argv[2], argv[3], size)

@@ -338,6 +338,22 @@ static void test_loop(void **state)
 	assert_int_equal(storage_loop_find(path("loop.img"), -1, &found), -ENOENT);
 	free(dev);
 	assert_int_equal(storage_loop_attach(path("missing.img"), 0, &dev), -ENOENT);
+
+	/* the pre-5.8 path (LOOP_SET_FD + LOOP_SET_STATUS64): read-only from the fd's mode,
+	 * auto-clear from the status */
+	fd = storage_loop_attach(path("loop.img"), STORAGE_LOOP_READ_ONLY | STORAGE_LOOP_LEGACY,
+				 &dev);
+	assert_true(fd >= 0);
+	assert_int_equal(storage_loop_find(path("loop.img"), 1, &found), 0);
+	assert_string_equal(found, dev);
+	free(found);
+	close(fd);
+	for (int i = 0; i < 100 && storage_loop_find(path("loop.img"), -1, &found) == 0; i++) {
+		free(found);
+		usleep(10000);
+	}
+	assert_int_equal(storage_loop_find(path("loop.img"), -1, &found), -ENOENT);
+	free(dev);
 }
 
 static void test_backend_names(void **state)
