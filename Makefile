@@ -36,7 +36,7 @@ PROTOC ?= protoc
 PROTOC_C ?= protoc-c
 PYTHON ?= /usr/bin/python3
 
-PKGS := grpc libprotobuf-c inih libsystemd devmapper
+PKGS := grpc libprotobuf-c inih libsystemd devmapper libnl-3.0 libnl-route-3.0 libnftables json-c
 PKG_CFLAGS = $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
 CMOCKA_CFLAGS = $(shell $(PKG_CONFIG) --cflags cmocka 2>/dev/null)
@@ -65,7 +65,8 @@ else
 Q := @
 endif
 
-all: $(B)/emberd $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool unit-tests pystubs
+all: $(B)/emberd $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
+	$(B)/test/netns-tool $(B)/test/guest-standin unit-tests pystubs
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
@@ -110,15 +111,17 @@ $(B)/proto/%.pb-c.o: $(B)/proto/%.pb-c.c $(B)/proto/.stamp-c
 COMMON_SRCS := common/log.c common/fileio.c common/id.c
 STORAGE_SRCS := storage/storage.c storage/loop.c storage/registry.c storage/dm.c \
 	storage/file.c storage/usage.c storage/reclaim.c
+NETNS_SRCS := netns/cidr.c netns/ns.c netns/link.c netns/nft.c netns/pool.c netns/relay.c
 AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
 	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
 
 COMMON_OBJS := $(COMMON_SRCS:%.c=$(B)/%.o)
 STORAGE_OBJS := $(STORAGE_SRCS:%.c=$(B)/%.o)
+NETNS_OBJS := $(NETNS_SRCS:%.c=$(B)/%.o)
 AGENT_LIB_OBJS := $(AGENT_LIB_SRCS:%.c=$(B)/%.o)
 
-ALL_SRCS := $(COMMON_SRCS) $(STORAGE_SRCS) $(AGENT_SRCS)
+ALL_SRCS := $(COMMON_SRCS) $(STORAGE_SRCS) $(NETNS_SRCS) $(AGENT_SRCS)
 
 # Lower modules may log at debug level only (common/log.h hides the other levels under
 # LOG_DEBUG_ONLY): the agent decides what is logged, once (DESIGN.md §2).
@@ -138,6 +141,10 @@ $(B)/libstorage.a: $(STORAGE_OBJS)
 	@echo "  AR       $@"
 	$(Q)rm -f $@ && $(AR) rcs $@ $^
 
+$(B)/libnetns.a: $(NETNS_OBJS)
+	@echo "  AR       $@"
+	$(Q)rm -f $@ && $(AR) rcs $@ $^
+
 # The descriptor set is linked in as data (.incbin), so the binary carries its own API.
 $(B)/agent/descriptor-set.o: agent/descriptor-set.S $(B)/proto/ember.desc
 	@mkdir -p $(@D)
@@ -152,7 +159,7 @@ $(B)/emberd: $(B)/agent/main.o $(AGENT_LIB_OBJS) $(B)/agent/descriptor-set.o $(P
 # ---------------------------------------------------------------------------------------------
 # tests
 
-UNIT_TESTS := test-config test-id test-rpc-descriptors test-fileio test-storage
+UNIT_TESTS := test-config test-id test-rpc-descriptors test-fileio test-storage test-netns
 UNIT_BINS := $(UNIT_TESTS:%=$(B)/test/unit/%)
 
 $(B)/test/unit/%.o: test/unit/%.c $(B)/proto/.stamp-c
@@ -164,6 +171,7 @@ $(B)/test/unit/test-config: $(B)/test/unit/test-config.o $(B)/agent/config.o $(B
 $(B)/test/unit/test-id: $(B)/test/unit/test-id.o $(B)/libcommon.a
 $(B)/test/unit/test-fileio: $(B)/test/unit/test-fileio.o $(B)/libcommon.a
 $(B)/test/unit/test-storage: $(B)/test/unit/test-storage.o $(B)/libstorage.a $(B)/libcommon.a
+$(B)/test/unit/test-netns: $(B)/test/unit/test-netns.o $(B)/libnetns.a $(B)/libcommon.a
 $(B)/test/unit/test-rpc-descriptors: $(B)/test/unit/test-rpc-descriptors.o \
 	$(B)/agent/rpc-descriptors.o $(B)/agent/descriptor-set.o \
 	$(B)/proto/google/protobuf/descriptor.pb-c.o $(B)/libcommon.a
@@ -212,6 +220,17 @@ $(B)/test/storage/%.o: test/storage/%.c
 	@echo "  CC       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
 $(B)/test/storage-tool: $(B)/test/storage/storage-tool.o $(B)/libstorage.a $(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+
+$(B)/test/net/%.o: test/net/%.c
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+$(B)/test/netns-tool: $(B)/test/net/netns-tool.o $(B)/libnetns.a $(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+$(B)/test/guest-standin: $(B)/test/net/guest-standin.o $(B)/libnetns.a $(B)/libcommon.a
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
 
@@ -264,6 +283,9 @@ bench-storage: all
 	$(Q)test/vm/run -- test/bench/bench-storage.sh $(B) dm
 	$(Q)test/bench/bench-storage.sh $(B) file
 
+bench-net: all
+	$(Q)test/bench/bench-net.sh $(B)
+
 bench-rpc: all
 	$(PYTHON) test/bench/bench-rpc.py --build $(B)
 
@@ -276,7 +298,8 @@ run: deps
 
 DEB_PKGS := build-essential pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler \
 	protobuf-compiler protobuf-compiler-grpc libprotobuf-dev grpc-proto libinih-dev \
-	libsystemd-dev libcmocka-dev libdevmapper-dev python3 python3-grpcio python3-protobuf \
+	libsystemd-dev libcmocka-dev libdevmapper-dev libnl-3-dev libnl-route-3-dev \
+	libnftables-dev libjson-c-dev nftables iproute2 python3 python3-grpcio python3-protobuf \
 	python3-pytest openssl clang-format clang-tidy cppcheck \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev dmsetup e2fsprogs xfsprogs \
 	util-linux
@@ -295,9 +318,10 @@ deps:
 # ---------------------------------------------------------------------------------------------
 # lint
 
-LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h storage/*.h test/unit/*.c test/rpc/*.c \
-	test/bench/*.c test/storage/*.c)
-TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c test/storage/storage-tool.c
+LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h storage/*.h netns/*.h test/unit/*.c \
+	test/rpc/*.c test/bench/*.c test/storage/*.c test/net/*.c)
+TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c test/storage/storage-tool.c \
+	test/net/netns-tool.c test/net/guest-standin.c
 
 lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c
 	@echo "  LAYERS   (lower modules include neither agent/ nor generated headers)"
@@ -315,7 +339,8 @@ lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c
 	$(Q)cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
 		--inline-suppr --std=c11 -D_GNU_SOURCE -I. --suppress=missingIncludeSystem \
 		--suppress=memleak --suppress=resourceLeak \
-		$(ALL_SRCS) test/rpc/rpctestd.c test/storage/storage-tool.c
+		$(ALL_SRCS) test/rpc/rpctestd.c test/storage/storage-tool.c test/net/netns-tool.c \
+		test/net/guest-standin.c
 
 format:
 	clang-format -i $(LINT_SRCS)
@@ -338,7 +363,7 @@ clean:
 	rm -rf build
 
 .PHONY: all deps run check check-unit check-integration check-vm unit-tests pystubs lint \
-	format install clean bench-rpc bench-storage
+	format install clean bench-rpc bench-storage bench-net
 .DELETE_ON_ERROR:
 
 -include $(shell find $(B) -name '*.d' 2>/dev/null)

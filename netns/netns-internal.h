@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Shared between the netns module's .c files only. */
+#pragma once
+
+#include <stdarg.h>
+
+#include "netns.h"
+
+int netns_error(char **ret_error, int r, const char *format, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* link.c: rtnetlink through libnl-route-3, in the calling thread's namespace */
+typedef struct NlSock NlSock;
+int nlsock_open(NlSock **ret);
+void nlsock_close(NlSock *s);
+/* libnl's NLE_* codes as -errno, and their message. */
+int nlsock_errno(int nle);
+const char *nlsock_message(int nle);
+int link_up(NlSock *s, const char *name, char **ret_error);
+int link_delete(NlSock *s, const char *name);
+/* veth `host_name` here, its peer `peer_name` created directly in the namespace `ns_fd`. */
+int link_add_veth(NlSock *s, const char *host_name, const char *peer_name, int ns_fd,
+		  char **ret_error);
+int addr_add(NlSock *s, const char *link, const char *cidr, char **ret_error);
+/* dst "a.b.c.d/len" (or "default") via gateway (may be NULL) on link. */
+int route_add(NlSock *s, const char *dst, const char *gateway, const char *link, char **ret_error);
+/* Names of links starting with prefix; a NULL-terminated array (free each and the array). */
+int link_list(NlSock *s, const char *prefix, char ***ret);
+/* The namespace's IPv4 addresses as CIDRs "a.b.c.d/32", NULL-terminated. */
+int addr_list_ipv4(NlSock *s, char ***ret);
+void strv_free(char **v);
+
+/* ns.c */
+int sysctl_write(const char *path, const char *value);
+/* Makes `dir` a shared mount point (as iproute2 does for /run/netns), so that namespaces
+ * bind-mounted there show in mount namespaces created later. */
+int netns_dir_prepare(const char *dir);
+
+/* nft.c: libnftables, in the calling thread's namespace */
+int nft_run(const char *commands, char **ret_error);
+/* The slot's table: NAT between sandbox IP and guest, filter with default-deny egress. */
+int nft_slot_setup(const char *sandbox_ip, char **ret_error);
+/* Replaces allow/deny sets, the host-address set and the final internet verdict at once. */
+int nft_slot_policy(const NetnsPolicy *policy, char *const *host_addrs,
+		    const NetnsCidr *extra_denied, size_t n_extra, char **ret_error);
+/* Host side: masquerade the sandbox range on the uplink. Idempotent. */
+int nft_host_setup(const char *uplink, const NetnsCidr *sandbox_range, char **ret_error);
+int nft_host_remove(void);
