@@ -36,7 +36,8 @@ PROTOC ?= protoc
 PROTOC_C ?= protoc-c
 PYTHON ?= /usr/bin/python3
 
-PKGS := grpc libprotobuf-c inih libsystemd devmapper libnl-3.0 libnl-route-3.0 libnftables json-c
+PKGS := grpc libprotobuf-c inih libsystemd devmapper libnl-3.0 libnl-route-3.0 libnftables json-c \
+	libmicrohttpd
 PKG_CFLAGS = $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
 CMOCKA_CFLAGS = $(shell $(PKG_CONFIG) --cflags cmocka 2>/dev/null)
@@ -65,8 +66,8 @@ else
 Q := @
 endif
 
-all: $(B)/emberd $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
-	$(B)/test/netns-tool $(B)/test/guest-standin unit-tests pystubs
+all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
+	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper unit-tests pystubs
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
@@ -112,23 +113,25 @@ COMMON_SRCS := common/log.c common/fileio.c common/id.c
 STORAGE_SRCS := storage/storage.c storage/loop.c storage/registry.c storage/dm.c \
 	storage/file.c storage/usage.c storage/reclaim.c
 NETNS_SRCS := netns/cidr.c netns/ns.c netns/link.c netns/nft.c netns/pool.c netns/relay.c
+FCSIM_SRCS := fcsim/main.c fcsim/api.c fcsim/vmm.c fcsim/guest.c fcsim/vsock.c fcsim/fclog.c \
+	fcsim/memory.c fcsim/schema.c
 AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
 	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
 
-COMMON_OBJS := $(COMMON_SRCS:%.c=$(B)/%.o)
-STORAGE_OBJS := $(STORAGE_SRCS:%.c=$(B)/%.o)
-NETNS_OBJS := $(NETNS_SRCS:%.c=$(B)/%.o)
-AGENT_LIB_OBJS := $(AGENT_LIB_SRCS:%.c=$(B)/%.o)
+COMMON_OBJS := $(COMMON_SRCS:%.c=$(B)/obj/%.o)
+STORAGE_OBJS := $(STORAGE_SRCS:%.c=$(B)/obj/%.o)
+NETNS_OBJS := $(NETNS_SRCS:%.c=$(B)/obj/%.o)
+AGENT_LIB_OBJS := $(AGENT_LIB_SRCS:%.c=$(B)/obj/%.o)
 
-ALL_SRCS := $(COMMON_SRCS) $(STORAGE_SRCS) $(NETNS_SRCS) $(AGENT_SRCS)
+ALL_SRCS := $(COMMON_SRCS) $(STORAGE_SRCS) $(NETNS_SRCS) $(FCSIM_SRCS) $(AGENT_SRCS)
 
 # Lower modules may log at debug level only (common/log.h hides the other levels under
 # LOG_DEBUG_ONLY): the agent decides what is logged, once (DESIGN.md §2).
 LOWER_MODULES := common storage netns fcctl
-$(foreach m,$(LOWER_MODULES),$(eval $(B)/$(m)/%.o: MODULE_CPPFLAGS := -DLOG_DEBUG_ONLY))
+$(foreach m,$(LOWER_MODULES),$(eval $(B)/obj/$(m)/%.o: MODULE_CPPFLAGS := -DLOG_DEBUG_ONLY))
 
-$(B)/%.o: %.c $(B)/proto/.stamp-c
+$(B)/obj/%.o: %.c $(B)/proto/.stamp-c
 	@mkdir -p $(@D)
 	@echo "  CC       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(MODULE_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
@@ -146,12 +149,16 @@ $(B)/libnetns.a: $(NETNS_OBJS)
 	$(Q)rm -f $@ && $(AR) rcs $@ $^
 
 # The descriptor set is linked in as data (.incbin), so the binary carries its own API.
-$(B)/agent/descriptor-set.o: agent/descriptor-set.S $(B)/proto/ember.desc
+$(B)/obj/agent/descriptor-set.o: agent/descriptor-set.S $(B)/proto/ember.desc
 	@mkdir -p $(@D)
 	@echo "  AS       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) -DDESCRIPTOR_SET_FILE='"$(B)/proto/ember.desc"' -c $< -o $@
 
-$(B)/emberd: $(B)/agent/main.o $(AGENT_LIB_OBJS) $(B)/agent/descriptor-set.o $(PROTO_OBJS) \
+$(B)/fcsim: $(FCSIM_SRCS:%.c=$(B)/obj/%.o) $(B)/libnetns.a $(B)/libstorage.a $(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+
+$(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-set.o $(PROTO_OBJS) \
 		$(B)/libcommon.a
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
@@ -159,23 +166,28 @@ $(B)/emberd: $(B)/agent/main.o $(AGENT_LIB_OBJS) $(B)/agent/descriptor-set.o $(P
 # ---------------------------------------------------------------------------------------------
 # tests
 
-UNIT_TESTS := test-config test-id test-rpc-descriptors test-fileio test-storage test-netns
+UNIT_TESTS := test-config test-id test-rpc-descriptors test-fileio test-storage test-netns \
+	test-fcsim-schema test-fcsim-memory
 UNIT_BINS := $(UNIT_TESTS:%=$(B)/test/unit/%)
 
-$(B)/test/unit/%.o: test/unit/%.c $(B)/proto/.stamp-c
+$(B)/obj/test/unit/%.o: test/unit/%.c $(B)/proto/.stamp-c
 	@mkdir -p $(@D)
 	@echo "  CC       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(CMOCKA_CFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
 
-$(B)/test/unit/test-config: $(B)/test/unit/test-config.o $(B)/agent/config.o $(B)/libcommon.a
-$(B)/test/unit/test-id: $(B)/test/unit/test-id.o $(B)/libcommon.a
-$(B)/test/unit/test-fileio: $(B)/test/unit/test-fileio.o $(B)/libcommon.a
-$(B)/test/unit/test-storage: $(B)/test/unit/test-storage.o $(B)/libstorage.a $(B)/libcommon.a
-$(B)/test/unit/test-netns: $(B)/test/unit/test-netns.o $(B)/libnetns.a $(B)/libcommon.a
-$(B)/test/unit/test-rpc-descriptors: $(B)/test/unit/test-rpc-descriptors.o \
-	$(B)/agent/rpc-descriptors.o $(B)/agent/descriptor-set.o \
+$(B)/test/unit/test-config: $(B)/obj/test/unit/test-config.o $(B)/obj/agent/config.o $(B)/libcommon.a
+$(B)/test/unit/test-id: $(B)/obj/test/unit/test-id.o $(B)/libcommon.a
+$(B)/test/unit/test-fileio: $(B)/obj/test/unit/test-fileio.o $(B)/libcommon.a
+$(B)/test/unit/test-storage: $(B)/obj/test/unit/test-storage.o $(B)/libstorage.a $(B)/libcommon.a
+$(B)/test/unit/test-netns: $(B)/obj/test/unit/test-netns.o $(B)/libnetns.a $(B)/libcommon.a
+$(B)/test/unit/test-fcsim-schema: $(B)/obj/test/unit/test-fcsim-schema.o $(B)/obj/fcsim/schema.o
+$(B)/test/unit/test-fcsim-memory: $(B)/obj/test/unit/test-fcsim-memory.o $(B)/obj/fcsim/memory.o \
+	$(B)/libcommon.a
+$(B)/test/unit/test-rpc-descriptors: $(B)/obj/test/unit/test-rpc-descriptors.o \
+	$(B)/obj/agent/rpc-descriptors.o $(B)/obj/agent/descriptor-set.o \
 	$(B)/proto/google/protobuf/descriptor.pb-c.o $(B)/libcommon.a
 $(UNIT_BINS):
+	@mkdir -p $(@D)
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(CMOCKA_LIBS) $(PKG_LIBS) -o $@
 
@@ -195,15 +207,15 @@ $(B)/test/proto/rpctest.desc: test/rpc/rpctest.proto
 		--descriptor_set_out=$@ rpctest.proto $(GRPC_PROTOS)
 $(B)/test/proto/rpctest.pb-c.o: $(B)/test/proto/rpctest.pb-c.c
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(GEN_WARNINGS) -I$(B)/test/proto -c $< -o $@
-$(B)/test/rpc/rpctestd.o: test/rpc/rpctestd.c $(B)/test/proto/.stamp-c $(B)/proto/.stamp-c
+$(B)/obj/test/rpc/rpctestd.o: test/rpc/rpctestd.c $(B)/test/proto/.stamp-c $(B)/proto/.stamp-c
 	@mkdir -p $(@D)
 	@echo "  CC       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) -I$(B)/test/proto $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
-$(B)/test/rpc/descriptor-set.o: agent/descriptor-set.S $(B)/test/proto/rpctest.desc
+$(B)/obj/test/rpc/descriptor-set.o: agent/descriptor-set.S $(B)/test/proto/rpctest.desc
 	@mkdir -p $(@D)
 	$(Q)$(CC) $(ALL_CPPFLAGS) -DDESCRIPTOR_SET_FILE='"$(B)/test/proto/rpctest.desc"' -c $< -o $@
-$(B)/test/rpctestd: $(B)/test/rpc/rpctestd.o $(B)/test/proto/rpctest.pb-c.o \
-		$(B)/test/rpc/descriptor-set.o $(filter $(B)/agent/rpc%,$(AGENT_LIB_OBJS)) \
+$(B)/test/rpctestd: $(B)/obj/test/rpc/rpctestd.o $(B)/test/proto/rpctest.pb-c.o \
+		$(B)/obj/test/rpc/descriptor-set.o $(filter $(B)/obj/agent/rpc%,$(AGENT_LIB_OBJS)) \
 		$(filter-out $(B)/proto/ember/%,$(PROTO_OBJS)) $(B)/libcommon.a
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
@@ -215,24 +227,31 @@ $(B)/test/rpc-bench: test/bench/rpc-bench.c $(B)/proto/.stamp-c $(PROTO_OBJS)
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) $< $(PROTO_OBJS) $(ALL_LDFLAGS) \
 		$(PKG_LIBS) -lm -o $@
 
-$(B)/test/storage/%.o: test/storage/%.c
+$(B)/obj/test/storage/%.o: test/storage/%.c
 	@mkdir -p $(@D)
 	@echo "  CC       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
-$(B)/test/storage-tool: $(B)/test/storage/storage-tool.o $(B)/libstorage.a $(B)/libcommon.a
+$(B)/test/storage-tool: $(B)/obj/test/storage/storage-tool.o $(B)/libstorage.a $(B)/libcommon.a
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
 
-$(B)/test/net/%.o: test/net/%.c
+$(B)/obj/test/net/%.o: test/net/%.c
 	@mkdir -p $(@D)
 	@echo "  CC       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
-$(B)/test/netns-tool: $(B)/test/net/netns-tool.o $(B)/libnetns.a $(B)/libcommon.a
+$(B)/test/netns-tool: $(B)/obj/test/net/netns-tool.o $(B)/libnetns.a $(B)/libcommon.a
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
-$(B)/test/guest-standin: $(B)/test/net/guest-standin.o $(B)/libnetns.a $(B)/libcommon.a
+$(B)/test/guest-standin: $(B)/obj/test/net/guest-standin.o $(B)/libnetns.a $(B)/libcommon.a
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+
+# Runs inside fcsim test guests (busybox root images): static, no sanitizers (the guest has
+# none of their runtime).
+$(B)/test/guest-helper: test/fcsim/guest-helper.c
+	@mkdir -p $(@D)
+	@echo "  CC       $@ (static)"
+	$(Q)$(CC) -std=gnu11 -D_GNU_SOURCE -O2 $(WARNINGS) -static $< -o $@
 
 # Python stubs for the integration tests. health/reflection are generated from inside the
 # grpc-proto tree so that no top-level "grpc" package shadows grpcio.
@@ -299,7 +318,7 @@ run: deps
 DEB_PKGS := build-essential pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler \
 	protobuf-compiler protobuf-compiler-grpc libprotobuf-dev grpc-proto libinih-dev \
 	libsystemd-dev libcmocka-dev libdevmapper-dev libnl-3-dev libnl-route-3-dev \
-	libnftables-dev libjson-c-dev nftables iproute2 python3 python3-grpcio python3-protobuf \
+	libnftables-dev libjson-c-dev libmicrohttpd-dev nftables iproute2 python3 python3-yaml python3-grpcio python3-protobuf \
 	python3-pytest openssl clang-format clang-tidy cppcheck \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev dmsetup e2fsprogs xfsprogs \
 	util-linux
@@ -318,9 +337,11 @@ deps:
 # ---------------------------------------------------------------------------------------------
 # lint
 
-LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h storage/*.h netns/*.h test/unit/*.c \
-	test/rpc/*.c test/bench/*.c test/storage/*.c test/net/*.c)
+LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h storage/*.h netns/*.h fcsim/*.h \
+	test/unit/*.c \
+	test/rpc/*.c test/bench/*.c test/storage/*.c test/net/*.c test/fcsim/*.c)
 TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c test/storage/storage-tool.c \
+	test/fcsim/guest-helper.c \
 	test/net/netns-tool.c test/net/guest-standin.c
 
 lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -19,7 +20,15 @@
 #include "common/macro.h"
 #include "storage-internal.h"
 
-#define ATTACH_ATTEMPTS 64
+#define ATTACH_ATTEMPTS 256
+
+static uint32_t random_u32(void)
+{
+	uint32_t v;
+	if (getrandom(&v, sizeof(v), GRND_NONBLOCK) != sizeof(v))
+		v = (uint32_t)getpid() * 2654435761u ^ (uint32_t)time(NULL);
+	return v;
+}
 
 static void sleep_ms(unsigned ms)
 {
@@ -110,8 +119,12 @@ int storage_loop_attach(const char *path, StorageLoopFlags flags, char **ret_dev
 			r = configure_legacy(lfd, backing, path, lo_flags);
 		}
 		if (r == -EBUSY) {
-			/* Another process took this free device between GET_FREE and our ioctl. */
+			/* Another process took this free device between GET_FREE and our ioctl.
+			 * Many attaching at once all get the same free number: back off for a
+			 * random while (growing), as systemd does, so that they spread out. */
 			log_debug("loop%d taken by someone else, retrying", nr);
+			unsigned cap = 1u + 2u * (unsigned)(attempt < 16 ? attempt : 16);
+			sleep_ms((unsigned)random_u32() % cap);
 			continue;
 		}
 		if (r < 0)
