@@ -37,7 +37,7 @@ PROTOC_C ?= protoc-c
 PYTHON ?= /usr/bin/python3
 
 PKGS := grpc libprotobuf-c inih libsystemd devmapper libnl-3.0 libnl-route-3.0 libnftables json-c \
-	libmicrohttpd
+	libmicrohttpd libcrypto
 PKG_CFLAGS = $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
 CMOCKA_CFLAGS = $(shell $(PKG_CONFIG) --cflags cmocka 2>/dev/null)

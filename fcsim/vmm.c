@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <openssl/sha.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -409,6 +410,18 @@ static int patch_vm(Vm *vm, json_object *body, char **fault)
 	return 204;
 }
 
+/* sha256 (hex) of the state's canonical JSON. */
+static void vmstate_checksum(json_object *st, char hex[65])
+{
+	const char *text = json_object_to_json_string_ext(
+		st, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
+	unsigned char md[SHA256_DIGEST_LENGTH];
+
+	SHA256((const unsigned char *)text, strlen(text), md);
+	for (int i = 0; i < SHA256_DIGEST_LENGTH; i++)
+		snprintf(hex + 2 * i, 3, "%02x", md[i]);
+}
+
 /* The vmstate file: fcsim's own format (JSON), as Firecracker's is its own (binary, versioned).
  * It records the configuration a restore needs and the boot id the memory was filled for. */
 static int snapshot_create(Vm *vm, json_object *body, char **fault)
@@ -454,6 +467,11 @@ static int snapshot_create(Vm *vm, json_object *body, char **fault)
 		json_object_object_add(st, "vsock", copy(vm->vsock_body));
 	if (vm->boot_source)
 		json_object_object_add(st, "boot-source", copy(vm->boot_source));
+	/* The checksum covers everything else in the file: a corrupt or edited state is refused
+	 * at load instead of restoring something else than was saved. */
+	char sum[65];
+	vmstate_checksum(st, sum);
+	json_object_object_add(st, "checksum", json_object_new_string(sum));
 	r = json_object_to_file_ext(jstr(body, "snapshot_path"), st, JSON_C_TO_STRING_PRETTY);
 	json_object_put(st);
 	if (r < 0)
@@ -537,6 +555,18 @@ static int snapshot_load(Vm *vm, json_object *body, char **fault)
 				 "%s is not an fcsim snapshot (format %s); snapshots of real "
 				 "Firecracker cannot be loaded by fcsim",
 				 jstr(body, "snapshot_path"), fmt ?: "unknown");
+	}
+	char sum[65];
+	const char *saved_sum = jstr(st, "checksum");
+	json_object *no_sum = copy(st);
+	json_object_object_del(no_sum, "checksum");
+	vmstate_checksum(no_sum, sum);
+	json_object_put(no_sum);
+	if (!saved_sum || strcmp(saved_sum, sum) != 0) {
+		r = load_fail(vm, fault, "%s is corrupt: its checksum does not match its content",
+			      jstr(body, "snapshot_path"));
+		json_object_put(st);
+		return r;
 	}
 	if (!fc || strcmp(fc, FC_VERSION) != 0 || !sim || strcmp(sim, FCSIM_VERSION) != 0) {
 		r = load_fail(

@@ -367,3 +367,99 @@ def test_hundred_concurrent_instances(lab):
     assert codes == [0] * 100
     time.sleep(0.5)
     assert leftovers() == before
+
+
+def test_restore_overrides_and_sampled_verification(lab):
+    """network_overrides and vsock_override take effect; FCSIM_VERIFY_MEMORY=N checks a
+    sample of N pages."""
+    src = snapshot_of(lab, "src")
+    for tap in ("tap1", "tap2"):
+        sh("nsenter", f"--net={lab.slot}", "ip", "tuntap", "add", tap, "mode", "tap")
+        sh("nsenter", f"--net={lab.slot}", "ip", "link", "set", tap, "up")
+    d = workdir(lab, "over")
+    for name in ("vmstate", "mem"):
+        shutil.copy(os.path.join(src, name), os.path.join(d, name))
+    # the snapshot had no network interface: give it one, then override its TAP
+    import json
+    st = json.load(open(os.path.join(d, "vmstate")))
+    assert st["network-interfaces"] == []
+    g = start(lab, d, env={"FCSIM_VERIFY_MEMORY": "100"})
+    g.api.ok("PUT", "/snapshot/load", {"snapshot_path": "vmstate",
+                                       "mem_backend": {"backend_type": "File",
+                                                       "backend_path": "mem"},
+                                       "vsock_override": {"uds_path": "other.sock"},
+                                       "resume_vm": True})
+    assert "guest memory verified (100," in g.output()
+    g.wait_output("guest-helper: ready")
+    assert not os.path.exists(os.path.join(d, "v.sock"))
+    assert vsock_echo(os.path.join(d, "other.sock"), 1024, b"override") == b"override"
+    g.stop()
+
+    # a snapshot with a network interface, restored onto another TAP
+    d2 = workdir(lab, "netsrc")
+    f = start(lab, d2)
+    f.configure("rootfs", lab.kernel, mem=16, net=True, boot_args="init=/sbin/init")
+    f.api.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+    f.wait_output("guest-helper: ready")
+    f.api.ok("PATCH", "/vm", {"state": "Paused"})
+    f.api.ok("PUT", "/snapshot/create", {"snapshot_path": "vmstate", "mem_file_path": "mem"})
+    f.stop()
+    os.unlink(os.path.join(d2, "v.sock"))
+    g = start(lab, d2, sock="api2.sock")
+    g.api.ok("PUT", "/snapshot/load", {"snapshot_path": "vmstate",
+                                       "mem_backend": {"backend_type": "File",
+                                                       "backend_path": "mem"},
+                                       "network_overrides": [{"iface_id": "eth0",
+                                                              "host_dev_name": "tap1"}]})
+    cfg = g.api.get("/vm/config")[1]
+    assert cfg["network-interfaces"][0]["host_dev_name"] == "tap1"
+    # a TAP has carrier while a process has it open: tap1 (fcsim's now) has, tap2 has not
+    links = dict((l.split()[0], l) for l in
+                 sh("nsenter", f"--net={lab.slot}", "ip", "-br", "link").stdout.splitlines())
+    assert "LOWER_UP" in links["tap1"], links
+    assert "NO-CARRIER" in links["tap2"], links
+
+
+def test_vmstate_version_and_checksum(lab):
+    import json
+    src = snapshot_of(lab, "src")
+    for tamper, expect in (("version", "versions must match"), ("edit", "is corrupt")):
+        d = workdir(lab, f"tamper-{tamper}")
+        shutil.copy(os.path.join(src, "mem"), os.path.join(d, "mem"))
+        st = json.load(open(os.path.join(src, "vmstate")))
+        if tamper == "version":
+            st["fcsim_version"] = "0.0.0"
+            # recompute the checksum so that only the version differs
+            import hashlib
+            del st["checksum"]
+            st["checksum"] = hashlib.sha256(
+                json.dumps(st, separators=(",", ":")).encode()).hexdigest()
+        else:
+            st["boot_id"] += 1
+        json.dump(st, open(os.path.join(d, "vmstate"), "w"))
+        g = start(lab, d)
+        status, fault = g.api.put("/snapshot/load", {"snapshot_path": "vmstate",
+                                                     "mem_backend": {"backend_type": "File",
+                                                                     "backend_path": "mem"}})
+        assert status == 400 and expect in fault["fault_message"], fault
+        g.stop()
+
+
+def test_log_and_metrics_files(lab):
+    import json
+    import re
+    d = workdir(lab, "logs")
+    f = start(lab, d, args=["--log-path", "fc.log", "--level", "Debug", "--show-level",
+                            "--show-log-origin", "--id", "vm-7"])
+    f.api.ok("PUT", "/metrics", {"metrics_path": "fc.metrics"})
+    f.api.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+    f.api.put("/drives/x", {"drive_id": "y", "is_root_device": False, "path_on_host": "rootfs"})
+    lines = open(os.path.join(d, "fc.log")).read().splitlines()
+    line = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9} "
+                      r"\[vm-7:[\w-]+:(ERROR|WARN|INFO|DEBUG|TRACE):[\w/.]+:\d+\] .+$")
+    assert lines and all(line.match(l) for l in lines), lines
+    assert any("Running Firecracker v1.16.1" in l for l in lines)
+    assert any(":ERROR:" in l and "does not match" in l for l in lines)
+    metrics = [json.loads(m) for m in open(os.path.join(d, "fc.metrics")).read().splitlines()]
+    assert metrics and "utc_timestamp_ms" in metrics[0]
+    assert metrics[0]["api_server"]["requests"] >= 2
