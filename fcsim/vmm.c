@@ -419,7 +419,7 @@ static void vmstate_checksum(json_object *st, char hex[65])
 
 	SHA256((const unsigned char *)text, strlen(text), md);
 	for (int i = 0; i < SHA256_DIGEST_LENGTH; i++)
-		snprintf(hex + 2 * i, 3, "%02x", md[i]);
+		snprintf(hex + (size_t)2 * (size_t)i, 3, "%02x", md[i]);
 }
 
 /* The vmstate file: fcsim's own format (JSON), as Firecracker's is its own (binary, versioned).
