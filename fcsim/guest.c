@@ -52,6 +52,7 @@ struct Guest {
 /* Everything the child needs, prepared before clone(): the child only makes system calls. */
 typedef struct ChildArgs {
 	int sync_fd;
+	int sync_w; /* the parent's end: closed in the child, so a dead parent reads as EOF */
 	const char *device;
 	const char *mountpoint;
 	bool read_only;
@@ -86,6 +87,12 @@ static int child_main(void *arg)
 	char dev[256], msg[512], buf[1];
 	int console, r = -1;
 
+	/* A Firecracker that is killed takes its guest with it: so does fcsim. The guest is the
+	 * init of its pid namespace, so SIGKILL ends everything in it. Set before the sync read:
+	 * a parent that died before this point is seen there as EOF. The signal follows the
+	 * cloning thread, libmicrohttpd's polling thread, which lives as long as the process. */
+	(void)prctl(PR_SET_PDEATHSIG, SIGKILL);
+	close(a->sync_w);
 	/* Wait until the parent has set up the network side. */
 	if (read(a->sync_fd, buf, 1) != 1)
 		_exit(126);
@@ -410,6 +417,7 @@ int guest_start(Vm *vm, char **ret_error)
 			      NULL};
 	ChildArgs a = {
 		.sync_fd = sync_r,
+		.sync_w = sync_w,
 		.device = device,
 		.mountpoint = g->mountpoint,
 		.read_only = root->read_only,

@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -152,6 +153,28 @@ class Fcsim:
                  {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"})
         if vsock:
             a.ok("PUT", "/vsock", {"guest_cid": 3, "uds_path": "v.sock"})
+
+
+def children(pid):
+    """The pids a process forked (its guest's init among them)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def kill_and_check_guest_gone(f):
+    """SIGKILL the VMM, as an operator or the OOM killer would: like a Firecracker, its guest
+    (all of it: the init of its pid namespace) must go with it."""
+    guests = children(f.p.pid)
+    assert guests, "no guest process under the VMM"
+    f.p.send_signal(signal.SIGKILL)
+    f.p.wait()
+    deadline = time.monotonic() + 10 * SLOW
+    while any(os.path.exists(f"/proc/{g}") for g in guests):
+        assert time.monotonic() < deadline, f"guest processes {guests} outlived the VMM"
+        time.sleep(0.02)
 
 
 def vsock_connect(uds, port, timeout=10):

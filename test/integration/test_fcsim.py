@@ -8,7 +8,6 @@ import concurrent.futures
 import glob
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -17,7 +16,8 @@ import time
 import pytest
 
 from conftest import SLOW, SRCDIR
-from fcsim_util import FCSIM, Fcsim, build_rootfs, vsock_connect, vsock_echo
+from fcsim_util import (FCSIM, Fcsim, build_rootfs, kill_and_check_guest_gone, vsock_connect,
+                        vsock_echo)
 from uffd_ref import RefHandler
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -160,8 +160,7 @@ def test_lifecycle_snapshot_restore(lab):
     st = os.stat(os.path.join(d1, "mem"))
     assert st.st_size == 32 * MiB
     assert st.st_blocks * 512 < st.st_size * 0.9, "memory file not sparse"
-    f.p.send_signal(signal.SIGKILL)
-    f.p.wait()
+    kill_and_check_guest_gone(f)
 
     # restore, File backend, in a fresh process in a fresh directory
     d2 = workdir(lab, "vm2")
@@ -196,8 +195,7 @@ def snapshot_of(lab, name, mem=32):
     f.wait_output("guest-helper: ready")
     f.api.ok("PATCH", "/vm", {"state": "Paused"})
     f.api.ok("PUT", "/snapshot/create", {"snapshot_path": "vmstate", "mem_file_path": "mem"})
-    f.p.send_signal(signal.SIGKILL)
-    f.p.wait()
+    kill_and_check_guest_gone(f)
     return d
 
 
