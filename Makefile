@@ -37,7 +37,7 @@ PROTOC_C ?= protoc-c
 PYTHON ?= /usr/bin/python3
 
 PKGS := grpc libprotobuf-c inih libsystemd devmapper libnl-3.0 libnl-route-3.0 libnftables json-c \
-	libmicrohttpd libcrypto
+	libmicrohttpd libcrypto libcurl
 PKG_CFLAGS = $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
 CMOCKA_CFLAGS = $(shell $(PKG_CONFIG) --cflags cmocka 2>/dev/null)
@@ -67,7 +67,8 @@ Q := @
 endif
 
 all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
-	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper unit-tests pystubs
+	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper $(B)/test/fcctl-tool \
+	$(B)/ember-uffd $(B)/test/bench-uffd $(B)/test/fuzz-uffd-handshake-replay unit-tests pystubs
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
@@ -113,6 +114,9 @@ COMMON_SRCS := common/log.c common/fileio.c common/id.c
 STORAGE_SRCS := storage/storage.c storage/loop.c storage/registry.c storage/dm.c \
 	storage/file.c storage/usage.c storage/reclaim.c
 NETNS_SRCS := netns/cidr.c netns/ns.c netns/link.c netns/nft.c netns/pool.c netns/relay.c
+FCCTL_SRCS := fcctl/api.c fcctl/process.c fcctl/vsock.c
+# ember-uffd: its own binary, not part of libfcctl.a (emberd only spawns it)
+UFFD_SRCS := fcctl/uffd.c fcctl/ember-uffd.c
 FCSIM_SRCS := fcsim/main.c fcsim/api.c fcsim/vmm.c fcsim/guest.c fcsim/vsock.c fcsim/fclog.c \
 	fcsim/memory.c fcsim/schema.c
 AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
@@ -122,9 +126,11 @@ AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
 COMMON_OBJS := $(COMMON_SRCS:%.c=$(B)/obj/%.o)
 STORAGE_OBJS := $(STORAGE_SRCS:%.c=$(B)/obj/%.o)
 NETNS_OBJS := $(NETNS_SRCS:%.c=$(B)/obj/%.o)
+FCCTL_OBJS := $(FCCTL_SRCS:%.c=$(B)/obj/%.o)
 AGENT_LIB_OBJS := $(AGENT_LIB_SRCS:%.c=$(B)/obj/%.o)
 
-ALL_SRCS := $(COMMON_SRCS) $(STORAGE_SRCS) $(NETNS_SRCS) $(FCSIM_SRCS) $(AGENT_SRCS)
+ALL_SRCS := $(COMMON_SRCS) $(STORAGE_SRCS) $(NETNS_SRCS) $(FCCTL_SRCS) $(UFFD_SRCS) \
+	$(FCSIM_SRCS) $(AGENT_SRCS)
 
 # Lower modules may log at debug level only (common/log.h hides the other levels under
 # LOG_DEBUG_ONLY): the agent decides what is logged, once (DESIGN.md §2).
@@ -148,6 +154,10 @@ $(B)/libnetns.a: $(NETNS_OBJS)
 	@echo "  AR       $@"
 	$(Q)rm -f $@ && $(AR) rcs $@ $^
 
+$(B)/libfcctl.a: $(FCCTL_OBJS)
+	@echo "  AR       $@"
+	$(Q)rm -f $@ && $(AR) rcs $@ $^
+
 # The descriptor set is linked in as data (.incbin), so the binary carries its own API.
 $(B)/obj/agent/descriptor-set.o: agent/descriptor-set.S $(B)/proto/ember.desc
 	@mkdir -p $(@D)
@@ -163,11 +173,18 @@ $(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-s
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
 
+# ember-uffd links only what it uses: one runs per resumed sandbox.
+UFFD_OBJ := $(B)/obj/fcctl/uffd.o
+UFFD_LIBS = $(shell $(PKG_CONFIG) --libs json-c libsystemd 2>/dev/null)
+$(B)/ember-uffd: $(B)/obj/fcctl/ember-uffd.o $(UFFD_OBJ) $(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(UFFD_LIBS) -o $@
+
 # ---------------------------------------------------------------------------------------------
 # tests
 
 UNIT_TESTS := test-config test-id test-rpc-descriptors test-fileio test-storage test-netns \
-	test-fcsim-schema test-fcsim-memory
+	test-fcsim-schema test-fcsim-memory test-uffd
 UNIT_BINS := $(UNIT_TESTS:%=$(B)/test/unit/%)
 
 $(B)/obj/test/unit/%.o: test/unit/%.c $(B)/proto/.stamp-c
@@ -180,6 +197,7 @@ $(B)/test/unit/test-id: $(B)/obj/test/unit/test-id.o $(B)/libcommon.a
 $(B)/test/unit/test-fileio: $(B)/obj/test/unit/test-fileio.o $(B)/libcommon.a
 $(B)/test/unit/test-storage: $(B)/obj/test/unit/test-storage.o $(B)/libstorage.a $(B)/libcommon.a
 $(B)/test/unit/test-netns: $(B)/obj/test/unit/test-netns.o $(B)/libnetns.a $(B)/libcommon.a
+$(B)/test/unit/test-uffd: $(B)/obj/test/unit/test-uffd.o $(UFFD_OBJ) $(B)/libcommon.a
 $(B)/test/unit/test-fcsim-schema: $(B)/obj/test/unit/test-fcsim-schema.o $(B)/obj/fcsim/schema.o
 $(B)/test/unit/test-fcsim-memory: $(B)/obj/test/unit/test-fcsim-memory.o $(B)/obj/fcsim/memory.o \
 	$(B)/libcommon.a
@@ -253,6 +271,14 @@ $(B)/test/guest-helper: test/fcsim/guest-helper.c
 	@echo "  CC       $@ (static)"
 	$(Q)$(CC) -std=gnu11 -D_GNU_SOURCE -O2 $(WARNINGS) -static $< -o $@
 
+$(B)/obj/test/fcctl/%.o: test/fcctl/%.c
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+$(B)/test/fcctl-tool: $(B)/obj/test/fcctl/fcctl-tool.o $(B)/libfcctl.a $(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+
 # Python stubs for the integration tests. health/reflection are generated from inside the
 # grpc-proto tree so that no top-level "grpc" package shadows grpcio.
 $(B)/py/.stamp: proto/ember/v1/node.proto test/rpc/rpctest.proto
@@ -280,9 +306,11 @@ check: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory check-unit check-integration check-vm
 
-check-unit: unit-tests
+check-unit: unit-tests $(B)/test/fuzz-uffd-handshake-replay
 	@set -e; for t in $(UNIT_BINS); do echo "  UNIT     $$t"; \
 		$(PYTEST_ENV) $(UNIT_ENV) $$t; done
+	@echo "  FUZZ     replay test/fuzz/corpus/uffd-handshake"
+	$(Q)$(PYTEST_ENV) $(B)/test/fuzz-uffd-handshake-replay test/fuzz/corpus/uffd-handshake/*
 
 check-integration: all
 	@rm -f $(B)/asan.* $(B)/ubsan.*
@@ -297,6 +325,32 @@ check-vm: all
 		--color=no test/vm $(PYTEST_ARGS)
 	@if ls $(B)/asan.* $(B)/ubsan.* >/dev/null 2>&1; then \
 		echo "sanitizer reports:"; cat $(B)/asan.* $(B)/ubsan.* 2>/dev/null; exit 1; fi
+
+# The libFuzzer target, replayed over its seed corpus without libFuzzer (check-unit).
+$(B)/test/fuzz-uffd-handshake-replay: test/fuzz/fuzz-uffd-handshake.c $(UFFD_OBJ) $(B)/libcommon.a
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) -DFUZZ_REPLAY_MAIN $(ALL_CFLAGS) $(WARNINGS) $^ $(ALL_LDFLAGS) \
+		$(UFFD_LIBS) -o $@
+
+# Real fuzzing (clang + libFuzzer): new inputs go to $(B)/fuzz/, the seed corpus stays as is.
+FUZZ_RUNS ?= 200000
+fuzz-uffd:
+	@mkdir -p $(B)/fuzz/uffd-handshake
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -I. fcctl/uffd.c \
+		common/log.c test/fuzz/fuzz-uffd-handshake.c \
+		$$($(PKG_CONFIG) --cflags --libs json-c libsystemd) -o $(B)/fuzz-uffd-handshake
+	$(B)/fuzz-uffd-handshake -runs=$(FUZZ_RUNS) $(B)/fuzz/uffd-handshake \
+		test/fuzz/corpus/uffd-handshake
+
+$(B)/test/bench-uffd: test/bench/bench-uffd.c $(UFFD_OBJ) $(B)/libcommon.a
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) $^ $(ALL_LDFLAGS) $(UFFD_LIBS) -o $@
+
+BENCH_UFFD_ARGS ?=
+bench-uffd: $(B)/test/bench-uffd
+	$(B)/test/bench-uffd $(BENCH_UFFD_ARGS)
 
 bench-storage: all
 	$(Q)test/vm/run -- test/bench/bench-storage.sh $(B) dm
@@ -318,7 +372,7 @@ run: deps
 DEB_PKGS := build-essential pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler \
 	protobuf-compiler protobuf-compiler-grpc libprotobuf-dev grpc-proto libinih-dev \
 	libsystemd-dev libcmocka-dev libdevmapper-dev libnl-3-dev libnl-route-3-dev \
-	libnftables-dev libjson-c-dev libmicrohttpd-dev nftables iproute2 python3 python3-yaml python3-grpcio python3-protobuf \
+	libnftables-dev libjson-c-dev libmicrohttpd-dev libcurl4-openssl-dev nftables iproute2 python3 python3-yaml python3-grpcio python3-protobuf \
 	python3-pytest openssl clang-format clang-tidy cppcheck \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev dmsetup e2fsprogs xfsprogs \
 	util-linux
@@ -338,10 +392,10 @@ deps:
 # lint
 
 LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h storage/*.h netns/*.h fcsim/*.h \
-	test/unit/*.c \
-	test/rpc/*.c test/bench/*.c test/storage/*.c test/net/*.c test/fcsim/*.c)
+	fcctl/*.h test/unit/*.c test/fuzz/*.c \
+	test/rpc/*.c test/bench/*.c test/storage/*.c test/net/*.c test/fcsim/*.c test/fcctl/*.c)
 TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c test/storage/storage-tool.c \
-	test/fcsim/guest-helper.c \
+	test/fcsim/guest-helper.c test/fcctl/fcctl-tool.c test/bench/bench-uffd.c \
 	test/net/netns-tool.c test/net/guest-standin.c
 
 lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c
@@ -361,7 +415,8 @@ lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c
 		--inline-suppr --std=c11 -D_GNU_SOURCE -I. --suppress=missingIncludeSystem \
 		--suppress=memleak --suppress=resourceLeak \
 		$(ALL_SRCS) test/rpc/rpctestd.c test/storage/storage-tool.c test/net/netns-tool.c \
-		test/net/guest-standin.c
+		test/net/guest-standin.c test/fcctl/fcctl-tool.c test/bench/bench-uffd.c \
+		test/fuzz/fuzz-uffd-handshake.c
 
 format:
 	clang-format -i $(LINT_SRCS)
@@ -384,7 +439,7 @@ clean:
 	rm -rf build
 
 .PHONY: all deps run check check-unit check-integration check-vm unit-tests pystubs lint \
-	format install clean bench-rpc bench-storage bench-net
+	format install clean bench-rpc bench-storage bench-net bench-uffd fuzz-uffd
 .DELETE_ON_ERROR:
 
 -include $(shell find $(B) -name '*.d' 2>/dev/null)

@@ -229,7 +229,6 @@ def test_restore_with_uffd(lab, order):
 def test_wrong_page_is_detected(lab):
     src = snapshot_of(lab, "src")
     # a page the boot filled (not one of the zero pages)
-    import struct
     with open(os.path.join(src, "mem"), "rb") as f:
         data = f.read()
     page = next(i for i in range(100, len(data) // 4096)
@@ -251,7 +250,6 @@ def test_wrong_page_is_detected(lab):
     assert status == 400 and "failed" in fault["fault_message"]
     assert "verification failed" in g.output()
     handler.close()
-    del struct
 
 
 def test_phase_rules_and_errors(lab):

@@ -566,6 +566,18 @@ static bool cond_removes(const Handler *h, uint64_t n)
 	return h->n_removes >= n;
 }
 
+/* The handler counts a fault after UFFDIO_COPY returns, which is after the faulting thread
+ * was woken: the count can lag the verification that caused it by a moment. */
+static bool cond_faults(const Handler *h, uint64_t n)
+{
+	return h->n_faults >= n;
+}
+
+static bool cond_zero_faults(const Handler *h, uint64_t n)
+{
+	return h->n_zero_faults >= n;
+}
+
 static bool cond_exited(const Handler *h, uint64_t arg)
 {
 	(void)arg;
@@ -989,7 +1001,8 @@ static void test_uffd(void **state)
 	check_handshake(&h, l);
 
 	assert_int_equal(gmem_verify(l, BOOT, 0, GMEM_ORDER_RANDOM, 21, &error), 0);
-	/* every page came through the handler: fcsim touched nothing before */
+	/* every page came through the handler, once: fcsim touched nothing before */
+	assert_true(handler_wait(&h, cond_faults, 16384));
 	assert_int_equal(handler_snapshot(&h, &c)->n_faults, 16384);
 	assert_int_equal(gmem_verify(l, BOOT, 0, GMEM_ORDER_SEQUENTIAL, 0, &error), 0);
 
@@ -1004,6 +1017,7 @@ static void test_uffd(void **state)
 	assert_int_equal(gmem_verify(l, BOOT, 0, GMEM_ORDER_SEQUENTIAL, 0, &error), 0);
 	assert_int_equal(gmem_verify(l, BOOT, 0, GMEM_ORDER_RANDOM, 22, &error), 0);
 	assert_null(error);
+	assert_true(handler_wait(&h, cond_zero_faults, 16));
 	assert_int_equal(handler_snapshot(&h, &c)->n_zero_faults, 16);
 
 	/* a snapshot of restored memory: its pages come through the handler too */

@@ -1,0 +1,103 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * ember-uffd: serves one sandbox's snapshot memory to Firecracker through userfaultfd
+ * (DESIGN.md §7). A process of its own, so that a resumed sandbox survives an emberd restart.
+ *
+ *   ember-uffd <listen socket> <memory file> [--prefetch] [--timeout-ms N] [--debug]
+ *
+ * The socket path appears once it listens: wait for it, then send /snapshot/load. Exit status
+ * 0 when Firecracker went away, 1 when Firecracker had to be killed or serving failed (the
+ * reason on stderr). One statistics line on stderr at exit, always.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "common/log.h"
+#include "common/macro.h"
+#include "fcctl/uffd.h"
+
+static void usage(FILE *f)
+{
+	fprintf(f, "Usage: ember-uffd <listen socket> <memory file> [--prefetch] [--timeout-ms N] "
+		   "[--debug]\n"
+		   "\n"
+		   "Serves a Firecracker snapshot memory file through the userfaultfd Firecracker\n"
+		   "hands over on <listen socket> (mem_backend Uffd).\n"
+		   "\n"
+		   "  --prefetch      copy all memory in the background right after the handshake\n"
+		   "  --timeout-ms N  give up when Firecracker has not connected and sent the\n"
+		   "                  handshake within N ms (default: wait forever)\n"
+		   "  --debug         debug log on stderr\n");
+}
+
+static int parse_timeout(const char *s, int *ret)
+{
+	char *end = NULL;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno != 0 || !end || end == s || *end != '\0' || v < -1 || v > INT_MAX)
+		return -EINVAL;
+	*ret = (int)v;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option options[] = {
+		{"prefetch", no_argument, NULL, 'p'},
+		{"timeout-ms", required_argument, NULL, 't'},
+		{"debug", no_argument, NULL, 'd'},
+		{"help", no_argument, NULL, 'h'},
+		{},
+	};
+	UffdOptions opt = {.prefetch = false, .timeout_ms = -1};
+	_cleanup_free_ char *error = NULL;
+	UffdStats st = {0};
+	int c, r;
+
+	while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0)
+		switch (c) {
+		case 'p':
+			opt.prefetch = true;
+			break;
+		case 't':
+			if (parse_timeout(optarg, &opt.timeout_ms) < 0) {
+				fprintf(stderr, "ember-uffd: invalid --timeout-ms: %s\n", optarg);
+				return 2;
+			}
+			break;
+		case 'd':
+			log_set_max_level(LOG_DEBUG);
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
+		}
+	if (argc - optind != 2) {
+		usage(stderr);
+		return 2;
+	}
+	log_setup("ember-uffd", LOG_TARGET_STDERR);
+
+	r = uffd_serve(argv[optind], argv[optind + 1], &opt, &st, &error);
+	if (r < 0)
+		fprintf(stderr, "ember-uffd: %s\n", error ? error : "failed");
+	fprintf(stderr,
+		"ember-uffd: stats: faults=%" PRIu64 " pages_copied=%" PRIu64
+		" bytes_copied=%" PRIu64 " zero_pages=%" PRIu64 " removes=%" PRIu64
+		" eexist=%" PRIu64 " eagain=%" PRIu64
+		" fault_p50_us=%.1f fault_p99_us=%.1f fault_max_us=%.1f peer=%d end=\"%s\"\n",
+		st.faults, st.pages_copied, st.bytes_copied, st.zero_pages, st.removes, st.eexist,
+		st.eagain, (double)st.p50_ns / 1000.0, (double)st.p99_ns / 1000.0,
+		(double)st.max_ns / 1000.0, (int)st.peer, st.end_reason);
+	return r < 0 ? 1 : 0;
+}

@@ -1,0 +1,125 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Driving Firecracker (DESIGN.md §7-8): the process (spawn in a network namespace and working
+ * directory, wait for its API socket, supervise through a pidfd, stop, adopt after an agent
+ * restart), its API (libcurl over the unix socket, JSON through json-c), and the vsock dialer.
+ * The same code drives `firecracker`, `fcsim` or `jailer` + firecracker: only the binary differs.
+ *
+ * Every call returns >= 0 or -errno; API calls also give Firecracker's fault_message verbatim
+ * (or what went wrong on the way) in *ret_fault. Nothing here logs above debug level.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+typedef struct FcVm FcVm;
+
+#define FCCTL_API_SOCK "api.sock"
+
+typedef struct FcSpawn {
+	const char *binary;       /* firecracker, fcsim, or the Firecracker binary for the jailer */
+	const char *id;           /* --id; also checked when adopting */
+	const char *workdir;      /* the VMM's working directory: api.sock and relative paths */
+	const char *netns;        /* a network namespace file to enter before exec, or NULL */
+	const char *log_path;     /* --log-path (relative to workdir), or NULL */
+	const char *output;       /* file for the VMM's stdout/stderr (serial console), relative
+				   * to workdir; NULL: fc.out */
+	const char *const *stale; /* files in workdir to remove first (old sockets), NULL-ended */
+	int start_timeout_ms;     /* for the API socket to answer; 0: 10 s */
+	/* jailer: run `jailer --id --exec-file binary --uid --gid [--netns] -- ...` instead;
+	 * the API socket is then <chroot>/run/firecracker.socket. */
+	const char *jailer;
+	uid_t uid;
+	gid_t gid;
+	const char *chroot_base; /* default /srv/jailer */
+} FcSpawn;
+
+typedef struct FcExit {
+	bool exited;
+	bool known; /* false for an adopted process: not our child, no status */
+	int code;   /* exit status, when exited normally */
+	int signal; /* the signal that ended it, or 0 */
+	bool stopped_by_us;
+} FcExit;
+
+int fcctl_vm_spawn(const FcSpawn *spawn, FcVm **ret, char **ret_error);
+/* Takes over a VMM started by an earlier agent, after checking that pid runs `binary`
+ * (/proc/<pid>/exe), was started with --id `id`, and works in `workdir` (/proc/<pid>/cwd). */
+int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *workdir, FcVm **ret,
+		   char **ret_error);
+void fcctl_vm_free(FcVm *vm); /* forgets the process; it keeps running */
+
+pid_t fcctl_vm_pid(const FcVm *vm);
+int fcctl_vm_pidfd(const FcVm *vm); /* readable once the process has exited */
+const char *fcctl_vm_workdir(const FcVm *vm);
+
+/* Waits up to timeout_ms (-1: forever) for the VMM to exit, and reaps it. -ETIMEDOUT. */
+int fcctl_vm_wait(FcVm *vm, int timeout_ms, FcExit *ret);
+/* SIGTERM, SIGKILL after timeout_ms, reaped; how it ended in *ret. Idempotent. */
+int fcctl_vm_stop(FcVm *vm, int timeout_ms, FcExit *ret);
+/* Blocks until the VMM or the helper process (a pidfd, e.g. ember-uffd) ends. If the helper
+ * ends first the VMM is stopped: a Firecracker whose memory server is gone would hang its
+ * guest forever. Returns 0 when the VMM ended by itself, -EPIPE when the helper did. */
+int fcctl_vm_supervise(FcVm *vm, int helper_pidfd, int stop_timeout_ms, FcExit *ret);
+
+/* Per-call timeout for API requests (default 10 s). */
+void fcctl_vm_set_timeout(FcVm *vm, int timeout_ms);
+
+/* ---- API ---- */
+
+typedef enum FcHugePages {
+	FC_HUGE_PAGES_NONE,
+	FC_HUGE_PAGES_2M,
+} FcHugePages;
+
+int fcctl_put_machine_config(FcVm *vm, unsigned vcpus, unsigned mem_mib, bool smt,
+			     bool track_dirty_pages, FcHugePages huge, char **ret_fault);
+int fcctl_put_boot_source(FcVm *vm, const char *kernel, const char *initrd, const char *boot_args,
+			  char **ret_fault);
+int fcctl_put_drive(FcVm *vm, const char *drive_id, const char *path, bool root, bool read_only,
+		    char **ret_fault);
+int fcctl_put_network_interface(FcVm *vm, const char *iface_id, const char *host_dev_name,
+				const char *guest_mac, char **ret_fault);
+/* Removes a stale socket at uds_path (relative to the workdir) first: Firecracker refuses one
+ * that exists. */
+int fcctl_put_vsock(FcVm *vm, unsigned guest_cid, const char *uds_path, char **ret_fault);
+int fcctl_put_logger(FcVm *vm, const char *log_path, const char *level, char **ret_fault);
+int fcctl_put_metrics(FcVm *vm, const char *metrics_path, char **ret_fault);
+int fcctl_instance_start(FcVm *vm, char **ret_fault);
+int fcctl_vm_pause(FcVm *vm, char **ret_fault);
+int fcctl_vm_resume(FcVm *vm, char **ret_fault);
+int fcctl_snapshot_create(FcVm *vm, const char *snapshot_path, const char *mem_path, bool diff,
+			  char **ret_fault);
+
+typedef struct FcNetOverride {
+	const char *iface_id;
+	const char *host_dev_name;
+} FcNetOverride;
+
+typedef struct FcSnapshotLoad {
+	const char *snapshot_path;
+	bool uffd;                /* Uffd backend; File otherwise */
+	const char *backend_path; /* memory file, or the handler's socket */
+	bool resume;
+	bool track_dirty_pages;
+	const FcNetOverride *net_overrides;
+	size_t n_net_overrides;
+	const char *vsock_override; /* uds_path, or NULL (Firecracker >= 1.16) */
+} FcSnapshotLoad;
+
+int fcctl_snapshot_load(FcVm *vm, const FcSnapshotLoad *load, char **ret_fault);
+
+/* GET /: state ("Not started", "Running", "Paused") and vmm_version. */
+int fcctl_describe(FcVm *vm, char **ret_state, char **ret_vmm_version, char **ret_fault);
+/* GET /version */
+int fcctl_version(FcVm *vm, char **ret_version, char **ret_fault);
+
+/* ---- vsock ---- */
+
+/* Firecracker's hybrid vsock: connects to uds_path, sends "CONNECT <port>\n", reads
+ * "OK <n>\n"; the returned fd is then the stream to the guest. -ECONNREFUSED when nothing
+ * listens in the guest (Firecracker closes the connection), -ETIMEDOUT. */
+int fcctl_vsock_dial(const char *uds_path, unsigned port, int timeout_ms, char **ret_error);

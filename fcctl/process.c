@@ -1,0 +1,464 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The VMM process: spawned with fork + exec (after entering the sandbox's network namespace
+ * and working directory: setns cannot be done by posix_spawn), supervised through a pidfd,
+ * stopped with SIGTERM then SIGKILL, adopted after an agent restart.
+ *
+ * The agent is multithreaded: between fork and exec the child only makes system calls on
+ * things prepared before the fork (argv, paths, fds).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/inotify.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/macro.h"
+#include "fcctl-internal.h"
+
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+
+static int pidfd_open_(pid_t pid)
+{
+	return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+static int pidfd_signal(int pidfd, int sig)
+{
+	return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int err(char **ret_error, int r, const char *format, ...)
+	__attribute__((format(printf, 3, 4)));
+static int err(char **ret_error, int r, const char *format, ...)
+{
+	va_list ap;
+	if (ret_error) {
+		errno = r < 0 ? -r : r;
+		va_start(ap, format);
+		if (vasprintf(ret_error, format, ap) < 0)
+			*ret_error = NULL;
+		va_end(ap);
+	}
+	return r;
+}
+
+static FcVm *vm_new(pid_t pid, const char *workdir, const char *api_sock)
+{
+	FcVm *vm = calloc(1, sizeof(*vm));
+	if (!vm)
+		return NULL;
+	vm->pid = pid;
+	vm->pidfd = -1;
+	vm->workdir = strdup(workdir);
+	vm->api_sock = strdup(api_sock);
+	if (!vm->workdir || !vm->api_sock || api_init(vm) < 0) {
+		free(vm->workdir);
+		free(vm->api_sock);
+		free(vm);
+		return NULL;
+	}
+	return vm;
+}
+
+void fcctl_vm_free(FcVm *vm)
+{
+	if (!vm)
+		return;
+	api_done(vm);
+	safe_close(vm->pidfd);
+	free(vm->workdir);
+	free(vm->api_sock);
+	free(vm);
+}
+
+pid_t fcctl_vm_pid(const FcVm *vm)
+{
+	return vm->pid;
+}
+
+int fcctl_vm_pidfd(const FcVm *vm)
+{
+	return vm->pidfd;
+}
+
+const char *fcctl_vm_workdir(const FcVm *vm)
+{
+	return vm->workdir;
+}
+
+static bool answers(const char *sock)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	bool ok;
+
+	if (fd < 0 || strlen(sock) >= sizeof(sa.sun_path)) {
+		safe_close(fd);
+		return false;
+	}
+	memcpy(sa.sun_path, sock, strlen(sock) + 1);
+	ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+	close(fd);
+	return ok;
+}
+
+/* Waits for the API socket to accept a connection: inotify on its directory wakes us when it
+ * appears (no busy polling); the pidfd when the VMM dies first. The socket file exists a moment
+ * before listen(): a refused connect is retried after the next event or 10 ms. */
+static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output, char **ret_error)
+{
+	_cleanup_close_ int in = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+	_cleanup_free_ char *dir = strdup(vm->api_sock);
+	int64_t deadline = now_ms() + timeout_ms;
+
+	if (in < 0 || !dir)
+		return -errno;
+	*strrchr(dir, '/') = 0;
+	if (inotify_add_watch(in, dir, IN_CREATE | IN_MOVED_TO) < 0)
+		return err(ret_error, -errno, "cannot watch %s: %m", dir);
+	for (;;) {
+		if (answers(vm->api_sock))
+			return 0;
+		int64_t left = deadline - now_ms();
+		if (left <= 0)
+			return err(ret_error, -ETIMEDOUT,
+				   "the VMM did not open its API socket %s within %d ms",
+				   vm->api_sock, timeout_ms);
+		struct pollfd p[2] = {{.fd = in, .events = POLLIN},
+				      {.fd = vm->pidfd, .events = POLLIN}};
+		bool exists = access(vm->api_sock, F_OK) == 0;
+		int n = poll(p, 2, exists ? 10 : (int)(left < 1000 ? left : 1000));
+		if (n < 0 && errno != EINTR)
+			return -errno;
+		if (p[1].revents & POLLIN) {
+			FcExit ex = {};
+			(void)fcctl_vm_wait(vm, 0, &ex);
+			return err(ret_error, -ECHILD,
+				   "the VMM exited before opening its API socket (%s %d); see its "
+				   "output in %s/%s",
+				   ex.signal ? "signal" : "status", ex.signal ? ex.signal : ex.code,
+				   vm->workdir, output);
+		}
+		if (p[0].revents & POLLIN) {
+			char buf[4096];
+			while (read(in, buf, sizeof(buf)) > 0)
+				;
+		}
+	}
+}
+
+int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
+{
+	_cleanup_close_ int ns = -EBADF, out = -EBADF, wd = -EBADF;
+	char api_sock[PATH_MAX], chroot_dir[PATH_MAX];
+	const char *argv[32];
+	size_t n = 0;
+	FcVm *vm;
+	pid_t pid;
+	int r;
+
+	if (!s->binary || !s->id || !s->workdir || s->workdir[0] != '/')
+		return err(ret_error, -EINVAL, "binary, id and an absolute workdir are required");
+	wd = open(s->workdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (wd < 0)
+		return err(ret_error, -errno, "workdir %s: %m", s->workdir);
+	if (s->netns && (ns = open(s->netns, O_RDONLY | O_CLOEXEC)) < 0)
+		return err(ret_error, -errno, "network namespace %s: %m", s->netns);
+	out = openat(wd, s->output ?: "fc.out", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	if (out < 0)
+		return err(ret_error, -errno, "cannot open the VMM's output file: %m");
+
+	if (s->jailer) {
+		/* The jailer chroots the VMM: its API socket lives inside the chroot. */
+		snprintf(chroot_dir, sizeof(chroot_dir), "%s/%s/%s/root",
+			 s->chroot_base ?: "/srv/jailer",
+			 strrchr(s->binary, '/') ? strrchr(s->binary, '/') + 1 : s->binary, s->id);
+		if (snprintf(api_sock, sizeof(api_sock), "%s/run/firecracker.socket", chroot_dir) >=
+		    (int)sizeof(api_sock))
+			return err(ret_error, -ENAMETOOLONG, "jailer chroot path too long: %s",
+				   chroot_dir);
+	} else {
+		snprintf(api_sock, sizeof(api_sock), "%s/%s", s->workdir, FCCTL_API_SOCK);
+	}
+	/* Firecracker refuses an existing socket path: old ones are ours and stale. */
+	(void)unlink(api_sock);
+	for (size_t i = 0; s->stale && s->stale[i]; i++)
+		(void)unlinkat(wd, s->stale[i], 0);
+
+	char uid[16], gid[16];
+	snprintf(uid, sizeof(uid), "%u", (unsigned)s->uid);
+	snprintf(gid, sizeof(gid), "%u", (unsigned)s->gid);
+	if (s->jailer) {
+		argv[n++] = s->jailer;
+		argv[n++] = "--id";
+		argv[n++] = s->id;
+		argv[n++] = "--exec-file";
+		argv[n++] = s->binary;
+		argv[n++] = "--uid";
+		argv[n++] = uid;
+		argv[n++] = "--gid";
+		argv[n++] = gid;
+		if (s->netns) {
+			argv[n++] = "--netns";
+			argv[n++] = s->netns;
+		}
+		if (s->chroot_base) {
+			argv[n++] = "--chroot-base-dir";
+			argv[n++] = s->chroot_base;
+		}
+		argv[n++] = "--";
+		argv[n++] = "--api-sock";
+		argv[n++] = "/run/firecracker.socket";
+	} else {
+		argv[n++] = s->binary;
+		argv[n++] = "--api-sock";
+		argv[n++] = FCCTL_API_SOCK;
+		argv[n++] = "--id";
+		argv[n++] = s->id;
+	}
+	if (s->log_path) {
+		argv[n++] = "--log-path";
+		argv[n++] = s->log_path;
+	}
+	argv[n] = NULL;
+
+	/* The child reports a failed setns/chdir/exec through this pipe (closed on exec): the
+	 * caller gets "cannot execute …: No such file or directory", not an exit status 127. */
+	int report[2];
+	if (pipe2(report, O_CLOEXEC) < 0)
+		return err(ret_error, -errno, "pipe: %m");
+	pid = fork();
+	if (pid < 0) {
+		r = -errno;
+		close(report[0]);
+		close(report[1]);
+		return err(ret_error, r, "fork: %m");
+	}
+	if (pid == 0) {
+		/* The child: system calls only. */
+		int stage = 0, e;
+		close(report[0]);
+		if (ns >= 0 && !s->jailer && setns(ns, CLONE_NEWNET) < 0)
+			goto child_fail;
+		stage = 1;
+		if (fchdir(wd) < 0)
+			goto child_fail;
+		stage = 2;
+		int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+		if (null >= 0)
+			dup2(null, STDIN_FILENO);
+		dup2(out, STDOUT_FILENO);
+		dup2(out, STDERR_FILENO);
+		/* A VMM outlives the agent that started it (restarts adopt it): its own session,
+		 * no signals from our terminal. */
+		setsid();
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		execve(argv[0], (char *const *)argv, environ);
+	child_fail:
+		e = errno;
+		(void)!write(report[1], (int[]){stage, e}, 2 * sizeof(int));
+		_exit(127);
+	}
+	close(report[1]);
+	int failed[2];
+	ssize_t got;
+	do
+		got = read(report[0], failed, sizeof(failed));
+	while (got < 0 && errno == EINTR);
+	close(report[0]);
+	if (got == (ssize_t)sizeof(failed)) {
+		(void)waitpid(pid, NULL, 0);
+		static const char *const what[] = {"enter the network namespace",
+						   "enter the working directory", "execute"};
+		errno = failed[1];
+		return err(ret_error, -failed[1], "cannot %s %s: %m", what[failed[0]],
+			   failed[0] == 0   ? s->netns
+			   : failed[0] == 1 ? s->workdir
+					    : argv[0]);
+	}
+
+	vm = vm_new(pid, s->workdir, api_sock);
+	if (!vm) {
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+		return -ENOMEM;
+	}
+	vm->child = true;
+	vm->pidfd = pidfd_open_(pid);
+	if (vm->pidfd < 0) {
+		r = err(ret_error, -errno, "pidfd_open: %m");
+		goto fail;
+	}
+	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000,
+			    s->output ?: "fc.out", ret_error);
+	if (r < 0)
+		goto fail;
+	log_debug("spawned %s (pid %d) in %s", s->binary, (int)pid, s->workdir);
+	*ret = vm;
+	return 0;
+fail:
+	(void)fcctl_vm_stop(vm, 1000, NULL);
+	fcctl_vm_free(vm);
+	return r;
+}
+
+/* argv of a process from /proc/<pid>/cmdline: is `--id <id>` in it? */
+static bool cmdline_has_id(pid_t pid, const char *id)
+{
+	char path[64], buf[8192];
+	ssize_t len;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	len = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (len <= 0)
+		return false;
+	buf[len] = 0;
+	for (char *p = buf; p < buf + len; p += strlen(p) + 1)
+		if (strcmp(p, "--id") == 0 && p + strlen(p) + 1 < buf + len &&
+		    strcmp(p + strlen(p) + 1, id) == 0)
+			return true;
+	return false;
+}
+
+int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *workdir, FcVm **ret,
+		   char **ret_error)
+{
+	char path[64], exe[PATH_MAX], cwd[PATH_MAX], want[PATH_MAX], api_sock[PATH_MAX];
+	ssize_t n;
+	FcVm *vm;
+	int pidfd;
+
+	/* The pidfd first: from here on the pid cannot be recycled under us. */
+	pidfd = pidfd_open_(pid);
+	if (pidfd < 0)
+		return err(ret_error, -errno, "process %d: %m", (int)pid);
+	snprintf(path, sizeof(path), "/proc/%d/exe", (int)pid);
+	n = readlink(path, exe, sizeof(exe) - 1);
+	if (n < 0) {
+		close(pidfd);
+		return err(ret_error, -errno, "process %d: %m", (int)pid);
+	}
+	exe[n] = 0;
+	if (!realpath(binary, want))
+		snprintf(want, sizeof(want), "%s", binary);
+	if (strcmp(exe, want) != 0) {
+		close(pidfd);
+		return err(ret_error, -ESRCH, "process %d runs %s, not %s", (int)pid, exe, want);
+	}
+	if (!cmdline_has_id(pid, id)) {
+		close(pidfd);
+		return err(ret_error, -ESRCH, "process %d was not started with --id %s", (int)pid,
+			   id);
+	}
+	snprintf(path, sizeof(path), "/proc/%d/cwd", (int)pid);
+	n = readlink(path, cwd, sizeof(cwd) - 1);
+	if (n < 0 || ((cwd[n] = 0), strcmp(cwd, workdir) != 0)) {
+		close(pidfd);
+		return err(ret_error, -ESRCH, "process %d does not work in %s", (int)pid, workdir);
+	}
+	snprintf(api_sock, sizeof(api_sock), "%s/%s", workdir, FCCTL_API_SOCK);
+	vm = vm_new(pid, workdir, api_sock);
+	if (!vm) {
+		close(pidfd);
+		return -ENOMEM;
+	}
+	vm->pidfd = pidfd;
+	vm->child = false;
+	*ret = vm;
+	return 0;
+}
+
+int fcctl_vm_wait(FcVm *vm, int timeout_ms, FcExit *ret)
+{
+	struct pollfd p = {.fd = vm->pidfd, .events = POLLIN};
+	siginfo_t si = {};
+
+	if (!vm->reaped) {
+		int n = poll(&p, 1, timeout_ms);
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -ETIMEDOUT;
+		if (vm->child) {
+			if (waitid((idtype_t)P_PIDFD, (id_t)vm->pidfd, &si, WEXITED) < 0)
+				return -errno;
+			vm->exit.known = true;
+			vm->exit.code = si.si_code == CLD_EXITED ? si.si_status : 0;
+			vm->exit.signal = si.si_code == CLD_EXITED ? 0 : si.si_status;
+		}
+		vm->exit.exited = true;
+		vm->reaped = true;
+	}
+	if (ret)
+		*ret = vm->exit;
+	return 0;
+}
+
+int fcctl_vm_stop(FcVm *vm, int timeout_ms, FcExit *ret)
+{
+	if (!vm->reaped) {
+		if (pidfd_signal(vm->pidfd, SIGTERM) == 0)
+			vm->exit.stopped_by_us = true;
+		if (fcctl_vm_wait(vm, timeout_ms, NULL) == -ETIMEDOUT) {
+			log_debug("pid %d ignored SIGTERM for %d ms: SIGKILL", (int)vm->pid,
+				  timeout_ms);
+			(void)pidfd_signal(vm->pidfd, SIGKILL);
+			(void)fcctl_vm_wait(vm, -1, NULL);
+		}
+	}
+	if (ret)
+		*ret = vm->exit;
+	return 0;
+}
+
+int fcctl_vm_supervise(FcVm *vm, int helper_pidfd, int stop_timeout_ms, FcExit *ret)
+{
+	struct pollfd p[2] = {{.fd = vm->pidfd, .events = POLLIN},
+			      {.fd = helper_pidfd, .events = POLLIN}};
+
+	for (;;) {
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (p[0].revents & POLLIN)
+			return fcctl_vm_wait(vm, 0, ret);
+		if (p[1].revents & POLLIN) {
+			log_debug("the helper of pid %d exited: stopping the VMM", (int)vm->pid);
+			(void)fcctl_vm_stop(vm, stop_timeout_ms, ret);
+			return -EPIPE;
+		}
+	}
+}

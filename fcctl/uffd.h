@@ -1,0 +1,63 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The snapshot memory server (DESIGN.md §7): the logic of ember-uffd, one process per resumed
+ * sandbox, serving a memory file to Firecracker through the userfaultfd it hands over.
+ * Lower-module rules: -errno returns with messages for the caller, log_debug at most.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* One guest memory region as Firecracker describes it in the handshake. */
+typedef struct UffdRegion {
+	uint64_t base_host_virt_addr;
+	uint64_t size;
+	uint64_t offset;    /* into the memory file */
+	uint64_t page_size; /* bytes: 4096 or 2 MiB ("page_size_kib" carries the same, in bytes) */
+} UffdRegion;
+
+#define UFFD_MAX_REGIONS 64
+
+typedef struct UffdHandshake {
+	UffdRegion regions[UFFD_MAX_REGIONS];
+	size_t n_regions;
+	int uffd; /* received via SCM_RIGHTS */
+} UffdHandshake;
+
+/* Parses what one recvmsg() returned: the JSON array and the ancillary data. Refuses malformed
+ * JSON, missing or wrong fields, overlapping or misaligned regions, no fd and more than one fd
+ * (closing every fd it was given in that case). Pure: no I/O, fuzzable. */
+int uffd_handshake_parse(const char *data, size_t len, const int *fds, size_t n_fds,
+			 UffdHandshake *ret, char **ret_error);
+
+/* Receives the handshake on a connected socket: one recvmsg, as Firecracker sends one. */
+int uffd_handshake_recv(int sock, UffdHandshake *ret, char **ret_error);
+
+typedef struct UffdOptions {
+	bool prefetch;  /* copy every page right after the handshake, in a background thread */
+	int timeout_ms; /* how long to wait for Firecracker to connect (-1: forever) */
+} UffdOptions;
+
+typedef struct UffdStats {
+	uint64_t faults;       /* page faults served */
+	uint64_t pages_copied; /* by faults and prefetch */
+	uint64_t bytes_copied;
+	uint64_t zero_pages;             /* served as zero after UFFD_EVENT_REMOVE */
+	uint64_t removes;                /* UFFD_EVENT_REMOVE events */
+	uint64_t eexist;                 /* pages already present (prefetch won) */
+	uint64_t eagain;                 /* retries */
+	uint64_t p50_ns, p99_ns, max_ns; /* fault service time, from a fixed-size histogram */
+	pid_t peer;                      /* Firecracker's pid (SO_PEERCRED) */
+	char end_reason[128];            /* "firecracker exited", "memory file truncated", … */
+} UffdStats;
+
+/* The whole server: listens on `socket_path` (refusing one that exists), accepts Firecracker,
+ * receives the handshake, maps `mem_path`, and serves faults until Firecracker goes away.
+ * When it cannot serve (file missing, too short, unreadable, I/O error) it kills Firecracker
+ * (the pid from SO_PEERCRED) — otherwise the guest would hang forever on the next fault —
+ * and returns an error saying why. */
+int uffd_serve(const char *socket_path, const char *mem_path, const UffdOptions *opt,
+	       UffdStats *ret_stats, char **ret_error);

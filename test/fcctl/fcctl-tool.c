@@ -1,0 +1,531 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * fcctl-tool: scenarios that drive a VMM (fcsim here, firecracker where it exists) through
+ * fcctl, for test_fcctl.py. Each prints key=value lines and exits 0 on success.
+ *
+ * Common options: --binary PATH --workdir DIR [--netns PATH] --rootfs FILE --kernel FILE
+ *                 [--mem MiB] [--uffd PATH-to-ember-uffd] [--prefetch] [--boot-args ARGS]
+ *
+ *   cycle      cold boot (the full configuration sequence), guest reachable over vsock, pause,
+ *              snapshot, stop; restore in a new VMM with the Uffd backend served by ember-uffd
+ *              (or File without --uffd), guest reachable again
+ *   fault      a request Firecracker refuses: prints its fault_message
+ *   killmid    a call in progress when the VMM is SIGKILLed: returns an error, does not hang
+ *   uffdgone   after a restore, ember-uffd is killed: the supervisor stops the VMM
+ *   truncated  restore from a truncated memory file: ember-uffd stops the VMM and says why
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/macro.h"
+#include "fcctl/fcctl.h"
+
+static struct {
+	const char *binary, *workdir, *netns, *rootfs, *kernel, *uffd, *boot_args;
+	unsigned mem;
+	bool prefetch;
+} o = {.mem = 64, .boot_args = "console=ttyS0 init=/sbin/init"};
+
+static double now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+#define CHECK(call, what)                                                                          \
+	do {                                                                                       \
+		char *fault_ = NULL;                                                               \
+		int r_ = (call);                                                                   \
+		if (r_ < 0) {                                                                      \
+			fprintf(stderr, "fcctl-tool: %s: %s (%s)\n", what, fault_ ?: "",           \
+				strerror(-r_));                                                    \
+			exit(1);                                                                   \
+		}                                                                                  \
+	} while (0)
+
+static char *dir(const char *name)
+{
+	char *d;
+	if (asprintf(&d, "%s/%s", o.workdir, name) < 0)
+		exit(1);
+	mkdir(d, 0755);
+	return d;
+}
+
+static FcVm *spawn(const char *workdir)
+{
+	static const char *const stale[] = {"v.sock", NULL};
+	FcSpawn s = {.binary = o.binary,
+		     .id = "fcctl-test",
+		     .workdir = workdir,
+		     .netns = o.netns,
+		     .stale = stale};
+	FcVm *vm = NULL;
+	char *err = NULL;
+	double t = now_ms();
+	if (fcctl_vm_spawn(&s, &vm, &err) < 0) {
+		fprintf(stderr, "fcctl-tool: spawn: %s\n", err ?: "?");
+		exit(1);
+	}
+	printf("spawn_ms=%.1f pid=%d\n", now_ms() - t, (int)fcctl_vm_pid(vm));
+	return vm;
+}
+
+/* The guest's helper echoes on vsock port 1024: retried until the guest is up. */
+static void guest_echo(const char *workdir, const char *msg)
+{
+	char uds[4096], buf[256];
+	snprintf(uds, sizeof(uds), "%s/v.sock", workdir);
+	double start = now_ms();
+	for (;;) {
+		int fd = fcctl_vsock_dial(uds, 1024, 2000, NULL);
+		if (fd >= 0) {
+			size_t n = strlen(msg);
+			if (write(fd, msg, n) == (ssize_t)n) {
+				ssize_t got = 0, k;
+				while (got < (ssize_t)n &&
+				       (k = read(fd, buf + got, sizeof(buf) - 1 - (size_t)got)) > 0)
+					got += k;
+				buf[got] = 0;
+				close(fd);
+				if (strcmp(buf, msg) == 0) {
+					printf("guest_echo=ok guest_ready_ms=%.1f\n",
+					       now_ms() - start);
+					return;
+				}
+			} else {
+				close(fd);
+			}
+		}
+		if (now_ms() - start > 30000) {
+			fprintf(stderr, "fcctl-tool: the guest did not answer on vsock\n");
+			exit(1);
+		}
+		usleep(20000);
+	}
+}
+
+/* The drive's path is relative to the VMM's directory, as the agent's are (DESIGN.md §7). */
+static void link_rootfs(const char *workdir)
+{
+	char link[4096];
+	snprintf(link, sizeof(link), "%s/rootfs", workdir);
+	unlink(link);
+	if (symlink(o.rootfs, link) < 0)
+		exit(1);
+}
+
+static FcVm *boot(const char *workdir)
+{
+	FcVm *vm = spawn(workdir);
+	link_rootfs(workdir);
+	double t = now_ms();
+	CHECK(fcctl_put_machine_config(vm, 1, o.mem, false, false, FC_HUGE_PAGES_NONE, &fault_),
+	      "machine-config");
+	CHECK(fcctl_put_boot_source(vm, o.kernel, NULL, o.boot_args, &fault_), "boot-source");
+	CHECK(fcctl_put_drive(vm, "rootfs", "rootfs", true, false, &fault_), "drive");
+	CHECK(fcctl_put_vsock(vm, 3, "v.sock", &fault_), "vsock");
+	CHECK(fcctl_instance_start(vm, &fault_), "InstanceStart");
+	printf("configure_and_start_ms=%.1f\n", now_ms() - t);
+	char *state = NULL, *version = NULL;
+	CHECK(fcctl_describe(vm, &state, &version, &fault_), "describe");
+	printf("state=%s vmm_version=%s\n", state, version);
+	free(state);
+	free(version);
+	return vm;
+}
+
+static void snapshot(FcVm *vm)
+{
+	FcExit ex;
+	double t = now_ms();
+	CHECK(fcctl_vm_pause(vm, &fault_), "pause");
+	CHECK(fcctl_snapshot_create(vm, "vmstate", "mem", false, &fault_), "snapshot");
+	printf("snapshot_ms=%.1f\n", now_ms() - t);
+	fcctl_vm_stop(vm, 5000, &ex);
+	printf("stopped=%d signal=%d code=%d\n", ex.exited, ex.signal, ex.code);
+}
+
+/* ember-uffd on <workdir>/uffd.sock serving `mem`; returns its pid (and pidfd). */
+static pid_t start_uffd(const char *workdir, const char *mem, int *ret_pidfd)
+{
+	char sock[4096];
+	snprintf(sock, sizeof(sock), "%s/uffd.sock", workdir);
+	unlink(sock);
+	pid_t pid = fork();
+	if (pid == 0) {
+		char log[4096];
+		snprintf(log, sizeof(log), "%s/uffd.log", workdir);
+		int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		dup2(fd, 2);
+		if (o.prefetch)
+			execl(o.uffd, o.uffd, sock, mem, "--prefetch", (char *)NULL);
+		else
+			execl(o.uffd, o.uffd, sock, mem, (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 500 && access(sock, F_OK) < 0; i++)
+		usleep(10000);
+	*ret_pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	return pid;
+}
+
+static FcVm *restore(const char *src, const char *name, pid_t *ret_uffd, int *ret_uffd_pidfd,
+		     const char *mem_override)
+{
+	char *d = dir(name), mem[4096], state[4096];
+	snprintf(mem, sizeof(mem), "%s/mem", src);
+	snprintf(state, sizeof(state), "%s/vmstate", src);
+	link_rootfs(d);
+	FcVm *vm = spawn(d);
+	FcSnapshotLoad load = {.snapshot_path = state, .resume = true};
+	if (o.uffd) {
+		*ret_uffd = start_uffd(d, mem_override ?: mem, ret_uffd_pidfd);
+		load.uffd = true;
+		load.backend_path = "uffd.sock";
+	} else {
+		load.backend_path = mem;
+	}
+	/* fcsim reads every page of guest memory during the load (its verification): through
+	 * lazy faults, 1 GiB takes tens of seconds, more under the sanitizers. */
+	fcctl_vm_set_timeout(vm, 600000);
+	double t = now_ms();
+	char *fault = NULL;
+	int r = fcctl_snapshot_load(vm, &load, &fault);
+	printf("load_ms=%.1f load_result=%d\n", now_ms() - t, r);
+	fcctl_vm_set_timeout(vm, 0);
+	if (r < 0) {
+		printf("load_fault=%s\n", fault ?: "");
+		/* Nothing outlives a failed scenario: the VMM (a failed load leaves it unusable)
+		 * and, unless the scenario wants to watch it, the memory server. */
+		fcctl_vm_stop(vm, 2000, NULL);
+		fcctl_vm_free(vm);
+		vm = NULL;
+	}
+	free(fault);
+	free(d);
+	return vm;
+}
+
+static int cycle(void)
+{
+	char *d1 = dir("a");
+	FcVm *vm = boot(d1);
+	guest_echo(d1, "hello");
+	snapshot(vm);
+	fcctl_vm_free(vm);
+	pid_t uffd = 0;
+	int uffd_pidfd = -1;
+	FcVm *vm2 = restore(d1, "b", &uffd, &uffd_pidfd, NULL);
+	if (!vm2) {
+		if (uffd > 0) {
+			kill(uffd, SIGKILL);
+			waitpid(uffd, NULL, 0);
+		}
+		return 1;
+	}
+	char *d2 = dir("b");
+	guest_echo(d2, "again");
+	FcExit ex;
+	fcctl_vm_stop(vm2, 5000, &ex);
+	if (uffd > 0) {
+		int status;
+		waitpid(uffd, &status, 0);
+		printf("uffd_exit=%d\n",
+		       WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+	}
+	fcctl_vm_free(vm2);
+	free(d1);
+	free(d2);
+	return 0;
+}
+
+static int fault_case(void)
+{
+	FcVm *vm = spawn(dir("f"));
+	char *fault = NULL;
+	int r = fcctl_instance_start(vm, &fault);
+	printf("result=%d fault_message=%s\n", r, fault ?: "");
+	free(fault);
+	fault = NULL;
+	r = fcctl_put_drive(vm, "root", "/nonexistent/disk", true, false, &fault);
+	printf("result=%d fault_message=%s\n", r, fault ?: "");
+	free(fault);
+	fcctl_vm_stop(vm, 5000, NULL);
+	fcctl_vm_free(vm);
+	return 0;
+}
+
+/* A call that blocks inside the VMM: a snapshot load whose memory server accepts the
+ * handshake and then serves nothing. The VMM is killed meanwhile. */
+static int killmid(void)
+{
+	char *d = dir("k"), sock[4096];
+	char *src = dir("a");
+	FcVm *vm = boot(src);
+	guest_echo(src, "x");
+	snapshot(vm);
+	fcctl_vm_free(vm);
+	vm = spawn(d);
+	link_rootfs(d);
+	snprintf(sock, sizeof(sock), "%s/dead.sock", d);
+	unlink(sock);
+	/* A "handler" that accepts the connection and never answers a fault. */
+	pid_t silent = fork();
+	if (silent == 0) {
+		execl("/usr/bin/python3", "python3", "-c",
+		      "import socket,sys,time\n"
+		      "s=socket.socket(socket.AF_UNIX);s.bind(sys.argv[1]);s.listen(1)\n"
+		      "c,_=s.accept();c.recvmsg(65536,64);time.sleep(600)\n",
+		      sock, (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 500 && access(sock, F_OK) < 0; i++)
+		usleep(10000);
+	pid_t killer = fork();
+	if (killer == 0) {
+		usleep(500000);
+		kill(fcctl_vm_pid(vm), SIGKILL);
+		_exit(0);
+	}
+	char state[4096];
+	snprintf(state, sizeof(state), "%s/vmstate", src);
+	FcSnapshotLoad load = {.snapshot_path = state, .uffd = true, .backend_path = "dead.sock"};
+	fcctl_vm_set_timeout(vm, 20000);
+	char *fault = NULL;
+	double t = now_ms();
+	int r = fcctl_snapshot_load(vm, &load, &fault);
+	printf("result=%d elapsed_ms=%.0f fault=%s\n", r, now_ms() - t, fault ?: "");
+	free(fault);
+	waitpid(killer, NULL, 0);
+	kill(silent, SIGKILL);
+	waitpid(silent, NULL, 0);
+	fcctl_vm_free(vm);
+	return r < 0 ? 0 : 1;
+}
+
+static int uffdgone(void)
+{
+	char *src = dir("a");
+	FcVm *vm = boot(src);
+	guest_echo(src, "x");
+	snapshot(vm);
+	fcctl_vm_free(vm);
+	pid_t uffd = 0;
+	int uffd_pidfd = -1;
+	FcVm *vm2 = restore(src, "g", &uffd, &uffd_pidfd, NULL);
+	if (!vm2 || uffd <= 0) {
+		if (uffd > 0)
+			kill(uffd, SIGKILL);
+		return 1;
+	}
+	kill(uffd, SIGKILL);
+	FcExit ex;
+	double t = now_ms();
+	int r = fcctl_vm_supervise(vm2, uffd_pidfd, 5000, &ex);
+	printf("supervise=%d vmm_exited=%d stopped_by_us=%d signal=%d within_ms=%.0f\n", r,
+	       ex.exited, ex.stopped_by_us, ex.signal, now_ms() - t);
+	waitpid(uffd, NULL, 0);
+	fcctl_vm_free(vm2);
+	return 0;
+}
+
+static int copy_prefix(const char *from, const char *to, size_t len)
+{
+	char buf[65536];
+	int in = open(from, O_RDONLY | O_CLOEXEC);
+	int out = open(to, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	int r = in < 0 || out < 0 ? -1 : 0;
+
+	while (r == 0 && len > 0) {
+		ssize_t n = read(in, buf, len < sizeof(buf) ? len : sizeof(buf));
+		if (n <= 0 || write(out, buf, (size_t)n) != n)
+			r = -1;
+		else
+			len -= (size_t)n;
+	}
+	if (in >= 0)
+		close(in);
+	if (out >= 0)
+		close(out);
+	return r;
+}
+
+static int truncated(void)
+{
+	char *src = dir("a"), mem[4096], cut[4096];
+	FcVm *vm = boot(src);
+	guest_echo(src, "x");
+	snapshot(vm);
+	fcctl_vm_free(vm);
+	snprintf(mem, sizeof(mem), "%s/mem", src);
+	snprintf(cut, sizeof(cut), "%s/mem.cut", src);
+	/* A memory file cut short after 1 MiB: what a half-written snapshot on a full disk looks
+	 * like. */
+	if (copy_prefix(mem, cut, 1 << 20) < 0)
+		return 1;
+	pid_t uffd = 0;
+	int uffd_pidfd = -1;
+	FcVm *vm2 = restore(src, "t", &uffd, &uffd_pidfd, cut);
+	int status = 0;
+	waitpid(uffd, &status, 0);
+	printf("uffd_exit=%d restored=%d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1,
+	       vm2 != NULL);
+	if (vm2) {
+		fcctl_vm_stop(vm2, 2000, NULL);
+		fcctl_vm_free(vm2);
+	}
+	return 0;
+}
+
+/* An agent restart: the VMM is forgotten, then taken over by pid; a wrong id or directory is
+ * refused; the adopted VMM still answers and stops. */
+static int adopt(void)
+{
+	char *d = dir("ad"), *e = NULL;
+	FcVm *vm = boot(d), *again = NULL;
+	pid_t pid = fcctl_vm_pid(vm);
+	fcctl_vm_free(vm);
+
+	int r = fcctl_vm_adopt(pid, o.binary, "someone-else", d, &again, &e);
+	printf("wrong_id=%d error=%s\n", r, e ?: "");
+	free(e);
+	e = NULL;
+	r = fcctl_vm_adopt(pid, o.binary, "fcctl-test", "/tmp", &again, &e);
+	printf("wrong_dir=%d error=%s\n", r, e ?: "");
+	free(e);
+	e = NULL;
+	r = fcctl_vm_adopt(pid, "/bin/sleep", "fcctl-test", d, &again, &e);
+	printf("wrong_binary=%d error=%s\n", r, e ?: "");
+	free(e);
+	e = NULL;
+	r = fcctl_vm_adopt(pid, o.binary, "fcctl-test", d, &again, &e);
+	printf("adopt=%d error=%s\n", r, e ?: "");
+	free(e);
+	if (r < 0)
+		return 1;
+	char *state = NULL, *version = NULL;
+	CHECK(fcctl_describe(again, &state, &version, &fault_), "describe after adopt");
+	printf("adopted_state=%s\n", state);
+	free(state);
+	free(version);
+	guest_echo(d, "adopted");
+	FcExit ex;
+	fcctl_vm_stop(again, 5000, &ex);
+	printf("adopted_stop exited=%d known=%d gone=%d\n", ex.exited, ex.known,
+	       /* Still our child here (an agent restart has no parent left): reap it. */
+	       waitpid(pid, NULL, WNOHANG) == pid || (kill(pid, 0) < 0 && errno == ESRCH));
+	fcctl_vm_free(again);
+	free(d);
+	return 0;
+}
+
+/* Spawn failures say what failed. */
+static int spawnfail(void)
+{
+	char *d = dir("sf"), *e = NULL;
+	FcVm *vm = NULL;
+	FcSpawn s = {.binary = "/nonexistent/firecracker", .id = "x", .workdir = d};
+	int r = fcctl_vm_spawn(&s, &vm, &e);
+	printf("missing_binary=%d error=%s\n", r, e ?: "");
+	free(e);
+	e = NULL;
+	s.binary = o.binary;
+	s.netns = "/nonexistent/netns";
+	r = fcctl_vm_spawn(&s, &vm, &e);
+	printf("missing_netns=%d error=%s\n", r, e ?: "");
+	free(e);
+	e = NULL;
+	/* A binary that exits at once without opening a socket. */
+	s.netns = o.netns;
+	s.binary = "/bin/false";
+	r = fcctl_vm_spawn(&s, &vm, &e);
+	printf("exits_early=%d error=%s\n", r, e ?: "");
+	free(e);
+	free(d);
+	return 0;
+}
+
+int main(int argc, char *argv[])
+{
+	static const struct option options[] = {
+		{"binary", required_argument, NULL, 'b'},
+		{"workdir", required_argument, NULL, 'w'},
+		{"netns", required_argument, NULL, 'n'},
+		{"rootfs", required_argument, NULL, 'r'},
+		{"kernel", required_argument, NULL, 'k'},
+		{"mem", required_argument, NULL, 'm'},
+		{"uffd", required_argument, NULL, 'u'},
+		{"prefetch", no_argument, NULL, 'p'},
+		{"boot-args", required_argument, NULL, 'a'},
+		{},
+	};
+	int c;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0) {
+		switch (c) {
+		case 'b':
+			o.binary = optarg;
+			break;
+		case 'w':
+			o.workdir = optarg;
+			break;
+		case 'n':
+			o.netns = optarg;
+			break;
+		case 'r':
+			o.rootfs = optarg;
+			break;
+		case 'k':
+			o.kernel = optarg;
+			break;
+		case 'm':
+			o.mem = (unsigned)atoi(optarg);
+			break;
+		case 'u':
+			o.uffd = optarg;
+			break;
+		case 'p':
+			o.prefetch = true;
+			break;
+		case 'a':
+			o.boot_args = optarg;
+			break;
+		default:
+			return 2;
+		}
+	}
+	if (optind != argc - 1 || !o.binary || !o.workdir || !o.rootfs || !o.kernel) {
+		fprintf(stderr, "see the comment at the top of test/fcctl/fcctl-tool.c\n");
+		return 2;
+	}
+	const char *cmd = argv[optind];
+	if (strcmp(cmd, "cycle") == 0)
+		return cycle();
+	if (strcmp(cmd, "fault") == 0)
+		return fault_case();
+	if (strcmp(cmd, "killmid") == 0)
+		return killmid();
+	if (strcmp(cmd, "uffdgone") == 0)
+		return uffdgone();
+	if (strcmp(cmd, "truncated") == 0)
+		return truncated();
+	if (strcmp(cmd, "adopt") == 0)
+		return adopt();
+	if (strcmp(cmd, "spawnfail") == 0)
+		return spawnfail();
+	return 2;
+}

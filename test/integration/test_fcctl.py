@@ -1,0 +1,210 @@
+# fcctl and ember-uffd against fcsim: the whole cycle (spawn in a namespace, configure, boot,
+# vsock, pause, snapshot, stop, restore through ember-uffd, vsock again) with the guest memory
+# verified by fcsim after every restore; Firecracker's faults passed on verbatim; a VMM killed
+# in the middle of a call; a memory server that dies or cannot serve. test/fcctl/fcctl-tool.c
+# drives the library; this file checks what it printed.
+#
+# The same scenarios run against a real Firecracker when one is installed and /dev/kvm works
+# (EMBER_FC_KERNEL and EMBER_FC_ROOTFS name a guest kernel and image); they skip otherwise.
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import pytest
+
+from conftest import BUILD, SLOW
+from fcsim_util import FCSIM, build_rootfs
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+TOOL = os.path.join(BUILD, "test", "fcctl-tool")
+UFFD = os.path.join(BUILD, "ember-uffd")
+
+
+def fields(text):
+    """key=value pairs of the tool's output; a key seen twice keeps its last value."""
+    out = {}
+    for m in re.finditer(r"(\w+)=(\S*)", text):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image():
+    root = tempfile.mkdtemp(prefix="ember-fcctl-img-", dir="/tmp")
+    path = build_rootfs(os.path.join(root, "base.ext4"))
+    kernel = os.path.join(root, "vmlinux")
+    with open(kernel, "wb") as f:
+        f.write(b"\x7fELF not a real kernel: fcsim does not boot it")
+    yield path, kernel
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def run(image):
+    """Runs one fcctl-tool scenario in a new network namespace (unshare: gone with the tool)
+    and a fresh directory; returns (exit status, stdout, the directory)."""
+    dirs = []
+
+    def go(scenario, *args, env=None, binary=FCSIM, timeout=120, rootfs=None, kernel=None):
+        d = tempfile.mkdtemp(prefix="ember-fcctl-", dir="/tmp")
+        dirs.append(d)
+        e = dict(os.environ, **(env or {}))
+        p = subprocess.run(["unshare", "--net", TOOL, "--binary", binary, "--workdir", d,
+                            "--rootfs", rootfs or image[0], "--kernel", kernel or image[1],
+                            *args, scenario],
+                           capture_output=True, text=True, env=e, timeout=timeout * SLOW)
+        return p.returncode, p.stdout + p.stderr, d
+
+    yield go
+    for d in dirs:
+        left = left_behind(d)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(d, ignore_errors=True)
+        assert not left, f"processes left running in {d}: {left}"
+
+
+def left_behind(d):
+    """Processes whose working directory is under d: VMMs and memory servers the scenario
+    started must all be gone when it returns."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if cwd.startswith(d) or d.encode() in cmd:
+            out.append(int(pid))
+    return out
+
+
+def uffd_log(d, name):
+    with open(os.path.join(d, name, "uffd.log"), errors="replace") as f:
+        return f.read()
+
+
+def test_cycle_file_backend(run):
+    rc, out, _ = run("cycle")
+    assert rc == 0, out
+    assert out.count("guest_echo=ok") == 2, out
+    assert "state=Running" in out and "load_result=0" in out, out
+    # fcsim ends on SIGTERM like Firecracker's default: the stop was ours and it went.
+    assert "stopped=1" in out, out
+
+
+@pytest.mark.parametrize("mem,prefetch,order", [
+    (64, False, "sequential"),
+    (64, True, "random"),
+    (1024, False, "random"),
+    (1024, True, "sequential"),
+])
+def test_cycle_uffd(run, mem, prefetch, order):
+    args = ["--uffd", UFFD, "--mem", str(mem)] + (["--prefetch"] if prefetch else [])
+    rc, out, d = run("cycle", *args,
+                     env={"FCSIM_VERIFY_MEMORY": "all", "FCSIM_VERIFY_ORDER": order})
+    assert rc == 0, out
+    f = fields(out)
+    # load_result=0 means fcsim read every page of guest memory through ember-uffd and found
+    # what the first boot wrote (a wrong or missing page fails the load).
+    assert f["load_result"] == "0", out
+    assert out.count("guest_echo=ok") == 2, out
+    assert f["uffd_exit"] == "0", out + uffd_log(d, "b")
+    log = uffd_log(d, "b")
+    # It ended because the VMM went away, not on an error.
+    assert re.search(r'end="firecracker (exited|closed the connection)"', log), log
+    pages = int(re.search(r"pages_copied=(\d+)", log).group(1))
+    # Every page fcsim touched was copied once (verification reads all of them).
+    assert pages >= mem * 256 * 0.5, log
+
+
+def test_fault_is_verbatim(run):
+    rc, out, _ = run("fault")
+    assert rc == 0, out
+    assert "result=-22 fault_message=Cannot start microvm without kernel configuration." in out
+    assert re.search(r"result=-22 fault_message=Unable to create the block device: "
+                     r"BackingFile\(Os \{ code: 2.*/nonexistent/disk", out), out
+
+
+def test_vmm_killed_mid_call(run):
+    rc, out, _ = run("killmid")
+    assert rc == 0, out
+    f = fields(out)
+    assert int(f["result"]) < 0, out
+    # Killed 0.5 s into a call with a 20 s timeout: the caller learns at once, and why.
+    assert float(f["elapsed_ms"]) < 5000 * SLOW, out
+    assert "was killed by signal 9 during the call" in out, out
+
+
+def test_uffd_gone_stops_vmm(run):
+    rc, out, _ = run("uffdgone", "--uffd", UFFD)
+    assert rc == 0, out
+    f = fields(out)
+    assert f["supervise"] == "-32", out  # -EPIPE: the helper ended first
+    assert f["vmm_exited"] == "1" and f["stopped_by_us"] == "1", out
+    assert float(f["within_ms"]) < 6000 * SLOW, out
+
+
+def test_truncated_memory_file_kills_vmm(run):
+    rc, out, d = run("truncated", "--uffd", UFFD)
+    assert rc == 0, out
+    f = fields(out)
+    assert f["uffd_exit"] != "0", out
+    # The load does not hang: the VMM was killed under it, and fcctl says so.
+    assert f["restored"] == "0", out
+    assert "was killed by signal 9 during the call" in out, out
+    log = uffd_log(d, "t")
+    # ember-uffd says why, and the VMM does not hang waiting for pages nobody will serve.
+    assert re.search(r"memory file truncated: needs \d+ bytes, has 1048576", log), log
+    assert "killed firecracker" in log, log
+
+
+def test_adopt(run):
+    rc, out, _ = run("adopt")
+    assert rc == 0, out
+    f = fields(out)
+    assert f["wrong_id"] == "-3" and "not started with --id someone-else" in out, out
+    assert f["wrong_dir"] == "-3" and "does not work in /tmp" in out, out
+    assert f["wrong_binary"] == "-3" and "not /usr/bin/sleep" in out, out
+    assert f["adopt"] == "0" and f["adopted_state"] == "Running", out
+    assert "guest_echo=ok" in out.split("adopt=0")[1], out
+    assert f["gone"] == "1", out
+
+
+def test_spawn_failures_say_why(run):
+    rc, out, _ = run("spawnfail")
+    assert rc == 0, out
+    assert "missing_binary=-2 error=cannot execute /nonexistent/firecracker: No such file" in out
+    assert "missing_netns=-2 error=network namespace /nonexistent/netns: No such file" in out
+    assert re.search(r"exits_early=-10 error=the VMM exited before opening its API socket "
+                     r"\(status 1\); see its output in /tmp/\S+/sf/fc.out", out), out
+
+
+def real_firecracker():
+    fc = shutil.which("firecracker")
+    kernel, rootfs = os.environ.get("EMBER_FC_KERNEL"), os.environ.get("EMBER_FC_ROOTFS")
+    if not fc:
+        return None, "no firecracker binary on PATH"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return None, "no usable /dev/kvm"
+    if not kernel or not rootfs:
+        return None, "EMBER_FC_KERNEL and EMBER_FC_ROOTFS are not set"
+    return (fc, kernel, rootfs), None
+
+
+@pytest.mark.parametrize("backend", ["file", "uffd"])
+def test_real_firecracker_cycle(run, backend):
+    found, why = real_firecracker()
+    if not found:
+        pytest.skip(why)
+    fc, kernel, rootfs = found
+    args = ["--uffd", UFFD] if backend == "uffd" else []
+    rc, out, _ = run("cycle", *args, binary=fc, kernel=kernel, rootfs=rootfs,
+                     env={"PATH": os.environ.get("PATH", "")})
+    assert rc == 0, out
+    assert out.count("guest_echo=ok") == 2, out
