@@ -28,8 +28,9 @@ typedef struct UffdHandshake {
 } UffdHandshake;
 
 /* Parses what one recvmsg() returned: the JSON array and the ancillary data. Refuses malformed
- * JSON, missing or wrong fields, overlapping or misaligned regions, no fd and more than one fd
- * (closing every fd it was given in that case). Pure: no I/O, fuzzable. */
+ * JSON, missing or wrong fields, overlapping or misaligned regions, no fd and more than one fd.
+ * On any refusal it closes every fd it was given; on success ret->uffd owns the one fd.
+ * Pure: no I/O, fuzzable. */
 int uffd_handshake_parse(const char *data, size_t len, const int *fds, size_t n_fds,
 			 UffdHandshake *ret, char **ret_error);
 
@@ -58,6 +59,7 @@ typedef struct UffdStats {
  * receives the handshake, maps `mem_path`, and serves faults until Firecracker goes away.
  * When it cannot serve (file missing, too short, unreadable, I/O error) it kills Firecracker
  * (the pid from SO_PEERCRED) — otherwise the guest would hang forever on the next fault —
- * and returns an error saying why. */
+ * and returns an error saying why. *ret_stats is filled on failure too (unlike other outputs):
+ * the statistics line at exit is most useful when serving went wrong. */
 int uffd_serve(const char *socket_path, const char *mem_path, const UffdOptions *opt,
 	       UffdStats *ret_stats, char **ret_error);
