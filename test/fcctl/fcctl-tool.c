@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <net/if.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -34,7 +35,7 @@
 static struct {
 	const char *binary, *workdir, *netns, *rootfs, *kernel, *uffd, *boot_args;
 	unsigned mem;
-	bool prefetch;
+	bool prefetch, net;
 } o = {.mem = 64, .boot_args = "console=ttyS0 init=/sbin/init"};
 
 static double now_ms(void)
@@ -84,10 +85,10 @@ static FcVm *spawn(const char *workdir)
 }
 
 /* The guest's helper echoes on vsock port 1024: retried until the guest is up. */
-static void guest_echo(const char *workdir, const char *msg)
+static void guest_echo_on(const char *prefix, const char *msg)
 {
 	char uds[4096], buf[256];
-	snprintf(uds, sizeof(uds), "%s/v.sock", workdir);
+	snprintf(uds, sizeof(uds), "%s.sock", prefix);
 	double start = now_ms();
 	for (;;) {
 		int fd = fcctl_vsock_dial(uds, 1024, 2000, NULL);
@@ -127,6 +128,13 @@ static void link_rootfs(const char *workdir)
 		exit(1);
 }
 
+static void guest_echo(const char *workdir, const char *msg)
+{
+	char prefix[4096];
+	snprintf(prefix, sizeof(prefix), "%s/v", workdir);
+	guest_echo_on(prefix, msg);
+}
+
 static FcVm *boot(const char *workdir)
 {
 	FcVm *vm = spawn(workdir);
@@ -137,6 +145,9 @@ static FcVm *boot(const char *workdir)
 	CHECK(fcctl_put_boot_source(vm, o.kernel, NULL, o.boot_args, &fault_), "boot-source");
 	CHECK(fcctl_put_drive(vm, "rootfs", "rootfs", true, false, &fault_), "drive");
 	CHECK(fcctl_put_vsock(vm, 3, "v.sock", &fault_), "vsock");
+	if (o.net)
+		CHECK(fcctl_put_network_interface(vm, "eth0", "tap0", "06:00:ac:10:00:02", &fault_),
+		      "network-interfaces");
 	CHECK(fcctl_instance_start(vm, &fault_), "InstanceStart");
 	printf("configure_and_start_ms=%.1f\n", now_ms() - t);
 	char *state = NULL, *version = NULL;
@@ -190,7 +201,15 @@ static FcVm *restore(const char *src, const char *name, pid_t *ret_uffd, int *re
 	snprintf(state, sizeof(state), "%s/vmstate", src);
 	link_rootfs(d);
 	FcVm *vm = spawn(d);
+	/* With --net the restored VM gets another TAP and vsock socket, as a sandbox restored
+	 * into a different slot would. */
+	static const FcNetOverride net = {.iface_id = "eth0", .host_dev_name = "tap1"};
 	FcSnapshotLoad load = {.snapshot_path = state, .resume = true};
+	if (o.net) {
+		load.net_overrides = &net;
+		load.n_net_overrides = 1;
+		load.vsock_override = "v2.sock";
+	}
 	if (o.uffd) {
 		*ret_uffd = start_uffd(d, mem_override ?: mem, ret_uffd_pidfd);
 		load.uffd = true;
@@ -237,7 +256,15 @@ static int cycle(void)
 		return 1;
 	}
 	char *d2 = dir("b");
-	guest_echo(d2, "again");
+	if (o.net) {
+		char v2[4096];
+		snprintf(v2, sizeof(v2), "%s/v2", d2);
+		/* Not /sys/class/net: sysfs shows the namespace it was mounted in. */
+		printf("tap1_exists=%d\n", if_nametoindex("tap1") > 0);
+		guest_echo_on(v2, "overridden");
+	} else {
+		guest_echo(d2, "again");
+	}
 	FcExit ex;
 	fcctl_vm_stop(vm2, 5000, &ex);
 	if (uffd > 0) {
@@ -470,6 +497,7 @@ int main(int argc, char *argv[])
 		{"uffd", required_argument, NULL, 'u'},
 		{"prefetch", no_argument, NULL, 'p'},
 		{"boot-args", required_argument, NULL, 'a'},
+		{"net", no_argument, NULL, 'N'},
 		{},
 	};
 	int c;
@@ -503,6 +531,9 @@ int main(int argc, char *argv[])
 			break;
 		case 'a':
 			o.boot_args = optarg;
+			break;
+		case 'N':
+			o.net = true;
 			break;
 		default:
 			return 2;

@@ -123,6 +123,15 @@ def test_cycle_uffd(run, mem, prefetch, order):
     assert pages >= mem * 256 * 0.5, log
 
 
+def test_restore_with_overrides(run):
+    # Booted with eth0 on tap0 and v.sock; restored with eth0 on tap1 and v2.sock.
+    rc, out, _ = run("cycle", "--net", "--uffd", UFFD)
+    assert rc == 0, out
+    f = fields(out)
+    assert f["load_result"] == "0" and f["tap1_exists"] == "1", out
+    assert out.count("guest_echo=ok") == 2, out
+
+
 def test_fault_is_verbatim(run):
     rc, out, _ = run("fault")
     assert rc == 0, out
