@@ -68,7 +68,8 @@ endif
 
 all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
 	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper $(B)/test/fcctl-tool \
-	$(B)/ember-uffd $(B)/test/bench-uffd $(B)/test/fuzz-uffd-handshake-replay unit-tests pystubs
+	$(B)/ember-uffd $(B)/test/bench-uffd $(B)/test/fuzz-uffd-handshake-replay $(B)/ember-guest \
+	$(B)/test/guest-tool unit-tests pystubs
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
@@ -103,6 +104,15 @@ $(B)/proto/ember.desc: proto/ember/v1/node.proto
 	$(Q)$(PROTOC) -Iproto -I$(PROTO_SYS) -I$(GRPC_PROTO) --include_imports \
 		--descriptor_set_out=$@ $(EMBER_PROTOS) $(GRPC_PROTOS)
 
+# The guest protocol (package ember.guest.v1) is internal to ember, between the host and
+# ember-guest: not in EMBER_PROTOS, so emberd's reflection does not offer it.
+$(B)/proto/.stamp-guest-c: proto/ember/v1/guest.proto
+	@mkdir -p $(B)/proto
+	@echo "  PROTOC-C $@"
+	$(Q)$(PROTOC_C) -Iproto --c_out=$(B)/proto ember/v1/guest.proto
+	$(Q)touch $@
+$(B)/proto/ember/v1/guest.pb-c.c $(B)/proto/ember/v1/guest.pb-c.h: $(B)/proto/.stamp-guest-c
+
 $(B)/proto/%.pb-c.o: $(B)/proto/%.pb-c.c $(B)/proto/.stamp-c
 	@echo "  CC       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(GEN_WARNINGS) -c $< -o $@
@@ -122,6 +132,10 @@ FCSIM_SRCS := fcsim/main.c fcsim/api.c fcsim/vmm.c fcsim/guest.c fcsim/vsock.c f
 AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
 	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
+GUEST_AGENT_SRCS := guest/agent/main.c guest/agent/conn.c guest/agent/exec.c guest/agent/file.c
+GUEST_FRAME_SRCS := guest/proto/frame.c
+GUEST_CLIENT_SRCS := guest/client/guest-client.c
+GUEST_SRCS := $(GUEST_AGENT_SRCS) $(GUEST_FRAME_SRCS) $(GUEST_CLIENT_SRCS)
 
 COMMON_OBJS := $(COMMON_SRCS:%.c=$(B)/obj/%.o)
 STORAGE_OBJS := $(STORAGE_SRCS:%.c=$(B)/obj/%.o)
@@ -130,12 +144,14 @@ FCCTL_OBJS := $(FCCTL_SRCS:%.c=$(B)/obj/%.o)
 AGENT_LIB_OBJS := $(AGENT_LIB_SRCS:%.c=$(B)/obj/%.o)
 
 ALL_SRCS := $(COMMON_SRCS) $(STORAGE_SRCS) $(NETNS_SRCS) $(FCCTL_SRCS) $(UFFD_SRCS) \
-	$(FCSIM_SRCS) $(AGENT_SRCS)
+	$(FCSIM_SRCS) $(AGENT_SRCS) $(GUEST_SRCS)
 
 # Lower modules may log at debug level only (common/log.h hides the other levels under
 # LOG_DEBUG_ONLY): the agent decides what is logged, once (DESIGN.md §2).
 LOWER_MODULES := common storage netns fcctl
 $(foreach m,$(LOWER_MODULES),$(eval $(B)/obj/$(m)/%.o: MODULE_CPPFLAGS := -DLOG_DEBUG_ONLY))
+# The guest client library is a lower module too (emberd's Exec will sit on it).
+$(B)/obj/guest/%.o: MODULE_CPPFLAGS := -DLOG_DEBUG_ONLY
 
 $(B)/obj/%.o: %.c $(B)/proto/.stamp-c
 	@mkdir -p $(@D)
@@ -168,6 +184,35 @@ $(B)/fcsim: $(FCSIM_SRCS:%.c=$(B)/obj/%.o) $(B)/libnetns.a $(B)/libstorage.a $(B
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
 
+# ---------------------------------------------------------------------------------------------
+# guest: ember-guest runs inside the microVM (fcsim's container in tests): static, and without
+# sanitizers (the guest has none of their runtime), so its objects are built apart. The frame
+# codec is shared with the host's client library (libguestclient.a).
+
+GUEST_STATIC_FLAGS := -std=gnu11 -D_GNU_SOURCE -DEMBER_VERSION='"$(VERSION)"' -I. -I$(B)/proto \
+	-fno-strict-aliasing -fstack-protector-strong -D_FORTIFY_SOURCE=2 $(CFLAGS)
+GUEST_STATIC_OBJS := $(GUEST_AGENT_SRCS:%.c=$(B)/obj-guest/%.o) \
+	$(GUEST_FRAME_SRCS:%.c=$(B)/obj-guest/%.o) $(B)/obj-guest/guest.pb-c.o
+GUEST_CLIENT_OBJS := $(GUEST_CLIENT_SRCS:%.c=$(B)/obj/%.o) $(GUEST_FRAME_SRCS:%.c=$(B)/obj/%.o) \
+	$(B)/proto/ember/v1/guest.pb-c.o
+
+$(B)/obj-guest/%.o: %.c $(B)/proto/.stamp-guest-c
+	@mkdir -p $(@D)
+	@echo "  CC       $@ (static)"
+	$(Q)$(CC) $(GUEST_STATIC_FLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+$(B)/obj-guest/guest.pb-c.o: $(B)/proto/ember/v1/guest.pb-c.c
+	@mkdir -p $(@D)
+	@echo "  CC       $@ (static)"
+	$(Q)$(CC) $(GUEST_STATIC_FLAGS) $(GEN_WARNINGS) -c $< -o $@
+$(B)/ember-guest: $(GUEST_STATIC_OBJS)
+	@echo "  LD       $@ (static)"
+	$(Q)$(CC) -static $(LDFLAGS) $^ -lprotobuf-c -o $@
+
+$(GUEST_CLIENT_OBJS) $(B)/obj/test/unit/test-guest-frame.o: $(B)/proto/.stamp-guest-c
+$(B)/libguestclient.a: $(GUEST_CLIENT_OBJS)
+	@echo "  AR       $@"
+	$(Q)rm -f $@ && $(AR) rcs $@ $^
+
 $(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-set.o $(PROTO_OBJS) \
 		$(B)/libcommon.a
 	@echo "  LD       $@"
@@ -184,7 +229,7 @@ $(B)/ember-uffd: $(B)/obj/fcctl/ember-uffd.o $(UFFD_OBJ) $(B)/libcommon.a
 # tests
 
 UNIT_TESTS := test-config test-id test-rpc-descriptors test-fileio test-storage test-netns \
-	test-fcsim-schema test-fcsim-memory test-uffd
+	test-fcsim-schema test-fcsim-memory test-uffd test-guest-frame
 UNIT_BINS := $(UNIT_TESTS:%=$(B)/test/unit/%)
 
 $(B)/obj/test/unit/%.o: test/unit/%.c $(B)/proto/.stamp-c
@@ -204,6 +249,8 @@ $(B)/test/unit/test-fcsim-memory: $(B)/obj/test/unit/test-fcsim-memory.o $(B)/ob
 $(B)/test/unit/test-rpc-descriptors: $(B)/obj/test/unit/test-rpc-descriptors.o \
 	$(B)/obj/agent/rpc-descriptors.o $(B)/obj/agent/descriptor-set.o \
 	$(B)/proto/google/protobuf/descriptor.pb-c.o $(B)/libcommon.a
+$(B)/test/unit/test-guest-frame: $(B)/obj/test/unit/test-guest-frame.o \
+	$(GUEST_FRAME_SRCS:%.c=$(B)/obj/%.o) $(B)/proto/ember/v1/guest.pb-c.o
 $(UNIT_BINS):
 	@mkdir -p $(@D)
 	@echo "  LD       $@"
@@ -276,6 +323,16 @@ $(B)/obj/test/fcctl/%.o: test/fcctl/%.c
 	@echo "  CC       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
 $(B)/test/fcctl-tool: $(B)/obj/test/fcctl/fcctl-tool.o $(B)/libfcctl.a $(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+
+$(B)/obj/test/guest/%.o: test/guest/%.c $(B)/proto/.stamp-guest-c
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+$(B)/test/guest-tool: $(B)/obj/test/guest/guest-tool.o $(B)/libguestclient.a $(B)/libfcctl.a \
+		$(B)/libcommon.a
+	@mkdir -p $(@D)
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
 
@@ -362,6 +419,9 @@ bench-net: all
 bench-rpc: all
 	$(PYTHON) test/bench/bench-rpc.py --build $(B)
 
+bench-exec: all
+	$(PYTHON) test/bench/bench-exec.py --build $(B)
+
 run: deps
 	$(Q)$(MAKE) --no-print-directory $(B)/emberd
 	exec $(B)/emberd
@@ -392,13 +452,13 @@ deps:
 # lint
 
 LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h storage/*.h netns/*.h fcsim/*.h \
-	fcctl/*.h test/unit/*.c test/fuzz/*.c \
+	fcctl/*.h guest/*/*.h test/guest/*.c test/unit/*.c test/fuzz/*.c \
 	test/rpc/*.c test/bench/*.c test/storage/*.c test/net/*.c test/fcsim/*.c test/fcctl/*.c)
 TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c test/storage/storage-tool.c \
 	test/fcsim/guest-helper.c test/fcctl/fcctl-tool.c test/bench/bench-uffd.c \
-	test/net/netns-tool.c test/net/guest-standin.c
+	test/net/netns-tool.c test/net/guest-standin.c test/guest/guest-tool.c
 
-lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c
+lint: $(B)/proto/.stamp-c $(B)/proto/.stamp-guest-c $(B)/test/proto/.stamp-c
 	@echo "  LAYERS   (lower modules include neither agent/ nor generated headers)"
 	$(Q)bad=$$(grep -nE '#include "(agent/|.*\.pb-c\.h)' $(wildcard $(addsuffix /*.[ch],$(LOWER_MODULES))) || true); \
 		if [ -n "$$bad" ]; then echo "$$bad"; exit 1; fi
@@ -416,7 +476,7 @@ lint: $(B)/proto/.stamp-c $(B)/test/proto/.stamp-c
 		--suppress=memleak --suppress=resourceLeak \
 		$(ALL_SRCS) test/rpc/rpctestd.c test/storage/storage-tool.c test/net/netns-tool.c \
 		test/net/guest-standin.c test/fcctl/fcctl-tool.c test/bench/bench-uffd.c \
-		test/fuzz/fuzz-uffd-handshake.c
+		test/fuzz/fuzz-uffd-handshake.c test/guest/guest-tool.c
 
 format:
 	clang-format -i $(LINT_SRCS)
@@ -438,6 +498,7 @@ install: $(B)/emberd
 clean:
 	rm -rf build
 
+.PHONY: bench-exec
 .PHONY: all deps run check check-unit check-integration check-vm unit-tests pystubs lint \
 	format install clean bench-rpc bench-storage bench-net bench-uffd fuzz-uffd
 .DELETE_ON_ERROR:
