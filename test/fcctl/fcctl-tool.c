@@ -196,7 +196,8 @@ static pid_t start_uffd(const char *workdir, const char *mem, int *ret_pidfd)
 static FcVm *restore(const char *src, const char *name, pid_t *ret_uffd, int *ret_uffd_pidfd,
 		     const char *mem_override)
 {
-	char *d = dir(name), mem[4096], state[4096];
+	_cleanup_free_ char *d = dir(name);
+	char mem[4096], state[4096];
 	snprintf(mem, sizeof(mem), "%s/mem", src);
 	snprintf(state, sizeof(state), "%s/vmstate", src);
 	link_rootfs(d);
@@ -234,13 +235,12 @@ static FcVm *restore(const char *src, const char *name, pid_t *ret_uffd, int *re
 		vm = NULL;
 	}
 	free(fault);
-	free(d);
 	return vm;
 }
 
 static int cycle(void)
 {
-	char *d1 = dir("a");
+	_cleanup_free_ char *d1 = dir("a");
 	FcVm *vm = boot(d1);
 	guest_echo(d1, "hello");
 	snapshot(vm);
@@ -255,7 +255,7 @@ static int cycle(void)
 		}
 		return 1;
 	}
-	char *d2 = dir("b");
+	_cleanup_free_ char *d2 = dir("b");
 	if (o.net) {
 		char v2[4096];
 		snprintf(v2, sizeof(v2), "%s/v2", d2);
@@ -274,14 +274,13 @@ static int cycle(void)
 		       WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
 	}
 	fcctl_vm_free(vm2);
-	free(d1);
-	free(d2);
 	return 0;
 }
 
 static int fault_case(void)
 {
-	FcVm *vm = spawn(dir("f"));
+	_cleanup_free_ char *d = dir("f");
+	FcVm *vm = spawn(d);
 	char *fault = NULL;
 	int r = fcctl_instance_start(vm, &fault);
 	printf("result=%d fault_message=%s\n", r, fault ?: "");
@@ -299,8 +298,9 @@ static int fault_case(void)
  * handshake and then serves nothing. The VMM is killed meanwhile. */
 static int killmid(void)
 {
-	char *d = dir("k"), sock[4096];
-	char *src = dir("a");
+	_cleanup_free_ char *d = dir("k");
+	_cleanup_free_ char *src = dir("a");
+	char sock[4096];
 	FcVm *vm = boot(src);
 	guest_echo(src, "x");
 	snapshot(vm);
@@ -345,7 +345,7 @@ static int killmid(void)
 
 static int uffdgone(void)
 {
-	char *src = dir("a");
+	_cleanup_free_ char *src = dir("a");
 	FcVm *vm = boot(src);
 	guest_echo(src, "x");
 	snapshot(vm);
@@ -392,7 +392,8 @@ static int copy_prefix(const char *from, const char *to, size_t len)
 
 static int truncated(void)
 {
-	char *src = dir("a"), mem[4096], cut[4096];
+	_cleanup_free_ char *src = dir("a");
+	char mem[4096], cut[4096];
 	FcVm *vm = boot(src);
 	guest_echo(src, "x");
 	snapshot(vm);
@@ -421,7 +422,8 @@ static int truncated(void)
  * refused; the adopted VMM still answers and stops. */
 static int adopt(void)
 {
-	char *d = dir("ad"), *e = NULL;
+	_cleanup_free_ char *d = dir("ad");
+	char *e = NULL;
 	FcVm *vm = boot(d), *again = NULL;
 	pid_t pid = fcctl_vm_pid(vm);
 	fcctl_vm_free(vm);
@@ -455,14 +457,14 @@ static int adopt(void)
 	       /* Still our child here (an agent restart has no parent left): reap it. */
 	       waitpid(pid, NULL, WNOHANG) == pid || (kill(pid, 0) < 0 && errno == ESRCH));
 	fcctl_vm_free(again);
-	free(d);
 	return 0;
 }
 
 /* Spawn failures say what failed. */
 static int spawnfail(void)
 {
-	char *d = dir("sf"), *e = NULL;
+	_cleanup_free_ char *d = dir("sf");
+	char *e = NULL;
 	FcVm *vm = NULL;
 	FcSpawn s = {.binary = "/nonexistent/firecracker", .id = "x", .workdir = d};
 	int r = fcctl_vm_spawn(&s, &vm, &e);
@@ -481,7 +483,6 @@ static int spawnfail(void)
 	r = fcctl_vm_spawn(&s, &vm, &e);
 	printf("exits_early=%d error=%s\n", r, e ?: "");
 	free(e);
-	free(d);
 	return 0;
 }
 
