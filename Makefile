@@ -19,6 +19,11 @@ SBINDIR ?= $(PREFIX)/sbin
 SYSCONFDIR ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
 SYSTEMDUNITDIR ?= $(if $(filter /usr,$(PREFIX)),/lib/systemd/system,$(PREFIX)/lib/systemd/system)
 DOCDIR ?= $(PREFIX)/share/doc/ember
+# Helpers emberd runs (ember-uffd): not for a user's PATH.
+LIBEXECDIR ?= $(PREFIX)/lib/ember
+# Guest binaries (ember-init, ember-guest): never run on the host; ember-mkrootfs copies them
+# into root images and is told this path at install time.
+GUESTDIR ?= $(PREFIX)/lib/ember/guest
 DESTDIR ?=
 
 ifeq ($(SANITIZE),1)
@@ -69,7 +74,7 @@ endif
 all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
 	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper $(B)/test/fcctl-tool \
 	$(B)/ember-uffd $(B)/test/bench-uffd $(B)/test/fuzz-uffd-handshake-replay $(B)/ember-guest \
-	$(B)/test/guest-tool unit-tests pystubs
+	$(B)/ember-init $(B)/test/guest-tool unit-tests pystubs
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
@@ -132,6 +137,7 @@ FCSIM_SRCS := fcsim/main.c fcsim/api.c fcsim/vmm.c fcsim/guest.c fcsim/vsock.c f
 AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
 	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
+GUEST_INIT_SRCS := guest/init/ember-init.c guest/init/cmdline.c guest/init/net.c
 GUEST_AGENT_SRCS := guest/agent/main.c guest/agent/conn.c guest/agent/exec.c guest/agent/file.c
 GUEST_FRAME_SRCS := guest/proto/frame.c
 GUEST_CLIENT_SRCS := guest/client/guest-client.c
@@ -144,7 +150,7 @@ FCCTL_OBJS := $(FCCTL_SRCS:%.c=$(B)/obj/%.o)
 AGENT_LIB_OBJS := $(AGENT_LIB_SRCS:%.c=$(B)/obj/%.o)
 
 ALL_SRCS := $(COMMON_SRCS) $(STORAGE_SRCS) $(NETNS_SRCS) $(FCCTL_SRCS) $(UFFD_SRCS) \
-	$(FCSIM_SRCS) $(AGENT_SRCS) $(GUEST_SRCS)
+	$(FCSIM_SRCS) $(AGENT_SRCS) $(GUEST_SRCS) $(GUEST_INIT_SRCS)
 
 # Lower modules may log at debug level only (common/log.h hides the other levels under
 # LOG_DEBUG_ONLY): the agent decides what is logged, once (DESIGN.md §2).
@@ -213,6 +219,21 @@ $(B)/libguestclient.a: $(GUEST_CLIENT_OBJS)
 	@echo "  AR       $@"
 	$(Q)rm -f $@ && $(AR) rcs $@ $^
 
+# ember-init: PID 1 of the microVM. Static, because the root image carries no libc of ours;
+# libnl-route-3 from the static archives libnl-3-dev and libnl-route-3-dev ship. No sanitizers:
+# the guest has none of their runtime. ld warns that libnl's name lookups (getaddrinfo,
+# getprotobyname) need glibc's NSS modules at run time: ember-init never calls them, so those
+# warnings are filtered out; anything else ld or the compiler says gets through.
+NL_STATIC_CFLAGS = $(shell $(PKG_CONFIG) --cflags libnl-route-3.0 2>/dev/null)
+NL_STATIC_LIBS = $(shell $(PKG_CONFIG) --static --libs libnl-route-3.0 2>/dev/null)
+$(B)/ember-init: $(GUEST_INIT_SRCS) guest/init/init.h common/macro.h
+	@mkdir -p $(@D)
+	@echo "  CC       $@ (static)"
+	$(Q)set -o pipefail; $(CC) -std=gnu11 -D_GNU_SOURCE -DEMBER_VERSION='"$(VERSION)"' -I. \
+		$(NL_STATIC_CFLAGS) -O2 -g -fstack-protector-strong -D_FORTIFY_SOURCE=2 $(WARNINGS) \
+		-static $(GUEST_INIT_SRCS) $(NL_STATIC_LIBS) -o $@ 2>&1 | \
+		{ grep -v -e 'requires at runtime the shared libraries' -e ': in function `' || true; }
+
 $(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-set.o $(PROTO_OBJS) \
 		$(B)/libcommon.a
 	@echo "  LD       $@"
@@ -229,7 +250,8 @@ $(B)/ember-uffd: $(B)/obj/fcctl/ember-uffd.o $(UFFD_OBJ) $(B)/libcommon.a
 # tests
 
 UNIT_TESTS := test-config test-id test-rpc-descriptors test-fileio test-storage test-netns \
-	test-fcsim-schema test-fcsim-memory test-uffd test-guest-frame
+	test-fcsim-schema test-fcsim-memory test-uffd test-guest-frame \
+	test-init-cmdline
 UNIT_BINS := $(UNIT_TESTS:%=$(B)/test/unit/%)
 
 $(B)/obj/test/unit/%.o: test/unit/%.c $(B)/proto/.stamp-c
@@ -244,6 +266,8 @@ $(B)/test/unit/test-storage: $(B)/obj/test/unit/test-storage.o $(B)/libstorage.a
 $(B)/test/unit/test-netns: $(B)/obj/test/unit/test-netns.o $(B)/libnetns.a $(B)/libcommon.a
 $(B)/test/unit/test-uffd: $(B)/obj/test/unit/test-uffd.o $(UFFD_OBJ) $(B)/libcommon.a
 $(B)/test/unit/test-fcsim-schema: $(B)/obj/test/unit/test-fcsim-schema.o $(B)/obj/fcsim/schema.o
+$(B)/test/unit/test-init-cmdline: $(B)/obj/test/unit/test-init-cmdline.o \
+	$(B)/obj/guest/init/cmdline.o
 $(B)/test/unit/test-fcsim-memory: $(B)/obj/test/unit/test-fcsim-memory.o $(B)/obj/fcsim/memory.o \
 	$(B)/libcommon.a
 $(B)/test/unit/test-rpc-descriptors: $(B)/obj/test/unit/test-rpc-descriptors.o \
@@ -483,10 +507,15 @@ format:
 
 # ---------------------------------------------------------------------------------------------
 
-install: $(B)/emberd
+install: $(B)/emberd $(B)/ember-uffd $(B)/ember-init $(B)/ember-guest
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(SYSCONFDIR)/ember $(DESTDIR)$(SYSTEMDUNITDIR) \
-		$(DESTDIR)$(DOCDIR)
+		$(DESTDIR)$(DOCDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBEXECDIR) $(DESTDIR)$(GUESTDIR)
 	install -m 0755 $(B)/emberd $(DESTDIR)$(SBINDIR)/emberd
+	install -m 0755 $(B)/ember-uffd $(DESTDIR)$(LIBEXECDIR)/ember-uffd
+	install -m 0755 $(B)/ember-init $(DESTDIR)$(GUESTDIR)/ember-init
+	install -m 0755 $(B)/ember-guest $(DESTDIR)$(GUESTDIR)/ember-guest
+	sed 's|@GUESTDIR@|$(GUESTDIR)|g' guest/mkrootfs > $(DESTDIR)$(BINDIR)/ember-mkrootfs
+	chmod 0755 $(DESTDIR)$(BINDIR)/ember-mkrootfs
 	install -m 0644 ember.conf $(DESTDIR)$(DOCDIR)/ember.conf.example
 	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	[ -e $(DESTDIR)$(SYSCONFDIR)/ember/ember.conf ] || \

@@ -20,6 +20,15 @@ def test_make_install(workdir):
     unit = open(os.path.join(dest, "lib/systemd/system/emberd.service")).read()
     assert "ExecStart=/usr/sbin/emberd\n" in unit
     assert "Type=notify" in unit and "WatchdogSec=" in unit
+    # ember-uffd is emberd's helper, off PATH; the guest binaries wait for ember-mkrootfs, which
+    # knows where they are.
+    assert os.access(os.path.join(dest, "usr/lib/ember/ember-uffd"), os.X_OK)
+    for name in ("ember-init", "ember-guest"):
+        assert os.access(os.path.join(dest, "usr/lib/ember/guest", name), os.X_OK)
+    mkrootfs = os.path.join(dest, "usr/bin/ember-mkrootfs")
+    assert os.access(mkrootfs, os.X_OK)
+    text = open(mkrootfs).read()
+    assert '"/usr/lib/ember/guest"' in text and "@GUESTDIR@" not in text
 
     # A private prefix keeps everything under it.
     dest2 = os.path.join(workdir, "dest2")
