@@ -22,20 +22,31 @@ typedef struct FcVm FcVm;
 typedef struct FcSpawn {
 	const char *binary;       /* firecracker, fcsim, or the Firecracker binary for the jailer */
 	const char *id;           /* --id; also checked when adopting */
-	const char *workdir;      /* the VMM's working directory: api.sock and relative paths */
+	const char *workdir;      /* the VMM's working directory: api.sock and relative paths
+				   * (with the jailer: the chroot is, see fcctl_jail_root()) */
 	const char *netns;        /* a network namespace file to enter before exec, or NULL */
 	const char *log_path;     /* --log-path (relative to workdir), or NULL */
 	const char *output;       /* file for the VMM's stdout/stderr (serial console), relative
 				   * to workdir; NULL: fc.out */
 	const char *const *stale; /* files in workdir to remove first (old sockets), NULL-ended */
 	int start_timeout_ms;     /* for the API socket to answer; 0: 10 s */
-	/* jailer: run `jailer --id --exec-file binary --uid --gid [--netns] -- ...` instead;
-	 * the API socket is then <chroot>/run/firecracker.socket. */
+	/* jailer: run `jailer --id --exec-file binary --uid --gid [--netns]
+	 * [--chroot-base-dir] -- --api-sock /api.sock` instead. The jailer enters the network
+	 * namespace itself and chroots the VMM into fcctl_jail_root(), which spawn creates: the
+	 * API socket is <chroot>/api.sock, `stale` and every relative path of the API resolve
+	 * there (link drives and kernel into it), fcctl_vm_workdir() returns it. The output file
+	 * stays in workdir. */
 	const char *jailer;
 	uid_t uid;
 	gid_t gid;
-	const char *chroot_base; /* default /srv/jailer */
+	const char *chroot_base; /* default FCCTL_JAILER_BASE */
 } FcSpawn;
+
+#define FCCTL_JAILER_BASE "/srv/jailer"
+
+/* The jailer's chroot for a VMM: <chroot_base>/<basename of binary>/<id>/root. -EINVAL for an
+ * id the jailer refuses (1-64 characters of [A-Za-z0-9-]). */
+int fcctl_jail_root(const char *chroot_base, const char *binary, const char *id, char **ret);
 
 typedef struct FcExit {
 	bool exited;
@@ -47,7 +58,9 @@ typedef struct FcExit {
 
 int fcctl_vm_spawn(const FcSpawn *spawn, FcVm **ret, char **ret_error);
 /* Takes over a VMM started by an earlier agent, after checking that pid runs `binary`
- * (/proc/<pid>/exe), was started with --id `id`, and works in `workdir` (/proc/<pid>/cwd). */
+ * (/proc/<pid>/exe), was started with --id `id`, and works in `workdir` (/proc/<pid>/cwd);
+ * files are compared by device and inode. A jailed VMM: binary is the jailer's copy,
+ * <chroot>/<name>, and workdir the chroot. */
 int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *workdir, FcVm **ret,
 		   char **ret_error);
 void fcctl_vm_free(FcVm *vm); /* forgets the process; it keeps running */

@@ -26,6 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/fileio.h"
 #include "common/log.h"
 #include "common/macro.h"
 #include "fcctl-internal.h"
@@ -129,7 +130,7 @@ static bool answers(const char *sock)
 /* Waits for the API socket to accept a connection: inotify on its directory wakes us when it
  * appears (no busy polling); the pidfd when the VMM dies first. The socket file exists a moment
  * before listen(): a refused connect is retried after the next event or 10 ms. */
-static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output, char **ret_error)
+static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output_path, char **ret_error)
 {
 	_cleanup_close_ int in = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
 	_cleanup_free_ char *dir = strdup(vm->api_sock);
@@ -159,9 +160,9 @@ static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output, char **
 			(void)fcctl_vm_wait(vm, 0, &ex);
 			return err(ret_error, -ECHILD,
 				   "the VMM exited before opening its API socket (%s %d); see its "
-				   "output in %s/%s",
+				   "output in %s",
 				   ex.signal ? "signal" : "status", ex.signal ? ex.signal : ex.code,
-				   vm->workdir, output);
+				   output_path);
 		}
 		if (p[0].revents & POLLIN) {
 			char buf[4096];
@@ -171,10 +172,28 @@ static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output, char **
 	}
 }
 
+int fcctl_jail_root(const char *chroot_base, const char *binary, const char *id, char **ret)
+{
+	const char *name = strrchr(binary, '/') ? strrchr(binary, '/') + 1 : binary;
+
+	/* The jailer's own rules for an id: it would refuse anything else after we made its
+	 * directory. */
+	if (!*id || strlen(id) > 64 ||
+	    strspn(id, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+		       "0123456789-") != strlen(id))
+		return -EINVAL;
+	if (!*name)
+		return -EINVAL;
+	return asprintf(ret, "%s/%s/%s/root", chroot_base ?: FCCTL_JAILER_BASE, name, id) < 0
+		       ? -ENOMEM
+		       : 0;
+}
+
 int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 {
-	_cleanup_close_ int ns = -EBADF, out = -EBADF, wd = -EBADF;
-	char api_sock[PATH_MAX], chroot_dir[PATH_MAX];
+	_cleanup_close_ int ns = -EBADF, out = -EBADF, wd = -EBADF, root = -EBADF;
+	_cleanup_free_ char *chroot_dir = NULL;
+	char api_sock[PATH_MAX], output_path[PATH_MAX];
 	const char *argv[32];
 	size_t n = 0;
 	FcVm *vm;
@@ -191,23 +210,33 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	out = openat(wd, s->output ?: "fc.out", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
 	if (out < 0)
 		return err(ret_error, -errno, "cannot open the VMM's output file: %m");
+	snprintf(output_path, sizeof(output_path), "%s/%s", s->workdir, s->output ?: "fc.out");
 
 	if (s->jailer) {
-		/* The jailer chroots the VMM: its API socket lives inside the chroot. */
-		snprintf(chroot_dir, sizeof(chroot_dir), "%s/%s/%s/root",
-			 s->chroot_base ?: "/srv/jailer",
-			 strrchr(s->binary, '/') ? strrchr(s->binary, '/') + 1 : s->binary, s->id);
-		if (snprintf(api_sock, sizeof(api_sock), "%s/run/firecracker.socket", chroot_dir) >=
-		    (int)sizeof(api_sock))
-			return err(ret_error, -ENAMETOOLONG, "jailer chroot path too long: %s",
-				   chroot_dir);
-	} else {
-		snprintf(api_sock, sizeof(api_sock), "%s/%s", s->workdir, FCCTL_API_SOCK);
+		/* The jailer chroots the VMM: its API socket and every relative path of the API
+		 * live in the chroot, which is made here (the jailer leaves an existing one as it
+		 * is) so that the socket's directory can be watched, and so that the caller can
+		 * link drives into it before configuring. */
+		r = fcctl_jail_root(s->chroot_base, s->binary, s->id, &chroot_dir);
+		if (r < 0)
+			return err(ret_error, r, "jailer chroot for %s: %s", s->id, strerror(-r));
+		r = mkdir_p(chroot_dir, 0755);
+		if (r < 0)
+			return err(ret_error, r, "cannot make the jailer chroot %s: %s", chroot_dir,
+				   strerror(-r));
+		root = open(chroot_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (root < 0)
+			return err(ret_error, -errno, "jailer chroot %s: %m", chroot_dir);
 	}
+	/* The VMM's root: where its API socket is and its relative paths resolve. */
+	const char *vmm_root = chroot_dir ?: s->workdir;
+	if (snprintf(api_sock, sizeof(api_sock), "%s/%s", vmm_root, FCCTL_API_SOCK) >=
+	    (int)sizeof(api_sock))
+		return err(ret_error, -ENAMETOOLONG, "path too long: %s", vmm_root);
 	/* Firecracker refuses an existing socket path: old ones are ours and stale. */
 	(void)unlink(api_sock);
 	for (size_t i = 0; s->stale && s->stale[i]; i++)
-		(void)unlinkat(wd, s->stale[i], 0);
+		(void)unlinkat(root >= 0 ? root : wd, s->stale[i], 0);
 
 	char uid[16], gid[16];
 	snprintf(uid, sizeof(uid), "%u", (unsigned)s->uid);
@@ -230,9 +259,10 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 			argv[n++] = "--chroot-base-dir";
 			argv[n++] = s->chroot_base;
 		}
+		/* The jailer adds --id itself. */
 		argv[n++] = "--";
 		argv[n++] = "--api-sock";
-		argv[n++] = "/run/firecracker.socket";
+		argv[n++] = "/" FCCTL_API_SOCK;
 	} else {
 		argv[n++] = s->binary;
 		argv[n++] = "--api-sock";
@@ -303,7 +333,7 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 					    : argv[0]);
 	}
 
-	vm = vm_new(pid, s->workdir, api_sock);
+	vm = vm_new(pid, vmm_root, api_sock);
 	if (!vm) {
 		kill(pid, SIGKILL);
 		waitpid(pid, NULL, 0);
@@ -315,8 +345,8 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		r = err(ret_error, -errno, "pidfd_open: %m");
 		goto fail;
 	}
-	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000,
-			    s->output ?: "fc.out", ret_error);
+	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000, output_path,
+			    ret_error);
 	if (r < 0)
 		goto fail;
 	log_debug("spawned %s (pid %d) in %s", s->binary, (int)pid, s->workdir);
@@ -344,17 +374,22 @@ static bool cmdline_has_id(pid_t pid, const char *id)
 	if (len <= 0)
 		return false;
 	buf[len] = 0;
-	for (char *p = buf; p < buf + len; p += strlen(p) + 1)
+	/* `--id <id>` as ember passes it, `--id=<id>` as the jailer does. */
+	for (char *p = buf; p < buf + len; p += strlen(p) + 1) {
 		if (strcmp(p, "--id") == 0 && p + strlen(p) + 1 < buf + len &&
 		    strcmp(p + strlen(p) + 1, id) == 0)
 			return true;
+		if (strncmp(p, "--id=", 5) == 0 && strcmp(p + 5, id) == 0)
+			return true;
+	}
 	return false;
 }
 
 int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *workdir, FcVm **ret,
 		   char **ret_error)
 {
-	char path[64], exe[PATH_MAX], cwd[PATH_MAX], want[PATH_MAX], api_sock[PATH_MAX];
+	char path[64], exe[PATH_MAX], want[PATH_MAX], api_sock[PATH_MAX];
+	struct stat st_exe, st_want, st_cwd, st_dir;
 	ssize_t n;
 	FcVm *vm;
 	int pidfd;
@@ -363,16 +398,19 @@ int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *wo
 	pidfd = pidfd_open_(pid);
 	if (pidfd < 0)
 		return err(ret_error, -errno, "process %d: %m", (int)pid);
+	/* Files compared by device and inode, not by the names /proc shows: a jailed VMM's names
+	 * are those of its own mount namespace. */
 	snprintf(path, sizeof(path), "/proc/%d/exe", (int)pid);
 	n = readlink(path, exe, sizeof(exe) - 1);
-	if (n < 0) {
+	if (n < 0 || stat(path, &st_exe) < 0) {
 		close(pidfd);
 		return err(ret_error, -errno, "process %d: %m", (int)pid);
 	}
 	exe[n] = 0;
 	if (!realpath(binary, want))
 		snprintf(want, sizeof(want), "%s", binary);
-	if (strcmp(exe, want) != 0) {
+	if (stat(want, &st_want) < 0 || st_exe.st_dev != st_want.st_dev ||
+	    st_exe.st_ino != st_want.st_ino) {
 		close(pidfd);
 		return err(ret_error, -ESRCH, "process %d runs %s, not %s", (int)pid, exe, want);
 	}
@@ -382,8 +420,8 @@ int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *wo
 			   id);
 	}
 	snprintf(path, sizeof(path), "/proc/%d/cwd", (int)pid);
-	n = readlink(path, cwd, sizeof(cwd) - 1);
-	if (n < 0 || ((cwd[n] = 0), strcmp(cwd, workdir) != 0)) {
+	if (stat(path, &st_cwd) < 0 || stat(workdir, &st_dir) < 0 ||
+	    st_cwd.st_dev != st_dir.st_dev || st_cwd.st_ino != st_dir.st_ino) {
 		close(pidfd);
 		return err(ret_error, -ESRCH, "process %d does not work in %s", (int)pid, workdir);
 	}

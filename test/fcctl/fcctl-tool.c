@@ -5,6 +5,7 @@
  *
  * Common options: --binary PATH --workdir DIR [--netns PATH] --rootfs FILE --kernel FILE
  *                 [--mem MiB] [--uffd PATH-to-ember-uffd] [--prefetch] [--boot-args ARGS]
+ *                 [--jailer PATH]
  *
  *   cycle      cold boot (the full configuration sequence), guest reachable over vsock, pause,
  *              snapshot, stop; restore in a new VMM with the Uffd backend served by ember-uffd
@@ -13,6 +14,10 @@
  *   killmid    a call in progress when the VMM is SIGKILLed: returns an error, does not hang
  *   uffdgone   after a restore, ember-uffd is killed: the supervisor stops the VMM
  *   truncated  restore from a truncated memory file: ember-uffd stops the VMM and says why
+ *   adopt      an agent restart: the VMM taken over by pid, wrong id/dir/binary refused
+ *   spawnfail  spawn failures say what failed
+ *   jailer     the VMM started through --jailer: configured with paths inside its chroot,
+ *              guest reachable over vsock, adopted by pid, stopped
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -33,7 +38,7 @@
 #include "fcctl/fcctl.h"
 
 static struct {
-	const char *binary, *workdir, *netns, *rootfs, *kernel, *uffd, *boot_args;
+	const char *binary, *workdir, *netns, *rootfs, *kernel, *uffd, *boot_args, *jailer;
 	unsigned mem;
 	bool prefetch, net;
 } o = {.mem = 64, .boot_args = "console=ttyS0 init=/sbin/init"};
@@ -486,6 +491,86 @@ static int spawnfail(void)
 	return 0;
 }
 
+/* Hard links, as an agent must give a jailed VMM its files (a symlink would point outside the
+ * chroot). */
+static void link_into(const char *root, const char *from, const char *name)
+{
+	char to[4096];
+	snprintf(to, sizeof(to), "%s/%s", root, name);
+	unlink(to);
+	if (link(from, to) < 0) {
+		fprintf(stderr, "fcctl-tool: link %s -> %s: %s\n", from, to, strerror(errno));
+		exit(1);
+	}
+}
+
+static int jailed(void)
+{
+	static const char *const stale[] = {"v.sock", NULL};
+	_cleanup_free_ char *d = dir("jail");
+	_cleanup_free_ char *base = dir("jail/srv");
+	_cleanup_free_ char *want = NULL;
+	char *e = NULL, copy[4096];
+	FcVm *vm = NULL, *again = NULL;
+	FcSpawn s = {.binary = o.binary,
+		     .id = "fcctl-jail",
+		     .workdir = d,
+		     .netns = o.netns,
+		     .stale = stale,
+		     .jailer = o.jailer,
+		     .chroot_base = base};
+
+	printf("bad_id=%d\n", fcctl_jail_root(base, o.binary, "no/slashes", &want));
+	CHECK(fcctl_jail_root(base, o.binary, s.id, &want), "jail root");
+	double t = now_ms();
+	if (fcctl_vm_spawn(&s, &vm, &e) < 0) {
+		fprintf(stderr, "fcctl-tool: spawn: %s\n", e ?: "?");
+		return 1;
+	}
+	const char *root = fcctl_vm_workdir(vm);
+	pid_t pid = fcctl_vm_pid(vm);
+	printf("spawn_ms=%.1f pid=%d root_is_chroot=%d\n", now_ms() - t, (int)pid,
+	       strcmp(root, want) == 0);
+	link_into(root, o.rootfs, "rootfs");
+	link_into(root, o.kernel, "vmlinux");
+	CHECK(fcctl_put_machine_config(vm, 1, o.mem, false, false, FC_HUGE_PAGES_NONE, &fault_),
+	      "machine-config");
+	CHECK(fcctl_put_boot_source(vm, "vmlinux", NULL, o.boot_args, &fault_), "boot-source");
+	CHECK(fcctl_put_drive(vm, "rootfs", "rootfs", true, false, &fault_), "drive");
+	CHECK(fcctl_put_vsock(vm, 3, "v.sock", &fault_), "vsock");
+	CHECK(fcctl_instance_start(vm, &fault_), "InstanceStart");
+	guest_echo(root, "jailed");
+	fcctl_vm_free(vm);
+
+	/* The jailer runs a copy of the binary: the original is not what the process runs. */
+	int r = fcctl_vm_adopt(pid, o.binary, s.id, want, &again, &e);
+	printf("adopt_original=%d error=%s\n", r, e ?: "");
+	free(e);
+	e = NULL;
+	snprintf(copy, sizeof(copy), "%s/%s", want,
+		 strrchr(o.binary, '/') ? strrchr(o.binary, '/') + 1 : o.binary);
+	r = fcctl_vm_adopt(pid, copy, s.id, want, &again, &e);
+	printf("adopt=%d error=%s\n", r, e ?: "");
+	free(e);
+	if (r < 0) {
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+		return 1;
+	}
+	char *state = NULL, *version = NULL;
+	CHECK(fcctl_describe(again, &state, &version, &fault_), "describe after adopt");
+	printf("adopted_state=%s\n", state);
+	free(state);
+	free(version);
+	guest_echo(fcctl_vm_workdir(again), "adopted");
+	FcExit ex;
+	fcctl_vm_stop(again, 5000, &ex);
+	printf("stopped=%d gone=%d\n", ex.exited,
+	       waitpid(pid, NULL, WNOHANG) == pid || (kill(pid, 0) < 0 && errno == ESRCH));
+	fcctl_vm_free(again);
+	return 0;
+}
+
 int main(int argc, char *argv[])
 {
 	static const struct option options[] = {
@@ -499,6 +584,7 @@ int main(int argc, char *argv[])
 		{"prefetch", no_argument, NULL, 'p'},
 		{"boot-args", required_argument, NULL, 'a'},
 		{"net", no_argument, NULL, 'N'},
+		{"jailer", required_argument, NULL, 'J'},
 		{},
 	};
 	int c;
@@ -536,6 +622,9 @@ int main(int argc, char *argv[])
 		case 'N':
 			o.net = true;
 			break;
+		case 'J':
+			o.jailer = optarg;
+			break;
 		default:
 			return 2;
 		}
@@ -559,5 +648,7 @@ int main(int argc, char *argv[])
 		return adopt();
 	if (strcmp(cmd, "spawnfail") == 0)
 		return spawnfail();
+	if (strcmp(cmd, "jailer") == 0)
+		return jailed();
 	return 2;
 }

@@ -194,6 +194,42 @@ def test_spawn_failures_say_why(run):
                      r"\(status 1\); see its output in /tmp/\S+/sf/fc.out", out), out
 
 
+FAKE_JAILER = os.path.join(os.path.dirname(__file__), "..", "fcctl", "fake-jailer")
+
+
+def test_jailer(run):
+    """The jailer path: fcctl passes the jailer's arguments (a stand-in that follows
+    docs/jailer.md runs fcsim in a pivot_root'ed chroot), waits for the API socket inside the
+    chroot, resolves relative paths there, and adopts the jailed VMM by its copied binary."""
+    rc, out, d = run("jailer", "--jailer", FAKE_JAILER)
+    # A jailed VMM works in "/" of its own mount namespace, out of run()'s sight: look for it
+    # by its id, and fail if it outlived the scenario.
+    def cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:  # gone meanwhile
+            return b""
+
+    left = [int(p) for p in filter(str.isdigit, os.listdir("/proc"))
+            if b"--id=fcctl-jail" in cmdline(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert rc == 0, out
+    assert not left, f"jailed VMM left running: {left}"
+    f = fields(out)
+    assert f["bad_id"] == "-22", out
+    assert f["root_is_chroot"] == "1", out
+    assert out.count("guest_echo=ok") == 2, out
+    # the original binary is not what a jailed VMM runs: the jailer's copy is
+    assert f["adopt_original"] == "-3" and "runs /fcsim, not" in out, out
+    assert f["adopt"] == "0" and f["adopted_state"] == "Running", out
+    assert f["stopped"] == "1" and f["gone"] == "1", out
+    # the jail is the jailer's layout: <base>/<exec file name>/<id>/root, with the copy in it
+    root = os.path.join(d, "jail", "srv", "fcsim", "fcctl-jail", "root")
+    assert os.path.isfile(os.path.join(root, "fcsim")), out
+
+
 def real_firecracker():
     fc = shutil.which("firecracker")
     kernel, rootfs = os.environ.get("EMBER_FC_KERNEL"), os.environ.get("EMBER_FC_ROOTFS")
