@@ -3,7 +3,8 @@
  * guest-tool: the guest client library from the command line, for tests, benchmarks and
  * operators.
  *
- *   guest-tool (--vsock UDS[:PORT] | --unix PATH) [--io-timeout-ms N] COMMAND ...
+ *   guest-tool (--vsock UDS[:PORT] | --cid CID[:PORT] | --unix PATH) [--io-timeout-ms N]
+ *              COMMAND ...
  *
  *   exec [--tty ROWSxCOLS] [--timeout-ms N] [--env K=V]... [--env-replace] [--cwd D]
  *        [--uid N --gid N] [--no-stdin] [--resize-after-ms T ROWSxCOLS]
@@ -35,16 +36,19 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <linux/vm_sockets.h>
 
 #include "common/macro.h"
 #include "guest/client/guest-client.h"
 
 #define EXIT_TOOL 125
 
-static const char *opt_vsock, *opt_unix;
+static const char *opt_vsock, *opt_unix, *opt_cid;
 static int opt_io_timeout_ms = 30000;
 
 static int64_t now_us(void)
@@ -88,24 +92,60 @@ static int parse_size(const char *s, unsigned *rows, unsigned *cols)
 	return 0;
 }
 
+/* A real AF_VSOCK connection, CID[:PORT]: what a host without Firecracker's hybrid socket
+ * uses, and how the VM tests reach ember-guest through vsock_loopback (CID 1). */
+static int open_cid(const char *spec, GuestConn **ret, char **ret_err)
+{
+	unsigned long cid, port = GUEST_CLIENT_PORT;
+	_cleanup_free_ char *s = strdup(spec);
+	char *colon;
+
+	if (!s)
+		return -ENOMEM;
+	colon = strchr(s, ':');
+	if (colon) {
+		*colon = 0;
+		if (parse_uint(colon + 1, UINT32_MAX, &port) < 0)
+			return -EINVAL;
+	}
+	if (parse_uint(s, UINT32_MAX, &cid) < 0)
+		return -EINVAL;
+	struct sockaddr_vm sa = {
+		.svm_family = AF_VSOCK, .svm_cid = (unsigned)cid, .svm_port = (unsigned)port};
+	_cleanup_close_ int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int r = -errno;
+		if (asprintf(ret_err, "vsock cid %lu port %lu: %s", cid, port, strerror(-r)) < 0)
+			*ret_err = NULL;
+		return r;
+	}
+	return guest_conn_from_fd(TAKE_FD(fd), ret); /* takes fd, even on failure */
+}
+
+/* --unix PATH, --vsock UDS[:PORT] (Firecracker's hybrid vsock) or --cid CID[:PORT]. */
+static int open_conn(int timeout_ms, GuestConn **ret, char **ret_err)
+{
+	if (opt_unix)
+		return guest_conn_open_unix(opt_unix, ret, ret_err);
+	if (opt_cid)
+		return open_cid(opt_cid, ret, ret_err);
+	_cleanup_free_ char *uds = strdup(opt_vsock);
+	unsigned long port = GUEST_CLIENT_PORT;
+	if (!uds)
+		return -ENOMEM;
+	/* UDS[:PORT]: a port is digits after the last colon. */
+	char *colon = strrchr(uds, ':');
+	if (colon && parse_uint(colon + 1, UINT32_MAX, &port) == 0)
+		*colon = 0;
+	return guest_conn_open_vsock(uds, (unsigned)port, timeout_ms, ret, ret_err);
+}
+
 static int connect_guest(GuestConn **ret)
 {
 	_cleanup_free_ char *err = NULL;
 	int r;
 
-	if (opt_unix)
-		r = guest_conn_open_unix(opt_unix, ret, &err);
-	else {
-		_cleanup_free_ char *uds = strdup(opt_vsock);
-		unsigned long port = GUEST_CLIENT_PORT;
-		if (!uds)
-			return -ENOMEM;
-		/* UDS[:PORT]: a port is digits after the last colon. */
-		char *colon = strrchr(uds, ':');
-		if (colon && parse_uint(colon + 1, UINT32_MAX, &port) == 0)
-			*colon = 0;
-		r = guest_conn_open_vsock(uds, (unsigned)port, opt_io_timeout_ms, ret, &err);
-	}
+	r = open_conn(opt_io_timeout_ms, ret, &err);
 	if (r < 0) {
 		fprintf(stderr, "guest-tool: cannot connect: %s\n", err ?: strerror(-r));
 		return r;
@@ -475,19 +515,8 @@ static int cmd_ping(int argc, char **argv)
 		int64_t start = now_us();
 		int r;
 
-		if (opt_unix)
-			r = guest_conn_open_unix(opt_unix, &c, &err);
-		else {
-			/* Quietly, while waiting: the agent may not be up yet. */
-			_cleanup_free_ char *uds = strdup(opt_vsock);
-			unsigned long port = GUEST_CLIENT_PORT;
-			if (!uds)
-				return EXIT_TOOL;
-			char *colon = strrchr(uds, ':');
-			if (colon && parse_uint(colon + 1, UINT32_MAX, &port) == 0)
-				*colon = 0;
-			r = guest_conn_open_vsock(uds, (unsigned)port, 2000, &c, &err);
-		}
+		/* Quietly, while waiting: the agent may not be up yet. */
+		r = open_conn(2000, &c, &err);
 		if (r >= 0) {
 			guest_conn_set_timeout(c, opt_io_timeout_ms);
 			r = guest_ping(c);
@@ -630,7 +659,8 @@ static int cmd_bench_cat(int argc, char **argv)
 
 static void usage(FILE *f)
 {
-	fputs("usage: guest-tool (--vsock UDS[:PORT] | --unix PATH) [--io-timeout-ms N] COMMAND\n"
+	fputs("usage: guest-tool (--vsock UDS[:PORT] | --cid CID[:PORT] | --unix PATH)\n"
+	      "                  [--io-timeout-ms N] COMMAND\n"
 	      "  exec [--tty RxC] [--timeout-ms N] [--env K=V] [--env-replace] [--cwd D]\n"
 	      "       [--uid N --gid N] [--no-stdin] [--resize-after-ms T RxC]\n"
 	      "       [--signal-after-ms T SIG] [--print-pid] -- ARGV...\n"
@@ -644,6 +674,7 @@ int main(int argc, char **argv)
 	static const struct option options[] = {
 		{"vsock", required_argument, NULL, 'v'},
 		{"unix", required_argument, NULL, 'u'},
+		{"cid", required_argument, NULL, 'c'},
 		{"io-timeout-ms", required_argument, NULL, 't'},
 		{"help", no_argument, NULL, 'h'},
 		{0},
@@ -659,6 +690,9 @@ int main(int argc, char **argv)
 		case 'u':
 			opt_unix = optarg;
 			break;
+		case 'c':
+			opt_cid = optarg;
+			break;
 		case 't':
 			if (parse_uint(optarg, INT32_MAX, &v) < 0)
 				return die("bad --io-timeout-ms %s", optarg);
@@ -672,7 +706,7 @@ int main(int argc, char **argv)
 			return EXIT_TOOL;
 		}
 	}
-	if (!opt_vsock == !opt_unix || optind >= argc) {
+	if (!!opt_vsock + !!opt_unix + !!opt_cid != 1 || optind >= argc) {
 		usage(stderr);
 		return EXIT_TOOL;
 	}
