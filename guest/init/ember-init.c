@@ -429,8 +429,11 @@ static int signal_wait(const sigset_t *set, int64_t timeout_ms)
 	return sig < 0 ? 0 : sig;
 }
 
-/* Until every process but us is gone, or the time is up. Processes that are not our children
- * (entered from outside under fcsim) send no SIGCHLD: look again every 100 ms. */
+/* Until every process but us is gone, or the time is up. In a microVM every user process
+ * descends from init, so no children left means none at all; kill(-1, 0) cannot tell, since
+ * it also reaches the kernel's threads. Under fcsim there are no kernel threads, but
+ * processes entered from outside are not our children and send no SIGCHLD: there kill(-1, 0)
+ * is the test, looked at every 100 ms. */
 static bool wait_all_gone(Service *s, const sigset_t *set, uint64_t timeout_ms)
 {
 	uint64_t deadline = now_ms() + timeout_ms;
@@ -439,7 +442,7 @@ static bool wait_all_gone(Service *s, const sigset_t *set, uint64_t timeout_ms)
 		bool children = reap(s, false);
 		uint64_t now = now_ms();
 
-		if (!children && kill(-1, 0) < 0 && errno == ESRCH)
+		if (!children && (!simulated || (kill(-1, 0) < 0 && errno == ESRCH)))
 			return true;
 		if (now >= deadline)
 			return false;
@@ -465,6 +468,19 @@ static const char *signal_reason(int sig)
 	}
 }
 
+/* The init of the machine, not of a pid namespace: the kernel's thread kthreadd is pid 2. */
+static bool machine_init(void)
+{
+	char buf[64] = "";
+	int fd = open("/proc/2/stat", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return false;
+	(void)!read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	return strncmp(buf, "2 (kthreadd) ", 13) == 0;
+}
+
 /* Every request (Ctrl-Alt-Del, busybox halt, poweroff or reboot) ends the same way: everything
  * stopped, then the VMM told to exit. A VMM never reboots its guest; the host decides what runs
  * next. */
@@ -485,6 +501,12 @@ static _noreturn_ void shutdown_system(Service *s, const sigset_t *set, int sig)
 			log_line("processes left after SIGKILL; powering off anyway");
 	}
 	sync();
+	/* A journal that needs no recovery at the next boot of this disk (a snapshot's base).
+	 * Only as the machine's own init: a remount changes the file system everywhere, and PID
+	 * 1 of a pid namespace (the tests) may sit on one that is not its own. */
+	if (!simulated && machine_init() &&
+	    mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0)
+		log_line("cannot remount / read-only: %s", strerror(errno));
 	if (simulated) {
 		/* PID 1 of a pid namespace cannot power a machine off: fcsim reads init's exit
 		 * as the guest's power-off and exits, as Firecracker does. */
@@ -513,8 +535,12 @@ static void signals_setup(sigset_t *ret)
 	static const int sigs[] = {SIGCHLD, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGPWR};
 
 	sigemptyset(ret);
-	for (size_t i = 0; i < ELEMENTSOF(sigs); i++)
+	for (size_t i = 0; i < ELEMENTSOF(sigs); i++) {
 		sigaddset(ret, sigs[i]);
+		/* Whoever exec'd us may have left SIGCHLD ignored: children would then be reaped
+		 * by the kernel without a signal, and ember-guest never restarted. */
+		(void)signal(sigs[i], SIG_DFL);
+	}
 	(void)sigprocmask(SIG_BLOCK, ret, NULL);
 }
 
