@@ -113,16 +113,22 @@ static int classful_prefixlen(struct in_addr a, unsigned *ret)
 
 /* Printable, no spaces, and fits: a name the kernel would truncate is refused rather than
  * silently changed. */
-static int copy_word(const char *s, char *buf, size_t size)
+/* With truncate, a word too long for buf is cut, as the kernel cuts a hostname to fit
+ * (ipconfig's strscpy into utsname): losing the network over a long name would be worse. */
+static int copy_word(const char *s, char *buf, size_t size, bool truncate)
 {
 	size_t len = strlen(s);
 
-	if (len >= size)
-		return -EINVAL;
+	if (len >= size) {
+		if (!truncate)
+			return -EINVAL;
+		len = size - 1;
+	}
 	for (size_t i = 0; i < len; i++)
 		if (!isgraph((unsigned char)s[i]))
 			return -EINVAL;
-	memcpy(buf, s, len + 1);
+	memcpy(buf, s, len);
+	buf[len] = 0;
 	return 0;
 }
 
@@ -171,13 +177,13 @@ int init_ip_parse(const char *value, InitIpConfig *ret)
 	if (r < 0)
 		return r;
 
-	r = copy_word(fields[4], c.hostname, sizeof(c.hostname));
+	r = copy_word(fields[4], c.hostname, sizeof(c.hostname), true);
 	if (r < 0)
 		return r;
 	/* A '/' would make the name a path under /proc/sys/net and /sys/class/net. */
 	if (strchr(fields[5], '/'))
 		return -EINVAL;
-	r = copy_word(fields[5], c.device, sizeof(c.device));
+	r = copy_word(fields[5], c.device, sizeof(c.device), false);
 	if (r < 0)
 		return r;
 	/* fields[6] (autoconf) names a protocol we cannot run from PID 1; with a client
