@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 #include "fileio.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -143,6 +144,66 @@ int mkdir_p(const char *path, mode_t mode)
 	if (stat(path, &st) < 0)
 		return -errno;
 	return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
+}
+
+int rm_rf_at(int dir_fd)
+{
+	int fd = fcntl(dir_fd, F_DUPFD_CLOEXEC, 3);
+	DIR *d;
+	struct dirent *de;
+	struct stat dst;
+	int r = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &dst) < 0) {
+		r = -errno;
+		close(fd);
+		return r;
+	}
+	d = fdopendir(fd);
+	if (!d) {
+		r = -errno;
+		close(fd);
+		return r;
+	}
+	rewinddir(d);
+	while ((errno = 0, de = readdir(d))) {
+		struct stat st;
+		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+			continue;
+		if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+			r = -errno;
+			break;
+		}
+		if (S_ISDIR(st.st_mode)) {
+			/* Another file system mounted here is not ours to empty. */
+			if (st.st_dev != dst.st_dev) {
+				r = -EXDEV;
+				break;
+			}
+			_cleanup_close_ int sub = openat(
+				fd, de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+			if (sub < 0) {
+				r = -errno;
+				break;
+			}
+			r = rm_rf_at(sub);
+			if (r < 0)
+				break;
+			if (unlinkat(fd, de->d_name, AT_REMOVEDIR) < 0) {
+				r = -errno;
+				break;
+			}
+		} else if (unlinkat(fd, de->d_name, 0) < 0) {
+			r = -errno;
+			break;
+		}
+	}
+	if (r == 0 && errno != 0)
+		r = -errno;
+	closedir(d);
+	return r;
 }
 
 int lock_file_acquire(const char *path, pid_t *ret_holder)

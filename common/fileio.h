@@ -16,6 +16,10 @@ int write_file_atomic(const char *path, const void *data, size_t size, mode_t mo
 /* mkdir -p; existing directories are fine, their mode is left alone. */
 int mkdir_p(const char *path, mode_t mode);
 
+/* Removes everything inside the directory dir_fd (which stays, as does dir_fd), without
+ * following symbolic links; -EXDEV at a directory of another file system. */
+int rm_rf_at(int dir_fd);
+
 /* Opens (creating) `path` and takes an exclusive non-blocking flock on it; writes our pid into
  * it. -EBUSY when someone else holds it, with their pid in *ret_holder when known (0 otherwise).
  * Returns the fd, which holds the lock until closed. */

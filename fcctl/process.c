@@ -174,7 +174,8 @@ static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output_path, ch
 
 int fcctl_jail_root(const char *chroot_base, const char *binary, const char *id, char **ret)
 {
-	const char *name = strrchr(binary, '/') ? strrchr(binary, '/') + 1 : binary;
+	char real[PATH_MAX];
+	const char *name;
 
 	/* The jailer's own rules for an id: it would refuse anything else after we made its
 	 * directory. */
@@ -182,11 +183,33 @@ int fcctl_jail_root(const char *chroot_base, const char *binary, const char *id,
 	    strspn(id, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 		       "0123456789-") != strlen(id))
 		return -EINVAL;
-	if (!*name)
+	if (binary[0] != '/' || (chroot_base && chroot_base[0] != '/'))
 		return -EINVAL;
+	/* The jailer names the chroot after the file --exec-file resolves to: a
+	 * /usr/bin/firecracker that links to firecracker-v1.16.1-x86_64 is jailed under the
+	 * latter's name. */
+	if (!realpath(binary, real))
+		return -errno;
+	name = strrchr(real, '/') + 1;
 	return asprintf(ret, "%s/%s/%s/root", chroot_base ?: FCCTL_JAILER_BASE, name, id) < 0
 		       ? -ENOMEM
 		       : 0;
+}
+
+/* Removes what the jailer made in a chroot it ran in before (dev/net/tun, dev/kvm, ...): it
+ * refuses to start when those nodes exist, and an id's chroot is reused when its VMM is
+ * started again (a restart, a restore). Files the caller linked in stay. */
+static int jail_clean_dev(int root)
+{
+	_cleanup_close_ int dev =
+		openat(root, "dev", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+
+	if (dev < 0)
+		return errno == ENOENT ? 0 : -errno;
+	int r = rm_rf_at(dev);
+	if (r < 0)
+		return r;
+	return unlinkat(root, "dev", AT_REMOVEDIR) < 0 ? -errno : 0;
 }
 
 int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
@@ -210,6 +233,15 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	out = openat(wd, s->output ?: "fc.out", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
 	if (out < 0)
 		return err(ret_error, -errno, "cannot open the VMM's output file: %m");
+	/* An agent started with closed stdio gets fd 1 or 2 here: dup2() onto itself would keep
+	 * close-on-exec set and the VMM's output would be lost. */
+	if (out <= STDERR_FILENO) {
+		int moved = fcntl(out, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+		if (moved < 0)
+			return err(ret_error, -errno, "fcntl: %m");
+		close(out);
+		out = moved;
+	}
 	snprintf(output_path, sizeof(output_path), "%s/%s", s->workdir, s->output ?: "fc.out");
 
 	if (s->jailer) {
@@ -218,6 +250,8 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		 * is) so that the socket's directory can be watched, and so that the caller can
 		 * link drives into it before configuring. */
 		r = fcctl_jail_root(s->chroot_base, s->binary, s->id, &chroot_dir);
+		if (r >= 0 && !chroot_dir)
+			r = -ENOMEM;
 		if (r < 0)
 			return err(ret_error, r, "jailer chroot for %s: %s", s->id, strerror(-r));
 		r = mkdir_p(chroot_dir, 0755);
@@ -227,6 +261,10 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		root = open(chroot_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (root < 0)
 			return err(ret_error, -errno, "jailer chroot %s: %m", chroot_dir);
+		r = jail_clean_dev(root);
+		if (r < 0)
+			return err(ret_error, r, "cannot clear %s/dev from an earlier run: %s",
+				   chroot_dir, strerror(-r));
 	}
 	/* The VMM's root: where its API socket is and its relative paths resolve. */
 	const char *vmm_root = chroot_dir ?: s->workdir;

@@ -509,10 +509,15 @@ static int jailed(void)
 	static const char *const stale[] = {"v.sock", NULL};
 	_cleanup_free_ char *d = dir("jail");
 	_cleanup_free_ char *base = dir("jail/srv");
-	_cleanup_free_ char *want = NULL;
-	char *e = NULL, copy[4096];
+	_cleanup_free_ char *want = NULL, *bin = dir("jail/bin");
+	char *e = NULL, copy[4096], link_path[4096];
 	FcVm *vm = NULL, *again = NULL;
-	FcSpawn s = {.binary = o.binary,
+	/* Installed as a link, as /usr/bin/firecracker often is: the jailer names the chroot after
+	 * the file it resolves to. */
+	snprintf(link_path, sizeof(link_path), "%s/firecracker", bin);
+	if (symlink(o.binary, link_path) < 0)
+		return 1;
+	FcSpawn s = {.binary = link_path,
 		     .id = "fcctl-jail",
 		     .workdir = d,
 		     .netns = o.netns,
@@ -520,8 +525,9 @@ static int jailed(void)
 		     .jailer = o.jailer,
 		     .chroot_base = base};
 
-	printf("bad_id=%d\n", fcctl_jail_root(base, o.binary, "no/slashes", &want));
-	CHECK(fcctl_jail_root(base, o.binary, s.id, &want), "jail root");
+	printf("bad_id=%d\n", fcctl_jail_root(base, link_path, "no/slashes", &want));
+	CHECK(fcctl_jail_root(base, link_path, s.id, &want), "jail root");
+	printf("jail_root=%s\n", want);
 	double t = now_ms();
 	if (fcctl_vm_spawn(&s, &vm, &e) < 0) {
 		fprintf(stderr, "fcctl-tool: spawn: %s\n", e ?: "?");
@@ -568,6 +574,20 @@ static int jailed(void)
 	printf("stopped=%d gone=%d\n", ex.exited,
 	       waitpid(pid, NULL, WNOHANG) == pid || (kill(pid, 0) < 0 && errno == ESRCH));
 	fcctl_vm_free(again);
+
+	/* The same id again (a restart, a restore): the jailer refuses a chroot that still has
+	 * the device nodes it made last time, so spawn must have cleared them. */
+	if (fcctl_vm_spawn(&s, &vm, &e) < 0) {
+		printf("respawn=failed error=%s\n", e ?: "?");
+		free(e);
+		return 1;
+	}
+	CHECK(fcctl_describe(vm, &state, &version, &fault_), "describe after respawn");
+	printf("respawn=ok state=%s\n", state);
+	free(state);
+	free(version);
+	fcctl_vm_stop(vm, 5000, NULL);
+	fcctl_vm_free(vm);
 	return 0;
 }
 

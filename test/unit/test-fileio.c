@@ -303,6 +303,40 @@ static void test_write_failure_leaves_nothing(void **state)
 	assert_int_equal(write_file_atomic(missing, "data", 4, 0644), -ENOENT);
 }
 
+/* ---- rm_rf_at ---- */
+
+/* Everything below goes, nothing a symbolic link points at does, the directory itself stays. */
+static void test_rm_rf(void **state)
+{
+	_cleanup_free_ char *top = tpath("rm"), *deep = tpath("rm/a/b/c"), *keep = tpath("rm-keep"),
+			    *file = tpath("rm/a/b/c/f"), *link = tpath("rm/a/l"),
+			    *dlink = tpath("rm/dl"), *fifo = tpath("rm/a/fifo"),
+			    *outside = tpath("rm-keep/x");
+	_cleanup_close_ int fd = -EBADF;
+	_cleanup_free_ char *names = NULL;
+	struct stat st;
+	(void)state;
+
+	assert_int_equal(mkdir_p(deep, 0755), 0);
+	assert_int_equal(mkdir_p(keep, 0755), 0);
+	write_plain(file, "data", 4);
+	write_plain(outside, "kept", 4);
+	assert_int_equal(symlink(outside, link), 0);
+	assert_int_equal(symlink(keep, dlink), 0);
+	assert_int_equal(mkfifo(fifo, 0600), 0);
+
+	fd = open(top, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	assert_true(fd >= 0);
+	assert_int_equal(rm_rf_at(fd), 0);
+	names = list_dir(top);
+	assert_string_equal(names, "");
+	assert_int_equal(stat(top, &st), 0);
+	assert_int_equal(stat(outside, &st), 0);
+	assert_int_equal(st.st_size, 4);
+	/* empty: nothing to do */
+	assert_int_equal(rm_rf_at(fd), 0);
+}
+
 /* ---- mkdir_p ---- */
 
 static void test_mkdir_nested(void **state)
@@ -486,6 +520,7 @@ int main(void)
 		cmocka_unit_test(test_write_mode_ignores_umask),
 		cmocka_unit_test(test_write_empty),
 		cmocka_unit_test(test_write_failure_leaves_nothing),
+		cmocka_unit_test(test_rm_rf),
 		cmocka_unit_test(test_mkdir_nested),
 		cmocka_unit_test(test_mkdir_through_file),
 		cmocka_unit_test(test_lock_same_process),
