@@ -98,8 +98,16 @@ static int child_main(void *arg)
 		_exit(126);
 	close(a->sync_fd);
 
-	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+	/* Fails with EINVAL where "/" is no mount point (fcsim run in a plain chroot): say so,
+	 * or the guest would just end with status 126. */
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) {
+		snprintf(msg, sizeof(msg),
+			 "fcsim: cannot make the guest's mounts private: %s (is / a mount "
+			 "point?)\r\n",
+			 strerror(errno));
+		child_say(a->console_path, msg);
 		_exit(126);
+	}
 	for (size_t i = 0; i < ELEMENTSOF(fstypes) && r < 0; i++)
 		r = mount(a->device, a->mountpoint, fstypes[i], a->read_only ? MS_RDONLY : 0, NULL);
 	if (r < 0) {
