@@ -48,40 +48,16 @@ static int nl_to_errno(int nle)
 	}
 }
 
-static void nl_socketp(struct nl_sock **s)
-{
-	if (*s)
-		nl_socket_free(*s);
-}
-static void rtnl_linkp(struct rtnl_link **l)
-{
-	if (*l)
-		rtnl_link_put(*l);
-}
-static void rtnl_addrp(struct rtnl_addr **a)
-{
-	if (*a)
-		rtnl_addr_put(*a);
-}
-static void rtnl_routep(struct rtnl_route **r)
-{
-	if (*r)
-		rtnl_route_put(*r);
-}
-static void nl_addrp(struct nl_addr **a)
-{
-	if (*a)
-		nl_addr_put(*a);
-}
-static void nl_cachep(struct nl_cache **c)
-{
-	if (*c)
-		nl_cache_free(*c);
-}
+DEFINE_POINTER_CLEANUP(struct nl_sock, nl_socket_free)
+DEFINE_POINTER_CLEANUP(struct rtnl_link, rtnl_link_put)
+DEFINE_POINTER_CLEANUP(struct rtnl_addr, rtnl_addr_put)
+DEFINE_POINTER_CLEANUP(struct rtnl_route, rtnl_route_put)
+DEFINE_POINTER_CLEANUP(struct nl_addr, nl_addr_put)
+DEFINE_POINTER_CLEANUP(struct nl_cache, nl_cache_free)
 
 static int nl_open(struct nl_sock **ret)
 {
-	_cleanup_(nl_socketp) struct nl_sock *sk = nl_socket_alloc();
+	_cleanup_(nl_socket_freep) struct nl_sock *sk = nl_socket_alloc();
 	int r;
 
 	if (!sk)
@@ -101,7 +77,7 @@ static int link_get(struct nl_sock *sk, const char *ifname, struct rtnl_link **r
 
 static int link_up(struct nl_sock *sk, const char *ifname)
 {
-	_cleanup_(rtnl_linkp) struct rtnl_link *l = NULL, *change = NULL;
+	_cleanup_(rtnl_link_putp) struct rtnl_link *l = NULL, *change = NULL;
 	int r;
 
 	r = link_get(sk, ifname, &l);
@@ -119,7 +95,7 @@ static int link_up(struct nl_sock *sk, const char *ifname)
 
 int init_net_link_up(const char *ifname)
 {
-	_cleanup_(nl_socketp) struct nl_sock *sk = NULL;
+	_cleanup_(nl_socket_freep) struct nl_sock *sk = NULL;
 	int r = nl_open(&sk);
 
 	return r < 0 ? r : link_up(sk, ifname);
@@ -127,9 +103,9 @@ int init_net_link_up(const char *ifname)
 
 int init_net_ipv4_address(const char *ifname, char ret[INET_ADDRSTRLEN + 4])
 {
-	_cleanup_(nl_socketp) struct nl_sock *sk = NULL;
-	_cleanup_(rtnl_linkp) struct rtnl_link *l = NULL;
-	_cleanup_(nl_cachep) struct nl_cache *cache = NULL;
+	_cleanup_(nl_socket_freep) struct nl_sock *sk = NULL;
+	_cleanup_(rtnl_link_putp) struct rtnl_link *l = NULL;
+	_cleanup_(nl_cache_freep) struct nl_cache *cache = NULL;
 	int ifindex, r;
 
 	r = nl_open(&sk);
@@ -159,8 +135,8 @@ int init_net_ipv4_address(const char *ifname, char ret[INET_ADDRSTRLEN + 4])
 
 static int addr_add(struct nl_sock *sk, int ifindex, const InitIpConfig *ip)
 {
-	_cleanup_(rtnl_addrp) struct rtnl_addr *a = rtnl_addr_alloc();
-	_cleanup_(nl_addrp) struct nl_addr *local = NULL, *brd = NULL;
+	_cleanup_(rtnl_addr_putp) struct rtnl_addr *a = rtnl_addr_alloc();
+	_cleanup_(nl_addr_putp) struct nl_addr *local = NULL, *brd = NULL;
 	int r;
 
 	if (!a)
@@ -192,8 +168,8 @@ static int addr_add(struct nl_sock *sk, int ifindex, const InitIpConfig *ip)
 
 static int default_route_add(struct nl_sock *sk, int ifindex, struct in_addr gateway)
 {
-	_cleanup_(rtnl_routep) struct rtnl_route *rt = rtnl_route_alloc();
-	_cleanup_(nl_addrp) struct nl_addr *dst = NULL, *gw = NULL;
+	_cleanup_(rtnl_route_putp) struct rtnl_route *rt = rtnl_route_alloc();
+	_cleanup_(nl_addr_putp) struct nl_addr *dst = NULL, *gw = NULL;
 	struct rtnl_nexthop *nh;
 	struct in_addr any = {.s_addr = INADDR_ANY};
 	int r;
@@ -225,8 +201,8 @@ static int default_route_add(struct nl_sock *sk, int ifindex, struct in_addr gat
 
 int init_net_configure(const char *ifname, const InitIpConfig *ip)
 {
-	_cleanup_(nl_socketp) struct nl_sock *sk = NULL;
-	_cleanup_(rtnl_linkp) struct rtnl_link *l = NULL;
+	_cleanup_(nl_socket_freep) struct nl_sock *sk = NULL;
+	_cleanup_(rtnl_link_putp) struct rtnl_link *l = NULL;
 	int ifindex, r;
 
 	r = nl_open(&sk);

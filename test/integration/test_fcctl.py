@@ -225,7 +225,7 @@ def test_jailer(run):
     assert f["adopt_original"] == "-3" and "runs /fcsim, not" in out, out
     assert f["adopt"] == "0" and f["adopted_state"] == "Running", out
     assert f["stopped"] == "1" and f["gone"] == "1", out
-    assert "respawn=ok state=Not started" in out, out
+    assert "respawn=ok" in out and "respawn_state=Not started" in out, out
     # the jail is the jailer's layout: <base>/<exec file name>/<id>/root, with the copy in it;
     # the name is the file's, not the link's (the tool runs bin/firecracker -> fcsim)
     root = os.path.join(d, "jail", "srv", "fcsim", "fcctl-jail", "root")
