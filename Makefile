@@ -459,7 +459,7 @@ DEB_PKGS := build-essential pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-
 	libnftables-dev libjson-c-dev libmicrohttpd-dev libcurl4-openssl-dev nftables iproute2 python3 python3-yaml python3-grpcio python3-protobuf \
 	python3-pytest openssl clang-format clang-tidy cppcheck \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev dmsetup e2fsprogs xfsprogs \
-	util-linux
+	util-linux procps
 
 deps:
 	@missing=$$(for p in $(DEB_PKGS); do \
