@@ -125,7 +125,7 @@ $(B)/proto/%.pb-c.o: $(B)/proto/%.pb-c.c $(B)/proto/.stamp-c
 # ---------------------------------------------------------------------------------------------
 # sources
 
-COMMON_SRCS := common/log.c common/fileio.c common/id.c
+COMMON_SRCS := common/log.c common/fileio.c common/id.c common/error.c
 STORAGE_SRCS := storage/storage.c storage/loop.c storage/registry.c storage/dm.c \
 	storage/file.c storage/usage.c storage/reclaim.c
 NETNS_SRCS := netns/cidr.c netns/ns.c netns/link.c netns/nft.c netns/pool.c netns/relay.c
@@ -198,7 +198,8 @@ $(B)/fcsim: $(FCSIM_SRCS:%.c=$(B)/obj/%.o) $(B)/libnetns.a $(B)/libstorage.a $(B
 GUEST_STATIC_FLAGS := -std=gnu11 -D_GNU_SOURCE -DEMBER_VERSION='"$(VERSION)"' -I. -I$(B)/proto \
 	-fno-strict-aliasing -fstack-protector-strong -D_FORTIFY_SOURCE=2 $(CFLAGS)
 GUEST_STATIC_OBJS := $(GUEST_AGENT_SRCS:%.c=$(B)/obj-guest/%.o) \
-	$(GUEST_FRAME_SRCS:%.c=$(B)/obj-guest/%.o) $(B)/obj-guest/guest.pb-c.o
+	$(GUEST_FRAME_SRCS:%.c=$(B)/obj-guest/%.o) $(B)/obj-guest/guest.pb-c.o \
+	$(B)/obj-guest/common/fileio.o
 GUEST_CLIENT_OBJS := $(GUEST_CLIENT_SRCS:%.c=$(B)/obj/%.o) $(GUEST_FRAME_SRCS:%.c=$(B)/obj/%.o) \
 	$(B)/proto/ember/v1/guest.pb-c.o
 

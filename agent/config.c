@@ -4,12 +4,12 @@
 #include <errno.h>
 #include <ini.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/error.h"
 #include "common/log.h"
 #include "common/macro.h"
 
@@ -157,20 +157,6 @@ const ConfigKeyInfo *config_key_info(size_t i)
 	return i < ELEMENTSOF(keys) ? &keys[i].info : NULL;
 }
 
-static int errorf(char **ret_error, int r, const char *format, ...) _printf_(3, 4);
-static int errorf(char **ret_error, int r, const char *format, ...)
-{
-	va_list ap;
-
-	if (ret_error) {
-		va_start(ap, format);
-		if (vasprintf(ret_error, format, ap) < 0)
-			*ret_error = NULL;
-		va_end(ap);
-	}
-	return r;
-}
-
 static bool parse_bool(const char *v, bool *ret)
 {
 	static const char *const yes[] = {"true", "yes", "on", "1"};
@@ -236,17 +222,18 @@ int config_set(Config *c, const char *section, const char *key, const char *valu
 		for (size_t i = 0; i < ELEMENTSOF(keys); i++)
 			section_known = section_known || strcmp(keys[i].info.section, section) == 0;
 		if (!section_known)
-			return errorf(ret_error, -ENOENT,
-				      "unknown section [%s]; known sections are [agent] and [api]",
-				      section);
+			return error_set(
+				ret_error, -ENOENT,
+				"unknown section [%s]; known sections are [agent] and [api]",
+				section);
 		char known[512] = "";
 		size_t len = 0;
 		for (size_t i = 0; i < ELEMENTSOF(keys) && len < sizeof(known); i++)
 			if (strcmp(keys[i].info.section, section) == 0)
 				len += (size_t)snprintf(known + len, sizeof(known) - len, "%s%s",
 							len ? ", " : "", keys[i].info.key);
-		return errorf(ret_error, -ENOENT, "unknown key [%s] %s; keys of [%s] are: %s",
-			      section, key, section, known);
+		return error_set(ret_error, -ENOENT, "unknown key [%s] %s; keys of [%s] are: %s",
+				 section, key, section, known);
 	}
 	field = (char *)c + k->offset;
 
@@ -254,13 +241,13 @@ int config_set(Config *c, const char *section, const char *key, const char *valu
 	 * written back as an ini file (--dump-config): refuse it outright. */
 	for (const char *p = value; *p; p++)
 		if ((unsigned char)*p < 0x20 || *p == 0x7f)
-			return errorf(ret_error, -EINVAL,
-				      "[%s] %s: the value contains a control character", section,
-				      key);
+			return error_set(ret_error, -EINVAL,
+					 "[%s] %s: the value contains a control character", section,
+					 key);
 
 #define BAD(...)                                                                                   \
-	errorf(ret_error, -EINVAL, "[%s] %s = \"%s\": expected %s", section, key, value,           \
-	       k->info.allowed)
+	error_set(ret_error, -EINVAL, "[%s] %s = \"%s\": expected %s", section, key, value,        \
+		  k->info.allowed)
 
 	switch (k->type) {
 	case KEY_ABS_PATH:
@@ -410,28 +397,28 @@ int config_load_file(Config *c, const char *path, bool must_exist, char **ret_er
 	if (!f) {
 		if (errno == ENOENT && !must_exist)
 			return 0;
-		return errorf(ret_error, -errno, "cannot read config file %s: %s", path,
-			      strerror(errno));
+		return error_set(ret_error, -errno, "cannot read config file %s: %s", path,
+				 strerror(errno));
 	}
 	if (fstat(fileno(f), &st) < 0)
-		return errorf(ret_error, -errno, "cannot stat config file %s: %s", path,
-			      strerror(errno));
+		return error_set(ret_error, -errno, "cannot stat config file %s: %s", path,
+				 strerror(errno));
 	/* /dev/null is a fine "no settings"; a directory is a mistake. */
 	if (!S_ISREG(st.st_mode) && !S_ISCHR(st.st_mode) && !S_ISFIFO(st.st_mode))
-		return errorf(ret_error, -EISDIR, "config file %s is not a regular file", path);
+		return error_set(ret_error, -EISDIR, "config file %s is not a regular file", path);
 	ctx.file = f;
 	line = ini_parse_stream(read_line, &ctx, on_ini_entry, &ctx);
 	if (ferror(f) && ctx.r >= 0) {
 		free(ctx.error);
-		return errorf(ret_error, -EIO, "cannot read config file %s", path);
+		return error_set(ret_error, -EIO, "cannot read config file %s", path);
 	}
 	/* inih keeps going after a syntax error and returns the first bad line; a refused
 	 * value on a later line must not hide it. */
 	if (line != 0 && (ctx.r >= 0 || line < ctx.error_line)) {
 		free(ctx.error);
-		return errorf(ret_error, -EINVAL,
-			      "%s:%d: syntax error (expected [section] or key = value)", path,
-			      line);
+		return error_set(ret_error, -EINVAL,
+				 "%s:%d: syntax error (expected [section] or key = value)", path,
+				 line);
 	}
 	if (ctx.r < 0) {
 		if (ret_error)
@@ -448,8 +435,8 @@ int config_load_file(Config *c, const char *path, bool must_exist, char **ret_er
 static int check_readable(const char *key, const char *path, char **ret_error)
 {
 	if (access(path, R_OK) < 0)
-		return errorf(ret_error, -errno, "[api] %s = \"%s\": cannot read it: %s", key, path,
-			      strerror(errno));
+		return error_set(ret_error, -errno, "[api] %s = \"%s\": cannot read it: %s", key,
+				 path, strerror(errno));
 	return 0;
 }
 
@@ -466,24 +453,26 @@ int config_finish(Config *c, char **ret_error)
 	}
 	/* sun_path is 108 bytes including the NUL; the lock file name needs room too. */
 	if (strlen(c->socket) > 100)
-		return errorf(ret_error, -ENAMETOOLONG,
-			      "[api] socket = \"%s\": expected a path of at most 100 bytes (unix "
-			      "socket addresses are limited to 108)",
-			      c->socket);
+		return error_set(
+			ret_error, -ENAMETOOLONG,
+			"[api] socket = \"%s\": expected a path of at most 100 bytes (unix "
+			"socket addresses are limited to 108)",
+			c->socket);
 
 	bool any_tls = c->tls_cert[0] || c->tls_key[0] || c->tls_client_ca[0];
 	bool all_tls = c->tls_cert[0] && c->tls_key[0] && c->tls_client_ca[0];
 	if (any_tls && !all_tls)
-		return errorf(ret_error, -EINVAL,
-			      "[api] tls_cert, tls_key and tls_client_ca must be set together "
-			      "(mutual TLS needs all three)");
+		return error_set(ret_error, -EINVAL,
+				 "[api] tls_cert, tls_key and tls_client_ca must be set together "
+				 "(mutual TLS needs all three)");
 	if (c->tcp_listen[0]) {
 		if (c->insecure_tcp && any_tls)
-			return errorf(ret_error, -EINVAL,
-				      "[api] insecure_tcp = true together with TLS files: choose "
-				      "one");
+			return error_set(
+				ret_error, -EINVAL,
+				"[api] insecure_tcp = true together with TLS files: choose "
+				"one");
 		if (!c->insecure_tcp && !all_tls)
-			return errorf(
+			return error_set(
 				ret_error, -EINVAL,
 				"[api] tcp_listen = \"%s\" needs tls_cert, tls_key and "
 				"tls_client_ca (clients must present a certificate), or "

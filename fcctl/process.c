@@ -13,7 +13,6 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/error.h"
 #include "common/fileio.h"
 #include "common/log.h"
 #include "common/macro.h"
@@ -50,21 +50,6 @@ static int64_t now_ms(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int err(char **ret_error, int r, const char *format, ...)
-	__attribute__((format(printf, 3, 4)));
-static int err(char **ret_error, int r, const char *format, ...)
-{
-	va_list ap;
-	if (ret_error) {
-		errno = r < 0 ? -r : r;
-		va_start(ap, format);
-		if (vasprintf(ret_error, format, ap) < 0)
-			*ret_error = NULL;
-		va_end(ap);
-	}
-	return r;
 }
 
 static FcVm *vm_new(pid_t pid, const char *workdir, const char *api_sock)
@@ -140,15 +125,15 @@ static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output_path, ch
 		return -errno;
 	*strrchr(dir, '/') = 0;
 	if (inotify_add_watch(in, dir, IN_CREATE | IN_MOVED_TO) < 0)
-		return err(ret_error, -errno, "cannot watch %s: %m", dir);
+		return error_set(ret_error, -errno, "cannot watch %s: %m", dir);
 	for (;;) {
 		if (answers(vm->api_sock))
 			return 0;
 		int64_t left = deadline - now_ms();
 		if (left <= 0)
-			return err(ret_error, -ETIMEDOUT,
-				   "the VMM did not open its API socket %s within %d ms",
-				   vm->api_sock, timeout_ms);
+			return error_set(ret_error, -ETIMEDOUT,
+					 "the VMM did not open its API socket %s within %d ms",
+					 vm->api_sock, timeout_ms);
 		struct pollfd p[2] = {{.fd = in, .events = POLLIN},
 				      {.fd = vm->pidfd, .events = POLLIN}};
 		bool exists = access(vm->api_sock, F_OK) == 0;
@@ -158,11 +143,12 @@ static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output_path, ch
 		if (p[1].revents & POLLIN) {
 			FcExit ex = {};
 			(void)fcctl_vm_wait(vm, 0, &ex);
-			return err(ret_error, -ECHILD,
-				   "the VMM exited before opening its API socket (%s %d); see its "
-				   "output in %s",
-				   ex.signal ? "signal" : "status", ex.signal ? ex.signal : ex.code,
-				   output_path);
+			return error_set(
+				ret_error, -ECHILD,
+				"the VMM exited before opening its API socket (%s %d); see its "
+				"output in %s",
+				ex.signal ? "signal" : "status", ex.signal ? ex.signal : ex.code,
+				output_path);
 		}
 		if (p[0].revents & POLLIN) {
 			char buf[4096];
@@ -224,21 +210,22 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	int r;
 
 	if (!s->binary || !s->id || !s->workdir || s->workdir[0] != '/')
-		return err(ret_error, -EINVAL, "binary, id and an absolute workdir are required");
+		return error_set(ret_error, -EINVAL,
+				 "binary, id and an absolute workdir are required");
 	wd = open(s->workdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (wd < 0)
-		return err(ret_error, -errno, "workdir %s: %m", s->workdir);
+		return error_set(ret_error, -errno, "workdir %s: %m", s->workdir);
 	if (s->netns && (ns = open(s->netns, O_RDONLY | O_CLOEXEC)) < 0)
-		return err(ret_error, -errno, "network namespace %s: %m", s->netns);
+		return error_set(ret_error, -errno, "network namespace %s: %m", s->netns);
 	out = openat(wd, s->output ?: "fc.out", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
 	if (out < 0)
-		return err(ret_error, -errno, "cannot open the VMM's output file: %m");
+		return error_set(ret_error, -errno, "cannot open the VMM's output file: %m");
 	/* An agent started with closed stdio gets fd 1 or 2 here: dup2() onto itself would keep
 	 * close-on-exec set and the VMM's output would be lost. */
 	if (out <= STDERR_FILENO) {
 		int moved = fcntl(out, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
 		if (moved < 0)
-			return err(ret_error, -errno, "fcntl: %m");
+			return error_set(ret_error, -errno, "fcntl: %m");
 		close(out);
 		out = moved;
 	}
@@ -253,24 +240,26 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		if (r >= 0 && !chroot_dir)
 			r = -ENOMEM;
 		if (r < 0)
-			return err(ret_error, r, "jailer chroot for %s: %s", s->id, strerror(-r));
+			return error_set(ret_error, r, "jailer chroot for %s: %s", s->id,
+					 strerror(-r));
 		r = mkdir_p(chroot_dir, 0755);
 		if (r < 0)
-			return err(ret_error, r, "cannot make the jailer chroot %s: %s", chroot_dir,
-				   strerror(-r));
+			return error_set(ret_error, r, "cannot make the jailer chroot %s: %s",
+					 chroot_dir, strerror(-r));
 		root = open(chroot_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (root < 0)
-			return err(ret_error, -errno, "jailer chroot %s: %m", chroot_dir);
+			return error_set(ret_error, -errno, "jailer chroot %s: %m", chroot_dir);
 		r = jail_clean_dev(root);
 		if (r < 0)
-			return err(ret_error, r, "cannot clear %s/dev from an earlier run: %s",
-				   chroot_dir, strerror(-r));
+			return error_set(ret_error, r,
+					 "cannot clear %s/dev from an earlier run: %s", chroot_dir,
+					 strerror(-r));
 	}
 	/* The VMM's root: where its API socket is and its relative paths resolve. */
 	const char *vmm_root = chroot_dir ?: s->workdir;
 	if (snprintf(api_sock, sizeof(api_sock), "%s/%s", vmm_root, FCCTL_API_SOCK) >=
 	    (int)sizeof(api_sock))
-		return err(ret_error, -ENAMETOOLONG, "path too long: %s", vmm_root);
+		return error_set(ret_error, -ENAMETOOLONG, "path too long: %s", vmm_root);
 	/* Firecracker refuses an existing socket path: old ones are ours and stale. */
 	(void)unlink(api_sock);
 	for (size_t i = 0; s->stale && s->stale[i]; i++)
@@ -318,13 +307,13 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	 * caller gets "cannot execute …: No such file or directory", not an exit status 127. */
 	int report[2];
 	if (pipe2(report, O_CLOEXEC) < 0)
-		return err(ret_error, -errno, "pipe: %m");
+		return error_set(ret_error, -errno, "pipe: %m");
 	pid = fork();
 	if (pid < 0) {
 		r = -errno;
 		close(report[0]);
 		close(report[1]);
-		return err(ret_error, r, "fork: %m");
+		return error_set(ret_error, r, "fork: %m");
 	}
 	if (pid == 0) {
 		/* The child: system calls only. */
@@ -365,10 +354,10 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		static const char *const what[] = {"enter the network namespace",
 						   "enter the working directory", "execute"};
 		errno = failed[1];
-		return err(ret_error, -failed[1], "cannot %s %s: %m", what[failed[0]],
-			   failed[0] == 0   ? s->netns
-			   : failed[0] == 1 ? s->workdir
-					    : argv[0]);
+		return error_set(ret_error, -failed[1], "cannot %s %s: %m", what[failed[0]],
+				 failed[0] == 0   ? s->netns
+				 : failed[0] == 1 ? s->workdir
+						  : argv[0]);
 	}
 
 	vm = vm_new(pid, vmm_root, api_sock);
@@ -380,7 +369,7 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	vm->child = true;
 	vm->pidfd = pidfd_open_(pid);
 	if (vm->pidfd < 0) {
-		r = err(ret_error, -errno, "pidfd_open: %m");
+		r = error_set(ret_error, -errno, "pidfd_open: %m");
 		goto fail;
 	}
 	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000, output_path,
@@ -435,14 +424,14 @@ int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *wo
 	/* The pidfd first: from here on the pid cannot be recycled under us. */
 	pidfd = pidfd_open_(pid);
 	if (pidfd < 0)
-		return err(ret_error, -errno, "process %d: %m", (int)pid);
+		return error_set(ret_error, -errno, "process %d: %m", (int)pid);
 	/* Files compared by device and inode, not by the names /proc shows: a jailed VMM's names
 	 * are those of its own mount namespace. */
 	snprintf(path, sizeof(path), "/proc/%d/exe", (int)pid);
 	n = readlink(path, exe, sizeof(exe) - 1);
 	if (n < 0 || stat(path, &st_exe) < 0) {
 		close(pidfd);
-		return err(ret_error, -errno, "process %d: %m", (int)pid);
+		return error_set(ret_error, -errno, "process %d: %m", (int)pid);
 	}
 	exe[n] = 0;
 	if (!realpath(binary, want))
@@ -450,18 +439,20 @@ int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *wo
 	if (stat(want, &st_want) < 0 || st_exe.st_dev != st_want.st_dev ||
 	    st_exe.st_ino != st_want.st_ino) {
 		close(pidfd);
-		return err(ret_error, -ESRCH, "process %d runs %s, not %s", (int)pid, exe, want);
+		return error_set(ret_error, -ESRCH, "process %d runs %s, not %s", (int)pid, exe,
+				 want);
 	}
 	if (!cmdline_has_id(pid, id)) {
 		close(pidfd);
-		return err(ret_error, -ESRCH, "process %d was not started with --id %s", (int)pid,
-			   id);
+		return error_set(ret_error, -ESRCH, "process %d was not started with --id %s",
+				 (int)pid, id);
 	}
 	snprintf(path, sizeof(path), "/proc/%d/cwd", (int)pid);
 	if (stat(path, &st_cwd) < 0 || stat(workdir, &st_dir) < 0 ||
 	    st_cwd.st_dev != st_dir.st_dev || st_cwd.st_ino != st_dir.st_ino) {
 		close(pidfd);
-		return err(ret_error, -ESRCH, "process %d does not work in %s", (int)pid, workdir);
+		return error_set(ret_error, -ESRCH, "process %d does not work in %s", (int)pid,
+				 workdir);
 	}
 	snprintf(api_sock, sizeof(api_sock), "%s/%s", workdir, FCCTL_API_SOCK);
 	vm = vm_new(pid, workdir, api_sock);

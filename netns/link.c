@@ -114,16 +114,16 @@ int link_up(NlSock *s, const char *name, char **ret_error)
 
 	r = rtnl_link_get_kernel(s->sk, 0, name, &l);
 	if (r < 0)
-		return netns_error(ret_error, nlsock_errno(r), "link %s: %s", name,
-				   nlsock_message(r));
+		return error_set(ret_error, nlsock_errno(r), "link %s: %s", name,
+				 nlsock_message(r));
 	change = rtnl_link_alloc();
 	if (!change)
 		return -ENOMEM;
 	rtnl_link_set_flags(change, IFF_UP);
 	r = rtnl_link_change(s->sk, l, change, 0);
 	if (r < 0)
-		return netns_error(ret_error, nlsock_errno(r), "cannot bring %s up: %s", name,
-				   nlsock_message(r));
+		return error_set(ret_error, nlsock_errno(r), "cannot bring %s up: %s", name,
+				 nlsock_message(r));
 	return 0;
 }
 
@@ -158,8 +158,8 @@ int link_add_veth(NlSock *s, const char *host_name, const char *peer_name, int n
 	rtnl_link_put(peer);
 	rtnl_link_veth_release(l);
 	if (r < 0)
-		return netns_error(ret_error, nlsock_errno(r), "cannot create veth %s: %s",
-				   host_name, nlsock_message(r));
+		return error_set(ret_error, nlsock_errno(r), "cannot create veth %s: %s", host_name,
+				 nlsock_message(r));
 	return 0;
 }
 
@@ -171,10 +171,10 @@ int addr_add(NlSock *s, const char *link, const char *cidr, char **ret_error)
 
 	r = ifindex_of(s, link, &idx);
 	if (r < 0)
-		return netns_error(ret_error, r, "link %s: %s", link, strerror(-r));
+		return error_set(ret_error, r, "link %s: %s", link, strerror(-r));
 	r = nl_addr_parse(cidr, AF_INET, &local);
 	if (r < 0)
-		return netns_error(ret_error, -EINVAL, "bad address %s", cidr);
+		return error_set(ret_error, -EINVAL, "bad address %s", cidr);
 	a = rtnl_addr_alloc();
 	if (!a)
 		return -ENOMEM;
@@ -183,8 +183,8 @@ int addr_add(NlSock *s, const char *link, const char *cidr, char **ret_error)
 	r = rtnl_addr_add(s->sk, a, 0);
 	rtnl_addr_put(a);
 	if (r < 0)
-		return netns_error(ret_error, nlsock_errno(r), "cannot add %s to %s: %s", cidr,
-				   link, nlsock_message(r));
+		return error_set(ret_error, nlsock_errno(r), "cannot add %s to %s: %s", cidr, link,
+				 nlsock_message(r));
 	return 0;
 }
 
@@ -197,10 +197,10 @@ int route_add(NlSock *s, const char *dst, const char *gateway, const char *link,
 
 	r = ifindex_of(s, link, &idx);
 	if (r < 0)
-		return netns_error(ret_error, r, "link %s: %s", link, strerror(-r));
+		return error_set(ret_error, r, "link %s: %s", link, strerror(-r));
 	r = nl_addr_parse(strcmp(dst, "default") == 0 ? "0.0.0.0/0" : dst, AF_INET, &d);
 	if (r < 0 || (gateway && nl_addr_parse(gateway, AF_INET, &gw) < 0))
-		return netns_error(ret_error, -EINVAL, "bad route %s via %s", dst, gateway ?: "-");
+		return error_set(ret_error, -EINVAL, "bad route %s via %s", dst, gateway ?: "-");
 	rt = rtnl_route_alloc();
 	nh = rtnl_route_nh_alloc();
 	if (!rt || !nh) {
@@ -220,9 +220,9 @@ int route_add(NlSock *s, const char *dst, const char *gateway, const char *link,
 	r = rtnl_route_add(s->sk, rt, NLM_F_CREATE | NLM_F_EXCL);
 	rtnl_route_put(rt);
 	if (r < 0)
-		return netns_error(ret_error, nlsock_errno(r),
-				   "cannot add route %s via %s dev %s: %s", dst, gateway ?: "-",
-				   link, nlsock_message(r));
+		return error_set(ret_error, nlsock_errno(r),
+				 "cannot add route %s via %s dev %s: %s", dst, gateway ?: "-", link,
+				 nlsock_message(r));
 	return 0;
 }
 

@@ -2,12 +2,8 @@
 /* Shared between the netns module's .c files only. */
 #pragma once
 
-#include <stdarg.h>
-
+#include "common/error.h"
 #include "netns.h"
-
-int netns_error(char **ret_error, int r, const char *format, ...)
-	__attribute__((format(printf, 3, 4)));
 
 /* link.c: rtnetlink through libnl-route-3, in the calling thread's namespace */
 typedef struct NlSock NlSock;

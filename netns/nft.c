@@ -10,6 +10,7 @@
  */
 #include <ctype.h>
 #include <nftables/libnftables.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,8 +43,8 @@ int nft_run(const char *commands, char **ret_error)
 	if (nft_run_cmd_from_buffer(nft, commands) != 0) {
 		const char *e = nft_ctx_get_error_buffer(nft);
 		log_debug("nft failed: %s\n--- commands:\n%s", e ?: "?", commands);
-		return netns_error(ret_error, -EIO, "nftables: %s",
-				   e && *e ? e : "the ruleset was refused");
+		return error_set(ret_error, -EIO, "nftables: %s",
+				 e && *e ? e : "the ruleset was refused");
 	}
 	return 0;
 }
@@ -115,10 +116,9 @@ static int add_elements(Buf *b, const char *set, const char *const *cidrs, size_
 		NetnsCidr c;
 		char text[32];
 		if (netns_cidr_parse(cidrs[i], &c) < 0)
-			return netns_error(
-				ret_error, -EINVAL,
-				"\"%s\" is not an IPv4 address or CIDR (like 10.0.0.0/8)",
-				cidrs[i] ? cidrs[i] : "");
+			return error_set(ret_error, -EINVAL,
+					 "\"%s\" is not an IPv4 address or CIDR (like 10.0.0.0/8)",
+					 cidrs[i] ? cidrs[i] : "");
 		add(b, "%s%s", i ? ", " : "", netns_cidr_format(&c, text, sizeof(text)));
 	}
 	add(b, " }\n");
@@ -131,7 +131,7 @@ int nft_slot_setup(const char *sandbox_ip, char **ret_error)
 	NetnsCidr check;
 
 	if (netns_cidr_parse(sandbox_ip, &check) < 0 || check.prefix != 32)
-		return netns_error(ret_error, -EINVAL, "bad sandbox IP %s", sandbox_ip);
+		return error_set(ret_error, -EINVAL, "bad sandbox IP %s", sandbox_ip);
 	add(&b, "add table ip ember\n");
 	add(&b,
 	    "add set ip ember denied_default { type ipv4_addr; flags interval; auto-merge; }\n");
@@ -227,8 +227,8 @@ int nft_host_setup(const char *uplink, const NetnsCidr *sandbox_range, char **re
 	char range[32];
 
 	if (!ifname_valid(uplink))
-		return netns_error(ret_error, -EINVAL, "\"%s\" is not an interface name",
-				   uplink ?: "");
+		return error_set(ret_error, -EINVAL, "\"%s\" is not an interface name",
+				 uplink ?: "");
 	/* Replace whatever is there: delete and re-add in one transaction. */
 	add(&b, "add table ip ember\ndelete table ip ember\nadd table ip ember\n");
 	add(&b, "add chain ip ember postrouting { type nat hook postrouting priority srcnat; }\n");

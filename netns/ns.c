@@ -18,20 +18,6 @@
 #include "common/macro.h"
 #include "netns-internal.h"
 
-int netns_error(char **ret_error, int r, const char *format, ...)
-{
-	va_list ap;
-
-	if (ret_error) {
-		errno = r < 0 ? -r : r; /* for %m */
-		va_start(ap, format);
-		if (vasprintf(ret_error, format, ap) < 0)
-			*ret_error = NULL;
-		va_end(ap);
-	}
-	return r;
-}
-
 int netns_enter(const char *path)
 {
 	_cleanup_close_ int saved = -EBADF, target = -EBADF;

@@ -94,7 +94,7 @@ static int slot_build_inside(const NetnsSlot *s, const char *host_addr, const ch
 
 	r = nlsock_open(&nl);
 	if (r < 0)
-		return netns_error(ret_error, r, "netlink in %s: %s", s->name, strerror(-r));
+		return error_set(ret_error, r, "netlink in %s: %s", s->name, strerror(-r));
 	if ((r = link_up(nl, "lo", ret_error)) < 0 ||
 	    (r = addr_add(nl, NETNS_SLOT_IF, slot_cidr, ret_error)) < 0 ||
 	    (r = link_up(nl, NETNS_SLOT_IF, ret_error)) < 0)
@@ -102,8 +102,8 @@ static int slot_build_inside(const NetnsSlot *s, const char *host_addr, const ch
 	/* A persistent TAP: the VMM opens it by name later (and again after a restore). */
 	tap = netns_tap_open(NETNS_TAP_NAME, true);
 	if (tap < 0)
-		return netns_error(ret_error, tap, "cannot create %s in %s: %s", NETNS_TAP_NAME,
-				   s->name, strerror(-tap));
+		return error_set(ret_error, tap, "cannot create %s in %s: %s", NETNS_TAP_NAME,
+				 s->name, strerror(-tap));
 	snprintf(tap_cidr, sizeof(tap_cidr), "%s/%d", NETNS_TAP_IP, NETNS_TAP_PREFIX);
 	if ((r = addr_add(nl, NETNS_TAP_NAME, tap_cidr, ret_error)) < 0 ||
 	    (r = link_up(nl, NETNS_TAP_NAME, ret_error)) < 0 ||
@@ -111,8 +111,8 @@ static int slot_build_inside(const NetnsSlot *s, const char *host_addr, const ch
 		return r;
 	r = sysctl_write("/proc/sys/net/ipv4/ip_forward", "1");
 	if (r < 0)
-		return netns_error(ret_error, r, "cannot enable forwarding in %s: %s", s->name,
-				   strerror(-r));
+		return error_set(ret_error, r, "cannot enable forwarding in %s: %s", s->name,
+				 strerror(-r));
 	/* Best effort: without IPv6 in the kernel there is nothing to disable. */
 	(void)sysctl_write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
 	(void)sysctl_write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
@@ -160,16 +160,16 @@ static int slot_build(const NetnsPool *p, unsigned index, NetnsSlot **ret, char 
 
 	r = netns_create_at(s->path);
 	if (r < 0)
-		return netns_error(ret_error, r, "cannot create namespace %s: %s", s->path,
-				   strerror(-r));
+		return error_set(ret_error, r, "cannot create namespace %s: %s", s->path,
+				 strerror(-r));
 	ns = open(s->path, O_RDONLY | O_CLOEXEC);
 	if (ns < 0) {
-		r = netns_error(ret_error, -errno, "cannot open %s: %m", s->path);
+		r = error_set(ret_error, -errno, "cannot open %s: %m", s->path);
 		goto fail;
 	}
 	r = nlsock_open(&nl);
 	if (r < 0) {
-		r = netns_error(ret_error, r, "netlink: %s", strerror(-r));
+		r = error_set(ret_error, r, "netlink: %s", strerror(-r));
 		goto fail;
 	}
 	if ((r = link_add_veth(nl, s->host_link, NETNS_SLOT_IF, ns, ret_error)) < 0 ||
@@ -179,13 +179,13 @@ static int slot_build(const NetnsPool *p, unsigned index, NetnsSlot **ret, char 
 
 	saved = netns_enter(s->path);
 	if (saved < 0) {
-		r = netns_error(ret_error, saved, "cannot enter %s: %s", s->path, strerror(-saved));
+		r = error_set(ret_error, saved, "cannot enter %s: %s", s->path, strerror(-saved));
 		goto fail;
 	}
 	r = slot_build_inside(s, host_addr, slot_cidr, ret_error);
 	int k = netns_leave(saved);
 	if (r >= 0 && k < 0)
-		r = netns_error(ret_error, k, "cannot leave %s: %s", s->path, strerror(-k));
+		r = error_set(ret_error, k, "cannot leave %s: %s", s->path, strerror(-k));
 	if (r < 0)
 		goto fail;
 
@@ -206,9 +206,9 @@ static int slot_build_in_host(const NetnsPool *p, unsigned index, NetnsSlot **re
 	int saved = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC), r;
 
 	if (saved < 0)
-		return netns_error(ret_error, -errno, "cannot open our namespace: %m");
+		return error_set(ret_error, -errno, "cannot open our namespace: %m");
 	if (setns(p->host_ns, 0) < 0) {
-		r = netns_error(ret_error, -errno, "cannot enter the host namespace: %m");
+		r = error_set(ret_error, -errno, "cannot enter the host namespace: %m");
 		close(saved);
 		return r;
 	}
@@ -269,13 +269,13 @@ static int state_load(const char *path, unsigned max_slots, StateEntry **ret, si
 	if (r == -ENOENT)
 		return 0;
 	if (r < 0)
-		return netns_error(ret_error, r, "cannot read %s: %s", path, strerror(-r));
+		return error_set(ret_error, r, "cannot read %s: %s", path, strerror(-r));
 	root = json_tokener_parse(text);
 	if (!root || !json_object_object_get_ex(root, "slots", &arr) ||
 	    !json_object_is_type(arr, json_type_array)) {
 		json_object_put(root);
-		return netns_error(ret_error, -EBADMSG,
-				   "%s is not a slot state file; fix or remove it", path);
+		return error_set(ret_error, -EBADMSG,
+				 "%s is not a slot state file; fix or remove it", path);
 	}
 	size_t len = json_object_array_length(arr);
 	out = calloc(len ?: 1, sizeof(*out));
@@ -380,7 +380,7 @@ static int config_copy(NetnsPool *p, const NetnsConfig *c, char **ret_error)
 	if (!p->netns_dir || !p->prefix || (c->uplink && *c->uplink && !p->uplink) ||
 	    !p->state_file)
 		return c->state_file ? -ENOMEM
-				     : netns_error(ret_error, -EINVAL, "a state file is required");
+				     : error_set(ret_error, -EINVAL, "a state file is required");
 	unsigned by_sandbox = range_size(&c->sandbox_range);
 	unsigned by_veth = range_size(&c->veth_range) / 2;
 	/* Sandbox IPs skip the network and broadcast addresses. */
@@ -388,8 +388,7 @@ static int config_copy(NetnsPool *p, const NetnsConfig *c, char **ret_error)
 	if (by_veth < p->max_slots)
 		p->max_slots = by_veth;
 	if (p->max_slots == 0)
-		return netns_error(ret_error, -EINVAL,
-				   "the sandbox and veth ranges leave no slots");
+		return error_set(ret_error, -EINVAL, "the sandbox and veth ranges leave no slots");
 	if (p->max_slots > 65536)
 		p->max_slots = 65536; /* em-N must fit IFNAMSIZ, and nobody runs more */
 	return 0;
@@ -418,18 +417,18 @@ int netns_pool_new(const NetnsConfig *config, NetnsPool **ret, char **ret_error)
 	}
 	p->host_ns = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
 	if (p->host_ns < 0) {
-		r = netns_error(ret_error, -errno, "cannot open our network namespace: %m");
+		r = error_set(ret_error, -errno, "cannot open our network namespace: %m");
 		goto fail;
 	}
 	r = netns_dir_prepare(p->netns_dir);
 	if (r < 0) {
-		r = netns_error(ret_error, r, "cannot prepare %s: %s", p->netns_dir, strerror(-r));
+		r = error_set(ret_error, r, "cannot prepare %s: %s", p->netns_dir, strerror(-r));
 		goto fail;
 	}
 	/* Forwarding between the slots and the uplink. */
 	r = sysctl_write("/proc/sys/net/ipv4/ip_forward", "1");
 	if (r < 0) {
-		r = netns_error(ret_error, r, "cannot enable IPv4 forwarding: %s", strerror(-r));
+		r = error_set(ret_error, r, "cannot enable IPv4 forwarding: %s", strerror(-r));
 		goto fail;
 	}
 	if (p->uplink) {
@@ -464,7 +463,7 @@ int netns_pool_new(const NetnsConfig *config, NetnsPool **ret, char **ret_error)
 	if (p->cfg.pool_size > 0) {
 		r = -pthread_create(&p->refill, NULL, refill_main, p);
 		if (r < 0) {
-			r = netns_error(ret_error, r, "cannot start the pool thread");
+			r = error_set(ret_error, r, "cannot start the pool thread");
 			goto fail;
 		}
 		p->refill_running = true;
@@ -542,13 +541,13 @@ static int apply_policy(NetnsPool *p, NetnsSlot *s, const NetnsPolicy *policy, c
 
 	r = host_addresses(p, &host);
 	if (r < 0)
-		return netns_error(ret_error, r, "cannot list the host's addresses: %s",
-				   strerror(-r));
+		return error_set(ret_error, r, "cannot list the host's addresses: %s",
+				 strerror(-r));
 	saved = netns_enter(s->path);
 	if (saved < 0) {
 		strv_free(host);
-		return netns_error(ret_error, saved, "cannot enter %s: %s", s->path,
-				   strerror(-saved));
+		return error_set(ret_error, saved, "cannot enter %s: %s", s->path,
+				 strerror(-saved));
 	}
 	r = nft_slot_policy(policy, host, extra, ELEMENTSOF(extra), ret_error);
 	int k = netns_leave(saved);
@@ -563,13 +562,13 @@ int netns_slot_acquire(NetnsPool *p, const char *owner, const NetnsPolicy *polic
 	int r;
 
 	if (!id_is_valid(owner))
-		return netns_error(ret_error, -EINVAL, "invalid owner \"%s\"", owner ?: "");
+		return error_set(ret_error, -EINVAL, "invalid owner \"%s\"", owner ?: "");
 	pthread_mutex_lock(&p->mu);
 	for (NetnsSlot *u = p->used; u; u = u->next)
 		if (strcmp(u->owner, owner) == 0) {
 			pthread_mutex_unlock(&p->mu);
-			return netns_error(ret_error, -EEXIST, "%s already has slot %u", owner,
-					   u->index);
+			return error_set(ret_error, -EEXIST, "%s already has slot %u", owner,
+					 u->index);
 		}
 	if (p->ready) {
 		/* The refill thread is told once this hand-out is done: building the replacement
@@ -582,8 +581,8 @@ int netns_slot_acquire(NetnsPool *p, const char *owner, const NetnsPolicy *polic
 		int index = reserve_locked(p);
 		pthread_mutex_unlock(&p->mu);
 		if (index < 0)
-			return netns_error(ret_error, -ENOSPC, "all %u network slots are in use",
-					   p->max_slots);
+			return error_set(ret_error, -ENOSPC, "all %u network slots are in use",
+					 p->max_slots);
 		/* Cold: built on this thread, in the host namespace. */
 		r = slot_build_in_host(p, (unsigned)index, &s, ret_error);
 		if (r < 0 || !s) {
@@ -604,8 +603,8 @@ int netns_slot_acquire(NetnsPool *p, const char *owner, const NetnsPolicy *polic
 		r = state_save_locked(p);
 		if (r < 0) {
 			p->used = s->next;
-			(void)netns_error(ret_error, r, "cannot write %s: %s", p->state_file,
-					  strerror(-r));
+			(void)error_set(ret_error, r, "cannot write %s: %s", p->state_file,
+					strerror(-r));
 		}
 		pthread_cond_broadcast(&p->cond); /* refill */
 		pthread_mutex_unlock(&p->mu);
@@ -634,7 +633,7 @@ int netns_slot_release(NetnsPool *p, NetnsSlot *slot, char **ret_error)
 		;
 	if (!*pp) {
 		pthread_mutex_unlock(&p->mu);
-		return netns_error(ret_error, -ENOENT, "not a slot in use");
+		return error_set(ret_error, -ENOENT, "not a slot in use");
 	}
 	*pp = slot->next;
 	r = state_save_locked(p);
@@ -648,8 +647,8 @@ int netns_slot_release(NetnsPool *p, NetnsSlot *slot, char **ret_error)
 	pthread_cond_broadcast(&p->cond);
 	pthread_mutex_unlock(&p->mu);
 	if (k < 0)
-		(void)netns_error(ret_error, k, "slot %u (%s) not fully removed: %s", slot->index,
-				  slot->owner, strerror(-k));
+		(void)error_set(ret_error, k, "slot %u (%s) not fully removed: %s", slot->index,
+				slot->owner, strerror(-k));
 	free(slot->owner);
 	free(slot);
 	return k < 0 ? k : r;
@@ -796,12 +795,12 @@ int netns_reclaim(const NetnsConfig *config, const char *const *keep_owners, siz
 	 * once, and a crash can leave the host end of a half-built slot). */
 	r = nlsock_open(&nl);
 	if (r < 0) {
-		r = netns_error(ret_error, r, "netlink: %s", strerror(-r));
+		r = error_set(ret_error, r, "netlink: %s", strerror(-r));
 		goto out;
 	}
 	r = link_list(nl, "em-", &links);
 	if (r < 0) {
-		r = netns_error(ret_error, r, "cannot list links: %s", strerror(-r));
+		r = error_set(ret_error, r, "cannot list links: %s", strerror(-r));
 		goto out;
 	}
 	for (size_t i = 0; links[i]; i++) {
@@ -832,8 +831,8 @@ int netns_reclaim(const NetnsConfig *config, const char *const *keep_owners, siz
 	if (r >= 0) {
 		r = state_save_locked(&tmp);
 		if (r < 0)
-			(void)netns_error(ret_error, r, "cannot write %s: %s", tmp.state_file,
-					  strerror(-r));
+			(void)error_set(ret_error, r, "cannot write %s: %s", tmp.state_file,
+					strerror(-r));
 	}
 	for (NetnsSlot *s = tmp.used, *nx; s; s = nx) {
 		nx = s->next;

@@ -88,7 +88,7 @@ int netns_iface_setup(const char *ifname, const char *cidr, const char *gateway,
 
 	r = nlsock_open(&nl);
 	if (r < 0)
-		return netns_error(ret_error, r, "netlink: %s", strerror(-r));
+		return error_set(ret_error, r, "netlink: %s", strerror(-r));
 	if ((r = link_up(nl, "lo", ret_error)) < 0 ||
 	    (r = addr_add(nl, ifname, cidr, ret_error)) < 0 ||
 	    (r = link_up(nl, ifname, ret_error)) < 0)

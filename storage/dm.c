@@ -265,8 +265,8 @@ static int remove_device(const char *name, char **ret_error)
 
 		r = get_info(name, &info);
 		if (r < 0)
-			return storage_error(ret_error, r, "cannot query %s: %s", name,
-					     dm_last_error[0] ? dm_last_error : strerror(-r));
+			return error_set(ret_error, r, "cannot query %s: %s", name,
+					 dm_last_error[0] ? dm_last_error : strerror(-r));
 		if (r == 0)
 			return 0;
 		t = task_new(DM_DEVICE_REMOVE, name);
@@ -289,13 +289,13 @@ static int remove_device(const char *name, char **ret_error)
 			describe_holders(name, &info, who, sizeof(who));
 		else
 			snprintf(who, sizeof(who), "unknown holder");
-		return storage_error(ret_error, -EBUSY,
-				     "cannot remove %s: still in use after %d attempts over about "
-				     "%u ms (%s)",
-				     name, REMOVE_ATTEMPTS, (10u << REMOVE_ATTEMPTS) - 10, who);
+		return error_set(ret_error, -EBUSY,
+				 "cannot remove %s: still in use after %d attempts over about "
+				 "%u ms (%s)",
+				 name, REMOVE_ATTEMPTS, (10u << REMOVE_ATTEMPTS) - 10, who);
 	}
-	return storage_error(ret_error, r, "cannot remove %s: %s", name,
-			     dm_last_error[0] ? dm_last_error : strerror(-r));
+	return error_set(ret_error, r, "cannot remove %s: %s", name,
+			 dm_last_error[0] ? dm_last_error : strerror(-r));
 }
 
 int dm_remove_name(const char *name, char **ret_error)
@@ -319,46 +319,44 @@ int dm_disk_create(Storage *s, const StorageDiskSpec *spec, bool restore, char *
 	int r;
 
 	if (dm_name(spec->id, name, sizeof(name)) < 0)
-		return storage_error(ret_error, -EINVAL, "invalid sandbox id \"%s\"",
-				     spec->id ?: "");
+		return error_set(ret_error, -EINVAL, "invalid sandbox id \"%s\"", spec->id ?: "");
 	if (!spec->base_image || !spec->cow_path)
-		return storage_error(ret_error, -EINVAL, "base image and CoW path are required");
+		return error_set(ret_error, -EINVAL, "base image and CoW path are required");
 
 	pthread_mutex_lock(&dm_lock);
 	struct dm_info info;
 	r = get_info(name, &info);
 	pthread_mutex_unlock(&dm_lock);
 	if (r > 0)
-		return storage_error(ret_error, -EEXIST, "%s exists already", name);
+		return error_set(ret_error, -EEXIST, "%s exists already", name);
 
 	if (restore) {
 		cow_fd = open(spec->cow_path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
 		if (cow_fd < 0)
-			return storage_error(ret_error, -errno, "cannot open CoW file %s: %m",
-					     spec->cow_path);
+			return error_set(ret_error, -errno, "cannot open CoW file %s: %m",
+					 spec->cow_path);
 		if (fstat(cow_fd, &cst) < 0 || cst.st_size < (off_t)512 * STORAGE_CHUNK_SECTORS)
-			return storage_error(ret_error, -EINVAL,
-					     "CoW file %s is too small to hold a snapshot",
-					     spec->cow_path);
+			return error_set(ret_error, -EINVAL,
+					 "CoW file %s is too small to hold a snapshot",
+					 spec->cow_path);
 	} else {
 		/* The exception store needs its header chunk plus room for data. */
 		if (spec->cow_size < (uint64_t)2 * 512 * STORAGE_CHUNK_SECTORS ||
 		    spec->cow_size % 512)
-			return storage_error(
-				ret_error, -EINVAL,
-				"CoW size %llu is not a multiple of 512 of at least %u",
-				(unsigned long long)spec->cow_size,
-				2 * 512 * STORAGE_CHUNK_SECTORS);
+			return error_set(ret_error, -EINVAL,
+					 "CoW size %llu is not a multiple of 512 of at least %u",
+					 (unsigned long long)spec->cow_size,
+					 2 * 512 * STORAGE_CHUNK_SECTORS);
 		cow_fd = open(spec->cow_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
 			      0600);
 		if (cow_fd < 0)
-			return storage_error(ret_error, -errno, "cannot create CoW file %s: %m",
-					     spec->cow_path);
+			return error_set(ret_error, -errno, "cannot create CoW file %s: %m",
+					 spec->cow_path);
 		created_file = true;
 		/* Sparse: blocks are allocated as the guest writes. */
 		if (ftruncate(cow_fd, (off_t)spec->cow_size) < 0) {
-			r = storage_error(ret_error, -errno, "cannot size CoW file %s: %m",
-					  spec->cow_path);
+			r = error_set(ret_error, -errno, "cannot size CoW file %s: %m",
+				      spec->cow_path);
 			goto fail;
 		}
 	}
@@ -372,12 +370,12 @@ int dm_disk_create(Storage *s, const StorageDiskSpec *spec, bool restore, char *
 	/* Direct I/O on the CoW loop: the snapshot's writes need not be cached twice. */
 	cow_loop = storage_loop_attach(spec->cow_path, STORAGE_LOOP_DIRECT_IO, &cow_device);
 	if (cow_loop < 0) {
-		r = storage_error(ret_error, cow_loop, "cannot attach CoW file %s: %s",
-				  spec->cow_path, strerror(-cow_loop));
+		r = error_set(ret_error, cow_loop, "cannot attach CoW file %s: %s", spec->cow_path,
+			      strerror(-cow_loop));
 		goto fail;
 	}
 	if (fstat(cow_loop, &cst) < 0) {
-		r = storage_error(ret_error, -errno, "cannot stat %s: %m", cow_device);
+		r = error_set(ret_error, -errno, "cannot stat %s: %m", cow_device);
 		goto fail;
 	}
 
@@ -389,8 +387,8 @@ int dm_disk_create(Storage *s, const StorageDiskSpec *spec, bool restore, char *
 		/* A failed create can leave a device without a table behind. */
 		(void)remove_device(name, NULL);
 		pthread_mutex_unlock(&dm_lock);
-		r = storage_error(ret_error, r, "cannot create %s over %s and %s: %s", name,
-				  base_device, cow_device, msg);
+		r = error_set(ret_error, r, "cannot create %s over %s and %s: %s", name,
+			      base_device, cow_device, msg);
 		goto fail;
 	}
 	pthread_mutex_unlock(&dm_lock);
@@ -422,8 +420,7 @@ int dm_disk_remove(Storage *s, const StorageDiskSpec *spec, char **ret_error)
 	int r, exists;
 
 	if (dm_name(spec->id, name, sizeof(name)) < 0)
-		return storage_error(ret_error, -EINVAL, "invalid sandbox id \"%s\"",
-				     spec->id ?: "");
+		return error_set(ret_error, -EINVAL, "invalid sandbox id \"%s\"", spec->id ?: "");
 	pthread_mutex_lock(&dm_lock);
 	exists = get_info(name, &info);
 	r = exists > 0 ? remove_device(name, ret_error) : exists;
@@ -479,8 +476,7 @@ int dm_disk_status(const StorageDiskSpec *spec, StorageDiskStatus *ret, char **r
 	int r;
 
 	if (dm_name(spec->id, name, sizeof(name)) < 0)
-		return storage_error(ret_error, -EINVAL, "invalid sandbox id \"%s\"",
-				     spec->id ?: "");
+		return error_set(ret_error, -EINVAL, "invalid sandbox id \"%s\"", spec->id ?: "");
 	pthread_mutex_lock(&dm_lock);
 	t = task_new(DM_DEVICE_STATUS, name);
 	r = t ? task_run(t, name, false) : -ENOMEM;
@@ -490,17 +486,17 @@ int dm_disk_status(const StorageDiskSpec *spec, StorageDiskStatus *ret, char **r
 		dm_get_next_target(t, NULL, &start, &length, &type, &params);
 	pthread_mutex_unlock(&dm_lock);
 	if (r == -ENOENT || r == -ENXIO)
-		return storage_error(ret_error, -ENOENT, "%s does not exist", name);
+		return error_set(ret_error, -ENOENT, "%s does not exist", name);
 	if (r < 0)
-		return storage_error(ret_error, r, "cannot read the status of %s: %s", name,
-				     strerror(-r));
+		return error_set(ret_error, r, "cannot read the status of %s: %s", name,
+				 strerror(-r));
 	if (!type || strcmp(type, "snapshot") != 0)
-		return storage_error(ret_error, -EBADMSG, "%s is not a snapshot (target %s)", name,
-				     type ?: "none");
+		return error_set(ret_error, -EBADMSG, "%s is not a snapshot (target %s)", name,
+				 type ?: "none");
 	r = storage_dm_snapshot_status_parse(params, &used, &total, &meta, &invalid, &overflow);
 	if (r < 0)
-		return storage_error(ret_error, r, "cannot parse the status of %s: \"%s\"", name,
-				     params ?: "");
+		return error_set(ret_error, r, "cannot parse the status of %s: \"%s\"", name,
+				 params ?: "");
 	*ret = (StorageDiskStatus){
 		.used_bytes = used * 512,
 		.capacity_bytes = total * 512,

@@ -162,39 +162,39 @@ int storage_flatten_image(const char *src, const char *dest, char **ret_error)
 
 	in = open(src, O_RDONLY | O_CLOEXEC | O_NOCTTY);
 	if (in < 0)
-		return storage_error(ret_error, -errno, "cannot open %s: %m", src);
+		return error_set(ret_error, -errno, "cannot open %s: %m", src);
 	if (fstat(in, &st) < 0)
-		return storage_error(ret_error, -errno, "cannot stat %s: %m", src);
+		return error_set(ret_error, -errno, "cannot stat %s: %m", src);
 	if (S_ISBLK(st.st_mode)) {
 		if (ioctl(in, BLKGETSIZE64, &size) < 0)
-			return storage_error(ret_error, -errno, "cannot size %s: %m", src);
+			return error_set(ret_error, -errno, "cannot size %s: %m", src);
 	} else {
 		size = (uint64_t)st.st_size;
 	}
 	if (access(dest, F_OK) == 0)
-		return storage_error(ret_error, -EEXIST, "%s exists already", dest);
+		return error_set(ret_error, -EEXIST, "%s exists already", dest);
 	buf = malloc(FLATTEN_BUF);
 	if (!buf)
 		return -ENOMEM;
 	out = open_temp_beside(dest, &tmp);
 	if (out < 0)
-		return storage_error(ret_error, out, "cannot create a file beside %s: %s", dest,
-				     strerror(-out));
+		return error_set(ret_error, out, "cannot create a file beside %s: %s", dest,
+				 strerror(-out));
 	if (ftruncate(out, (off_t)size) < 0) {
-		r = storage_error(ret_error, -errno, "cannot size %s: %m", tmp);
+		r = error_set(ret_error, -errno, "cannot size %s: %m", tmp);
 		goto fail;
 	}
 	while (off < size) {
 		size_t want = size - off < FLATTEN_BUF ? (size_t)(size - off) : FLATTEN_BUF;
 		ssize_t k = pread(in, buf, want, (off_t)off);
 		if (k < 0) {
-			r = storage_error(ret_error, -errno, "cannot read %s at %llu: %m", src,
-					  (unsigned long long)off);
+			r = error_set(ret_error, -errno, "cannot read %s at %llu: %m", src,
+				      (unsigned long long)off);
 			goto fail;
 		}
 		if (k == 0) {
-			r = storage_error(ret_error, -EIO, "%s ended at %llu of %llu bytes", src,
-					  (unsigned long long)off, (unsigned long long)size);
+			r = error_set(ret_error, -EIO, "%s ended at %llu of %llu bytes", src,
+				      (unsigned long long)off, (unsigned long long)size);
 			goto fail;
 		}
 		/* Zero blocks stay holes: a mostly empty disk flattens to a mostly empty file. */
@@ -206,8 +206,8 @@ int storage_flatten_image(const char *src, const char *dest, char **ret_error)
 				ssize_t w = pwrite(out, buf + b + done, n - done,
 						   (off_t)(off + b + done));
 				if (w < 0) {
-					r = storage_error(ret_error, -errno, "cannot write %s: %m",
-							  tmp);
+					r = error_set(ret_error, -errno, "cannot write %s: %m",
+						      tmp);
 					goto fail;
 				}
 				done += (size_t)w;
@@ -217,7 +217,7 @@ int storage_flatten_image(const char *src, const char *dest, char **ret_error)
 	}
 	r = fchmod(out, 0644) < 0 ? negative_errno() : commit_temp(out, tmp, dest);
 	if (r < 0) {
-		r = storage_error(ret_error, r, "cannot finish %s: %s", dest, strerror(-r));
+		r = error_set(ret_error, r, "cannot finish %s: %s", dest, strerror(-r));
 		goto fail;
 	}
 	return 0;
@@ -233,15 +233,15 @@ int file_disk_create(const StorageDiskSpec *spec, bool restore, char **ret_devic
 	int r;
 
 	if (!spec->base_image || !spec->cow_path)
-		return storage_error(ret_error, -EINVAL, "base image and disk path are required");
+		return error_set(ret_error, -EINVAL, "base image and disk path are required");
 	if (restore) {
 		if (stat(spec->cow_path, &st) < 0)
-			return storage_error(ret_error, -errno, "disk %s: %m", spec->cow_path);
+			return error_set(ret_error, -errno, "disk %s: %m", spec->cow_path);
 	} else {
 		r = storage_copy_sparse(spec->base_image, spec->cow_path, true);
 		if (r < 0)
-			return storage_error(ret_error, r, "cannot copy %s to %s: %s",
-					     spec->base_image, spec->cow_path, strerror(-r));
+			return error_set(ret_error, r, "cannot copy %s to %s: %s", spec->base_image,
+					 spec->cow_path, strerror(-r));
 		log_debug("%s %s to %s", r ? "reflinked" : "copied", spec->base_image,
 			  spec->cow_path);
 	}
@@ -297,9 +297,9 @@ int file_disk_status(const StorageDiskSpec *spec, StorageDiskStatus *ret, char *
 
 	fd = open(spec->cow_path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
-		return storage_error(ret_error, -errno, "disk %s: %m", spec->cow_path);
+		return error_set(ret_error, -errno, "disk %s: %m", spec->cow_path);
 	if (fstat(fd, &st) < 0)
-		return storage_error(ret_error, -errno, "disk %s: %m", spec->cow_path);
+		return error_set(ret_error, -errno, "disk %s: %m", spec->cow_path);
 	r = unshared_bytes(fd, &own);
 	if (r < 0) /* no FIEMAP (tmpfs): all allocated blocks are the disk's own */
 		own = (uint64_t)st.st_blocks * 512;

@@ -64,8 +64,8 @@ static int reclaim_loop(int nr, const char *device, void *userdata)
 	if (r < 0) {
 		ctx->res->failures++;
 		if (ctx->first_error && !*ctx->first_error)
-			(void)storage_error(ctx->first_error, r, "cannot detach %s (%s): %s",
-					    device, backing, strerror(-r));
+			(void)error_set(ctx->first_error, r, "cannot detach %s (%s): %s", device,
+					backing, strerror(-r));
 		return 0;
 	}
 	log_debug("reclaim: detached %s (%s)", device, backing);
@@ -84,13 +84,12 @@ int storage_reclaim(Storage *s, const char *state_dir, const char *const *keep, 
 
 	(void)s;
 	if (!state_dir || state_dir[0] != '/')
-		return storage_error(ret_error, -EINVAL, "state dir must be an absolute path");
+		return error_set(ret_error, -EINVAL, "state dir must be an absolute path");
 
 	if (dm_available()) {
 		r = dm_list_ember(&names, &n);
 		if (r < 0)
-			return storage_error(ret_error, r, "cannot list dm devices: %s",
-					     strerror(-r));
+			return error_set(ret_error, r, "cannot list dm devices: %s", strerror(-r));
 		for (size_t i = 0; i < n; i++) {
 			if (kept(names[i], keep, n_keep))
 				continue;
@@ -118,7 +117,7 @@ int storage_reclaim(Storage *s, const char *state_dir, const char *const *keep, 
 	r = loop_foreach_bound(reclaim_loop, &ctx);
 	if (r < 0 && r != -ENOENT) {
 		free(first_error);
-		return storage_error(ret_error, r, "cannot list loop devices: %s", strerror(-r));
+		return error_set(ret_error, r, "cannot list loop devices: %s", strerror(-r));
 	}
 
 	if (ret)

@@ -99,14 +99,13 @@ int registry_acquire(Registry *r, const char *image, char **ret_device, dev_t *r
 	int ret;
 
 	if (stat(image, &st) < 0)
-		return storage_error(ret_error, -errno, "base image %s: %m", image);
+		return error_set(ret_error, -errno, "base image %s: %m", image);
 	if (!S_ISREG(st.st_mode))
-		return storage_error(ret_error, -EINVAL, "base image %s is not a regular file",
-				     image);
+		return error_set(ret_error, -EINVAL, "base image %s is not a regular file", image);
 	if (st.st_size == 0 || st.st_size % 512 != 0)
-		return storage_error(ret_error, -EINVAL,
-				     "base image %s is %lld bytes, not a non-zero multiple of 512",
-				     image, (long long)st.st_size);
+		return error_set(ret_error, -EINVAL,
+				 "base image %s is %lld bytes, not a non-zero multiple of 512",
+				 image, (long long)st.st_size);
 
 	pthread_mutex_lock(&r->lock);
 	e = find(r, st.st_dev, st.st_ino);
@@ -121,13 +120,13 @@ int registry_acquire(Registry *r, const char *image, char **ret_device, dev_t *r
 	} else {
 		fd = storage_loop_attach(image, STORAGE_LOOP_READ_ONLY, &device);
 		if (fd < 0) {
-			ret = storage_error(ret_error, fd, "cannot attach base image %s: %s", image,
-					    strerror(-fd));
+			ret = error_set(ret_error, fd, "cannot attach base image %s: %s", image,
+					strerror(-fd));
 			goto out;
 		}
 	}
 	if (fstat(fd, &dst) < 0 || ioctl(fd, BLKGETSIZE64, &bytes) < 0) {
-		ret = storage_error(ret_error, -errno, "cannot inspect %s: %m", device);
+		ret = error_set(ret_error, -errno, "cannot inspect %s: %m", device);
 		goto out;
 	}
 	e = calloc(1, sizeof(*e));

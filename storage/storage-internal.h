@@ -6,8 +6,8 @@
 #include <limits.h>
 #include <linux/loop.h>
 #include <pthread.h>
-#include <stdarg.h>
 
+#include "common/error.h"
 #include "storage.h"
 
 static inline void closedirp(DIR **d)
@@ -55,7 +55,3 @@ struct Storage {
 	StorageBackend backend;
 	Registry registry;
 };
-
-/* Sets *ret_error (if wanted) from a format; returns r. */
-int storage_error(char **ret_error, int r, const char *format, ...)
-	__attribute__((format(printf, 3, 4)));

@@ -30,20 +30,6 @@ StorageBackend storage_backend_detect(void)
 	return dm_available() ? STORAGE_BACKEND_DM : STORAGE_BACKEND_FILE;
 }
 
-int storage_error(char **ret_error, int r, const char *format, ...)
-{
-	va_list ap;
-
-	if (ret_error) {
-		errno = r < 0 ? -r : r; /* for %m */
-		va_start(ap, format);
-		if (vasprintf(ret_error, format, ap) < 0)
-			*ret_error = NULL;
-		va_end(ap);
-	}
-	return r;
-}
-
 int storage_new(StorageBackend backend, Storage **ret)
 {
 	Storage *s;
@@ -77,8 +63,8 @@ StorageBackend storage_get_backend(const Storage *s)
 static int check_spec(const StorageDiskSpec *spec, char **ret_error)
 {
 	if (!spec || !id_is_valid(spec->id))
-		return storage_error(ret_error, -EINVAL, "invalid sandbox id \"%s\"",
-				     spec && spec->id ? spec->id : "");
+		return error_set(ret_error, -EINVAL, "invalid sandbox id \"%s\"",
+				 spec && spec->id ? spec->id : "");
 	return 0;
 }
 
@@ -124,8 +110,8 @@ int storage_disk_flatten(Storage *s, const StorageDiskSpec *spec, const char *de
 	if (s->backend == STORAGE_BACKEND_FILE) {
 		r = storage_copy_sparse(spec->cow_path, dest, true);
 		if (r < 0)
-			return storage_error(ret_error, r, "cannot copy %s to %s: %s",
-					     spec->cow_path, dest, strerror(-r));
+			return error_set(ret_error, r, "cannot copy %s to %s: %s", spec->cow_path,
+					 dest, strerror(-r));
 		return 0;
 	}
 	r = dm_disk_device(spec->id, &device);
