@@ -67,7 +67,7 @@ int read_full_file(const char *path, size_t max_size, char **ret, size_t *ret_si
 	return 0;
 }
 
-static int write_all(int fd, const void *data, size_t size)
+int write_full(int fd, const void *data, size_t size)
 {
 	const char *p = data;
 	while (size > 0) {
@@ -95,7 +95,7 @@ int write_file_atomic(const char *path, const void *data, size_t size, mode_t mo
 	fd = mkostemp(tmp, O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
-	r = write_all(fd, data, size);
+	r = write_full(fd, data, size);
 	if (r >= 0 && fchmod(fd, mode) < 0)
 		r = -errno;
 	if (r >= 0 && fsync(fd) < 0)
@@ -204,6 +204,24 @@ int rm_rf_at(int dir_fd)
 		r = -errno;
 	closedir(d);
 	return r;
+}
+
+int rm_rf(const char *path)
+{
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	int r;
+
+	if (fd < 0) {
+		if (errno == ENOENT)
+			return 0;
+		if (errno != ENOTDIR && errno != ELOOP)
+			return -errno;
+		return unlink(path) < 0 && errno != ENOENT ? -errno : 0;
+	}
+	r = rm_rf_at(fd);
+	if (r < 0)
+		return r;
+	return rmdir(path) < 0 ? -errno : 0;
 }
 
 int lock_file_acquire(const char *path, pid_t *ret_holder)

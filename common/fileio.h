@@ -13,12 +13,17 @@ int read_full_file(const char *path, size_t max_size, char **ret, size_t *ret_si
  * see the old or the new content, never a torn one, even across a crash. */
 int write_file_atomic(const char *path, const void *data, size_t size, mode_t mode);
 
+/* write() until all of data is written, through EINTR and short writes (a blocking fd). */
+int write_full(int fd, const void *data, size_t size);
+
 /* mkdir -p; existing directories are fine, their mode is left alone. */
 int mkdir_p(const char *path, mode_t mode);
 
 /* Removes everything inside the directory dir_fd (which stays, as does dir_fd), without
  * following symbolic links; -EXDEV at a directory of another file system. */
 int rm_rf_at(int dir_fd);
+/* rm -rf path, on the same terms; a path that is not there is fine. */
+int rm_rf(const char *path);
 
 /* Opens (creating) `path` and takes an exclusive non-blocking flock on it; writes our pid into
  * it. -EBUSY when someone else holds it, with their pid in *ret_holder when known (0 otherwise).

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "common/fileio.h"
 
 typedef struct TempFile {
 	int fd;
@@ -22,20 +23,6 @@ static void temp_file_done(TempFile *t)
 		(void)unlink(t->path);
 		free(t->path);
 	}
-}
-
-static int write_all(int fd, const uint8_t *p, size_t n)
-{
-	while (n > 0) {
-		ssize_t w = write(fd, p, n);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w < 0)
-			return -errno;
-		p += w;
-		n -= (size_t)w;
-	}
-	return 0;
 }
 
 /* Reads and drops FileData up to FileEnd after a failure, so that the connection stays in
@@ -124,7 +111,7 @@ int agent_file_write(Conn *c, const Ember__Guest__V1__FileWrite *req)
 					      path, guest_frame_kind_name(f));
 			return -EPROTO;
 		}
-		r = write_all(t.fd, f->file_data->data.data, f->file_data->data.len);
+		r = write_full(t.fd, f->file_data->data.data, f->file_data->data.len);
 		if (r < 0)
 			return fail_write(c, path, r, "write", true);
 		size += f->file_data->data.len;

@@ -43,6 +43,7 @@
 
 #include <linux/vm_sockets.h>
 
+#include "common/fileio.h"
 #include "common/macro.h"
 #include "guest/client/guest-client.h"
 
@@ -151,20 +152,6 @@ static int connect_guest(GuestConn **ret)
 		return r;
 	}
 	guest_conn_set_timeout(*ret, opt_io_timeout_ms);
-	return 0;
-}
-
-static int write_all(int fd, const uint8_t *p, size_t n)
-{
-	while (n > 0) {
-		ssize_t w = write(fd, p, n);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w < 0)
-			return -errno;
-		p += w;
-		n -= (size_t)w;
-	}
 	return 0;
 }
 
@@ -364,7 +351,7 @@ static int cmd_exec(int argc, char **argv)
 				return ev.signal ? 128 + ev.signal : ev.code;
 			}
 			int fd = ev.type == GUEST_EVENT_STDERR ? STDERR_FILENO : STDOUT_FILENO;
-			r = write_all(fd, ev.data, ev.size);
+			r = write_full(fd, ev.data, ev.size);
 			if (r < 0) {
 				restore_tty();
 				return die("cannot write output: %s", strerror(-r));

@@ -12,7 +12,6 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <inttypes.h>
 #include <json-c/json.h>
 #include <linux/userfaultfd.h>
@@ -37,6 +36,7 @@
 
 #include <cmocka.h>
 
+#include "common/fileio.h"
 #include "common/macro.h"
 #include "fcsim/memory.h"
 
@@ -1164,15 +1164,6 @@ static void test_timing(void **state)
 	print_message("256 MiB: boot %.3f s, verify %.3f s\n", t1 - t0, t2 - t1);
 }
 
-static int rm_entry(const char *path, const struct stat *st, int type, struct FTW *ftw)
-{
-	(void)st;
-	(void)type;
-	(void)ftw;
-	(void)remove(path);
-	return 0;
-}
-
 static int group_setup(void **state)
 {
 	(void)state;
@@ -1182,7 +1173,7 @@ static int group_setup(void **state)
 static int group_teardown(void **state)
 {
 	(void)state;
-	return nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+	return rm_rf(tmpdir) == 0 ? 0 : -1;
 }
 
 int main(void)

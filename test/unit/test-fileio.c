@@ -9,7 +9,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -72,15 +71,6 @@ static char *list_dir(const char *dir)
 	return out;
 }
 
-static int rm_entry(const char *path, const struct stat *st, int type, struct FTW *ftw)
-{
-	(void)st;
-	(void)type;
-	(void)ftw;
-	(void)remove(path);
-	return 0;
-}
-
 static int group_setup(void **state)
 {
 	(void)state;
@@ -90,7 +80,7 @@ static int group_setup(void **state)
 static int group_teardown(void **state)
 {
 	(void)state;
-	return nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) == 0 ? 0 : -1;
+	return rm_rf(tmpdir) == 0 ? 0 : -1;
 }
 
 /* ---- read_full_file ---- */
@@ -335,6 +325,17 @@ static void test_rm_rf(void **state)
 	assert_int_equal(st.st_size, 4);
 	/* empty: nothing to do */
 	assert_int_equal(rm_rf_at(fd), 0);
+
+	/* rm_rf: the directory itself goes too; a plain file; a path that is not there */
+	assert_int_equal(mkdir_p(deep, 0755), 0);
+	write_plain(file, "data", 4);
+	assert_int_equal(rm_rf(top), 0);
+	assert_int_equal(stat(top, &st), -1);
+	assert_int_equal(errno, ENOENT);
+	assert_int_equal(rm_rf(top), 0);
+	assert_int_equal(rm_rf(outside), 0);
+	assert_int_equal(lstat(outside, &st), -1);
+	assert_int_equal(rm_rf(keep), 0);
 }
 
 /* ---- mkdir_p ---- */

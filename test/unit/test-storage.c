@@ -18,6 +18,7 @@
 
 #include <cmocka.h>
 
+#include "common/fileio.h"
 #include "common/macro.h"
 #include "storage/storage.h"
 
@@ -31,10 +32,8 @@ static int setup(void **state)
 
 static int teardown(void **state)
 {
-	char cmd[256];
 	(void)state;
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-	return system(cmd) == 0 ? 0 : -1;
+	return rm_rf(tmpdir) == 0 ? 0 : -1;
 }
 
 /* Paths stay valid for the next 64 calls: long enough for a test's specs. */

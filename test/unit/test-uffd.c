@@ -41,6 +41,7 @@
 
 #include <cmocka.h>
 
+#include "common/fileio.h"
 #include "common/macro.h"
 #include "fcctl/uffd.h"
 
@@ -1233,14 +1234,6 @@ static void test_memory_flat(void **state)
 
 /* ------------------------------------------------------------------------------------------ */
 
-static int rm_tree(const char *dir)
-{
-	char cmd[PATH_MAX + 16];
-
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-	return system(cmd);
-}
-
 static int group_setup(void **state)
 {
 	(void)state;
@@ -1253,7 +1246,7 @@ static int group_setup(void **state)
 static int group_teardown(void **state)
 {
 	(void)state;
-	return rm_tree(tmpdir) == 0 ? 0 : -1;
+	return rm_rf(tmpdir) == 0 ? 0 : -1;
 }
 
 int main(void)
