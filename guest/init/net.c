@@ -93,6 +93,22 @@ static int link_up(struct nl_sock *sk, const char *ifname)
 	return r < 0 ? nl_to_errno(r) : 0;
 }
 
+/* A netlink socket and the index of ifname, where configuring an interface starts. */
+static int nl_open_link(const char *ifname, struct nl_sock **ret_sk)
+{
+	_cleanup_(nl_socket_freep) struct nl_sock *sk = NULL;
+	_cleanup_(rtnl_link_putp) struct rtnl_link *l = NULL;
+	int r = nl_open(&sk);
+
+	if (r < 0)
+		return r;
+	r = link_get(sk, ifname, &l);
+	if (r < 0)
+		return r;
+	*ret_sk = TAKE_PTR(sk);
+	return rtnl_link_get_ifindex(l);
+}
+
 int init_net_link_up(const char *ifname)
 {
 	_cleanup_(nl_socket_freep) struct nl_sock *sk = NULL;
@@ -104,17 +120,11 @@ int init_net_link_up(const char *ifname)
 int init_net_ipv4_address(const char *ifname, char ret[INET_ADDRSTRLEN + 4])
 {
 	_cleanup_(nl_socket_freep) struct nl_sock *sk = NULL;
-	_cleanup_(rtnl_link_putp) struct rtnl_link *l = NULL;
 	_cleanup_(nl_cache_freep) struct nl_cache *cache = NULL;
-	int ifindex, r;
+	int ifindex = nl_open_link(ifname, &sk), r;
 
-	r = nl_open(&sk);
-	if (r < 0)
-		return r;
-	r = link_get(sk, ifname, &l);
-	if (r < 0)
-		return r;
-	ifindex = rtnl_link_get_ifindex(l);
+	if (ifindex < 0)
+		return ifindex;
 	r = rtnl_addr_alloc_cache(sk, &cache);
 	if (r < 0)
 		return nl_to_errno(r);
@@ -202,16 +212,10 @@ static int default_route_add(struct nl_sock *sk, int ifindex, struct in_addr gat
 int init_net_configure(const char *ifname, const InitIpConfig *ip)
 {
 	_cleanup_(nl_socket_freep) struct nl_sock *sk = NULL;
-	_cleanup_(rtnl_link_putp) struct rtnl_link *l = NULL;
-	int ifindex, r;
+	int ifindex = nl_open_link(ifname, &sk), r;
 
-	r = nl_open(&sk);
-	if (r < 0)
-		return r;
-	r = link_get(sk, ifname, &l);
-	if (r < 0)
-		return r;
-	ifindex = rtnl_link_get_ifindex(l);
+	if (ifindex < 0)
+		return ifindex;
 	/* The route last: the kernel takes a gateway only once the link is up and holds an
 	 * address on the gateway's subnet (ENETUNREACH otherwise). */
 	r = link_up(sk, ifname);

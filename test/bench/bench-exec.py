@@ -49,22 +49,14 @@ def main():
     os.environ["EMBER_BUILD"] = build
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, os.path.join(here, "..", "integration"))
-    from fcsim_util import Fcsim  # noqa: E402
-    from test_guest import build_guest_rootfs  # noqa: E402
+    from test_guest import start_guest  # noqa: E402
 
     tool = os.path.join(build, "test", "guest-tool")
     agent = os.path.join(build, "ember-guest")
     root = tempfile.mkdtemp(prefix="ember-bench-exec-", dir="/tmp")
     f = direct = None
     try:
-        image = build_guest_rootfs(os.path.join(root, "rootfs"))
-        kernel = os.path.join(root, "vmlinux")
-        with open(kernel, "wb") as k:
-            k.write(b"\x7fELF not a real kernel: fcsim does not boot it")
-        f = Fcsim(root)
-        f.configure(image, kernel, mem=64, boot_args="init=/sbin/init")
-        f.api.ok("PUT", "/actions", {"action_type": "InstanceStart"})
-        f.wait_output("listening on unix /run/vsock/1024.sock")
+        f = start_guest(root)
         sim = ["--vsock", os.path.join(root, "v.sock")]
 
         # The direct agent runs the guest's binaries: static busybox's true and dd.

@@ -96,20 +96,31 @@ class Guest:
         return bool(out) and out.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def start_guest(root):
+    """The busybox guest with ember-guest booted under fcsim in `root`, its agent listening
+    (also used by test/bench/bench-exec.py). The caller stops the returned Fcsim."""
+    image = build_guest_rootfs(os.path.join(root, "rootfs"))
+    kernel = os.path.join(root, "vmlinux")
+    with open(kernel, "wb") as k:
+        k.write(b"\x7fELF not a real kernel: fcsim does not boot it")
+    f = Fcsim(root)
+    try:
+        f.configure(image, kernel, mem=64, boot_args="init=/sbin/init")
+        f.api.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        f.wait_output("listening on unix /run/vsock/1024.sock")
+    except BaseException:
+        f.stop()
+        raise
+    return f
+
+
 @pytest.fixture(scope="module")
 def guest():
     assert os.path.exists(AGENT) and os.path.exists(TOOL), "build ember-guest and guest-tool"
     root = tempfile.mkdtemp(prefix="ember-guest-", dir="/tmp")
     f = None
     try:
-        image = build_guest_rootfs(os.path.join(root, "rootfs"))
-        kernel = os.path.join(root, "vmlinux")
-        with open(kernel, "wb") as k:
-            k.write(b"\x7fELF not a real kernel: fcsim does not boot it")
-        f = Fcsim(root)
-        f.configure(image, kernel, mem=64, boot_args="init=/sbin/init")
-        f.api.ok("PUT", "/actions", {"action_type": "InstanceStart"})
-        f.wait_output("listening on unix /run/vsock/1024.sock")
+        f = start_guest(root)
         g = Guest(f, root)
         yield g
         for p in g.popens:
