@@ -135,7 +135,9 @@ UFFD_SRCS := fcctl/uffd.c fcctl/ember-uffd.c
 FCSIM_SRCS := fcsim/main.c fcsim/api.c fcsim/vmm.c fcsim/guest.c fcsim/vsock.c fcsim/fclog.c \
 	fcsim/memory.c fcsim/schema.c
 AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
-	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c
+	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c agent/record.c \
+	agent/events.c agent/template.c agent/sandbox.c agent/sandbox-ops.c agent/recover.c \
+	agent/vmm.c agent/demo.c agent/node-sandbox.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
 GUEST_INIT_SRCS := guest/init/ember-init.c guest/init/cmdline.c guest/init/net.c
 GUEST_AGENT_SRCS := guest/agent/main.c guest/agent/conn.c guest/agent/exec.c guest/agent/file.c
@@ -215,7 +217,7 @@ $(B)/ember-guest: $(GUEST_STATIC_OBJS)
 	@echo "  LD       $@ (static)"
 	$(Q)$(CC) -static $(LDFLAGS) $^ -lprotobuf-c -o $@
 
-$(GUEST_CLIENT_OBJS) $(B)/obj/test/unit/test-guest-frame.o: $(B)/proto/.stamp-guest-c
+$(GUEST_CLIENT_OBJS) $(B)/obj/test/unit/test-guest-frame.o $(AGENT_LIB_OBJS): $(B)/proto/.stamp-guest-c
 $(B)/libguestclient.a: $(GUEST_CLIENT_OBJS)
 	@echo "  AR       $@"
 	$(Q)rm -f $@ && $(AR) rcs $@ $^
@@ -236,7 +238,8 @@ $(B)/ember-init: $(GUEST_INIT_SRCS) guest/init/init.h common/macro.h
 		{ grep -v -e 'requires at runtime the shared libraries' -e ': in function `' || true; }
 
 $(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-set.o $(PROTO_OBJS) \
-		$(B)/libcommon.a
+		$(B)/libguestclient.a $(B)/libfcctl.a $(B)/libstorage.a \
+		$(B)/libnetns.a $(B)/libcommon.a
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
 
@@ -260,7 +263,8 @@ $(B)/obj/test/unit/%.o: test/unit/%.c $(B)/proto/.stamp-c
 	@echo "  CC       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(CMOCKA_CFLAGS) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
 
-$(B)/test/unit/test-config: $(B)/obj/test/unit/test-config.o $(B)/obj/agent/config.o $(B)/libcommon.a
+$(B)/test/unit/test-config: $(B)/obj/test/unit/test-config.o $(B)/obj/agent/config.o $(B)/libnetns.a \
+	$(B)/libcommon.a
 $(B)/test/unit/test-id: $(B)/obj/test/unit/test-id.o $(B)/libcommon.a
 $(B)/test/unit/test-fileio: $(B)/obj/test/unit/test-fileio.o $(B)/libcommon.a
 $(B)/test/unit/test-storage: $(B)/obj/test/unit/test-storage.o $(B)/libstorage.a $(B)/libcommon.a

@@ -12,6 +12,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/macro.h"
+#include "netns/netns.h"
 
 typedef enum KeyType {
 	KEY_ABS_PATH,     /* absolute path, required */
@@ -21,16 +22,24 @@ typedef enum KeyType {
 	KEY_BOOL,
 	KEY_UINT,
 	KEY_LISTEN_ADDR, /* empty or HOST:PORT */
+	KEY_OPT_PROGRAM, /* empty or KEY_PROGRAM */
+	KEY_CHOICE,      /* one of `choices` */
+	KEY_CIDR,        /* an IPv4 CIDR */
+	KEY_IFNAME,      /* auto, none or an interface name */
 } KeyType;
 
 typedef struct Key {
 	ConfigKeyInfo info;
 	KeyType type;
 	size_t offset;
-	unsigned min, max; /* KEY_UINT */
+	unsigned min, max;          /* KEY_UINT */
+	const char *const *choices; /* KEY_CHOICE, NULL-terminated */
 } Key;
 
-#define STR(field) offsetof(Config, field)
+#define VMM_KINDS        ((const char *const[]){"auto", "firecracker", "fcsim", NULL})
+#define STORAGE_BACKENDS ((const char *const[]){"auto", "dm", "file", NULL})
+
+#define STR(field)       offsetof(Config, field)
 
 static const Key keys[] = {
 	{{"agent", "state_dir", "/var/lib/ember", "an absolute path",
@@ -38,104 +47,276 @@ static const Key keys[] = {
 	 KEY_ABS_PATH,
 	 STR(state_dir),
 	 0,
-	 0},
+	 0,
+	 NULL},
 	{{"agent", "run_dir", "/run/ember", "an absolute path",
 	  "Runtime state: the API socket, per-sandbox working directories."},
 	 KEY_ABS_PATH,
 	 STR(run_dir),
 	 0,
-	 0},
+	 0,
+	 NULL},
 	{{"agent", "log_level", "info", "debug, info, notice, warning or err",
 	  "Most verbose level logged."},
 	 KEY_LOG_LEVEL,
 	 STR(log_level),
 	 0,
-	 0},
-	{{"agent", "firecracker_bin", "firecracker",
-	  "a program name (looked up in PATH) or an absolute path",
-	  "The Firecracker binary (or fcsim) used to run sandboxes."},
-	 KEY_PROGRAM,
-	 STR(firecracker_bin),
 	 0,
-	 0},
+	 NULL},
 
 	{{"api", "socket", "", "empty (meaning <run_dir>/ember.sock) or an absolute path",
 	  "gRPC unix socket, mode 0600, guarded by <socket>.lock."},
 	 KEY_OPT_ABS_PATH,
 	 STR(socket),
 	 0,
-	 0},
+	 0,
+	 NULL},
 	{{"api", "tcp_listen", "", "empty (no TCP listener) or HOST:PORT, e.g. 0.0.0.0:7070",
 	  "Optional TCP listener. Requires tls_cert, tls_key and tls_client_ca (mutual TLS) "
 	  "unless insecure_tcp = true."},
 	 KEY_LISTEN_ADDR,
 	 STR(tcp_listen),
 	 0,
-	 0},
+	 0,
+	 NULL},
 	{{"api", "tls_cert", "", "empty or an absolute path to a PEM file",
 	  "Server certificate chain for tcp_listen."},
 	 KEY_OPT_ABS_PATH,
 	 STR(tls_cert),
 	 0,
-	 0},
+	 0,
+	 NULL},
 	{{"api", "tls_key", "", "empty or an absolute path to a PEM file",
 	  "Private key of tls_cert."},
 	 KEY_OPT_ABS_PATH,
 	 STR(tls_key),
 	 0,
-	 0},
+	 0,
+	 NULL},
 	{{"api", "tls_client_ca", "", "empty or an absolute path to a PEM file",
 	  "CA bundle client certificates must chain to; clients without one are refused."},
 	 KEY_OPT_ABS_PATH,
 	 STR(tls_client_ca),
 	 0,
-	 0},
+	 0,
+	 NULL},
 	{{"api", "insecure_tcp", "false", "true or false",
 	  "Serve tcp_listen in plaintext without client authentication. Anyone who can reach "
 	  "the port controls the node: for isolated test networks only."},
 	 KEY_BOOL,
 	 STR(insecure_tcp),
 	 0,
-	 0},
+	 0,
+	 NULL},
 	{{"api", "max_message_mib", "16", "a whole number from 1 to 1024",
 	  "Largest gRPC message accepted or sent, in MiB (gRPC's default is 4)."},
 	 KEY_UINT,
 	 STR(max_message_mib),
 	 1,
-	 1024},
+	 1024,
+	 NULL},
 	{{"api", "keepalive_time_s", "30", "a whole number from 1 to 86400",
 	  "The server pings each connection after this many idle seconds, so a vanished "
 	  "scheduler is noticed."},
 	 KEY_UINT,
 	 STR(keepalive_time_s),
 	 1,
-	 86400},
+	 86400,
+	 NULL},
 	{{"api", "keepalive_timeout_s", "10", "a whole number from 1 to 3600",
 	  "A connection whose ping is not answered within this many seconds is closed."},
 	 KEY_UINT,
 	 STR(keepalive_timeout_s),
 	 1,
-	 3600},
+	 3600,
+	 NULL},
 	{{"api", "min_ping_interval_s", "10", "a whole number from 1 to 3600",
 	  "Clients may send keepalive pings this often (seconds) without being disconnected "
 	  "with GOAWAY too_many_pings; set client keepalive_time at or above it."},
 	 KEY_UINT,
 	 STR(min_ping_interval_s),
 	 1,
-	 3600},
+	 3600,
+	 NULL},
 	{{"api", "max_concurrent_calls", "256", "a whole number from 1 to 4096",
 	  "Calls handled at once (each holds a worker thread); more get RESOURCE_EXHAUSTED."},
 	 KEY_UINT,
 	 STR(max_concurrent_calls),
 	 1,
-	 4096},
+	 4096,
+	 NULL},
 	{{"api", "shutdown_grace_s", "15", "a whole number from 0 to 3600",
 	  "On SIGTERM, calls in flight get this many seconds to finish before they are "
 	  "cancelled. Keep it below systemd's TimeoutStopSec."},
 	 KEY_UINT,
 	 STR(shutdown_grace_s),
 	 0,
-	 3600},
+	 3600,
+	 NULL},
+
+	{{"vmm", "kind", "auto", "auto, firecracker or fcsim",
+	  "What runs the microVMs. auto: Firecracker when /dev/kvm can run a guest and "
+	  "firecracker_bin is found, otherwise fcsim (the simulator; GetNode then reports the "
+	  "node as simulated). The choice and its reason are logged at start."},
+	 KEY_CHOICE,
+	 STR(vmm_kind),
+	 0,
+	 0,
+	 VMM_KINDS},
+	{{"vmm", "firecracker_bin", "firecracker",
+	  "a program name (looked up in PATH) or an absolute path", "The Firecracker binary."},
+	 KEY_PROGRAM,
+	 STR(firecracker_bin),
+	 0,
+	 0,
+	 NULL},
+	{{"vmm", "fcsim_bin", "", "empty or a program name (looked up in PATH) or an absolute path",
+	  "The fcsim binary. Empty: fcsim next to the emberd binary, else in PATH."},
+	 KEY_OPT_PROGRAM,
+	 STR(fcsim_bin),
+	 0,
+	 0,
+	 NULL},
+	{{"vmm", "jailer_bin", "",
+	  "empty or a program name (looked up in PATH) or an absolute path",
+	  "Run Firecracker under this jailer (chroot, own uid). Empty: no jailer."},
+	 KEY_OPT_PROGRAM,
+	 STR(jailer_bin),
+	 0,
+	 0,
+	 NULL},
+	{{"vmm", "boot_timeout_s", "30", "a whole number from 1 to 600",
+	  "How long a create or restore waits for the guest agent to answer before it fails "
+	  "and unwinds."},
+	 KEY_UINT,
+	 STR(boot_timeout_s),
+	 1,
+	 600,
+	 NULL},
+
+	{{"storage", "backend", "auto", "auto, dm or file",
+	  "Sandbox disks: dm (device-mapper snapshots over one shared base loop device) or file "
+	  "(a reflinked or sparse copy of the base per sandbox). auto: dm where device-mapper "
+	  "answers, else file."},
+	 KEY_CHOICE,
+	 STR(storage_backend),
+	 0,
+	 0,
+	 STORAGE_BACKENDS},
+	{{"storage", "default_disk_mib", "1024", "a whole number from 16 to 1048576",
+	  "Copy-on-write allowance of a sandbox whose spec gives disk_size_mib = 0."},
+	 KEY_UINT,
+	 STR(default_disk_mib),
+	 16,
+	 1048576,
+	 NULL},
+	{{"storage", "max_disk_mib", "65536", "a whole number from 16 to 1048576",
+	  "Largest disk_size_mib a create may ask for; more is INVALID_ARGUMENT."},
+	 KEY_UINT,
+	 STR(max_disk_mib),
+	 16,
+	 1048576,
+	 NULL},
+
+	{{"network", "netns_dir", "/run/netns", "an absolute path",
+	  "Where sandbox network namespaces are bind-mounted (/run/netns: `ip netns exec "
+	  "ember-N` works)."},
+	 KEY_ABS_PATH,
+	 STR(netns_dir),
+	 0,
+	 0,
+	 NULL},
+	{{"network", "sandbox_range", "10.200.0.0/16", "an IPv4 CIDR, e.g. 10.200.0.0/16",
+	  "Host-reachable sandbox IPs: one per network slot, routed into the slot. Its size "
+	  "(less 2) bounds the number of slots."},
+	 KEY_CIDR,
+	 STR(sandbox_range),
+	 0,
+	 0,
+	 NULL},
+	{{"network", "veth_range", "10.201.0.0/16", "an IPv4 CIDR, e.g. 10.201.0.0/16",
+	  "Point-to-point /31 links between the host and each slot. Half its size bounds the "
+	  "number of slots."},
+	 KEY_CIDR,
+	 STR(veth_range),
+	 0,
+	 0,
+	 NULL},
+	{{"network", "uplink", "auto", "auto, none or an interface name",
+	  "Interface sandboxes allowed the internet are masqueraded to. auto: the interface of "
+	  "the default route at start; none: no sandbox reaches the internet."},
+	 KEY_IFNAME,
+	 STR(uplink),
+	 0,
+	 0,
+	 NULL},
+	{{"network", "pool_size", "4", "a whole number from 0 to 256",
+	  "Network slots kept ready (namespace, links, default policy) so that a create does "
+	  "not wait for them."},
+	 KEY_UINT,
+	 STR(pool_size),
+	 0,
+	 256,
+	 NULL},
+	{{"network", "allow_internet", "false", "true or false",
+	  "Egress of a sandbox created without a network policy: false allows nothing "
+	  "outbound, true the internet (never the private ranges)."},
+	 KEY_BOOL,
+	 STR(default_allow_internet),
+	 0,
+	 0,
+	 NULL},
+
+	{{"sandboxes", "max_sandboxes", "1000", "a whole number from 1 to 65536",
+	  "Sandboxes on the node, in any state; a create beyond it is RESOURCE_EXHAUSTED."},
+	 KEY_UINT,
+	 STR(max_sandboxes),
+	 1,
+	 65536,
+	 NULL},
+	{{"sandboxes", "memory_reserve_mib", "512", "a whole number from 0 to 1048576",
+	  "Admission: a create is RESOURCE_EXHAUSTED unless the host's MemAvailable exceeds "
+	  "this plus the new sandbox's memory_mib."},
+	 KEY_UINT,
+	 STR(memory_reserve_mib),
+	 0,
+	 1048576,
+	 NULL},
+	{{"sandboxes", "worker_threads", "16", "a whole number from 1 to 256",
+	  "Threads that run lifecycle operations (create, destroy, ...); more operations wait "
+	  "their turn, the API stays responsive."},
+	 KEY_UINT,
+	 STR(worker_threads),
+	 1,
+	 256,
+	 NULL},
+
+	{{"sandboxes", "event_log_size", "4096", "a whole number from 16 to 1048576",
+	  "Sandbox events kept in memory for WatchSandboxes clients that reconnect with "
+	  "since_revision; one that missed more gets a resync (the full set) instead."},
+	 KEY_UINT,
+	 STR(event_log_size),
+	 16,
+	 1048576,
+	 NULL},
+
+	{{"templates", "demo", "true", "true or false",
+	  "Register the built-in `demo` template (a busybox userland with ember-init and "
+	  "ember-guest, made with ember-mkrootfs) on first start, so that a new node can run a "
+	  "sandbox at once."},
+	 KEY_BOOL,
+	 STR(demo_template),
+	 0,
+	 0,
+	 NULL},
+	{{"templates", "demo_kernel", "", "empty or an absolute path",
+	  "Guest kernel of the demo template. Required with Firecracker (without it the demo "
+	  "template is skipped); under fcsim any file does and emberd writes a placeholder."},
+	 KEY_OPT_ABS_PATH,
+	 STR(demo_kernel),
+	 0,
+	 0,
+	 NULL},
 };
 
 static const Key *key_find(const char *section, const char *key)
@@ -224,7 +405,8 @@ int config_set(Config *c, const char *section, const char *key, const char *valu
 		if (!section_known)
 			return error_set(
 				ret_error, -ENOENT,
-				"unknown section [%s]; known sections are [agent] and [api]",
+				"unknown section [%s]; known sections are [agent], [api], [vmm], "
+				"[storage], [network], [sandboxes] and [templates]",
 				section);
 		char known[512] = "";
 		size_t len = 0;
@@ -281,6 +463,29 @@ int config_set(Config *c, const char *section, const char *key, const char *valu
 		if (value[0] && !listen_addr_valid(value))
 			return BAD();
 		break;
+	case KEY_OPT_PROGRAM:
+		if (value[0] && strchr(value, '/') && value[0] != '/')
+			return BAD();
+		break;
+	case KEY_CHOICE: {
+		bool found = false;
+		for (const char *const *ch = k->choices; *ch && !found; ch++)
+			found = strcmp(*ch, value) == 0;
+		if (!found)
+			return BAD();
+		break;
+	}
+	case KEY_CIDR: {
+		NetnsCidr cidr;
+		if (netns_cidr_parse(value, &cidr) < 0 || cidr.prefix > 30)
+			return BAD();
+		break;
+	}
+	case KEY_IFNAME:
+		/* IFNAMSIZ is 16 with the NUL; a '/' or blank cannot be part of a name. */
+		if (!value[0] || strlen(value) > 15 || strpbrk(value, "/ :"))
+			return BAD();
+		break;
 	}
 #undef BAD
 
@@ -310,8 +515,7 @@ void config_free(Config *c)
 {
 	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
 		KeyType t = keys[i].type;
-		if (t == KEY_ABS_PATH || t == KEY_OPT_ABS_PATH || t == KEY_PROGRAM ||
-		    t == KEY_LISTEN_ADDR) {
+		if (t != KEY_LOG_LEVEL && t != KEY_BOOL && t != KEY_UINT) {
 			char **p = (char **)((char *)c + keys[i].offset);
 			free(*p);
 			*p = NULL;

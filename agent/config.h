@@ -18,7 +18,6 @@ typedef struct Config {
 	char *state_dir;
 	char *run_dir;
 	int log_level;
-	char *firecracker_bin;
 
 	/* [api] */
 	char *socket; /* empty in the file means <run_dir>/ember.sock; resolved by finish */
@@ -33,6 +32,36 @@ typedef struct Config {
 	unsigned min_ping_interval_s;
 	unsigned max_concurrent_calls;
 	unsigned shutdown_grace_s;
+
+	/* [vmm] */
+	char *vmm_kind; /* auto, firecracker, fcsim */
+	char *firecracker_bin;
+	char *fcsim_bin; /* empty: next to emberd, else PATH */
+	char *jailer_bin;
+	unsigned boot_timeout_s;
+
+	/* [storage] */
+	char *storage_backend; /* auto, dm, file */
+	unsigned default_disk_mib;
+	unsigned max_disk_mib;
+
+	/* [network] */
+	char *netns_dir;
+	char *sandbox_range;
+	char *veth_range;
+	char *uplink; /* auto, none or a name */
+	unsigned pool_size;
+	bool default_allow_internet;
+
+	/* [sandboxes] */
+	unsigned max_sandboxes;
+	unsigned memory_reserve_mib;
+	unsigned worker_threads;
+	unsigned event_log_size;
+
+	/* [templates] */
+	bool demo_template;
+	char *demo_kernel;
 
 	char *loaded_from; /* the config file read, NULL when none */
 } Config;

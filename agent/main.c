@@ -24,6 +24,7 @@
 #include "common/macro.h"
 #include "config.h"
 #include "descriptor-set.h"
+#include "manager.h"
 #include "messages.h"
 #include "node.h"
 #include "rpc.h"
@@ -270,6 +271,7 @@ static int run(const Config *c)
 {
 	_cleanup_(rpc_server_freep) RpcServer *server = NULL;
 	_cleanup_(node_service_freep) NodeService *node = NULL;
+	_cleanup_(manager_freep) Manager *manager = NULL;
 	_cleanup_close_ int state_lock = -EBADF, sock_lock = -EBADF;
 	_cleanup_free_ char *lock_path = NULL, *err = NULL;
 	sigset_t mask;
@@ -363,8 +365,15 @@ static int run(const Config *c)
 	if (r < 0)
 		return log_error_errno(r, "cannot start the gRPC server");
 
-	/* Nothing to recover yet: the agent is ready as soon as it listens. Later start-up work
-	 * (reclaim, adopting sandboxes) goes between start and SERVING. */
+	/* STARTING: GetNode answers while the records are read, live sandboxes adopted and
+	 * leftovers reclaimed; every other call says UNAVAILABLE until then. */
+	sd_notify(false, "STATUS=Recovering sandboxes");
+	r = manager_new(c, node_service_kvm_usable(node), &manager, &err);
+	if (r < 0)
+		return log_error_errno(r, "cannot start the sandbox manager: %s",
+				       err ?: strerror(-r));
+	manager_demo_template(manager);
+	node_service_set_manager(node, manager);
 	rpc_server_set_state(server, RPC_SERVER_SERVING);
 	if (tcp_port > 0)
 		log_struct(LOG_INFO, 0,
@@ -390,6 +399,8 @@ static int run(const Config *c)
 	sigaddset(&interrupt, SIGINT);
 	drain(server, c->shutdown_grace_s, &interrupt);
 	rpc_server_free(TAKE_PTR(server));
+	/* No handler runs any more. Operations in flight finish; sandboxes keep running. */
+	manager_free(TAKE_PTR(manager));
 	(void)unlink(c->socket);
 	log_struct(LOG_INFO, 0,
 		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_STOPPED}, {"OP", "shutdown"}),

@@ -16,6 +16,8 @@
 #include "common/log.h"
 #include "common/macro.h"
 #include "ember/v1/node.pb-c.h"
+#include "manager.h"
+#include "node-sandbox.h"
 #include "probe.h"
 
 /* Probes run a program (firecracker --version) and open devices: cheap enough per minute,
@@ -27,6 +29,8 @@ struct NodeService {
 	char node_id[SD_ID128_UUID_STRING_MAX];
 	struct timespec start_time; /* CLOCK_REALTIME */
 	time_t boot_time;           /* read once: /proc/stat is large and btime never changes */
+
+	Manager *_Atomic manager;
 
 	pthread_mutex_t probe_lock;
 	time_t probed_at; /* CLOCK_MONOTONIC seconds, 0 = never */
@@ -237,17 +241,68 @@ static RpcCode get_node(RpcCall *call, const ProtobufCMessage *request, void *us
 	boot.seconds = n->boot_time;
 	if (boot.seconds > 0)
 		info.boot_time = &boot;
-	info.sandbox_count = 0; /* no sandboxes until the lifecycle lands */
+	Manager *m = n->manager;
+	if (m) {
+		const VmmInfo *vmm = manager_vmm(m);
+		info.sandbox_count = manager_sandbox_count(m);
+		info.vmm = (char *)vmm_kind_to_string(vmm->kind);
+		info.vmm_version = vmm->version;
+		info.simulated = vmm->kind == VMM_FCSIM;
+		info.storage_backend = (char *)manager_storage_backend(m);
+	}
 
 	if (rpc_call_send(call, &info.base) < 0)
 		return RPC_CANCELLED;
 	return RPC_OK;
 }
 
+void node_service_set_manager(NodeService *n, Manager *m)
+{
+	n->manager = m;
+}
+
+bool node_service_kvm_usable(NodeService *n)
+{
+	ProbeResult r[4];
+
+	probes_refresh(n, r);
+	return r[0].available;
+}
+
+/* The manager's calls answer UNAVAILABLE until recovery is done (node.proto: STARTING). */
+#define MANAGER_CALL(name, fn)                                                                     \
+	static RpcCode name(RpcCall *call, const ProtobufCMessage *request, void *userdata)        \
+	{                                                                                          \
+		Manager *m = ((NodeService *)userdata)->manager;                                   \
+		if (!m)                                                                            \
+			return rpc_call_error(call, RPC_UNAVAILABLE,                               \
+					      "emberd is STARTING (recovering its sandboxes); "    \
+					      "retry shortly");                                    \
+		return fn(call, request, m);                                                       \
+	}
+MANAGER_CALL(register_template, node_register_template)
+MANAGER_CALL(get_template, node_get_template)
+MANAGER_CALL(list_templates, node_list_templates)
+MANAGER_CALL(delete_template, node_delete_template)
+MANAGER_CALL(create_sandbox, node_create_sandbox)
+MANAGER_CALL(get_sandbox, node_get_sandbox)
+MANAGER_CALL(list_sandboxes, node_list_sandboxes)
+MANAGER_CALL(destroy_sandbox, node_destroy_sandbox)
+MANAGER_CALL(watch_sandboxes, node_watch_sandboxes)
+
 int node_service_register(NodeService *n, RpcServer *s)
 {
 	static const RpcMethodHandler handlers[] = {
 		{"GetNode", get_node},
+		{"RegisterTemplate", register_template},
+		{"GetTemplate", get_template},
+		{"ListTemplates", list_templates},
+		{"DeleteTemplate", delete_template},
+		{"CreateSandbox", create_sandbox},
+		{"GetSandbox", get_sandbox},
+		{"ListSandboxes", list_sandboxes},
+		{"DestroySandbox", destroy_sandbox},
+		{"WatchSandboxes", watch_sandboxes},
 	};
 	return rpc_server_add_service(s, &ember__v1__node__descriptor, handlers,
 				      ELEMENTSOF(handlers), n);

@@ -3,12 +3,15 @@
 #
 # Every process a test starts is tracked by pid and ended at teardown, whatever happened.
 
+import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -73,6 +76,86 @@ class Proc:
         return self.p.returncode
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def connect_in_netns(nspath, addr, timeout=10):
+    """A TCP connection made from inside the network namespace at nspath: setns(2) in a
+    thread of its own (a thread's namespace is its own), which ends right after; the socket
+    keeps the namespace it was made in."""
+    out = {}
+
+    def run():
+        try:
+            fd = os.open(nspath, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            out["s"] = socket.create_connection(addr, timeout=timeout)
+        except OSError as e:
+            out["e"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "e" in out:
+        raise out["e"]
+    out["s"].settimeout(None)
+    return out["s"]
+
+
+class TcpRelay:
+    """127.0.0.1:<port> in the test's namespace, relayed to addr inside emberd's namespace, so
+    that TCP clients reach an emberd that runs in a namespace of its own."""
+
+    def __init__(self, nspath, addr):
+        self.nspath, self.addr = nspath, addr
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(64)
+        self.port = self.ls.getsockname()[1]
+        self.socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pump(self, a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            try:
+                u = connect_in_netns(self.nspath, self.addr)
+            except OSError:
+                c.close()
+                continue
+            self.socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+
+    def close(self):
+        self.ls.close()
+        for s in self.socks:
+            s.close()
+
+
 class Emberd:
     def __init__(self, root, proc, socket):
         self.root = root
@@ -81,9 +164,17 @@ class Emberd:
         self.target = "unix:" + socket
         self.state_dir = os.path.join(root, "state")
         self.run_dir = os.path.join(root, "run")
+        self.relays = []
 
     def channel(self, **kw):
         return grpc.insecure_channel(self.target, **kw)
+
+    def tcp_port(self, port):
+        """A port on 127.0.0.1 here that reaches emberd's 127.0.0.1:<port> (its TCP
+        listener, inside its network namespace)."""
+        r = TcpRelay(self.hostns, ("127.0.0.1", port))
+        self.relays.append(r)
+        return r.port
 
 
 @pytest.fixture
@@ -130,29 +221,107 @@ def write_config(root, text):
     return path
 
 
+def sh(*argv, check=True):
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
+
+
+def host_netns(path):
+    """A network namespace bind-mounted at `path`: the "host" of an emberd under test, so
+    that the machine's real root namespace is never changed."""
+    open(path, "w").close()
+    sh("unshare", f"--net={path}", "true")
+    sh("nsenter", f"--net={path}", "ip", "link", "set", "lo", "up")
+    return path
+
+
+def processes_under(root):
+    """Pids whose working directory is `root` or below it (VMMs an emberd left running)."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{p}/cwd")
+        except OSError:
+            continue
+        if cwd == root or cwd.startswith(root + "/"):
+            out.append(int(p))
+    return out
+
+
+def cleanup_emberd_root(root):
+    """What sandboxes leave on the machine after their emberd stopped: VMM processes (they
+    survive the agent by design), namespaces under the test's netns_dir, the host namespace."""
+    for pid in processes_under(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while processes_under(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    nsdir = os.path.join(root, "netns")
+    for f in os.listdir(nsdir) if os.path.isdir(nsdir) else []:
+        sh("umount", "-l", os.path.join(nsdir, f), check=False)
+    hostns = os.path.join(root, "hostns")
+    if os.path.exists(hostns):
+        sh("umount", "-l", hostns, check=False)
+
+
 @pytest.fixture
 def start_emberd(workdir, procs):
-    """start_emberd(config_text="", args=[], wait=True) -> Emberd"""
-    counter = [0]
+    """start_emberd(config_text="", args=[], wait=True, root=None) -> Emberd
 
-    def start(config_text="", args=(), wait=True, root=None):
+    emberd runs in a network namespace of the test's own (its slots' namespaces are
+    bind-mounted under <root>/netns), so nothing of the machine's root namespace changes."""
+    counter = [0]
+    roots = []
+
+    def start(config_text="", args=(), wait=True, root=None, hostns=None, env=None):
         counter[0] += 1
         root = root or os.path.join(workdir, f"n{counter[0]}")
         os.makedirs(root, exist_ok=True)
-        conf = write_config(root, config_text)
-        argv = [os.path.join(BUILD, "emberd"), "--config", conf,
+        if root not in roots:
+            roots.append(root)
+        if hostns is None:
+            hostns = os.path.join(root, "hostns")
+            if not os.path.exists(hostns):
+                host_netns(hostns)
+        conf = write_config(root, f"[network]\nnetns_dir = {root}/netns\n"
+                                  "[sandboxes]\nmemory_reserve_mib = 0\n" + config_text)
+        argv = ["nsenter", f"--net={hostns}", os.path.join(BUILD, "emberd"), "--config", conf,
                 "--state-dir", os.path.join(root, "state"),
                 "--run-dir", os.path.join(root, "run")] + list(args)
-        proc = Proc(argv, os.path.join(root, f"emberd-{len(procs)}.log"))
+        proc = Proc(argv, os.path.join(root, f"emberd-{len(procs)}.log"), env=env)
         procs.append(proc)
         e = Emberd(root, proc, os.path.join(root, "run", "ember.sock"))
+        e.hostns = hostns
         if wait:
-            wait_for(lambda: not proc.alive() or health_serving(e.target), 15,
+            wait_for(lambda: not proc.alive() or health_serving(e.target), 30,
                      "emberd to serve")
             assert proc.alive(), f"emberd exited early:\n{proc.log()}"
         return e
 
-    return start
+    emberds = []
+    orig = start
+
+    def start_tracked(*a, **kw):
+        e = orig(*a, **kw)
+        emberds.append(e)
+        return e
+
+    yield start_tracked
+    for e in emberds:
+        for r in e.relays:
+            r.close()
+    for p in procs:
+        if p.argv[0] == "nsenter" and p.alive():
+            p.signal(signal.SIGTERM)
+            if p.wait(30) is None:
+                p.signal(signal.SIGKILL)
+                p.wait(10)
+    for root in roots:
+        cleanup_emberd_root(root)
 
 
 @pytest.fixture

@@ -75,6 +75,7 @@ def test_mtls(start_emberd, pki):
                      f"tls_cert = {pki}/server.crt\ntls_key = {pki}/server.key\n"
                      f"tls_client_ca = {pki}/ca.crt\n")
     assert "mutual TLS" in e.proc.log()
+    port = e.tcp_port(port)
     with tls_channel(port, pki, "client") as ch:
         info = get_node(ch)
     with e.channel() as ch:
@@ -101,7 +102,7 @@ def test_tcp_without_tls_is_refused_unless_insecure(start_emberd, workdir):
 
     e = start_emberd(f"[api]\ntcp_listen = 127.0.0.1:{port}\ninsecure_tcp = true\n")
     assert "plaintext without authentication" in e.proc.log()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{e.tcp_port(port)}") as ch:
         assert get_node(ch).agent_version
 
 
@@ -110,8 +111,8 @@ def test_tcp_port_is_not_shared(start_emberd):
     port = free_port()
     conf = f"[api]\ntcp_listen = 127.0.0.1:{port}\ninsecure_tcp = true\n"
     first = start_emberd(conf)
-    second = start_emberd(conf, wait=False)
+    second = start_emberd(conf, wait=False, hostns=first.hostns)
     assert second.proc.wait(15) == 1
     assert f"127.0.0.1:{port}" in second.proc.log()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{first.tcp_port(port)}") as ch:
         assert get_node(ch).node_id == get_node(first.channel()).node_id

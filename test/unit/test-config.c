@@ -212,14 +212,19 @@ static void test_key_table(void **state)
 	Fixture *fx = *state;
 	size_t n = config_n_keys();
 
-	assert_int_equal(n, 16);
+	assert_int_equal(n, 35);
 	assert_null(config_key_info(n));
 	for (size_t i = 0; i < n; i++) {
 		const ConfigKeyInfo *k = config_key_info(i);
 		_cleanup_free_ char *dumped = NULL;
 
 		assert_non_null(k);
-		assert_true(strcmp(k->section, "agent") == 0 || strcmp(k->section, "api") == 0);
+		static const char *const sections[] = {"agent",   "api",       "vmm",      "storage",
+						       "network", "sandboxes", "templates"};
+		bool known = false;
+		for (size_t j = 0; j < ELEMENTSOF(sections); j++)
+			known = known || strcmp(k->section, sections[j]) == 0;
+		assert_true(known);
 		assert_true(k->key[0] && k->allowed[0] && k->doc[0]);
 		assert_non_null(k->default_value);
 		for (size_t j = 0; j < i; j++)
@@ -255,6 +260,8 @@ static void test_good_file(void **state)
 				 "state_dir = /srv/ember/state\n"
 				 "run_dir=/srv/ember/run\n"
 				 "log_level = debug\n"
+				 "\n"
+				 "[vmm]\n"
 				 "firecracker_bin = /usr/bin/fcsim\n"
 				 "\n"
 				 "[api]\n"
@@ -317,8 +324,8 @@ static void test_good_values(void **state)
 		{"api", "tcp_listen", "", ""},
 		{"api", "socket", "", ""},
 		{"api", "tls_cert", "/etc/ember/cert.pem", "/etc/ember/cert.pem"},
-		{"agent", "firecracker_bin", "/opt/fc/firecracker", "/opt/fc/firecracker"},
-		{"agent", "firecracker_bin", "fcsim", "fcsim"},
+		{"vmm", "firecracker_bin", "/opt/fc/firecracker", "/opt/fc/firecracker"},
+		{"vmm", "firecracker_bin", "fcsim", "fcsim"},
 		{"agent", "log_level", "err", "err"},
 		{"agent", "log_level", "error", "err"},
 		{"agent", "log_level", "warning", "warning"},
@@ -372,8 +379,8 @@ static const BadValue bad_values[] = {
 	{"agent", "log_level", "verbose", "debug, info, notice, warning or err"},
 	{"agent", "log_level", "crit", "debug, info, notice, warning or err"},
 	{"agent", "log_level", "", "debug, info, notice, warning or err"},
-	{"agent", "firecracker_bin", "bin/firecracker", "absolute path"},
-	{"agent", "firecracker_bin", "", "absolute path"},
+	{"vmm", "firecracker_bin", "bin/firecracker", "absolute path"},
+	{"vmm", "firecracker_bin", "", "absolute path"},
 	{"api", "socket", "run/ember.sock", "an absolute path"},
 	{"api", "tls_cert", "cert.pem", "an absolute path"},
 	{"api", "tls_key", "~/key.pem", "an absolute path"},
@@ -769,6 +776,7 @@ static void test_dump_roundtrip_values(void **state)
 				 "state_dir = /srv/ember/state\n"
 				 "run_dir = /srv/ember/run\n"
 				 "log_level = notice\n"
+				 "[vmm]\n"
 				 "firecracker_bin = fcsim\n"
 				 "[api]\n"
 				 "socket = /srv/ember/api.sock\n"

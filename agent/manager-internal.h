@@ -1,0 +1,275 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The sandbox manager's structures, shared by its files:
+ *   sandbox.c      registry, state machine, waiters, worker pool, VMM exit watch
+ *   sandbox-ops.c  the create and destroy flows, step by step, with unwinding and timing
+ *   template.c     the template store
+ *   record.c       records on disk (JSON, written atomically)
+ *   events.c       revisions and the bounded event log behind WatchSandboxes
+ *   recover.c      start-up: records, adoption of live VMMs, reclaim of leftovers
+ *   node-sandbox.c the protobuf mapping and the gRPC handlers
+ *
+ * Locking: one manager mutex (Manager.lock) guards the registries and every Sandbox and
+ * Template field marked (L). It is never held across slow work (process start, disk, network,
+ * waiting for the guest). The event log has its own lock, taken inside Manager.lock when an
+ * event is recorded, so that revisions follow the order of the changes.
+ */
+#pragma once
+
+#include <dirent.h>
+#include <json-c/json.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "ember/v1/node.pb-c.h"
+#include "fcctl/fcctl.h"
+#include "manager.h"
+#include "netns/netns.h"
+#include "rpc.h"
+#include "storage/storage.h"
+
+/* TODO(lead): one closedir cleanup in common/ once storage's copy moves there. */
+static inline void agent_closedirp(DIR **d)
+{
+	if (*d)
+		closedir(*d);
+}
+
+/* ---- specs ---- */
+
+typedef struct KeyValue {
+	char *key;
+	char *value;
+} KeyValue;
+
+/* A sorted (by key), owned list of labels or env entries. */
+typedef struct KvList {
+	KeyValue *items;
+	size_t n;
+} KvList;
+
+typedef struct StrList {
+	char **items;
+	size_t n;
+} StrList;
+
+/* SandboxSpec with defaults applied: what the idempotency check compares. */
+typedef struct SbSpec {
+	char *template_id; /* exactly one of template_id and snapshot_id */
+	char *snapshot_id;
+	unsigned vcpu_count;
+	unsigned memory_mib;
+	uint64_t disk_size_mib;
+	bool allow_internet;
+	StrList allow_cidrs;
+	StrList deny_cidrs;
+	KvList labels;
+	KvList env;
+} SbSpec;
+
+void kv_list_done(KvList *l);
+void str_list_done(StrList *l);
+void sb_spec_done(SbSpec *s);
+bool sb_spec_equal(const SbSpec *a, const SbSpec *b);
+bool kv_list_equal(const KvList *a, const KvList *b);
+/* True when every selector entry is in labels with the same value. */
+bool kv_list_matches(const KvList *labels, const KvList *selector);
+
+/* ---- templates ---- */
+
+typedef struct TemplateFileInfo {
+	char *path; /* NULL: no such file (initrd) */
+	uint64_t size_bytes;
+	char sha256[65];
+	char *source;
+} TemplateFileInfo;
+
+typedef struct Template {
+	char *id;
+	Ember__V1__TemplateState state;
+	char *state_reason;
+	TemplateFileInfo kernel, rootfs, initrd;
+	char *boot_args;
+	uint64_t rootfs_disk_used;
+	KvList labels;
+	struct timespec create_time;
+	unsigned sandbox_count; /* (L) sandboxes, in any state, descending from it */
+	unsigned snapshot_count;
+} Template;
+
+void template_free(Template *t);
+
+/* ---- sandboxes ---- */
+
+typedef enum SbOp {
+	SB_OP_NONE,
+	SB_OP_CREATE,
+	SB_OP_DESTROY,
+} SbOp;
+
+typedef struct Waiter Waiter;
+struct Waiter {
+	RpcCall *call;
+	Waiter *next;
+};
+
+typedef struct Sandbox Sandbox;
+struct Sandbox {
+	char id[64];
+	SbSpec spec;
+	char *template_id; /* the template it descends from */
+	Template *tmpl;    /* (L) held: counts in tmpl->sandbox_count */
+
+	Ember__V1__SandboxState state; /* (L) */
+	char *state_reason;            /* (L) */
+	uint64_t revision;             /* (L) */
+	struct timespec create_time, update_time;
+	char *fc_version;
+
+	/* Resources, owned by whichever operation runs (only one at a time). */
+	NetnsSlot *slot;
+	char *sandbox_ip; /* (L) */
+	FcVm *vm;
+	pid_t vmm_pid;
+	char *device;   /* what the VMM's rootfs link points to */
+	bool watched;   /* the VMM's pidfd is in the event loop */
+	char *run_dir;  /* <run_dir>/sandboxes/<id> */
+	char *data_dir; /* <state_dir>/sandboxes/<id> */
+	char *cow_path;
+
+	/* Operation state (L). */
+	SbOp op;             /* running (or queued) operation */
+	bool abort;          /* DestroySandbox asked the running operation to give up */
+	bool destroy_next;   /* run the destroy flow once the running operation ended */
+	bool removed;        /* gone from the registry: waiters stop waiting */
+	bool create_done;    /* the create finished: create_code says how */
+	bool destroy_failed; /* the last destroy failed (state FAILED says why) */
+	RpcCode create_code;
+	char *create_error;
+	Waiter *waiters;
+
+	unsigned refs; /* (L) registry + every thread holding a pointer */
+	Sandbox *hnext;
+};
+
+/* ---- events ---- */
+
+typedef struct Events Events;
+
+int events_new(const char *state_dir, size_t capacity, Events **ret, char **ret_error);
+void events_free(Events *e);
+/* Records a change: `sandbox` (changed), or `removed_id` (removed). Returns its revision.
+ * Called with Manager.lock held. The watchers are woken. */
+uint64_t events_record(Events *e, const Ember__V1__Sandbox *sandbox, const char *removed_id);
+uint64_t events_revision(Events *e);
+/* Copies the packed events after `since` into *ret (caller frees each and the array): 1 when
+ * they are all retained, 0 when the watcher must resync (too old, or newer than the node). */
+typedef struct PackedEvent {
+	uint64_t revision;
+	uint8_t *data;
+	size_t size;
+} PackedEvent;
+int events_since(Events *e, uint64_t since, size_t max, PackedEvent **ret, size_t *ret_n);
+void packed_events_free(PackedEvent *ev, size_t n);
+int events_watch_add(Events *e, RpcCall *call);
+void events_watch_remove(Events *e, RpcCall *call);
+
+/* ---- the manager ---- */
+
+typedef struct Job Job;
+struct Job {
+	Sandbox *sb; /* holds a reference */
+	SbOp op;
+	Job *next;
+};
+
+struct Manager {
+	const Config *config;
+	VmmInfo vmm;
+	Storage *storage;
+	NetnsPool *pool;
+	NetnsConfig netcfg;
+	char *netns_state;
+	char *uplink; /* resolved, or NULL */
+	Events *events;
+	char *templates_dir, *sandboxes_dir, *run_sandboxes_dir;
+
+	pthread_mutex_t lock;
+	/* registry (L) */
+	Sandbox **buckets;
+	size_t n_buckets;
+	size_t n_sandboxes;
+	unsigned n_creating; /* admission counts creates in flight */
+	Template **templates;
+	size_t n_templates;
+
+	/* worker pool */
+	pthread_cond_t jobs_cond;
+	Job *jobs_head, *jobs_tail;
+	pthread_t *workers;
+	size_t n_workers;
+	bool stopping;
+
+	/* VMM exit watch */
+	int epoll_fd;
+	int stop_fd; /* eventfd */
+	pthread_t loop_thread;
+	bool loop_started;
+};
+
+/* sandbox.c */
+Sandbox *manager_find_locked(Manager *m, const char *id);
+void manager_insert_locked(Manager *m, Sandbox *sb);
+void manager_remove_locked(Manager *m, Sandbox *sb);
+void sandbox_ref_locked(Sandbox *sb);
+void sandbox_unref(Manager *m, Sandbox *sb);
+void sandbox_unref_locked(Manager *m, Sandbox *sb);
+Sandbox *sandbox_new(const char *id);
+/* Changes state (and reason), records an event and wakes the waiters. (L) */
+void sandbox_set_state_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
+			      const char *reason);
+void sandbox_wake_locked(Sandbox *sb);
+void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op);
+int manager_watch_vmm(Manager *m, Sandbox *sb);
+void manager_unwatch_vmm(Manager *m, Sandbox *sb);
+
+/* sandbox-ops.c */
+void sandbox_op_create(Manager *m, Sandbox *sb);
+void sandbox_op_destroy(Manager *m, Sandbox *sb);
+/* Releases every runtime resource (VMM, disk device, slot, run dir) the sandbox holds; keeps
+ * its files. Used by destroy, by a failed create's unwind and when a VMM died. */
+int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error);
+/* Writes the record of `sb` (state as given). */
+int sandbox_record_write(Manager *m, Sandbox *sb);
+
+/* template.c */
+Template *manager_template_find_locked(Manager *m, const char *id);
+int manager_templates_load(Manager *m);
+
+/* record.c */
+int record_write(const char *path, json_object *obj);
+int record_read(const char *path, json_object **ret, char **ret_error);
+/* Moves a record that cannot be used aside (<state_dir>/quarantine/) and logs it. */
+void record_quarantine(const Config *c, const char *dir, const char *why);
+json_object *kv_list_to_json(const KvList *l);
+int kv_list_from_json(json_object *o, KvList *ret);
+json_object *str_list_to_json(const StrList *l);
+int str_list_from_json(json_object *o, StrList *ret);
+json_object *sb_spec_to_json(const SbSpec *s);
+int sb_spec_from_json(json_object *o, SbSpec *ret);
+const char *json_get_string(json_object *o, const char *key);
+uint64_t json_get_u64(json_object *o, const char *key);
+json_object *timespec_to_json(const struct timespec *ts);
+void timespec_from_json(json_object *o, struct timespec *ret);
+
+/* recover.c */
+int manager_recover(Manager *m, char **ret_error);
+
+int manager_template_register(Manager *m, const char *id, const char *kernel, const char *rootfs,
+			      const char *initrd, const char *boot_args, KvList *labels,
+			      Template **ret_existing, char **ret_error);
+
+/* Milliseconds of CLOCK_MONOTONIC. */
+uint64_t now_ms(void);

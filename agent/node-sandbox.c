@@ -1,0 +1,818 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * CreateSandbox, GetSandbox, ListSandboxes, DestroySandbox and WatchSandboxes: validation
+ * (node.proto's rules, with messages that say what to fix), the protobuf mapping, and the
+ * waits. A handler never does lifecycle work itself: it starts or joins an operation on the
+ * manager's workers and waits for its outcome, so a client that goes away abandons only its
+ * wait.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/id.h"
+#include "common/log.h"
+#include "node-sandbox.h"
+
+/* ---- arena ---- */
+
+struct Arena {
+	void **ptrs;
+	size_t n, cap;
+};
+
+Arena *arena_new(void)
+{
+	return calloc(1, sizeof(Arena));
+}
+
+void arena_free(Arena *a)
+{
+	if (!a)
+		return;
+	for (size_t i = 0; i < a->n; i++)
+		free(a->ptrs[i]);
+	free(a->ptrs);
+	free(a);
+}
+
+void *arena_alloc(Arena *a, size_t size)
+{
+	void *p;
+
+	if (a->n == a->cap) {
+		size_t cap = a->cap ? a->cap * 2 : 64;
+		void **n = realloc(a->ptrs, cap * sizeof(void *));
+		if (!n)
+			return NULL;
+		a->ptrs = n;
+		a->cap = cap;
+	}
+	p = calloc(1, size ?: 1);
+	if (p)
+		a->ptrs[a->n++] = p;
+	return p;
+}
+
+char *arena_strdup(Arena *a, const char *s)
+{
+	size_t len = strlen(s ?: "");
+	char *p = arena_alloc(a, len + 1);
+
+	if (p)
+		memcpy(p, s ?: "", len);
+	return p;
+}
+
+/* ---- mapping ---- */
+
+Google__Protobuf__Timestamp *timestamp_to_pb(Arena *a, const struct timespec *ts)
+{
+	Google__Protobuf__Timestamp *t;
+
+	if (!ts->tv_sec && !ts->tv_nsec)
+		return NULL;
+	t = arena_alloc(a, sizeof(*t));
+	if (!t)
+		return NULL;
+	google__protobuf__timestamp__init(t);
+	t->seconds = ts->tv_sec;
+	t->nanos = (int32_t)ts->tv_nsec;
+	return t;
+}
+
+int kv_to_pb(Arena *a, const KvList *l, const ProtobufCMessageDescriptor *d, void *ret,
+	     size_t *ret_n)
+{
+	PbMapEntry **entries = arena_alloc(a, (l->n + 1) * sizeof(PbMapEntry *));
+
+	if (!entries)
+		return -ENOMEM;
+	for (size_t i = 0; i < l->n; i++) {
+		PbMapEntry *e = arena_alloc(a, d->sizeof_message);
+		if (!e)
+			return -ENOMEM;
+		protobuf_c_message_init(d, e);
+		e->key = arena_strdup(a, l->items[i].key);
+		e->value = arena_strdup(a, l->items[i].value);
+		entries[i] = e;
+	}
+	*(PbMapEntry ***)ret = entries;
+	*ret_n = l->n;
+	return 0;
+}
+
+static int str_list_to_pb(Arena *a, const StrList *l, char ***ret, size_t *ret_n)
+{
+	char **items = arena_alloc(a, (l->n + 1) * sizeof(char *));
+
+	if (!items)
+		return -ENOMEM;
+	for (size_t i = 0; i < l->n; i++)
+		if (!(items[i] = arena_strdup(a, l->items[i])))
+			return -ENOMEM;
+	*ret = items;
+	*ret_n = l->n;
+	return 0;
+}
+
+static Ember__V1__SandboxSpec *spec_to_pb(Arena *a, const SbSpec *s)
+{
+	Ember__V1__SandboxSpec *p = arena_alloc(a, sizeof(*p));
+	Ember__V1__NetworkPolicy *net = arena_alloc(a, sizeof(*net));
+
+	if (!p || !net)
+		return NULL;
+	ember__v1__sandbox_spec__init(p);
+	ember__v1__network_policy__init(net);
+	if (s->template_id) {
+		p->source_case = EMBER__V1__SANDBOX_SPEC__SOURCE_TEMPLATE_ID;
+		p->template_id = arena_strdup(a, s->template_id);
+	} else {
+		p->source_case = EMBER__V1__SANDBOX_SPEC__SOURCE_SNAPSHOT_ID;
+		p->snapshot_id = arena_strdup(a, s->snapshot_id);
+	}
+	p->vcpu_count = s->vcpu_count;
+	p->memory_mib = s->memory_mib;
+	p->disk_size_mib = s->disk_size_mib;
+	net->allow_internet = s->allow_internet;
+	if (str_list_to_pb(a, &s->allow_cidrs, &net->allow_cidrs, &net->n_allow_cidrs) < 0 ||
+	    str_list_to_pb(a, &s->deny_cidrs, &net->deny_cidrs, &net->n_deny_cidrs) < 0 ||
+	    kv_to_pb(a, &s->labels, &ember__v1__sandbox_spec__labels_entry__descriptor, &p->labels,
+		     &p->n_labels) < 0 ||
+	    kv_to_pb(a, &s->env, &ember__v1__sandbox_spec__env_entry__descriptor, &p->env,
+		     &p->n_env) < 0)
+		return NULL;
+	p->network = net;
+	return p;
+}
+
+Ember__V1__Sandbox *sandbox_to_pb(Arena *a, Sandbox *sb)
+{
+	Ember__V1__Sandbox *p = arena_alloc(a, sizeof(*p));
+
+	if (!p)
+		return NULL;
+	ember__v1__sandbox__init(p);
+	p->id = arena_strdup(a, sb->id);
+	p->spec = spec_to_pb(a, &sb->spec);
+	p->state = sb->state;
+	p->state_reason = arena_strdup(a, sb->state_reason);
+	p->sandbox_ip = arena_strdup(a, sb->sandbox_ip);
+	p->revision = sb->revision;
+	p->create_time = timestamp_to_pb(a, &sb->create_time);
+	p->update_time = timestamp_to_pb(a, &sb->update_time);
+	p->firecracker_version = arena_strdup(a, sb->fc_version);
+	p->template_id = arena_strdup(a, sb->template_id);
+	if (!p->id || !p->spec || !p->state_reason || !p->sandbox_ip || !p->firecracker_version ||
+	    !p->template_id)
+		return NULL;
+	/* disk_used_bytes is sampled where the lock is not held (sandbox_sample_usage). */
+	return p;
+}
+
+/* Real disk use of the sandbox's own layer, sampled outside the manager lock. */
+static void sample_usage(Ember__V1__Sandbox *p, const char *cow_path)
+{
+	uint64_t used = 0;
+
+	if (cow_path && storage_usage_file(cow_path, &used) >= 0)
+		p->disk_used_bytes = used;
+}
+
+/* ---- validation ---- */
+
+static bool label_key_valid(const char *k)
+{
+	size_t len = strlen(k);
+
+	if (len < 1 || len > 63)
+		return false;
+	for (const char *c = k; *c; c++)
+		if (!isalnum((unsigned char)*c) && !strchr("._/-", *c))
+			return false;
+	return true;
+}
+
+static bool utf8_valid(const char *s)
+{
+	const unsigned char *p = (const unsigned char *)s;
+
+	while (*p) {
+		int n = *p < 0x80             ? 0
+			: (*p & 0xe0) == 0xc0 ? 1
+			: (*p & 0xf0) == 0xe0 ? 2
+			: (*p & 0xf8) == 0xf0 ? 3
+					      : -1;
+		if (n < 0)
+			return false;
+		p++;
+		for (int i = 0; i < n; i++, p++)
+			if ((*p & 0xc0) != 0x80)
+				return false;
+	}
+	return true;
+}
+
+static bool env_name_valid(const char *k)
+{
+	if (!(isalpha((unsigned char)k[0]) || k[0] == '_'))
+		return false;
+	for (const char *c = k; *c; c++)
+		if (!isalnum((unsigned char)*c) && *c != '_')
+			return false;
+	return strlen(k) <= 255;
+}
+
+static int kv_cmp(const void *a, const void *b)
+{
+	return strcmp(((const KeyValue *)a)->key, ((const KeyValue *)b)->key);
+}
+
+RpcCode kv_from_pb(RpcCall *call, const char *what, KvKind kind, const void *entries, size_t n,
+		   KvList *ret)
+{
+	PbMapEntry *const *e = entries;
+	KvList l = {};
+
+	if (kind == KV_LABELS && n > 64)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "%s: %zu entries, at most 64",
+				      what, n);
+	if (kind == KV_ENV && n > 1024)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "%s: %zu entries, at most 1024",
+				      what, n);
+	for (size_t i = 0; i < n; i++) {
+		const char *k = e[i]->key ?: "", *v = e[i]->value ?: "";
+		if (kind == KV_LABELS && !label_key_valid(k))
+			return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+					      "%s: key \"%.80s\" must be 1-63 bytes of "
+					      "[A-Za-z0-9._/-]",
+					      what, k);
+		if (kind == KV_LABELS && (strlen(v) > 255 || !utf8_valid(v)))
+			return rpc_call_error(
+				call, RPC_INVALID_ARGUMENT,
+				"%s: the value of \"%s\" must be at most 255 bytes of "
+				"UTF-8",
+				what, k);
+		if (kind == KV_ENV && !env_name_valid(k))
+			return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+					      "%s: \"%.80s\" is not a variable name "
+					      "([A-Za-z_][A-Za-z0-9_]*)",
+					      what, k);
+		if (kind == KV_ENV && strlen(v) > 65536)
+			return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+					      "%s: the value of %s is longer than 64 KiB", what, k);
+	}
+	l.items = calloc(n + 1, sizeof(KeyValue));
+	if (!l.items)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	for (size_t i = 0; i < n; i++) {
+		l.items[i].key = strdup(e[i]->key ?: "");
+		l.items[i].value = strdup(e[i]->value ?: "");
+		l.n++;
+		if (!l.items[i].key || !l.items[i].value) {
+			kv_list_done(&l);
+			return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+		}
+	}
+	qsort(l.items, l.n, sizeof(KeyValue), kv_cmp);
+	for (size_t i = 1; i < l.n; i++)
+		if (strcmp(l.items[i - 1].key, l.items[i].key) == 0) {
+			RpcCode c = rpc_call_error(call, RPC_INVALID_ARGUMENT,
+						   "%s: key \"%s\" appears twice", what,
+						   l.items[i].key);
+			kv_list_done(&l);
+			return c;
+		}
+	*ret = l;
+	return RPC_OK;
+}
+
+static RpcCode cidrs_from_pb(RpcCall *call, const char *what, char *const *items, size_t n,
+			     StrList *ret)
+{
+	StrList l = {};
+
+	if (n > 256)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "%s: %zu entries, at most 256",
+				      what, n);
+	l.items = calloc(n + 1, sizeof(char *));
+	if (!l.items)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	for (size_t i = 0; i < n; i++) {
+		NetnsCidr c;
+		if (netns_cidr_parse(items[i], &c) < 0) {
+			str_list_done(&l);
+			return rpc_call_error(
+				call, RPC_INVALID_ARGUMENT,
+				"%s: \"%.80s\" is not an IPv4 CIDR a.b.c.d/n with the "
+				"host bits clear (or a bare address)",
+				what, items[i]);
+		}
+		l.items[l.n++] = strdup(items[i]);
+		if (!l.items[l.n - 1]) {
+			str_list_done(&l);
+			return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+		}
+	}
+	*ret = l;
+	return RPC_OK;
+}
+
+static RpcCode id_check(RpcCall *call, const char *field, const char *id)
+{
+	if (!id_is_valid(id))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "%s \"%.100s\" is not a valid id ([a-z0-9][a-z0-9-]{0,62})",
+				      field, id ?: "");
+	return RPC_OK;
+}
+
+static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxSpec *p, SbSpec *ret)
+{
+	const Config *c = m->config;
+	SbSpec s = {};
+	RpcCode code;
+
+	if (!p)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "spec is required");
+	if (p->source_case == EMBER__V1__SANDBOX_SPEC__SOURCE_SNAPSHOT_ID)
+		return rpc_call_error(call, RPC_UNIMPLEMENTED,
+				      "creating a sandbox from a snapshot is not implemented yet "
+				      "(issue \"Pause, resume, snapshots and forks\")");
+	if (p->source_case != EMBER__V1__SANDBOX_SPEC__SOURCE_TEMPLATE_ID)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "spec needs a source: template_id or snapshot_id");
+	if ((code = id_check(call, "spec.template_id", p->template_id)) != RPC_OK)
+		return code;
+	if (p->vcpu_count > 32)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "spec.vcpu_count %u is out of range (1..32, 0 means 1)",
+				      p->vcpu_count);
+	if (p->memory_mib && p->memory_mib < 128)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "spec.memory_mib %u is below 128 (0 means 512)",
+				      p->memory_mib);
+	if (p->memory_mib > 1048576)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "spec.memory_mib %u is above 1048576", p->memory_mib);
+	if (p->disk_size_mib > c->max_disk_mib)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "spec.disk_size_mib %llu is above this node's limit of %u "
+				      "([storage] max_disk_mib)",
+				      (unsigned long long)p->disk_size_mib, c->max_disk_mib);
+	s.template_id = strdup(p->template_id);
+	if (!s.template_id)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	s.vcpu_count = p->vcpu_count ?: 1;
+	s.memory_mib = p->memory_mib ?: 512;
+	s.disk_size_mib = p->disk_size_mib ?: c->default_disk_mib;
+	if (p->network) {
+		s.allow_internet = p->network->allow_internet;
+		if ((code = cidrs_from_pb(call, "spec.network.allow_cidrs", p->network->allow_cidrs,
+					  p->network->n_allow_cidrs, &s.allow_cidrs)) != RPC_OK ||
+		    (code = cidrs_from_pb(call, "spec.network.deny_cidrs", p->network->deny_cidrs,
+					  p->network->n_deny_cidrs, &s.deny_cidrs)) != RPC_OK) {
+			sb_spec_done(&s);
+			return code;
+		}
+	} else {
+		s.allow_internet = c->default_allow_internet;
+	}
+	if ((code = kv_from_pb(call, "spec.labels", KV_LABELS, p->labels, p->n_labels,
+			       &s.labels)) != RPC_OK ||
+	    (code = kv_from_pb(call, "spec.env", KV_ENV, p->env, p->n_env, &s.env)) != RPC_OK) {
+		sb_spec_done(&s);
+		return code;
+	}
+	*ret = s;
+	return RPC_OK;
+}
+
+/* ---- waiting ---- */
+
+/* With the lock held and a reference on sb: waits until done(sb). 0, or -ECANCELED (the
+ * client went away) or -ESHUTDOWN (emberd drains). */
+static int wait_sandbox_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*done)(Sandbox *))
+{
+	Waiter w = {.call = call, .next = sb->waiters};
+	int r = 0;
+
+	/* On our stack, and unlinked below before we return. */
+	// cppcheck-suppress autoVariables
+	sb->waiters = &w;
+	while (!done(sb)) {
+		pthread_mutex_unlock(&m->lock);
+		r = rpc_call_wait(call, -1);
+		pthread_mutex_lock(&m->lock);
+		if (r < 0)
+			break;
+	}
+	for (Waiter **p = &sb->waiters; *p; p = &(*p)->next)
+		if (*p == &w) {
+			*p = w.next;
+			break;
+		}
+	return done(sb) ? 0 : r;
+}
+
+static bool create_done(Sandbox *sb)
+{
+	return sb->create_done || sb->removed;
+}
+
+static bool destroy_done(Sandbox *sb)
+{
+	return sb->removed || sb->destroy_failed;
+}
+
+static RpcCode send_sandbox(RpcCall *call, Manager *m, Sandbox *sb)
+{
+	_cleanup_(arena_freep) Arena *a = arena_new();
+	Ember__V1__Sandbox *p;
+
+	if (!a)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	pthread_mutex_lock(&m->lock);
+	p = sandbox_to_pb(a, sb);
+	pthread_mutex_unlock(&m->lock);
+	if (!p)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	sample_usage(p, sb->cow_path);
+	return rpc_call_send(call, &p->base) < 0 ? RPC_CANCELLED : RPC_OK;
+}
+
+static RpcCode wait_error(RpcCall *call, int r, const char *what, const char *id)
+{
+	if (r == -ESHUTDOWN)
+		return rpc_call_error(call, RPC_UNAVAILABLE,
+				      "emberd is shutting down; the %s of %s goes on: retry to see "
+				      "its outcome",
+				      what, id);
+	return RPC_CANCELLED;
+}
+
+/* ---- handlers ---- */
+
+static uint64_t mem_available_mib(void)
+{
+	_cleanup_fclose_ FILE *f = fopen("/proc/meminfo", "re");
+	char line[256];
+	unsigned long long kb;
+
+	while (f && fgets(line, sizeof(line), f))
+		if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
+			return kb / 1024;
+	return UINT64_MAX;
+}
+
+RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__CreateSandboxRequest *req = (const void *)request;
+	const Config *c = m->config;
+	SbSpec spec = {};
+	Sandbox *sb;
+	RpcCode code;
+	int r;
+
+	if ((code = id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK)
+		return code;
+	if ((code = spec_from_pb(call, m, req->spec, &spec)) != RPC_OK)
+		return code;
+
+	/* Read before taking the lock: /proc is slow enough to matter under load. */
+	uint64_t avail = mem_available_mib();
+
+	pthread_mutex_lock(&m->lock);
+	sb = manager_find_locked(m, req->sandbox_id);
+	if (sb) {
+		if (!sb_spec_equal(&sb->spec, &spec)) {
+			pthread_mutex_unlock(&m->lock);
+			sb_spec_done(&spec);
+			return rpc_call_error(call, RPC_ALREADY_EXISTS,
+					      "sandbox %s exists with a different spec",
+					      req->sandbox_id);
+		}
+		sb_spec_done(&spec);
+		goto join;
+	}
+
+	Template *t = manager_template_find_locked(m, spec.template_id);
+	if (!t) {
+		pthread_mutex_unlock(&m->lock);
+		code = rpc_call_error(call, RPC_NOT_FOUND, "no template %s", spec.template_id);
+		sb_spec_done(&spec);
+		return code;
+	}
+	if (t->state != EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_READY) {
+		pthread_mutex_unlock(&m->lock);
+		code = rpc_call_error(call, RPC_FAILED_PRECONDITION, "template %s is not READY",
+				      spec.template_id);
+		sb_spec_done(&spec);
+		return code;
+	}
+	/* Admission, before any work: a refused create leaves no trace. */
+	NetnsPoolStats ps;
+	netns_pool_stats(m->pool, &ps);
+	const char *full = NULL;
+	char why[256];
+	if (m->n_sandboxes >= c->max_sandboxes) {
+		snprintf(why, sizeof(why),
+			 "the node holds %zu sandboxes, its limit "
+			 "([sandboxes] max_sandboxes)",
+			 m->n_sandboxes);
+		full = why;
+	} else if (ps.in_use + m->n_creating >= ps.max_slots) {
+		snprintf(why, sizeof(why), "all %u network slots are in use", ps.max_slots);
+		full = why;
+	} else if (avail < (uint64_t)c->memory_reserve_mib + spec.memory_mib) {
+		snprintf(why, sizeof(why),
+			 "not enough memory: %llu MiB available, %u MiB asked plus %u MiB kept in "
+			 "reserve ([sandboxes] memory_reserve_mib)",
+			 (unsigned long long)avail, spec.memory_mib, c->memory_reserve_mib);
+		full = why;
+	}
+	if (full) {
+		pthread_mutex_unlock(&m->lock);
+		sb_spec_done(&spec);
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "cannot create sandbox %s: %s",
+				      req->sandbox_id, full);
+	}
+
+	sb = sandbox_new(req->sandbox_id);
+	if (!sb || !(sb->template_id = strdup(t->id)) ||
+	    asprintf(&sb->data_dir, "%s/%s", m->sandboxes_dir, sb->id) < 0 ||
+	    asprintf(&sb->run_dir, "%s/%s", m->run_sandboxes_dir, sb->id) < 0 ||
+	    asprintf(&sb->cow_path, "%s/%s/cow.img", m->sandboxes_dir, sb->id) < 0 ||
+	    !(sb->fc_version = strdup(m->vmm.version))) {
+		pthread_mutex_unlock(&m->lock);
+		if (sb) {
+			sb->refs = 1;
+			sandbox_unref(m, sb);
+		}
+		sb_spec_done(&spec);
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	}
+	sb->spec = spec;
+	sb->tmpl = t;
+	clock_gettime(CLOCK_REALTIME, &sb->create_time);
+	manager_insert_locked(m, sb);
+	m->n_creating++;
+	sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_CREATING, NULL);
+	manager_submit_locked(m, sb, SB_OP_CREATE);
+
+join:
+	sandbox_ref_locked(sb);
+	r = wait_sandbox_locked(m, call, sb, create_done);
+	RpcCode outcome = RPC_OK;
+	_cleanup_free_ char *message = NULL;
+	if (r >= 0 && sb->create_done && sb->create_code != RPC_OK) {
+		outcome = sb->create_code;
+		message = strdup(sb->create_error ?: "create failed");
+	} else if (r >= 0 && sb->removed) {
+		outcome = RPC_ABORTED;
+		if (asprintf(&message, "sandbox %s was destroyed", sb->id) < 0)
+			message = NULL;
+	}
+	pthread_mutex_unlock(&m->lock);
+	if (r < 0) {
+		code = wait_error(call, r, "create", sb->id);
+	} else if (outcome != RPC_OK) {
+		code = rpc_call_error(call, outcome, "%s", message ?: "create failed");
+	} else {
+		code = send_sandbox(call, m, sb);
+	}
+	sandbox_unref(m, sb);
+	return code;
+}
+
+RpcCode node_get_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__GetSandboxRequest *req = (const void *)request;
+	Sandbox *sb;
+	RpcCode code;
+
+	if ((code = id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK)
+		return code;
+	pthread_mutex_lock(&m->lock);
+	sb = manager_find_locked(m, req->sandbox_id);
+	if (sb)
+		sandbox_ref_locked(sb);
+	pthread_mutex_unlock(&m->lock);
+	if (!sb)
+		return rpc_call_error(call, RPC_NOT_FOUND, "no sandbox %s", req->sandbox_id);
+	code = send_sandbox(call, m, sb);
+	sandbox_unref(m, sb);
+	return code;
+}
+
+typedef struct ListItem {
+	Ember__V1__Sandbox *pb;
+	const char *cow_path; /* a copy: the sandbox may go once the lock is released */
+} ListItem;
+
+static int list_item_cmp(const void *a, const void *b)
+{
+	return strcmp(((const ListItem *)a)->pb->id, ((const ListItem *)b)->pb->id);
+}
+
+/* Every sandbox matching the filters, built under the lock so that the set and `revision`
+ * agree, sorted by id. Usage is sampled afterwards (file system calls stay out of the lock). */
+static int collect_sandboxes(Manager *m, Arena *a, Ember__V1__SandboxState state,
+			     const KvList *selector, Ember__V1__Sandbox ***ret, size_t *ret_n,
+			     uint64_t *ret_revision)
+{
+	Ember__V1__Sandbox **list;
+	ListItem *items;
+	size_t n = 0;
+	int r = 0;
+
+	pthread_mutex_lock(&m->lock);
+	list = arena_alloc(a, (m->n_sandboxes + 1) * sizeof(Ember__V1__Sandbox *));
+	items = arena_alloc(a, (m->n_sandboxes + 1) * sizeof(*items));
+	for (size_t i = 0; list && items && i < m->n_buckets && r >= 0; i++)
+		for (Sandbox *sb = m->buckets[i]; sb; sb = sb->hnext) {
+			if (state && sb->state != state)
+				continue;
+			if (selector && !kv_list_matches(&sb->spec.labels, selector))
+				continue;
+			items[n].pb = sandbox_to_pb(a, sb);
+			items[n].cow_path = arena_strdup(a, sb->cow_path);
+			if (!items[n].pb || !items[n].cow_path) {
+				r = -ENOMEM;
+				break;
+			}
+			n++;
+		}
+	*ret_revision = events_revision(m->events);
+	pthread_mutex_unlock(&m->lock);
+	if (!list || !items)
+		return -ENOMEM;
+	if (r < 0)
+		return r;
+	qsort(items, n, sizeof(*items), list_item_cmp);
+	for (size_t i = 0; i < n; i++) {
+		sample_usage(items[i].pb, items[i].cow_path);
+		list[i] = items[i].pb;
+	}
+	*ret = list;
+	*ret_n = n;
+	return 0;
+}
+
+RpcCode node_list_sandboxes(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__ListSandboxesRequest *req = (const void *)request;
+	Ember__V1__ListSandboxesResponse resp = EMBER__V1__LIST_SANDBOXES_RESPONSE__INIT;
+	_cleanup_(arena_freep) Arena *a = arena_new();
+	KvList selector = {};
+	RpcCode code;
+	int r;
+
+	if (!a)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	if (!protobuf_c_enum_descriptor_get_value(&ember__v1__sandbox_state__descriptor,
+						  (int)req->state))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "state %d is not a SandboxState",
+				      (int)req->state);
+	code = kv_from_pb(call, "label_selector", KV_LABELS, req->label_selector,
+			  req->n_label_selector, &selector);
+	if (code != RPC_OK)
+		return code;
+	r = collect_sandboxes(m, a, req->state, &selector, &resp.sandboxes, &resp.n_sandboxes,
+			      &resp.revision);
+	kv_list_done(&selector);
+	if (r < 0)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	return rpc_call_send(call, &resp.base) < 0 ? RPC_CANCELLED : RPC_OK;
+}
+
+RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__DestroySandboxRequest *req = (const void *)request;
+	Ember__V1__DestroySandboxResponse resp = EMBER__V1__DESTROY_SANDBOX_RESPONSE__INIT;
+	_cleanup_free_ char *failure = NULL;
+	Sandbox *sb;
+	RpcCode code;
+	int r;
+
+	if ((code = id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK)
+		return code;
+	pthread_mutex_lock(&m->lock);
+	sb = manager_find_locked(m, req->sandbox_id);
+	if (!sb) {
+		pthread_mutex_unlock(&m->lock);
+		resp.found = false;
+		return rpc_call_send(call, &resp.base) < 0 ? RPC_CANCELLED : RPC_OK;
+	}
+	sandbox_ref_locked(sb);
+	resp.found = true;
+	if (sb->state != EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYING) {
+		sb->abort = true;
+		sb->destroy_failed = false;
+		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYING,
+					 NULL);
+		if (sb->op == SB_OP_NONE)
+			manager_submit_locked(m, sb, SB_OP_DESTROY);
+		else if (sb->op != SB_OP_DESTROY)
+			sb->destroy_next = true; /* the running operation gives up, then destroys */
+	}
+	r = wait_sandbox_locked(m, call, sb, destroy_done);
+	if (r >= 0 && !sb->removed)
+		failure = strdup(sb->state_reason ?: "destroy failed");
+	pthread_mutex_unlock(&m->lock);
+	sandbox_unref(m, sb);
+	if (r < 0)
+		return wait_error(call, r, "destroy", req->sandbox_id);
+	if (failure)
+		return rpc_call_error(call, RPC_INTERNAL, "sandbox %s: %s; retry DestroySandbox",
+				      req->sandbox_id, failure);
+	return rpc_call_send(call, &resp.base) < 0 ? RPC_CANCELLED : RPC_OK;
+}
+
+static RpcCode send_resync(RpcCall *call, Manager *m, uint64_t *since)
+{
+	Ember__V1__SandboxEvent ev = EMBER__V1__SANDBOX_EVENT__INIT;
+	Ember__V1__SandboxResync resync = EMBER__V1__SANDBOX_RESYNC__INIT;
+	_cleanup_(arena_freep) Arena *a = arena_new();
+	struct timespec now;
+	int r;
+
+	if (!a)
+		return RPC_RESOURCE_EXHAUSTED;
+	r = collect_sandboxes(m, a, 0, NULL, &resync.sandboxes, &resync.n_sandboxes, &ev.revision);
+	if (r < 0)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	clock_gettime(CLOCK_REALTIME, &now);
+	ev.time = timestamp_to_pb(a, &now);
+	ev.event_case = EMBER__V1__SANDBOX_EVENT__EVENT_RESYNC;
+	ev.resync = &resync;
+	if (rpc_call_send(call, &ev.base) < 0)
+		return RPC_CANCELLED;
+	*since = ev.revision;
+	return RPC_OK;
+}
+
+RpcCode node_watch_sandboxes(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__WatchSandboxesRequest *req = (const void *)request;
+	uint64_t since = req->since_revision;
+	bool resync = since == 0;
+	RpcCode code = RPC_OK;
+
+	if (events_watch_add(m->events, call) < 0)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	rpc_call_end_on_drain(call);
+	for (;;) {
+		PackedEvent *evs = NULL;
+		size_t n = 0;
+		int r;
+
+		if (resync) {
+			code = send_resync(call, m, &since);
+			if (code != RPC_OK)
+				break;
+			resync = false;
+		}
+		r = events_since(m->events, since, 256, &evs, &n);
+		if (r < 0) {
+			code = rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+			break;
+		}
+		if (r == 0) {
+			resync = true;
+			continue;
+		}
+		for (size_t i = 0; i < n && code == RPC_OK; i++) {
+			Ember__V1__SandboxEvent *ev =
+				ember__v1__sandbox_event__unpack(NULL, evs[i].size, evs[i].data);
+			if (!ev) {
+				code = rpc_call_error(call, RPC_INTERNAL, "cannot unpack an event");
+				break;
+			}
+			if (rpc_call_send(call, &ev->base) < 0)
+				code = RPC_CANCELLED;
+			ember__v1__sandbox_event__free_unpacked(ev, NULL);
+			since = evs[i].revision;
+		}
+		packed_events_free(evs, n);
+		if (code != RPC_OK)
+			break;
+		if (n == 0) {
+			r = rpc_call_wait(call, -1);
+			if (r == -ESHUTDOWN) {
+				code = rpc_call_error(call, RPC_UNAVAILABLE,
+						      "emberd is shutting down");
+				break;
+			}
+			if (r < 0) {
+				code = RPC_CANCELLED;
+				break;
+			}
+		}
+	}
+	events_watch_remove(m->events, call);
+	return code;
+}

@@ -1,0 +1,47 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The Node service's template, sandbox and watch calls: protobuf in, the manager's calls, and
+ * protobuf out. Messages are built with pointers into the manager's structures (under its
+ * lock) and into an arena that the handler frees after sending.
+ */
+#pragma once
+
+#include "manager-internal.h"
+
+typedef struct Arena Arena;
+Arena *arena_new(void);
+void arena_free(Arena *a);
+DEFINE_POINTER_CLEANUP(Arena, arena_free)
+void *arena_alloc(Arena *a, size_t size); /* zeroed */
+char *arena_strdup(Arena *a, const char *s);
+
+Google__Protobuf__Timestamp *timestamp_to_pb(Arena *a, const struct timespec *ts);
+/* Every map<string,string> entry type protobuf-c generates has this layout. */
+typedef struct PbMapEntry {
+	ProtobufCMessage base;
+	char *key;
+	char *value;
+} PbMapEntry;
+/* Fills a map field (`ret` is the field's `Xxx__Entry ***`) from l, entries of descriptor d. */
+int kv_to_pb(Arena *a, const KvList *l, const ProtobufCMessageDescriptor *d, void *ret,
+	     size_t *ret_n);
+typedef enum KvKind {
+	KV_LABELS, /* node.proto's label rules */
+	KV_ENV,    /* environment names and values */
+} KvKind;
+/* Validates a map field (`entries` is the field's `Xxx__Entry **`) into a sorted list; on
+ * failure the call's status is set and returned. `what` names the field. */
+RpcCode kv_from_pb(RpcCall *call, const char *what, KvKind kind, const void *entries, size_t n,
+		   KvList *ret);
+/* (L) */
+Ember__V1__Sandbox *sandbox_to_pb(Arena *a, Sandbox *sb);
+
+RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_get_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_list_templates(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_get_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_list_sandboxes(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_watch_sandboxes(RpcCall *call, const ProtobufCMessage *request, Manager *m);

@@ -1,0 +1,357 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Start-up: the agent is not the sandboxes (DESIGN.md §8). Read every sandbox record, adopt
+ * the VMMs that are still alive (pidfd plus fcctl's /proc checks), re-take their disks and
+ * network slots, mark those whose VMM died FAILED, finish or undo what a crash interrupted
+ * (a create is undone, a destroy finished), and reclaim what no record claims: namespaces,
+ * dm devices and loops, VMM processes and run directories. Only under this agent's own
+ * state_dir, run_dir and netns_dir: another emberd's sandboxes are never touched.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "common/error.h"
+#include "common/fileio.h"
+#include "common/id.h"
+#include "common/log.h"
+#include "messages.h"
+#include "node-sandbox.h"
+
+static Ember__V1__SandboxState state_from_name(const char *name)
+{
+	_cleanup_free_ char *full = NULL;
+	const ProtobufCEnumValue *v;
+
+	if (!name || asprintf(&full, "SANDBOX_STATE_%s", name) < 0)
+		return EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_UNSPECIFIED;
+	v = protobuf_c_enum_descriptor_get_value_by_name(&ember__v1__sandbox_state__descriptor,
+							 full);
+	return v ? (Ember__V1__SandboxState)v->value
+		 : EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_UNSPECIFIED;
+}
+
+static int sandbox_from_record(Manager *m, const char *id, json_object *o, Sandbox **ret,
+			       pid_t *ret_pid, const char **ret_binary)
+{
+	Sandbox *sb;
+	json_object *v;
+	const char *s;
+	int r;
+
+	s = json_get_string(o, "id");
+	if (!s || strcmp(s, id) != 0)
+		return -EBADMSG;
+	sb = sandbox_new(id);
+	if (!sb)
+		return -ENOMEM;
+	if (!json_object_object_get_ex(o, "spec", &v) || sb_spec_from_json(v, &sb->spec) < 0)
+		goto bad;
+	s = json_get_string(o, "template_id");
+	sb->template_id = strdup(s ?: "");
+	sb->state = state_from_name(json_get_string(o, "state"));
+	s = json_get_string(o, "state_reason");
+	sb->state_reason = s && s[0] ? strdup(s) : NULL;
+	sb->revision = json_get_u64(o, "revision");
+	if (json_object_object_get_ex(o, "create_time", &v))
+		timespec_from_json(v, &sb->create_time);
+	if (json_object_object_get_ex(o, "update_time", &v))
+		timespec_from_json(v, &sb->update_time);
+	s = json_get_string(o, "firecracker_version");
+	sb->fc_version = strdup(s ?: "");
+	*ret_pid = json_object_object_get_ex(o, "vmm_pid", &v) ? (pid_t)json_object_get_int(v) : -1;
+	*ret_binary = json_get_string(o, "vmm_binary");
+	s = json_get_string(o, "cow_path");
+	if (!s || !sb->template_id || !sb->fc_version ||
+	    sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_UNSPECIFIED)
+		goto bad;
+	sb->cow_path = strdup(s);
+	if (asprintf(&sb->data_dir, "%s/%s", m->sandboxes_dir, id) < 0 ||
+	    asprintf(&sb->run_dir, "%s/%s", m->run_sandboxes_dir, id) < 0 || !sb->cow_path) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	sb->tmpl = manager_template_find_locked(m, sb->template_id);
+	if (!sb->tmpl)
+		goto bad;
+	sb->refs = 0;
+	*ret = sb;
+	return 0;
+bad:
+	r = -EBADMSG;
+fail:
+	sb->refs = 1;
+	sandbox_unref_locked(m, sb);
+	return r;
+}
+
+/* Ends a VMM that belongs to no sandbox we keep: adopted first, so that the pid is surely
+ * the VMM and not a process that reused the number. */
+static void stop_stray_vmm(pid_t pid, const char *binary, const char *id, const char *run_dir)
+{
+	_cleanup_free_ char *err = NULL;
+	FcVm *vm = NULL;
+	FcExit ex;
+
+	if (pid <= 0 || !binary)
+		return;
+	if (fcctl_vm_adopt(pid, binary, id, run_dir, &vm, &err) < 0)
+		return;
+	log_info("stopping VMM pid %d of sandbox %s, which is not kept", (int)pid, id);
+	(void)fcctl_vm_stop(vm, 5000, &ex);
+	fcctl_vm_free(vm);
+}
+
+/* Processes working in one of our run directories whose sandbox is not kept: a VMM (or
+ * helper) that a crash left without a record. */
+static unsigned reclaim_processes(Manager *m, char **keep, size_t n_keep)
+{
+	_cleanup_(agent_closedirp) DIR *d = opendir("/proc");
+	size_t len = strlen(m->run_sandboxes_dir);
+	struct dirent *de;
+	unsigned killed = 0;
+
+	while (d && (de = readdir(d))) {
+		char path[64], cwd[PATH_MAX];
+		ssize_t n;
+		pid_t pid = (pid_t)atoi(de->d_name);
+
+		if (pid <= 0 || pid == getpid())
+			continue;
+		snprintf(path, sizeof(path), "/proc/%d/cwd", (int)pid);
+		n = readlink(path, cwd, sizeof(cwd) - 1);
+		if (n <= 0)
+			continue;
+		cwd[n] = 0;
+		if (strncmp(cwd, m->run_sandboxes_dir, len) != 0 || cwd[len] != '/')
+			continue;
+		char *id = cwd + len + 1;
+		id[strcspn(id, "/")] = 0;
+		bool kept = false;
+		for (size_t i = 0; i < n_keep && !kept; i++)
+			kept = strcmp(keep[i], id) == 0;
+		if (kept)
+			continue;
+		int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+		if (pidfd < 0)
+			continue;
+		/* The cwd again, through the pidfd's process: the pid cannot have been reused
+		 * between the check and the kill. */
+		n = readlink(path, cwd, sizeof(cwd) - 1);
+		if (n > 0 && (size_t)n > len && strncmp(cwd, m->run_sandboxes_dir, len) == 0 &&
+		    syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0) == 0) {
+			log_info("killed process %d left in %.*s by an earlier run", (int)pid,
+				 (int)n, cwd);
+			killed++;
+		}
+		close(pidfd);
+	}
+	return killed;
+}
+
+int manager_recover(Manager *m, char **ret_error)
+{
+	_cleanup_free_ Sandbox **loaded = NULL;
+	_cleanup_free_ char **keep = NULL;
+	size_t n_loaded = 0, n_keep = 0, cap = 0;
+	unsigned adopted = 0, failed = 0, undone = 0;
+	_cleanup_(agent_closedirp) DIR *d = opendir(m->sandboxes_dir);
+	struct dirent *de;
+	int r;
+
+	while (d && (de = readdir(d))) {
+		_cleanup_free_ char *dir = NULL, *rec = NULL, *err = NULL;
+		json_object *o = NULL;
+		Sandbox *sb = NULL;
+		pid_t pid = -1;
+		const char *binary = NULL;
+
+		if (de->d_name[0] == '.')
+			continue;
+		if (asprintf(&dir, "%s/%s", m->sandboxes_dir, de->d_name) < 0 ||
+		    asprintf(&rec, "%s/sandbox.json", dir) < 0)
+			return -ENOMEM;
+		if (!id_is_valid(de->d_name)) {
+			record_quarantine(m->config, dir, "not a sandbox id");
+			continue;
+		}
+		r = record_read(rec, &o, &err);
+		if (r == -ENOENT) {
+			/* A create that crashed before its first record: nothing to keep. */
+			(void)rm_rf(dir);
+			continue;
+		}
+		if (r >= 0) {
+			r = sandbox_from_record(m, de->d_name, o, &sb, &pid, &binary);
+			if (r < 0 && !err &&
+			    asprintf(&err, "%s: not a usable sandbox record", rec) < 0)
+				err = NULL;
+		}
+		if (r < 0) {
+			json_object_put(o);
+			record_quarantine(m->config, dir, err ?: "unreadable");
+			continue;
+		}
+
+		switch (sb->state) {
+		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING: {
+			_cleanup_free_ char *aerr = NULL;
+			r = pid > 0 && binary ? fcctl_vm_adopt(pid, binary, sb->id, sb->run_dir,
+							       &sb->vm, &aerr)
+					      : -ESRCH;
+			if (r >= 0) {
+				sb->vmm_pid = pid;
+				break;
+			}
+			_cleanup_free_ char *reason = NULL;
+			if (asprintf(&reason, "its VMM (pid %d) was gone when emberd started: %s",
+				     (int)pid, aerr ?: strerror(-r)) < 0)
+				reason = NULL;
+			free(sb->state_reason);
+			sb->state_reason = TAKE_PTR(reason);
+			sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED;
+			failed++;
+			log_struct(LOG_WARNING, 0,
+				   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_FAILED},
+					      {"SANDBOX_ID", sb->id}, {"OP", "recover"}),
+				   "sandbox %s FAILED: %s", sb->id, sb->state_reason ?: "");
+			break;
+		}
+		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED:
+			break;
+		default:
+			/* CREATING: the create died with the agent, so it is undone, as a failed
+			 * create is. DESTROYING: the destroy is finished. Either way the sandbox
+			 * goes; reclaim below removes its devices, slot and processes. */
+			stop_stray_vmm(pid, binary, sb->id, sb->run_dir);
+			log_info("sandbox %s was %s when emberd stopped: removing it", sb->id,
+				 json_get_string(o, "state"));
+			(void)rm_rf(dir);
+			(void)rm_rf(sb->run_dir);
+			sb->refs = 1;
+			sandbox_unref_locked(m, sb);
+			sb = NULL;
+			undone++;
+			break;
+		}
+		json_object_put(o);
+		if (!sb)
+			continue;
+		if (n_loaded == cap) {
+			cap = cap ? cap * 2 : 64;
+			Sandbox **nl = realloc(loaded, cap * sizeof(Sandbox *));
+			char **nk = realloc(keep, (cap + 1) * sizeof(*nk));
+			if (nl)
+				loaded = nl;
+			if (nk)
+				keep = nk;
+			if (!nl || !nk)
+				return -ENOMEM;
+		}
+		loaded[n_loaded++] = sb;
+		if (sb->vm)
+			keep[n_keep++] = sb->id;
+	}
+
+	/* Network: slots of adopted sandboxes stay, every other ember namespace goes. */
+	NetnsReclaimResult nres = {};
+	_cleanup_free_ char *nerr = NULL;
+	r = netns_reclaim(&m->netcfg, (const char *const *)keep, n_keep, &nres, &nerr);
+	if (r < 0)
+		log_warning("network reclaim: %s", nerr ?: strerror(-r));
+	r = netns_pool_new(&m->netcfg, &m->pool, ret_error);
+	if (r < 0) {
+		for (size_t i = 0; i < n_loaded; i++) {
+			loaded[i]->refs = 1;
+			sandbox_unref_locked(m, loaded[i]);
+		}
+		return r;
+	}
+
+	for (size_t i = 0; i < n_loaded; i++) {
+		Sandbox *sb = loaded[i];
+		_cleanup_free_ char *err = NULL;
+
+		if (!sb->vm)
+			continue;
+		r = netns_slot_find(m->pool, sb->id, &sb->slot);
+		if (r >= 0) {
+			sb->sandbox_ip = strdup(netns_slot_sandbox_ip(sb->slot));
+			StorageDiskSpec spec = {.id = sb->id,
+						.base_image = sb->tmpl->rootfs.path,
+						.cow_path = sb->cow_path,
+						.cow_size = sb->spec.disk_size_mib << 20};
+			r = storage_disk_restore(m->storage, &spec, &sb->device, &err);
+		} else if (asprintf(&err, "its network slot is gone") < 0)
+			err = NULL;
+		if (r < 0) {
+			_cleanup_free_ char *rerr = NULL;
+			(void)sandbox_release_runtime(m, sb, &rerr);
+			free(sb->state_reason);
+			if (asprintf(&sb->state_reason, "cannot re-take it after a restart: %s",
+				     err ?: strerror(-r)) < 0)
+				sb->state_reason = NULL;
+			sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED;
+			failed++;
+			continue;
+		}
+		adopted++;
+	}
+
+	/* Disks, processes and run directories that no kept sandbox claims. */
+	n_keep = 0;
+	for (size_t i = 0; i < n_loaded; i++)
+		if (loaded[i]->vm)
+			keep[n_keep++] = loaded[i]->id;
+	StorageReclaimResult sres = {};
+	_cleanup_free_ char *serr = NULL;
+	r = storage_reclaim(m->storage, m->config->state_dir, (const char *const *)keep, n_keep,
+			    &sres, &serr);
+	if (r < 0)
+		log_warning("storage reclaim: %s", serr ?: strerror(-r));
+	unsigned killed = reclaim_processes(m, keep, n_keep);
+	_cleanup_(agent_closedirp) DIR *rd = opendir(m->run_sandboxes_dir);
+	unsigned dirs = 0;
+	while (rd && (de = readdir(rd))) {
+		bool kept = false;
+		if (de->d_name[0] == '.')
+			continue;
+		for (size_t i = 0; i < n_keep && !kept; i++)
+			kept = strcmp(keep[i], de->d_name) == 0;
+		if (!kept) {
+			_cleanup_free_ char *p = NULL;
+			if (asprintf(&p, "%s/%s", m->run_sandboxes_dir, de->d_name) >= 0 &&
+			    rm_rf(p) >= 0)
+				dirs++;
+		}
+	}
+
+	pthread_mutex_lock(&m->lock);
+	for (size_t i = 0; i < n_loaded; i++) {
+		Sandbox *sb = loaded[i];
+		manager_insert_locked(m, sb);
+		/* Revisions move on from the last run's: record where each sandbox stands. */
+		sandbox_set_state_locked(m, sb, sb->state, sb->state_reason);
+	}
+	pthread_mutex_unlock(&m->lock);
+	for (size_t i = 0; i < n_loaded; i++) {
+		Sandbox *sb = loaded[i];
+		(void)sandbox_record_write(m, sb);
+		if (sb->vm && (r = manager_watch_vmm(m, sb)) < 0)
+			log_error_errno(r, "sandbox %s: cannot watch its VMM", sb->id);
+	}
+
+	log_struct(LOG_INFO, 0,
+		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_RECOVERED}, {"OP", "recover"}),
+		   "recovered %zu sandboxes: %u adopted running, %u failed, %u unfinished removed; "
+		   "reclaimed %u namespaces, %u dm devices, %u loops, %u processes, %u run dirs",
+		   n_loaded, adopted, failed, undone, nres.namespaces_removed, sres.dm_removed,
+		   sres.loops_detached, killed, dirs);
+	return 0;
+}

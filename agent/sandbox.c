@@ -1,0 +1,541 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The sandbox registry and its machinery: a hash table by id, reference counts, the state
+ * machine's single place of change (sandbox_set_state_locked: record the event, wake the
+ * waiters), a fixed pool of worker threads for lifecycle operations, and one event-loop thread
+ * that learns of VMM exits through their pidfds (epoll): nothing here scans all sandboxes or
+ * polls one.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "common/error.h"
+#include "common/fileio.h"
+#include "common/log.h"
+#include "messages.h"
+#include "node-sandbox.h"
+
+static size_t hash_id(const char *id, size_t n)
+{
+	uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+
+	for (const unsigned char *p = (const unsigned char *)id; *p; p++)
+		h = (h ^ *p) * 1099511628211ULL;
+	return (size_t)(h % n);
+}
+
+Sandbox *manager_find_locked(Manager *m, const char *id)
+{
+	for (Sandbox *sb = m->buckets[hash_id(id, m->n_buckets)]; sb; sb = sb->hnext)
+		if (strcmp(sb->id, id) == 0)
+			return sb;
+	return NULL;
+}
+
+static void rehash_locked(Manager *m, size_t n)
+{
+	Sandbox **b = calloc(n, sizeof(Sandbox *));
+
+	if (!b)
+		return; /* chains just grow longer */
+	for (size_t i = 0; i < m->n_buckets; i++)
+		for (Sandbox *sb = m->buckets[i], *next; sb; sb = next) {
+			next = sb->hnext;
+			size_t h = hash_id(sb->id, n);
+			sb->hnext = b[h];
+			b[h] = sb;
+		}
+	free(m->buckets);
+	m->buckets = b;
+	m->n_buckets = n;
+}
+
+void manager_insert_locked(Manager *m, Sandbox *sb)
+{
+	if (m->n_sandboxes + 1 > m->n_buckets)
+		rehash_locked(m, m->n_buckets * 2);
+	size_t h = hash_id(sb->id, m->n_buckets);
+	sb->hnext = m->buckets[h];
+	m->buckets[h] = sb;
+	m->n_sandboxes++;
+	sb->refs++;
+	if (sb->tmpl)
+		sb->tmpl->sandbox_count++;
+}
+
+void manager_remove_locked(Manager *m, Sandbox *sb)
+{
+	for (Sandbox **p = &m->buckets[hash_id(sb->id, m->n_buckets)]; *p; p = &(*p)->hnext)
+		if (*p == sb) {
+			*p = sb->hnext;
+			sb->hnext = NULL;
+			m->n_sandboxes--;
+			sb->removed = true;
+			if (sb->tmpl)
+				sb->tmpl->sandbox_count--;
+			sandbox_wake_locked(sb);
+			sandbox_unref_locked(m, sb);
+			return;
+		}
+}
+
+Sandbox *sandbox_new(const char *id)
+{
+	Sandbox *sb = calloc(1, sizeof(*sb));
+
+	if (!sb)
+		return NULL;
+	snprintf(sb->id, sizeof(sb->id), "%s", id);
+	sb->vmm_pid = -1;
+	return sb;
+}
+
+static void sandbox_free(Sandbox *sb)
+{
+	sb_spec_done(&sb->spec);
+	free(sb->template_id);
+	free(sb->state_reason);
+	free(sb->fc_version);
+	free(sb->sandbox_ip);
+	free(sb->device);
+	free(sb->run_dir);
+	free(sb->data_dir);
+	free(sb->cow_path);
+	free(sb->create_error);
+	if (sb->vm)
+		fcctl_vm_free(sb->vm);
+	free(sb);
+}
+
+void sandbox_ref_locked(Sandbox *sb)
+{
+	sb->refs++;
+}
+
+void sandbox_unref_locked(Manager *m, Sandbox *sb)
+{
+	(void)m;
+	if (--sb->refs == 0)
+		sandbox_free(sb);
+}
+
+void sandbox_unref(Manager *m, Sandbox *sb)
+{
+	pthread_mutex_lock(&m->lock);
+	sandbox_unref_locked(m, sb);
+	pthread_mutex_unlock(&m->lock);
+}
+
+void sandbox_wake_locked(Sandbox *sb)
+{
+	for (Waiter *w = sb->waiters; w; w = w->next)
+		rpc_call_wake(w->call);
+}
+
+void sandbox_set_state_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
+			      const char *reason)
+{
+	_cleanup_(arena_freep) Arena *a = arena_new();
+	char *r = reason ? strdup(reason) : NULL;
+
+	sb->state = state;
+	free(sb->state_reason);
+	sb->state_reason = r;
+	clock_gettime(CLOCK_REALTIME, &sb->update_time);
+	Ember__V1__Sandbox *p = a ? sandbox_to_pb(a, sb) : NULL;
+	if (p)
+		sb->revision = events_record(m->events, p, NULL);
+	else
+		log_error("sandbox %s: out of memory recording its change to %s", sb->id,
+			  protobuf_c_enum_descriptor_get_value(
+				  &ember__v1__sandbox_state__descriptor, (int)state)
+				  ->name);
+	sandbox_wake_locked(sb);
+}
+
+/* ---- worker pool ---- */
+
+void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
+{
+	Job *j = calloc(1, sizeof(*j));
+
+	/* Without memory for a job the operation cannot run: the waiters learn it from the
+	 * state, which stays as it is, and the sandbox is marked FAILED with the reason. */
+	if (!j) {
+		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
+					 "out of memory starting an operation");
+		sb->op = SB_OP_NONE;
+		return;
+	}
+	sandbox_ref_locked(sb);
+	j->sb = sb;
+	j->op = op;
+	sb->op = op;
+	if (m->jobs_tail)
+		m->jobs_tail->next = j;
+	else
+		m->jobs_head = j;
+	m->jobs_tail = j;
+	pthread_cond_signal(&m->jobs_cond);
+}
+
+static void *worker_main(void *p)
+{
+	Manager *m = p;
+
+	pthread_mutex_lock(&m->lock);
+	for (;;) {
+		while (!m->jobs_head && !m->stopping)
+			pthread_cond_wait(&m->jobs_cond, &m->lock);
+		if (!m->jobs_head)
+			break;
+		Job *j = m->jobs_head;
+		m->jobs_head = j->next;
+		if (!m->jobs_head)
+			m->jobs_tail = NULL;
+		pthread_mutex_unlock(&m->lock);
+
+		if (j->op == SB_OP_CREATE)
+			sandbox_op_create(m, j->sb);
+		else
+			sandbox_op_destroy(m, j->sb);
+
+		pthread_mutex_lock(&m->lock);
+		sandbox_unref_locked(m, j->sb);
+		free(j);
+	}
+	pthread_mutex_unlock(&m->lock);
+	return NULL;
+}
+
+/* ---- VMM exits ---- */
+
+int manager_watch_vmm(Manager *m, Sandbox *sb)
+{
+	struct epoll_event ev = {.events = EPOLLIN, .data.ptr = sb};
+	int fd = sb->vm ? fcctl_vm_pidfd(sb->vm) : -1;
+
+	if (fd < 0)
+		return -EBADF;
+	pthread_mutex_lock(&m->lock);
+	sandbox_ref_locked(sb);
+	pthread_mutex_unlock(&m->lock);
+	if (epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+		int r = -errno;
+		sandbox_unref(m, sb);
+		return r;
+	}
+	sb->watched = true;
+	return 0;
+}
+
+void manager_unwatch_vmm(Manager *m, Sandbox *sb)
+{
+	if (!sb->watched)
+		return;
+	/* After EPOLL_CTL_DEL returns the loop cannot hand out this sandbox again, except an
+	 * event it already took: it checks `watched` under the lock. */
+	(void)epoll_ctl(m->epoll_fd, EPOLL_CTL_DEL, fcctl_vm_pidfd(sb->vm), NULL);
+	pthread_mutex_lock(&m->lock);
+	sb->watched = false;
+	sandbox_unref_locked(m, sb);
+	pthread_mutex_unlock(&m->lock);
+}
+
+static void vmm_exited(Manager *m, Sandbox *sb)
+{
+	_cleanup_free_ char *reason = NULL;
+	FcExit ex = {};
+
+	pthread_mutex_lock(&m->lock);
+	/* An operation that runs (destroy, a create's unwind) owns the VMM and its exit. */
+	if (!sb->watched || sb->op != SB_OP_NONE || sb->removed) {
+		pthread_mutex_unlock(&m->lock);
+		return;
+	}
+	sb->op = SB_OP_DESTROY; /* keeps other operations off while resources are released */
+	sandbox_ref_locked(sb);
+	pthread_mutex_unlock(&m->lock);
+
+	int k;
+	if (fcctl_vm_wait(sb->vm, 0, &ex) < 0 || !ex.known)
+		k = asprintf(&reason, "the VMM (pid %d) exited unexpectedly", (int)sb->vmm_pid);
+	else if (ex.signal)
+		k = asprintf(&reason, "the VMM was killed by signal %d (%s)", ex.signal,
+			     strsignal(ex.signal));
+	else
+		k = asprintf(&reason, "the VMM exited unexpectedly with status %d", ex.code);
+	if (k < 0)
+		reason = NULL;
+	log_struct(LOG_WARNING, 0,
+		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_FAILED}, {"SANDBOX_ID", sb->id},
+			      {"OP", "watch"}),
+		   "sandbox %s FAILED: %s", sb->id, reason ?: "the VMM exited");
+	manager_unwatch_vmm(m, sb);
+	_cleanup_free_ char *err = NULL;
+	if (sandbox_release_runtime(m, sb, &err) < 0)
+		log_warning("sandbox %s: cleaning up after its VMM: %s", sb->id, err ?: "failed");
+
+	pthread_mutex_lock(&m->lock);
+	sb->op = SB_OP_NONE;
+	if (!sb->removed) {
+		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
+					 reason ?: "the VMM exited");
+		pthread_mutex_unlock(&m->lock);
+		(void)sandbox_record_write(m, sb);
+		pthread_mutex_lock(&m->lock);
+		/* A destroy that arrived meanwhile waits for us. */
+		if (sb->destroy_next) {
+			sb->destroy_next = false;
+			manager_submit_locked(m, sb, SB_OP_DESTROY);
+		}
+	}
+	sandbox_unref_locked(m, sb);
+	pthread_mutex_unlock(&m->lock);
+}
+
+static void *loop_main(void *p)
+{
+	Manager *m = p;
+	struct epoll_event evs[64];
+
+	for (;;) {
+		int n = epoll_wait(m->epoll_fd, evs, ELEMENTSOF(evs), -1);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			log_error_errno(errno,
+					"epoll_wait failed; VMM exits are no longer noticed");
+			return NULL;
+		}
+		for (int i = 0; i < n; i++) {
+			if (evs[i].data.ptr == NULL)
+				return NULL; /* the stop eventfd */
+			vmm_exited(m, evs[i].data.ptr);
+		}
+	}
+}
+
+unsigned manager_sandbox_count(Manager *m)
+{
+	pthread_mutex_lock(&m->lock);
+	unsigned n = (unsigned)m->n_sandboxes;
+	pthread_mutex_unlock(&m->lock);
+	return n;
+}
+
+const VmmInfo *manager_vmm(const Manager *m)
+{
+	return &m->vmm;
+}
+
+const char *manager_storage_backend(const Manager *m)
+{
+	return storage_backend_to_string(storage_get_backend(m->storage));
+}
+
+/* ---- start and stop ---- */
+
+static int setup_network_config(Manager *m, char **ret_error)
+{
+	const Config *c = m->config;
+	int r;
+
+	if (asprintf(&m->netns_state, "%s/network.json", c->run_dir) < 0)
+		return -ENOMEM;
+	m->netcfg.netns_dir = c->netns_dir;
+	m->netcfg.name_prefix = "ember-";
+	m->netcfg.state_file = m->netns_state;
+	m->netcfg.pool_size = c->pool_size;
+	if ((r = netns_cidr_parse(c->sandbox_range, &m->netcfg.sandbox_range)) < 0 ||
+	    (r = netns_cidr_parse(c->veth_range, &m->netcfg.veth_range)) < 0)
+		return error_set(ret_error, r, "bad [network] range");
+	if (strcmp(c->uplink, "none") == 0) {
+		m->uplink = NULL;
+	} else if (strcmp(c->uplink, "auto") == 0) {
+		/* The interface of the IPv4 default route, from the kernel's route table. */
+		_cleanup_fclose_ FILE *f = fopen("/proc/net/route", "re");
+		char line[256], ifname[32];
+		unsigned long dest, mask;
+		while (f && fgets(line, sizeof(line), f))
+			if (sscanf(line, "%31s %lx %*x %*x %*d %*d %*d %lx", ifname, &dest,
+				   &mask) == 3 &&
+			    dest == 0 && mask == 0) {
+				m->uplink = strdup(ifname);
+				break;
+			}
+		if (!m->uplink)
+			log_notice("[network] uplink = auto: no default route, so sandboxes get no "
+				   "internet access");
+	} else {
+		m->uplink = strdup(c->uplink);
+	}
+	m->netcfg.uplink = m->uplink;
+	return 0;
+}
+
+static int setup_storage(Manager *m, char **ret_error)
+{
+	const char *want = m->config->storage_backend;
+	StorageBackend b;
+
+	if (strcmp(want, "auto") == 0) {
+		b = storage_backend_detect();
+		log_info("storage: %s backend (%s)", storage_backend_to_string(b),
+			 b == STORAGE_BACKEND_DM ? "device-mapper answers"
+						 : "no device-mapper on this host");
+	} else {
+		b = storage_backend_from_string(want);
+		if (b == STORAGE_BACKEND_DM && storage_backend_detect() != STORAGE_BACKEND_DM)
+			return error_set(
+				ret_error, -ENODEV,
+				"[storage] backend = dm, but device-mapper does not answer "
+				"on /dev/mapper/control (modprobe dm-snapshot?)");
+	}
+	return storage_new(b, &m->storage);
+}
+
+int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret_error)
+{
+	Manager *m;
+	int r;
+
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return -ENOMEM;
+	m->config = config;
+	m->epoll_fd = m->stop_fd = -1;
+	pthread_mutex_init(&m->lock, NULL);
+	pthread_cond_init(&m->jobs_cond, NULL);
+	m->n_buckets = 64;
+	m->buckets = calloc(m->n_buckets, sizeof(Sandbox *));
+	if (!m->buckets || asprintf(&m->templates_dir, "%s/templates", config->state_dir) < 0 ||
+	    asprintf(&m->sandboxes_dir, "%s/sandboxes", config->state_dir) < 0 ||
+	    asprintf(&m->run_sandboxes_dir, "%s/sandboxes", config->run_dir) < 0) {
+		manager_free(m);
+		return -ENOMEM;
+	}
+	if ((r = mkdir_p(m->templates_dir, 0700)) < 0 ||
+	    (r = mkdir_p(m->sandboxes_dir, 0700)) < 0 ||
+	    (r = mkdir_p(m->run_sandboxes_dir, 0700)) < 0) {
+		manager_free(m);
+		return error_set(ret_error, r, "cannot create the state directories: %m");
+	}
+
+	r = vmm_choose(config, kvm_usable, &m->vmm, ret_error);
+	if (r < 0)
+		goto fail;
+	log_struct(LOG_INFO, 0,
+		   LOG_FIELDS({"OP", "start"}, {"VMM", vmm_kind_to_string(m->vmm.kind)}),
+		   "VMM: %s %s (%s): %s", vmm_kind_to_string(m->vmm.kind), m->vmm.version,
+		   m->vmm.binary, m->vmm.reason);
+	r = setup_storage(m, ret_error);
+	if (r < 0)
+		goto fail;
+	r = setup_network_config(m, ret_error);
+	if (r < 0)
+		goto fail;
+	r = events_new(config->state_dir, config->event_log_size, &m->events, ret_error);
+	if (r < 0)
+		goto fail;
+	r = manager_templates_load(m);
+	if (r < 0) {
+		r = error_set(ret_error, r, "cannot load templates: %m");
+		goto fail;
+	}
+
+	m->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+	m->stop_fd = eventfd(0, EFD_CLOEXEC);
+	if (m->epoll_fd < 0 || m->stop_fd < 0) {
+		r = error_set(ret_error, -errno, "epoll/eventfd: %m");
+		goto fail;
+	}
+	struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+	if (epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, m->stop_fd, &ev) < 0) {
+		r = error_set(ret_error, -errno, "epoll_ctl: %m");
+		goto fail;
+	}
+
+	/* Records, adoption and reclaim; creates the network pool. */
+	r = manager_recover(m, ret_error);
+	if (r < 0)
+		goto fail;
+
+	if (pthread_create(&m->loop_thread, NULL, loop_main, m) != 0) {
+		r = error_set(ret_error, -EAGAIN, "cannot start the VMM watch thread");
+		goto fail;
+	}
+	m->loop_started = true;
+	m->workers = calloc(config->worker_threads, sizeof(pthread_t));
+	if (!m->workers) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	for (unsigned i = 0; i < config->worker_threads; i++) {
+		if (pthread_create(&m->workers[i], NULL, worker_main, m) != 0) {
+			r = error_set(ret_error, -EAGAIN, "cannot start worker threads");
+			goto fail;
+		}
+		m->n_workers++;
+	}
+	*ret = m;
+	return 0;
+fail:
+	manager_free(m);
+	return r;
+}
+
+void manager_free(Manager *m)
+{
+	if (!m)
+		return;
+	pthread_mutex_lock(&m->lock);
+	m->stopping = true;
+	pthread_cond_broadcast(&m->jobs_cond);
+	pthread_mutex_unlock(&m->lock);
+	/* Workers finish the operation they run (node.proto: operations outlive calls) and
+	 * then the queue; nothing is abandoned half-done. */
+	for (size_t i = 0; i < m->n_workers; i++)
+		pthread_join(m->workers[i], NULL);
+	free(m->workers);
+	if (m->loop_started) {
+		uint64_t one = 1;
+		if (write(m->stop_fd, &one, sizeof(one)) != sizeof(one))
+			log_warning("cannot stop the VMM watch thread");
+		else
+			pthread_join(m->loop_thread, NULL);
+	}
+	/* Sandboxes keep running: only our view of them goes. */
+	for (size_t i = 0; i < m->n_buckets; i++)
+		for (Sandbox *sb = m->buckets[i], *next; sb; sb = next) {
+			next = sb->hnext;
+			if (sb->slot)
+				sb->slot = NULL; /* the pool forgets it below; the slot stays */
+			sandbox_free(sb);
+		}
+	free(m->buckets);
+	for (size_t i = 0; i < m->n_templates; i++)
+		template_free(m->templates[i]);
+	free(m->templates);
+	if (m->pool)
+		netns_pool_free(m->pool);
+	if (m->storage)
+		storage_free(m->storage);
+	events_free(m->events);
+	vmm_info_done(&m->vmm);
+	safe_close(m->epoll_fd);
+	safe_close(m->stop_fd);
+	free(m->netns_state);
+	free(m->uplink);
+	free(m->templates_dir);
+	free(m->sandboxes_dir);
+	free(m->run_sandboxes_dir);
+	pthread_mutex_destroy(&m->lock);
+	pthread_cond_destroy(&m->jobs_cond);
+	free(m);
+}

@@ -1,0 +1,620 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The template store: <state_dir>/templates/<id>/{kernel,rootfs.ext4,initrd,template.json}.
+ *
+ * RegisterTemplate copies the files into a temporary directory next to the final one
+ * (reflinked where the file system can), hashes the copies, writes the record there and
+ * renames the directory into place: a template directory with a record is always complete,
+ * and a crash leaves only a temporary directory that start-up removes.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/error.h"
+#include "common/fileio.h"
+#include "common/id.h"
+#include "common/log.h"
+#include "manager-internal.h"
+#include "node-sandbox.h"
+
+#define TEMPLATE_RECORD "template.json"
+
+void template_free(Template *t)
+{
+	if (!t)
+		return;
+	free(t->id);
+	free(t->state_reason);
+	TemplateFileInfo *files[] = {&t->kernel, &t->rootfs, &t->initrd};
+	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
+		free(files[i]->path);
+		free(files[i]->source);
+	}
+	free(t->boot_args);
+	kv_list_done(&t->labels);
+	free(t);
+}
+DEFINE_POINTER_CLEANUP(Template, template_free)
+
+static int sha256_file(const char *path, char ret[65])
+{
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned md_len = 0;
+	EVP_MD_CTX *ctx;
+	static const size_t bufsize = 1 << 20;
+	_cleanup_free_ char *buf = malloc(bufsize);
+	int r = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (!buf)
+		return -ENOMEM;
+	ctx = EVP_MD_CTX_new();
+	if (!ctx)
+		return -ENOMEM;
+	if (EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1)
+		r = -EIO;
+	while (r == 0) {
+		ssize_t n = read(fd, buf, bufsize);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			r = -errno;
+			break;
+		}
+		if (n == 0)
+			break;
+		if (EVP_DigestUpdate(ctx, buf, (size_t)n) != 1)
+			r = -EIO;
+	}
+	if (r == 0 && EVP_DigestFinal_ex(ctx, md, &md_len) != 1)
+		r = -EIO;
+	EVP_MD_CTX_free(ctx);
+	if (r < 0)
+		return r;
+	for (unsigned i = 0; i < md_len && i < 32; i++)
+		snprintf(ret + 2 * (size_t)i, 3, "%02x", md[i]);
+	return 0;
+}
+
+static json_object *file_to_json(const TemplateFileInfo *f)
+{
+	json_object *o = json_object_new_object();
+
+	if (!o)
+		return NULL;
+	json_object_object_add(o, "path", json_object_new_string(f->path));
+	json_object_object_add(o, "size_bytes", json_object_new_uint64(f->size_bytes));
+	json_object_object_add(o, "sha256", json_object_new_string(f->sha256));
+	json_object_object_add(o, "source", json_object_new_string(f->source ?: ""));
+	return o;
+}
+
+static int file_from_json(json_object *o, TemplateFileInfo *f)
+{
+	const char *path = json_get_string(o, "path"), *sha = json_get_string(o, "sha256");
+	const char *source = json_get_string(o, "source");
+
+	if (!path || !sha || strlen(sha) != 64)
+		return -EBADMSG;
+	f->path = strdup(path);
+	f->source = strdup(source ?: "");
+	if (!f->path || !f->source)
+		return -ENOMEM;
+	f->size_bytes = json_get_u64(o, "size_bytes");
+	memcpy(f->sha256, sha, 65);
+	return 0;
+}
+
+static json_object *template_to_json(const Template *t)
+{
+	json_object *o = json_object_new_object();
+
+	if (!o)
+		return NULL;
+	json_object_object_add(o, "id", json_object_new_string(t->id));
+	json_object_object_add(o, "kernel", file_to_json(&t->kernel));
+	json_object_object_add(o, "rootfs", file_to_json(&t->rootfs));
+	if (t->initrd.path)
+		json_object_object_add(o, "initrd", file_to_json(&t->initrd));
+	json_object_object_add(o, "boot_args", json_object_new_string(t->boot_args ?: ""));
+	json_object_object_add(o, "labels", kv_list_to_json(&t->labels));
+	json_object_object_add(o, "create_time", timespec_to_json(&t->create_time));
+	return o;
+}
+
+static int template_from_json(json_object *o, Template **ret)
+{
+	_cleanup_(template_freep) Template *t = calloc(1, sizeof(*t));
+	json_object *v;
+	const char *id = json_get_string(o, "id"), *boot_args = json_get_string(o, "boot_args");
+	int r;
+
+	if (!t)
+		return -ENOMEM;
+	if (!id || !id_is_valid(id))
+		return -EBADMSG;
+	t->id = strdup(id);
+	t->boot_args = strdup(boot_args ?: "");
+	if (!t->id || !t->boot_args)
+		return -ENOMEM;
+	if (!json_object_object_get_ex(o, "kernel", &v) || file_from_json(v, &t->kernel) < 0)
+		return -EBADMSG;
+	if (!json_object_object_get_ex(o, "rootfs", &v) || file_from_json(v, &t->rootfs) < 0)
+		return -EBADMSG;
+	if (json_object_object_get_ex(o, "initrd", &v) && file_from_json(v, &t->initrd) < 0)
+		return -EBADMSG;
+	json_object_object_get_ex(o, "labels", &v);
+	if ((r = kv_list_from_json(v, &t->labels)) < 0)
+		return r;
+	if (json_object_object_get_ex(o, "create_time", &v))
+		timespec_from_json(v, &t->create_time);
+	t->state = EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_READY;
+	*ret = TAKE_PTR(t);
+	return 0;
+}
+
+static void template_usage_refresh(Template *t)
+{
+	uint64_t used = 0;
+
+	if (storage_usage_file(t->rootfs.path, &used) >= 0)
+		t->rootfs_disk_used = used;
+}
+
+Template *manager_template_find_locked(Manager *m, const char *id)
+{
+	for (size_t i = 0; i < m->n_templates; i++)
+		if (strcmp(m->templates[i]->id, id) == 0)
+			return m->templates[i];
+	return NULL;
+}
+
+static int template_insert_locked(Manager *m, Template *t)
+{
+	Template **n = realloc(m->templates, (m->n_templates + 1) * sizeof(Template *));
+	size_t i;
+
+	if (!n)
+		return -ENOMEM;
+	m->templates = n;
+	/* Kept sorted by id: ListTemplates answers in that order. */
+	for (i = m->n_templates; i > 0 && strcmp(n[i - 1]->id, t->id) > 0; i--)
+		n[i] = n[i - 1];
+	n[i] = t;
+	m->n_templates++;
+	return 0;
+}
+
+static void template_remove_locked(Manager *m, Template *t)
+{
+	for (size_t i = 0; i < m->n_templates; i++)
+		if (m->templates[i] == t) {
+			memmove(&m->templates[i], &m->templates[i + 1],
+				(m->n_templates - i - 1) * sizeof(Template *));
+			m->n_templates--;
+			return;
+		}
+}
+
+int manager_templates_load(Manager *m)
+{
+	_cleanup_(agent_closedirp) DIR *d = opendir(m->templates_dir);
+	struct dirent *de;
+
+	if (!d)
+		return errno == ENOENT ? 0 : -errno;
+	while ((de = readdir(d))) {
+		_cleanup_free_ char *dir = NULL, *rec = NULL, *err = NULL;
+		json_object *o = NULL;
+		Template *t = NULL;
+		int r;
+
+		if (de->d_name[0] == '.')
+			continue;
+		if (asprintf(&dir, "%s/%s", m->templates_dir, de->d_name) < 0 ||
+		    asprintf(&rec, "%s/" TEMPLATE_RECORD, dir) < 0)
+			return -ENOMEM;
+		if (strncmp(de->d_name, "tmp-", 4) == 0) {
+			/* A registration the last run did not finish. */
+			log_info("removing unfinished template registration %s", dir);
+			(void)rm_rf(dir);
+			continue;
+		}
+		r = record_read(rec, &o, &err);
+		if (r >= 0) {
+			r = template_from_json(o, &t);
+			json_object_put(o);
+			if (r >= 0 && strcmp(t->id, de->d_name) != 0)
+				r = -EBADMSG;
+			if (r < 0 && !err && asprintf(&err, "%s: not a template record", rec) < 0)
+				err = NULL;
+		}
+		if (r < 0) {
+			template_free(t);
+			record_quarantine(m->config, dir, err ?: "unreadable");
+			continue;
+		}
+		template_usage_refresh(t);
+		r = template_insert_locked(m, t);
+		if (r < 0) {
+			template_free(t);
+			return r;
+		}
+	}
+	return 0;
+}
+
+/* ---- protobuf ---- */
+
+static Ember__V1__TemplateFile *file_to_pb(Arena *a, const TemplateFileInfo *f)
+{
+	Ember__V1__TemplateFile *p;
+
+	if (!f->path)
+		return NULL;
+	p = arena_alloc(a, sizeof(*p));
+	if (!p)
+		return NULL;
+	ember__v1__template_file__init(p);
+	p->path = f->path;
+	p->size_bytes = f->size_bytes;
+	p->sha256 = (char *)f->sha256;
+	p->source = f->source;
+	return p;
+}
+
+static Ember__V1__Template *template_to_pb(Arena *a, Template *t)
+{
+	Ember__V1__Template *p = arena_alloc(a, sizeof(*p));
+
+	if (!p)
+		return NULL;
+	ember__v1__template__init(p);
+	p->id = t->id;
+	p->state = t->state;
+	p->state_reason = t->state_reason ?: (char *)"";
+	p->kernel = file_to_pb(a, &t->kernel);
+	p->rootfs = file_to_pb(a, &t->rootfs);
+	p->initrd = file_to_pb(a, &t->initrd);
+	p->boot_args = t->boot_args;
+	p->rootfs_disk_used_bytes = t->rootfs_disk_used;
+	kv_to_pb(a, &t->labels, &ember__v1__template__labels_entry__descriptor, &p->labels,
+		 &p->n_labels);
+	p->create_time = timestamp_to_pb(a, &t->create_time);
+	p->sandbox_count = t->sandbox_count;
+	p->snapshot_count = t->snapshot_count;
+	return p;
+}
+
+/* ---- handlers ---- */
+
+static RpcCode stat_input(RpcCall *call, const char *what, const char *path, bool required,
+			  struct stat *st)
+{
+	if (!path || !path[0]) {
+		if (required)
+			return rpc_call_error(call, RPC_INVALID_ARGUMENT, "%s is required", what);
+		return RPC_OK;
+	}
+	if (path[0] != '/')
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "%s \"%.200s\" is not an absolute path", what, path);
+	if (stat(path, st) < 0) {
+		if (errno == ENOENT)
+			return rpc_call_error(call, RPC_NOT_FOUND, "%s %.200s does not exist", what,
+					      path);
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "%s %.200s: %s", what, path,
+				      strerror(errno));
+	}
+	if (!S_ISREG(st->st_mode))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "%s %.200s is not a regular file",
+				      what, path);
+	return RPC_OK;
+}
+
+static bool boot_args_valid(const char *args)
+{
+	/* emberd decides the root device and init; a template cannot move them. */
+	_cleanup_free_ char *copy = strdup(args);
+	char *save = NULL;
+
+	if (!copy)
+		return false;
+	for (char *w = strtok_r(copy, " \t", &save); w; w = strtok_r(NULL, " \t", &save))
+		if (strncmp(w, "root=", 5) == 0 || strncmp(w, "init=", 5) == 0)
+			return false;
+	return strlen(args) < 1024;
+}
+
+static int install_file(const char *src, const char *dir, const char *name, TemplateFileInfo *ret,
+			char **ret_error)
+{
+	_cleanup_free_ char *dest = NULL;
+	struct stat st;
+	int r;
+
+	if (asprintf(&dest, "%s/%s", dir, name) < 0)
+		return -ENOMEM;
+	r = storage_copy_sparse(src, dest, true);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot copy %s: %m", src);
+	r = sha256_file(dest, ret->sha256);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot hash %s: %m", dest);
+	if (stat(dest, &st) < 0)
+		return error_set(ret_error, -errno, "cannot stat %s: %m", dest);
+	ret->size_bytes = (uint64_t)st.st_size;
+	ret->source = strdup(src);
+	if (!ret->source)
+		return -ENOMEM;
+	ret->path = TAKE_PTR(dest);
+	return 0;
+}
+
+static bool template_same(const Template *t, const Template *n)
+{
+	return strcmp(t->kernel.sha256, n->kernel.sha256) == 0 &&
+	       strcmp(t->rootfs.sha256, n->rootfs.sha256) == 0 &&
+	       !!t->initrd.path == !!n->initrd.path &&
+	       (!t->initrd.path || strcmp(t->initrd.sha256, n->initrd.sha256) == 0) &&
+	       strcmp(t->boot_args, n->boot_args) == 0 && kv_list_equal(&t->labels, &n->labels);
+}
+
+int manager_template_register(Manager *m, const char *id, const char *kernel, const char *rootfs,
+			      const char *initrd, const char *boot_args, KvList *labels,
+			      Template **ret_existing, char **ret_error)
+{
+	_cleanup_(template_freep) Template *t = calloc(1, sizeof(*t));
+	_cleanup_free_ char *tmp = NULL, *final = NULL, *rec = NULL;
+	json_object *o;
+	Template *old;
+	int r;
+
+	if (!t)
+		return -ENOMEM;
+	t->id = strdup(id);
+	t->boot_args = strdup(boot_args ?: "");
+	if (!t->id || !t->boot_args)
+		return -ENOMEM;
+	t->labels = *labels;
+	*labels = (KvList){};
+	t->state = EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_READY;
+	clock_gettime(CLOCK_REALTIME, &t->create_time);
+
+	if (asprintf(&tmp, "%s/tmp-%s-%d-%lx", m->templates_dir, id, (int)getpid(),
+		     (unsigned long)pthread_self()) < 0 ||
+	    asprintf(&final, "%s/%s", m->templates_dir, id) < 0 ||
+	    asprintf(&rec, "%s/" TEMPLATE_RECORD, tmp) < 0)
+		return -ENOMEM;
+	r = mkdir_p(tmp, 0700);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot create %s: %m", tmp);
+	if ((r = install_file(kernel, tmp, "kernel", &t->kernel, ret_error)) < 0 ||
+	    (r = install_file(rootfs, tmp, "rootfs.ext4", &t->rootfs, ret_error)) < 0 ||
+	    (initrd && initrd[0] &&
+	     (r = install_file(initrd, tmp, "initrd", &t->initrd, ret_error)) < 0)) {
+		(void)rm_rf(tmp);
+		return r;
+	}
+
+	pthread_mutex_lock(&m->lock);
+	old = manager_template_find_locked(m, id);
+	if (old) {
+		bool same = template_same(old, t);
+		if (same)
+			*ret_existing = old;
+		pthread_mutex_unlock(&m->lock);
+		(void)rm_rf(tmp);
+		if (same)
+			return 0;
+		return error_set(ret_error, -EEXIST,
+				 "template %s exists with different content, boot_args or labels",
+				 id);
+	}
+	/* The record names the final paths: it becomes valid by the rename below. */
+	TemplateFileInfo *files[] = {&t->kernel, &t->rootfs, &t->initrd};
+	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
+		if (!files[i]->path)
+			continue;
+		char *p;
+		const char *base = strrchr(files[i]->path, '/') + 1;
+		if (asprintf(&p, "%s/%s", final, base) < 0) {
+			pthread_mutex_unlock(&m->lock);
+			(void)rm_rf(tmp);
+			return -ENOMEM;
+		}
+		free(files[i]->path);
+		files[i]->path = p;
+	}
+	o = template_to_json(t);
+	r = o ? record_write(rec, o) : -ENOMEM;
+	json_object_put(o);
+	if (r >= 0 && rename(tmp, final) < 0)
+		r = -errno;
+	if (r >= 0) {
+		template_usage_refresh(t);
+		r = template_insert_locked(m, t);
+	}
+	if (r < 0) {
+		pthread_mutex_unlock(&m->lock);
+		(void)rm_rf(tmp);
+		(void)rm_rf(final);
+		return error_set(ret_error, r, "cannot install template %s: %m", id);
+	}
+	*ret_existing = TAKE_PTR(t);
+	pthread_mutex_unlock(&m->lock);
+	log_struct(LOG_INFO, 0, LOG_FIELDS({"OP", "register"}, {"TEMPLATE_ID", id}),
+		   "template %s registered (kernel %s, rootfs %s)", id, kernel, rootfs);
+	return 0;
+}
+
+RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__RegisterTemplateRequest *req = (const void *)request;
+	_cleanup_(arena_freep) Arena *a = arena_new();
+	_cleanup_free_ char *err = NULL;
+	KvList labels = {};
+	Template *t = NULL;
+	struct stat kst = {}, rst = {}, ist = {};
+	RpcCode code;
+	int r;
+
+	if (!a)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	if (!id_is_valid(req->template_id))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "template_id \"%.100s\" is not a valid id "
+				      "([a-z0-9][a-z0-9-]{0,62})",
+				      req->template_id);
+	if ((code = stat_input(call, "kernel_path", req->kernel_path, true, &kst)) != RPC_OK ||
+	    (code = stat_input(call, "rootfs_path", req->rootfs_path, true, &rst)) != RPC_OK ||
+	    (code = stat_input(call, "initrd_path", req->initrd_path, false, &ist)) != RPC_OK)
+		return code;
+	if (rst.st_size == 0 || rst.st_size % 512)
+		return rpc_call_error(
+			call, RPC_INVALID_ARGUMENT,
+			"rootfs_path %.200s is %lld bytes, not a positive multiple of "
+			"512 (a disk image)",
+			req->rootfs_path, (long long)rst.st_size);
+	if (!boot_args_valid(req->boot_args))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "boot_args must not set root= or init= (emberd sets them) "
+				      "and must be shorter than 1024 bytes");
+	code = kv_from_pb(call, "labels", KV_LABELS, req->labels, req->n_labels, &labels);
+	if (code != RPC_OK)
+		return code;
+
+	r = manager_template_register(m, req->template_id, req->kernel_path, req->rootfs_path,
+				      req->initrd_path, req->boot_args, &labels, &t, &err);
+	kv_list_done(&labels);
+	if (r == -EEXIST)
+		return rpc_call_error(call, RPC_ALREADY_EXISTS, "%s", err);
+	if (r == -EBUSY)
+		return rpc_call_error(call, RPC_UNAVAILABLE, "%s", err);
+	if (r == -ENOSPC || r == -EDQUOT)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "not enough disk: %s",
+				      err ?: strerror(-r));
+	if (r < 0 || !t)
+		return rpc_call_error(call, RPC_INTERNAL, "%s", err ?: strerror(r < 0 ? -r : EIO));
+
+	pthread_mutex_lock(&m->lock);
+	Ember__V1__Template *p = template_to_pb(a, t);
+	r = p ? rpc_call_send(call, &p->base) : -ENOMEM;
+	pthread_mutex_unlock(&m->lock);
+	return r < 0 ? RPC_CANCELLED : RPC_OK;
+}
+
+RpcCode node_get_template(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__GetTemplateRequest *req = (const void *)request;
+	_cleanup_(arena_freep) Arena *a = arena_new();
+	Ember__V1__Template *p;
+	Template *t;
+	int r;
+
+	if (!a)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	if (!id_is_valid(req->template_id))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "template_id \"%.100s\" is not a valid id", req->template_id);
+	pthread_mutex_lock(&m->lock);
+	t = manager_template_find_locked(m, req->template_id);
+	if (!t) {
+		pthread_mutex_unlock(&m->lock);
+		return rpc_call_error(call, RPC_NOT_FOUND, "no template %s", req->template_id);
+	}
+	p = template_to_pb(a, t);
+	pthread_mutex_unlock(&m->lock);
+	r = p ? rpc_call_send(call, &p->base) : -ENOMEM;
+	return r < 0 ? RPC_CANCELLED : RPC_OK;
+}
+
+RpcCode node_list_templates(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__ListTemplatesRequest *req = (const void *)request;
+	Ember__V1__ListTemplatesResponse resp = EMBER__V1__LIST_TEMPLATES_RESPONSE__INIT;
+	_cleanup_(arena_freep) Arena *a = arena_new();
+	KvList selector = {};
+	RpcCode code;
+	int r = 0;
+
+	if (!a)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	code = kv_from_pb(call, "label_selector", KV_LABELS, req->label_selector,
+			  req->n_label_selector, &selector);
+	if (code != RPC_OK)
+		return code;
+	pthread_mutex_lock(&m->lock);
+	resp.templates = arena_alloc(a, (m->n_templates + 1) * sizeof(Ember__V1__Template *));
+	for (size_t i = 0; resp.templates && i < m->n_templates; i++) {
+		Template *t = m->templates[i];
+		if (!kv_list_matches(&t->labels, &selector))
+			continue;
+		if (!(resp.templates[resp.n_templates++] = template_to_pb(a, t)))
+			r = -ENOMEM;
+	}
+	if (!resp.templates)
+		r = -ENOMEM;
+	pthread_mutex_unlock(&m->lock);
+	kv_list_done(&selector);
+	if (r < 0)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	return rpc_call_send(call, &resp.base) < 0 ? RPC_CANCELLED : RPC_OK;
+}
+
+RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__DeleteTemplateRequest *req = (const void *)request;
+	Ember__V1__DeleteTemplateResponse resp = EMBER__V1__DELETE_TEMPLATE_RESPONSE__INIT;
+	_cleanup_free_ char *dir = NULL, *gone = NULL;
+	Template *t;
+	int r;
+
+	if (!id_is_valid(req->template_id))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "template_id \"%.100s\" is not a valid id", req->template_id);
+	pthread_mutex_lock(&m->lock);
+	t = manager_template_find_locked(m, req->template_id);
+	if (!t) {
+		pthread_mutex_unlock(&m->lock);
+		return rpc_call_error(call, RPC_NOT_FOUND, "no template %s", req->template_id);
+	}
+	if (t->sandbox_count || t->snapshot_count) {
+		unsigned sc = t->sandbox_count, nc = t->snapshot_count;
+		pthread_mutex_unlock(&m->lock);
+		return rpc_call_error(call, RPC_FAILED_PRECONDITION,
+				      "template %s is used by %u sandboxes and %u snapshots; "
+				      "destroy or delete them first",
+				      req->template_id, sc, nc);
+	}
+	if (asprintf(&dir, "%s/%s", m->templates_dir, t->id) < 0 ||
+	    asprintf(&gone, "%s/tmp-deleted-%s", m->templates_dir, t->id) < 0) {
+		pthread_mutex_unlock(&m->lock);
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	}
+	/* The rename makes the deletion take effect at once (a crash leaves a tmp- directory
+	 * that start-up removes); the files go after the lock is released. */
+	r = rename(dir, gone) < 0 ? -errno : 0;
+	if (r < 0 && r != -ENOENT) {
+		pthread_mutex_unlock(&m->lock);
+		return rpc_call_error(call, RPC_INTERNAL, "cannot remove %s: %s", dir,
+				      strerror(-r));
+	}
+	template_remove_locked(m, t);
+	pthread_mutex_unlock(&m->lock);
+	/* Sandboxes hold no pointer to it (sandbox_count was 0 under the lock). */
+	template_free(t);
+	(void)rm_rf(gone);
+	log_struct(LOG_INFO, 0, LOG_FIELDS({"OP", "delete"}, {"TEMPLATE_ID", req->template_id}),
+		   "template %s deleted", req->template_id);
+	return rpc_call_send(call, &resp.base) < 0 ? RPC_CANCELLED : RPC_OK;
+}

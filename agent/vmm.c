@@ -1,0 +1,138 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Which VMM runs the sandboxes: Firecracker where KVM can run a guest, fcsim (the simulator)
+ * elsewhere. Decided once at start and reported by GetNode, because a scheduler must be able
+ * to tell a simulated node from a real one.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/error.h"
+#include "common/macro.h"
+#include "manager.h"
+#include "probe.h"
+
+const char *vmm_kind_to_string(VmmKind k)
+{
+	switch (k) {
+	case VMM_FIRECRACKER:
+		return "firecracker";
+	case VMM_FCSIM:
+		return "fcsim";
+	default:
+		return "?";
+	}
+}
+
+void vmm_info_done(VmmInfo *v)
+{
+	free(v->binary);
+	free(v->jailer);
+	free(v->version);
+	free(v->reason);
+	*v = (VmmInfo){};
+}
+
+/* fcsim_bin empty: the fcsim installed next to emberd (build/ or the package's directory),
+ * else the one in PATH. */
+static int find_fcsim(const char *configured, char **ret)
+{
+	char self[PATH_MAX];
+	ssize_t n;
+
+	if (configured[0])
+		return find_program(configured, ret);
+	n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	if (n > 0) {
+		self[n] = 0;
+		char *slash = strrchr(self, '/');
+		if (slash) {
+			char *p;
+			*slash = 0;
+			if (asprintf(&p, "%s/fcsim", self) < 0)
+				return -ENOMEM;
+			if (access(p, X_OK) == 0) {
+				*ret = p;
+				return 0;
+			}
+			free(p);
+		}
+	}
+	return find_program("fcsim", ret);
+}
+
+int vmm_choose(const Config *c, bool kvm_usable, VmmInfo *ret, char **ret_error)
+{
+	_cleanup_free_ char *fc = NULL, *sim = NULL, *why = NULL;
+	VmmInfo v = {};
+	ProbeResult probe;
+	int r_fc = find_program(c->firecracker_bin, &fc);
+	int r;
+
+	_cleanup_free_ char *fc_unusable = NULL;
+	if (strcmp(c->vmm_kind, "auto") == 0 && kvm_usable && r_fc >= 0) {
+		/* A binary that is found but does not answer like a Firecracker is no reason to
+		 * run nothing: fall back to fcsim and say why. */
+		probe_firecracker(fc, &probe);
+		if (!probe.available &&
+		    asprintf(&fc_unusable, "%s cannot be used (%s)", fc, probe.reason) < 0)
+			return -ENOMEM;
+	}
+	if (strcmp(c->vmm_kind, "firecracker") == 0 ||
+	    (strcmp(c->vmm_kind, "auto") == 0 && kvm_usable && r_fc >= 0 && !fc_unusable)) {
+		if (r_fc < 0)
+			return error_set(ret_error, r_fc,
+					 "[vmm] kind = firecracker, but firecracker_bin \"%s\" is "
+					 "not found",
+					 c->firecracker_bin);
+		v.kind = VMM_FIRECRACKER;
+		v.binary = TAKE_PTR(fc);
+		v.reason =
+			strdup(strcmp(c->vmm_kind, "auto") == 0
+				       ? "auto: /dev/kvm can run a guest and firecracker is found"
+				       : "[vmm] kind = firecracker");
+	} else {
+		r = find_fcsim(c->fcsim_bin, &sim);
+		if (r < 0)
+			return error_set(ret_error, r,
+					 "no VMM: %s, and fcsim is not found (set [vmm] fcsim_bin)",
+					 strcmp(c->vmm_kind, "fcsim") == 0 ? "[vmm] kind = fcsim"
+					 : !kvm_usable ? "KVM cannot run a guest here"
+						       : "firecracker is not found");
+		v.kind = VMM_FCSIM;
+		v.binary = TAKE_PTR(sim);
+		if (strcmp(c->vmm_kind, "fcsim") == 0)
+			why = strdup("[vmm] kind = fcsim");
+		else if (asprintf(&why, "auto: %s, so sandboxes run simulated under fcsim",
+				  !kvm_usable   ? "KVM cannot run a guest on this host"
+				  : fc_unusable ? fc_unusable
+						: "firecracker_bin is not found") < 0)
+			why = NULL;
+		v.reason = TAKE_PTR(why);
+	}
+	if (c->jailer_bin[0]) {
+		r = find_program(c->jailer_bin, &v.jailer);
+		if (r < 0) {
+			vmm_info_done(&v);
+			return error_set(ret_error, r, "[vmm] jailer_bin \"%s\" is not found",
+					 c->jailer_bin);
+		}
+	}
+	probe_firecracker(v.binary, &probe);
+	if (!probe.available || !probe.version[0]) {
+		r = error_set(ret_error, -ENOEXEC, "%s cannot be used: %s", v.binary, probe.reason);
+		vmm_info_done(&v);
+		return r;
+	}
+	v.version = strdup(probe.version);
+	if (!v.binary || !v.reason || !v.version) {
+		vmm_info_done(&v);
+		return -ENOMEM;
+	}
+	*ret = v;
+	return 0;
+}
