@@ -74,7 +74,7 @@ endif
 all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
 	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper $(B)/test/fcctl-tool \
 	$(B)/ember-uffd $(B)/test/bench-uffd $(B)/test/fuzz-uffd-handshake-replay $(B)/ember-guest \
-	$(B)/ember-init $(B)/test/guest-tool unit-tests pystubs
+	$(B)/ember-init $(B)/test/guest-tool $(B)/test/lifecycle-direct unit-tests pystubs
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
@@ -404,10 +404,12 @@ check-integration: all
 	@if ls $(B)/asan.* $(B)/ubsan.* >/dev/null 2>&1; then \
 		echo "sanitizer reports:"; cat $(B)/asan.* $(B)/ubsan.* 2>/dev/null; exit 1; fi
 
-# VM-only tests (device-mapper, later systemd): one boot for all of them.
+# VM-only tests (device-mapper, later systemd): one boot for all of them. emberd's network
+# slots need veth, tun and nftables with NAT in the VM's kernel.
+VM_MODULES := loop,dm-mod,dm-snapshot,ext4,veth,tun,nf_tables,nft_chain_nat,nft_nat,nft_ct,nft_masq
 check-vm: all
 	@rm -f $(B)/asan.* $(B)/ubsan.*
-	$(PYTEST_ENV) test/vm/run --timeout 1200 -- $(PYTHON) -m pytest -q -p no:cacheprovider \
+	$(PYTEST_ENV) test/vm/run --timeout 1200 --modules $(VM_MODULES) -- $(PYTHON) -m pytest -q -p no:cacheprovider \
 		--color=no test/vm $(PYTEST_ARGS)
 	@if ls $(B)/asan.* $(B)/ubsan.* >/dev/null 2>&1; then \
 		echo "sanitizer reports:"; cat $(B)/asan.* $(B)/ubsan.* 2>/dev/null; exit 1; fi
@@ -451,8 +453,20 @@ bench-rpc: all
 bench-exec: all
 	$(PYTHON) test/bench/bench-exec.py --build $(B)
 
+# emberd's create/destroy against the same sequence driven through the libraries directly.
+$(B)/test/lifecycle-direct: $(B)/obj/test/bench/lifecycle-direct.o $(B)/libguestclient.a \
+		$(B)/libfcctl.a $(B)/libstorage.a $(B)/libnetns.a $(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+$(B)/obj/test/bench/lifecycle-direct.o: $(B)/proto/.stamp-guest-c
+bench-lifecycle: all
+	$(PYTHON) test/bench/bench-lifecycle.py --build $(B)
+
+# emberd and what it runs: fcsim (no KVM here), and the guest binaries and ember-mkrootfs for the
+# demo template.
 run: deps
-	$(Q)$(MAKE) --no-print-directory $(B)/emberd
+	$(Q)$(MAKE) --no-print-directory $(B)/emberd $(B)/fcsim $(B)/ember-uffd $(B)/ember-init \
+		$(B)/ember-guest
 	exec $(B)/emberd
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +499,7 @@ LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h storage/*.h netns/*.h f
 	test/rpc/*.c test/bench/*.c test/storage/*.c test/net/*.c test/fcsim/*.c test/fcctl/*.c)
 TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c test/storage/storage-tool.c \
 	test/fcsim/guest-helper.c test/fcctl/fcctl-tool.c test/bench/bench-uffd.c \
+	test/bench/lifecycle-direct.c \
 	test/net/netns-tool.c test/net/guest-standin.c test/guest/guest-tool.c
 
 lint: $(B)/proto/.stamp-c $(B)/proto/.stamp-guest-c $(B)/test/proto/.stamp-c
@@ -505,6 +520,7 @@ lint: $(B)/proto/.stamp-c $(B)/proto/.stamp-guest-c $(B)/test/proto/.stamp-c
 		--suppress=memleak --suppress=resourceLeak \
 		$(ALL_SRCS) test/rpc/rpctestd.c test/storage/storage-tool.c test/net/netns-tool.c \
 		test/net/guest-standin.c test/fcctl/fcctl-tool.c test/bench/bench-uffd.c \
+		test/bench/lifecycle-direct.c \
 		test/fuzz/fuzz-uffd-handshake.c test/guest/guest-tool.c
 
 format:
@@ -532,7 +548,7 @@ install: $(B)/emberd $(B)/ember-uffd $(B)/ember-init $(B)/ember-guest
 clean:
 	rm -rf build
 
-.PHONY: bench-exec
+.PHONY: bench-exec bench-lifecycle
 .PHONY: all deps run check check-unit check-integration check-vm unit-tests pystubs lint \
 	format install clean bench-rpc bench-storage bench-net bench-uffd fuzz-uffd
 .DELETE_ON_ERROR:

@@ -107,6 +107,7 @@ typedef enum SbOp {
 	SB_OP_NONE,
 	SB_OP_CREATE,
 	SB_OP_DESTROY,
+	SB_OP_REAP, /* its VMM died: release what it held, then FAILED */
 } SbOp;
 
 typedef struct Waiter Waiter;
@@ -115,6 +116,7 @@ struct Waiter {
 	Waiter *next;
 };
 
+typedef struct WatchToken WatchToken;
 typedef struct Sandbox Sandbox;
 struct Sandbox {
 	char id[64];
@@ -133,10 +135,11 @@ struct Sandbox {
 	char *sandbox_ip; /* (L) */
 	FcVm *vm;
 	pid_t vmm_pid;
-	char *device;   /* what the VMM's rootfs link points to */
-	bool watched;   /* the VMM's pidfd is in the event loop */
-	char *run_dir;  /* <run_dir>/sandboxes/<id> */
-	char *data_dir; /* <state_dir>/sandboxes/<id> */
+	char *device;      /* what the VMM's rootfs link points to */
+	WatchToken *watch; /* (L) the VMM's pidfd is in the event loop */
+	bool slot_user;    /* (L) counted in Manager.n_slot_users */
+	char *run_dir;     /* <run_dir>/sandboxes/<id> */
+	char *data_dir;    /* <state_dir>/sandboxes/<id> */
 	char *cow_path;
 
 	/* Operation state (L). */
@@ -201,7 +204,7 @@ struct Manager {
 	Sandbox **buckets;
 	size_t n_buckets;
 	size_t n_sandboxes;
-	unsigned n_creating; /* admission counts creates in flight */
+	unsigned n_slot_users; /* sandboxes holding a network slot or about to take one */
 	Template **templates;
 	size_t n_templates;
 
@@ -214,7 +217,8 @@ struct Manager {
 
 	/* VMM exit watch */
 	int epoll_fd;
-	int stop_fd; /* eventfd */
+	int stop_fd;             /* eventfd */
+	WatchToken *dead_tokens; /* (L) unwatched, freed by the loop thread */
 	pthread_t loop_thread;
 	bool loop_started;
 };
@@ -238,6 +242,7 @@ void manager_unwatch_vmm(Manager *m, Sandbox *sb);
 /* sandbox-ops.c */
 void sandbox_op_create(Manager *m, Sandbox *sb);
 void sandbox_op_destroy(Manager *m, Sandbox *sb);
+void sandbox_op_reap(Manager *m, Sandbox *sb);
 /* Releases every runtime resource (VMM, disk device, slot, run dir) the sandbox holds; keeps
  * its files. Used by destroy, by a failed create's unwind and when a VMM died. */
 int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error);

@@ -524,7 +524,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 			 "([sandboxes] max_sandboxes)",
 			 m->n_sandboxes);
 		full = why;
-	} else if (ps.in_use + m->n_creating >= ps.max_slots) {
+	} else if (m->n_slot_users >= ps.max_slots) {
 		snprintf(why, sizeof(why), "all %u network slots are in use", ps.max_slots);
 		full = why;
 	} else if (avail < (uint64_t)c->memory_reserve_mib + spec.memory_mib) {
@@ -559,7 +559,8 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	sb->tmpl = t;
 	clock_gettime(CLOCK_REALTIME, &sb->create_time);
 	manager_insert_locked(m, sb);
-	m->n_creating++;
+	sb->slot_user = true;
+	m->n_slot_users++;
 	sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_CREATING, NULL);
 	manager_submit_locked(m, sb, SB_OP_CREATE);
 

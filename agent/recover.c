@@ -301,6 +301,8 @@ int manager_recover(Manager *m, char **ret_error)
 			failed++;
 			continue;
 		}
+		sb->slot_user = true;
+		m->n_slot_users++;
 		adopted++;
 	}
 

@@ -140,6 +140,12 @@ int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error)
 			sb->device = NULL;
 		}
 	}
+	pthread_mutex_lock(&m->lock);
+	if (sb->slot_user) {
+		sb->slot_user = false;
+		m->n_slot_users--;
+	}
+	pthread_mutex_unlock(&m->lock);
 	if (sb->slot) {
 		_cleanup_free_ char *err = NULL;
 		k = netns_slot_release(m->pool, sb->slot, &err);
@@ -308,14 +314,13 @@ static int step_wait_guest(Manager *m, Sandbox *sb, char **ret_error)
 
 /* The outcome goes in place before the sandbox may leave the registry: a waiter woken by the
  * removal must find it. */
-static void create_finish_locked(Manager *m, Sandbox *sb, RpcCode code, const char *message)
+static void create_finish_locked(Sandbox *sb, RpcCode code, const char *message)
 {
 	sb->op = SB_OP_NONE;
 	sb->create_done = true;
 	sb->create_code = code;
 	free(sb->create_error);
 	sb->create_error = message ? strdup(message) : NULL;
-	m->n_creating--;
 	sandbox_wake_locked(sb);
 }
 
@@ -403,12 +408,16 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 				   "sandbox %s created from template %s in %llu ms (ip %s)", sb->id,
 				   sb->template_id, (unsigned long long)(now_us() - t0) / 1000,
 				   sb->sandbox_ip ?: "-");
+			struct pollfd p = {.fd = fcctl_vm_pidfd(sb->vm), .events = POLLIN};
 			pthread_mutex_lock(&m->lock);
-			create_finish_locked(m, sb, RPC_OK, NULL);
-			/* A destroy that came after RUNNING was set waits for this create. */
+			create_finish_locked(sb, RPC_OK, NULL);
+			/* A destroy that came after RUNNING was set waits for this create; an exit
+			 * the loop saw while we still owned the VMM was left to us. */
 			if (sb->destroy_next) {
 				sb->destroy_next = false;
 				manager_submit_locked(m, sb, SB_OP_DESTROY);
+			} else if (poll(&p, 1, 0) > 0) {
+				manager_submit_locked(m, sb, SB_OP_REAP);
 			}
 			pthread_mutex_unlock(&m->lock);
 			return;
@@ -443,7 +452,7 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 		   "%s", msg ?: "create failed");
 
 	pthread_mutex_lock(&m->lock);
-	create_finish_locked(m, sb, code, msg);
+	create_finish_locked(sb, code, msg);
 	if (sb->abort)
 		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYED,
 					 NULL);
@@ -497,4 +506,44 @@ void sandbox_op_destroy(Manager *m, Sandbox *sb)
 		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_DESTROYED},
 			      {"SANDBOX_ID", sb->id}, {"OP", "destroy"}, {"DURATION_US", dur}),
 		   "sandbox %s destroyed", sb->id);
+}
+
+/* ---- a VMM that died ---- */
+
+void sandbox_op_reap(Manager *m, Sandbox *sb)
+{
+	_cleanup_free_ char *reason = NULL, *err = NULL;
+	FcExit ex = {};
+	int k;
+
+	if (fcctl_vm_wait(sb->vm, 0, &ex) < 0 || !ex.known)
+		k = asprintf(&reason, "the VMM (pid %d) exited unexpectedly", (int)sb->vmm_pid);
+	else if (ex.signal)
+		k = asprintf(&reason, "the VMM was killed by signal %d (%s)", ex.signal,
+			     strsignal(ex.signal));
+	else
+		k = asprintf(&reason, "the VMM exited unexpectedly with status %d", ex.code);
+	if (k < 0)
+		reason = NULL;
+	log_struct(LOG_WARNING, 0,
+		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_FAILED}, {"SANDBOX_ID", sb->id},
+			      {"OP", "watch"}),
+		   "sandbox %s FAILED: %s", sb->id, reason ?: "the VMM exited");
+	/* FAILED keeps the disk for inspection (its file), not the devices or the slot. */
+	if (sandbox_release_runtime(m, sb, &err) < 0)
+		log_warning("sandbox %s: cleaning up after its VMM: %s", sb->id, err ?: "failed");
+
+	pthread_mutex_lock(&m->lock);
+	sb->op = SB_OP_NONE;
+	if (sb->destroy_next) {
+		/* A destroy came meanwhile: it goes on from here (the sandbox is DESTROYING). */
+		sb->destroy_next = false;
+		manager_submit_locked(m, sb, SB_OP_DESTROY);
+		pthread_mutex_unlock(&m->lock);
+		return;
+	}
+	sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
+				 reason ?: "the VMM exited");
+	pthread_mutex_unlock(&m->lock);
+	(void)sandbox_record_write(m, sb);
 }

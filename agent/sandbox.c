@@ -107,6 +107,7 @@ static void sandbox_free(Sandbox *sb)
 	free(sb->data_dir);
 	free(sb->cow_path);
 	free(sb->create_error);
+	free(sb->watch); /* only at manager_free: a watched sandbox holds a reference */
 	if (sb->vm)
 		fcctl_vm_free(sb->vm);
 	free(sb);
@@ -200,10 +201,17 @@ static void *worker_main(void *p)
 			m->jobs_tail = NULL;
 		pthread_mutex_unlock(&m->lock);
 
-		if (j->op == SB_OP_CREATE)
+		switch (j->op) {
+		case SB_OP_CREATE:
 			sandbox_op_create(m, j->sb);
-		else
+			break;
+		case SB_OP_REAP:
+			sandbox_op_reap(m, j->sb);
+			break;
+		default:
 			sandbox_op_destroy(m, j->sb);
+			break;
+		}
 
 		pthread_mutex_lock(&m->lock);
 		sandbox_unref_locked(m, j->sb);
@@ -213,90 +221,82 @@ static void *worker_main(void *p)
 	return NULL;
 }
 
-/* ---- VMM exits ---- */
+/* ---- VMM exits ----
+ *
+ * epoll hands back the pointer it was given, possibly in a batch taken just before another
+ * thread stopped watching that VMM. So epoll gets a WatchToken, not the sandbox: unwatching
+ * clears token->sb under the lock and queues the token, and only the loop thread frees tokens,
+ * at the top of its loop, when no batch it took can still name them. */
+
+struct WatchToken {
+	Sandbox *sb; /* (L) NULL once unwatched */
+	WatchToken *next;
+};
 
 int manager_watch_vmm(Manager *m, Sandbox *sb)
 {
-	struct epoll_event ev = {.events = EPOLLIN, .data.ptr = sb};
+	WatchToken *t = calloc(1, sizeof(*t));
+	/* Edge-triggered: a pidfd stays readable once the process has exited, and one
+	 * notification is all the reaper needs. */
+	struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = t};
 	int fd = sb->vm ? fcctl_vm_pidfd(sb->vm) : -1;
 
-	if (fd < 0)
+	if (!t)
+		return -ENOMEM;
+	if (fd < 0) {
+		free(t);
 		return -EBADF;
+	}
 	pthread_mutex_lock(&m->lock);
 	sandbox_ref_locked(sb);
-	pthread_mutex_unlock(&m->lock);
+	t->sb = sb;
+	sb->watch = t;
 	if (epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
 		int r = -errno;
-		sandbox_unref(m, sb);
+		sb->watch = NULL;
+		sandbox_unref_locked(m, sb);
+		pthread_mutex_unlock(&m->lock);
+		free(t);
 		return r;
 	}
-	sb->watched = true;
+	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
 
 void manager_unwatch_vmm(Manager *m, Sandbox *sb)
 {
-	if (!sb->watched)
-		return;
-	/* After EPOLL_CTL_DEL returns the loop cannot hand out this sandbox again, except an
-	 * event it already took: it checks `watched` under the lock. */
-	(void)epoll_ctl(m->epoll_fd, EPOLL_CTL_DEL, fcctl_vm_pidfd(sb->vm), NULL);
 	pthread_mutex_lock(&m->lock);
-	sb->watched = false;
-	sandbox_unref_locked(m, sb);
+	WatchToken *t = sb->watch;
+	if (t) {
+		(void)epoll_ctl(m->epoll_fd, EPOLL_CTL_DEL, fcctl_vm_pidfd(sb->vm), NULL);
+		sb->watch = NULL;
+		t->sb = NULL;
+		t->next = m->dead_tokens;
+		m->dead_tokens = t;
+		sandbox_unref_locked(m, sb);
+	}
 	pthread_mutex_unlock(&m->lock);
 }
 
-static void vmm_exited(Manager *m, Sandbox *sb)
+/* The loop only hands the work to a worker: releasing a disk or a slot can take seconds, and
+ * the loop must stay free to notice the next exit. */
+static void vmm_exited(Manager *m, WatchToken *t)
 {
-	_cleanup_free_ char *reason = NULL;
-	FcExit ex = {};
-
 	pthread_mutex_lock(&m->lock);
+	Sandbox *sb = t->sb;
 	/* An operation that runs (destroy, a create's unwind) owns the VMM and its exit. */
-	if (!sb->watched || sb->op != SB_OP_NONE || sb->removed) {
-		pthread_mutex_unlock(&m->lock);
-		return;
-	}
-	sb->op = SB_OP_DESTROY; /* keeps other operations off while resources are released */
-	sandbox_ref_locked(sb);
+	if (sb && sb->op == SB_OP_NONE && !sb->removed)
+		manager_submit_locked(m, sb, SB_OP_REAP);
 	pthread_mutex_unlock(&m->lock);
+}
 
-	int k;
-	if (fcctl_vm_wait(sb->vm, 0, &ex) < 0 || !ex.known)
-		k = asprintf(&reason, "the VMM (pid %d) exited unexpectedly", (int)sb->vmm_pid);
-	else if (ex.signal)
-		k = asprintf(&reason, "the VMM was killed by signal %d (%s)", ex.signal,
-			     strsignal(ex.signal));
-	else
-		k = asprintf(&reason, "the VMM exited unexpectedly with status %d", ex.code);
-	if (k < 0)
-		reason = NULL;
-	log_struct(LOG_WARNING, 0,
-		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_FAILED}, {"SANDBOX_ID", sb->id},
-			      {"OP", "watch"}),
-		   "sandbox %s FAILED: %s", sb->id, reason ?: "the VMM exited");
-	manager_unwatch_vmm(m, sb);
-	_cleanup_free_ char *err = NULL;
-	if (sandbox_release_runtime(m, sb, &err) < 0)
-		log_warning("sandbox %s: cleaning up after its VMM: %s", sb->id, err ?: "failed");
-
-	pthread_mutex_lock(&m->lock);
-	sb->op = SB_OP_NONE;
-	if (!sb->removed) {
-		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
-					 reason ?: "the VMM exited");
-		pthread_mutex_unlock(&m->lock);
-		(void)sandbox_record_write(m, sb);
-		pthread_mutex_lock(&m->lock);
-		/* A destroy that arrived meanwhile waits for us. */
-		if (sb->destroy_next) {
-			sb->destroy_next = false;
-			manager_submit_locked(m, sb, SB_OP_DESTROY);
-		}
+static void free_dead_tokens_locked(Manager *m)
+{
+	while (m->dead_tokens) {
+		WatchToken *t = m->dead_tokens;
+		m->dead_tokens = t->next;
+		free(t);
 	}
-	sandbox_unref_locked(m, sb);
-	pthread_mutex_unlock(&m->lock);
 }
 
 static void *loop_main(void *p)
@@ -305,6 +305,9 @@ static void *loop_main(void *p)
 	struct epoll_event evs[64];
 
 	for (;;) {
+		pthread_mutex_lock(&m->lock);
+		free_dead_tokens_locked(m);
+		pthread_mutex_unlock(&m->lock);
 		int n = epoll_wait(m->epoll_fd, evs, ELEMENTSOF(evs), -1);
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -519,6 +522,7 @@ void manager_free(Manager *m)
 			sandbox_free(sb);
 		}
 	free(m->buckets);
+	free_dead_tokens_locked(m);
 	for (size_t i = 0; i < m->n_templates; i++)
 		template_free(m->templates[i]);
 	free(m->templates);
