@@ -4,12 +4,21 @@
  *
  * udev: every create/remove carries a cookie and waits for udev to finish with the device, as
  * LVM does, so /dev/mapper/ember-<id> exists (and is gone) when we return. Where udev does not
- * run, libdevmapper makes the nodes itself and the wait returns at once. Where udev looks alive
- * but does not process events (some containers), the wait is bounded: after udev_wait_ms we
- * release the cookie and make the node ourselves rather than hang.
+ * run, libdevmapper makes the nodes itself when we ask it to. Where udev looks alive but does
+ * not process events (some containers), the wait is bounded: after udev_wait_ms we release the
+ * cookie and make the node ourselves rather than hang.
  *
- * libdevmapper keeps process-wide state (control fd, cookies, its log function): all calls into
- * it are serialized by dm_lock.
+ * Locking: libdevmapper keeps process-wide state (control fd, the list of pending node
+ * changes, its log function), so every call into it is serialized by dm_lock, which is held
+ * for one call at a time and never across a wait: the udev wait polls with the lock released,
+ * and a busy device is retried with it released. What must not interleave is one disk's own
+ * create, restore and remove; the per-disk lock (disk_lock(), storage.c) serializes those, so a
+ * disk stuck in removal holds up only itself.
+ *
+ * Ownership: a create makes the device in three steps (create, load the table, resume) rather
+ * than libdevmapper's one, because only the first step tells whether the name was free. A
+ * device we did not make (someone else made ember-<id> between our check and our create) is
+ * never removed by our unwinding.
  */
 #include <ctype.h>
 #include <dirent.h>
@@ -29,14 +38,20 @@
 #include "common/macro.h"
 #include "storage-internal.h"
 
-#define REMOVE_ATTEMPTS 8 /* 10 ms doubling: about 2.5 s in all */
+/* A busy device (udev probing the new node, a VMM still exiting) is tried REMOVE_ATTEMPTS
+ * times, REMOVE_INTERVAL_MS apart: 25 waits of 100 ms, so about 2.5 s plus the time the
+ * attempts themselves take. The error message reports the time actually spent. */
+#define REMOVE_ATTEMPTS    26
+#define REMOVE_INTERVAL_MS 100U
 
-static unsigned udev_wait_ms = 10000;
+static _Atomic unsigned udev_wait_ms = 10000;
 
 void storage_set_udev_timeout(unsigned ms)
 {
 	udev_wait_ms = ms;
 }
+
+void (*storage_test_before_dm_create)(const char *name) = NULL;
 
 static pthread_mutex_t dm_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t dm_log_once = PTHREAD_ONCE_INIT;
@@ -67,6 +82,26 @@ static void dm_log_setup(void)
 	dm_log_with_errno_init(dm_log);
 }
 
+static const char *last_error(int r)
+{
+	return dm_last_error[0] ? dm_last_error : strerror(-r);
+}
+
+static void sleep_ms(unsigned ms)
+{
+	struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+	nanosleep(&ts, NULL);
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* A task is the caller's own memory once made: filling it in, reading its results and
+ * destroying it touch no process-wide state, so only making and running it take dm_lock. */
 static void dm_taskp(struct dm_task **t)
 {
 	if (*t)
@@ -78,6 +113,7 @@ static struct dm_task *task_new(int type, const char *name)
 	struct dm_task *t;
 
 	pthread_once(&dm_log_once, dm_log_setup);
+	_cleanup_(mutex_unlockp) pthread_mutex_t *locked = mutex_take(&dm_lock);
 	t = dm_task_create(type);
 	if (!t)
 		return NULL;
@@ -88,37 +124,57 @@ static struct dm_task *task_new(int type, const char *name)
 	return t;
 }
 
-/* dm_task_run, then the udev wait. Returns -errno of the ioctl. Caller holds dm_lock. */
+/* dm_task_run, then the udev wait when with_cookie. Returns -errno of the ioctl. dm_lock is
+ * taken here for each call into libdevmapper; the caller must not hold it. */
 static int task_run(struct dm_task *t, const char *name, bool with_cookie)
 {
 	uint32_t cookie = 0;
 	int r = 0, ready = 0;
 
 	dm_last_error[0] = 0;
-	if (with_cookie && !dm_task_set_cookie(t, &cookie, 0))
-		return -EIO;
-	if (!dm_task_run(t)) {
-		int e = dm_task_get_errno(t);
-		r = e > 0 ? -e : -EIO;
+	{
+		_cleanup_(mutex_unlockp) pthread_mutex_t *locked = mutex_take(&dm_lock);
+		if (with_cookie && !dm_task_set_cookie(t, &cookie, 0))
+			return -EIO;
+		if (!dm_task_run(t)) {
+			int e = dm_task_get_errno(t);
+			r = e > 0 ? -e : -EIO;
+		}
+		if (!with_cookie)
+			return r;
+		if (!cookie) {
+			/* No udev to synchronize with: libdevmapper has only noted the node
+			 * changes; make them now, not at some later call or at exit. */
+			dm_task_update_nodes();
+			return r;
+		}
 	}
-	if (!with_cookie || !cookie)
-		return r;
 
-	for (unsigned waited = 0; waited < udev_wait_ms; waited += 10) {
-		if (!dm_udev_wait_immediate(cookie, &ready))
+	/* Polled with dm_lock released: a slow udev holds up this operation only. */
+	unsigned timeout = udev_wait_ms;
+	for (unsigned waited = 0; waited < timeout; waited += 10) {
+		int ok;
+		{
+			_cleanup_(mutex_unlockp) pthread_mutex_t *locked = mutex_take(&dm_lock);
+			ok = dm_udev_wait_immediate(cookie, &ready);
+		}
+		if (!ok)
 			break;
 		if (ready)
 			return r; /* the cookie is gone with the last immediate wait */
-		struct timespec ts = {.tv_nsec = 10 * 1000000L};
-		nanosleep(&ts, NULL);
+		sleep_ms(10);
 	}
-	/* udev did not answer: release the cookie ourselves and make sure the node exists. */
-	log_debug("udev did not process %s within %u ms; creating nodes ourselves", name ?: "?",
-		  udev_wait_ms);
+	/* udev did not answer: release the cookie ourselves and make sure the node is right
+	 * (there after a create, gone after a remove). */
+	log_debug("udev did not process %s within %u ms; handling its node ourselves", name ?: "?",
+		  timeout);
+	_cleanup_(mutex_unlockp) pthread_mutex_t *locked = mutex_take(&dm_lock);
 	(void)dm_udev_complete(cookie);
 	(void)dm_udev_wait(cookie);
-	if (name && r == 0)
+	if (name && r == 0) {
 		(void)dm_mknodes(name);
+		dm_task_update_nodes();
+	}
 	return r;
 }
 
@@ -150,7 +206,7 @@ int dm_disk_device(const char *id, char **ret_device)
 	return 0;
 }
 
-/* Info of a dm device by name: 1 and *ret when it exists, 0 when not. Caller holds dm_lock. */
+/* Info of a dm device by name: 1 and *ret when it exists, 0 when not. */
 static int get_info(const char *name, struct dm_info *ret)
 {
 	_cleanup_(dm_taskp) struct dm_task *t = task_new(DM_DEVICE_INFO, name);
@@ -177,14 +233,56 @@ int storage_dm_snapshot_table(uint64_t base_sectors, dev_t base, dev_t cow, unsi
 	return 0;
 }
 
-static int create_device(const char *name, const char *id, uint64_t sectors, dev_t base, dev_t cow)
+static int remove_device(const char *name, char **ret_error);
+
+/* The device a create made, removed again by the create's unwinding unless disarmed. */
+typedef struct DmMade {
+	const char *name;
+	bool made;
+} DmMade;
+
+static void dm_madep(DmMade *m)
 {
-	_cleanup_(dm_taskp) struct dm_task *t = task_new(DM_DEVICE_CREATE, name);
+	if (m->made)
+		(void)remove_device(m->name, NULL);
+}
+
+/* A base reference a create took, given back by its unwinding unless handed to the disk. */
+typedef struct BaseHold {
+	Registry *registry;
+	BaseKey key;
+	bool held;
+} BaseHold;
+
+static void base_holdp(BaseHold *h)
+{
+	if (h->held)
+		registry_release_key(h->registry, h->key);
+}
+
+static void unlink_and_freep(char **path)
+{
+	if (*path) {
+		(void)unlink(*path);
+		free(*path);
+	}
+}
+
+/* Makes `name` with the snapshot table: create, load, resume. -EEXIST when the kernel refuses
+ * the create because the name or our uuid is in use (it answers EBUSY): that device is someone
+ * else's and m->made stays false. Once the create succeeded m->made is set, so a later failure
+ * leaves the unwinding to remove the device this call made. */
+static int create_device(const char *name, const char *id, uint64_t sectors, dev_t base, dev_t cow,
+			 DmMade *m)
+{
+	_cleanup_(dm_taskp) struct dm_task *create = task_new(DM_DEVICE_CREATE, name);
+	_cleanup_(dm_taskp) struct dm_task *load = task_new(DM_DEVICE_RELOAD, name);
+	_cleanup_(dm_taskp) struct dm_task *resume = task_new(DM_DEVICE_RESUME, name);
 	_cleanup_free_ char *table = NULL;
 	char uuid[80];
 	int r;
 
-	if (!t)
+	if (!create || !load || !resume)
 		return -ENOMEM;
 	r = storage_dm_snapshot_table(sectors, base, cow, STORAGE_CHUNK_SECTORS, &table);
 	if (r < 0)
@@ -192,10 +290,22 @@ static int create_device(const char *name, const char *id, uint64_t sectors, dev
 	snprintf(uuid, sizeof(uuid), "%s%s", STORAGE_UUID_PREFIX, id);
 	/* The table string minus "0 <len> snapshot ": dm_task_add_target takes the parts. */
 	const char *params = strstr(table, "snapshot ") + strlen("snapshot ");
-	if (!dm_task_set_uuid(t, uuid) || !dm_task_add_target(t, 0, sectors, "snapshot", params))
+	if (!dm_task_set_uuid(create, uuid) ||
+	    !dm_task_add_target(load, 0, sectors, "snapshot", params))
 		return -ENOMEM;
 	log_debug("creating %s: %s", name, table);
-	return task_run(t, name, true);
+	r = task_run(create, name, false);
+	if (r == -EBUSY || r == -EEXIST)
+		return -EEXIST;
+	if (r < 0)
+		return r;
+	m->made = true;
+	r = task_run(load, name, false);
+	if (r >= 0)
+		/* The node appears with the resume: that is where udev gets its event. */
+		r = task_run(resume, name, true);
+	/* -EEXIST means "someone else's device" to the caller; the device here is ours. */
+	return r == -EEXIST ? -EIO : r;
 }
 
 /* Who keeps a dm device busy, for the error message: mounts first (they hold no fd), then
@@ -252,21 +362,19 @@ static void describe_holders(const char *name, const struct dm_info *info, char 
 	(void)name;
 }
 
-/* Removes a dm device, retrying while it is busy (udev probes, a VMM that is still exiting).
- * 0 also when it does not exist. Caller holds dm_lock. */
+/* Removes a dm device, retrying while it is busy. 0 also when it does not exist. */
 static int remove_device(const char *name, char **ret_error)
 {
-	unsigned delay_ms = 10;
+	uint64_t start = now_ms();
 	struct dm_info info;
-	int r;
+	int r, attempt;
 
-	for (int attempt = 0;; attempt++) {
+	for (attempt = 1;; attempt++) {
 		_cleanup_(dm_taskp) struct dm_task *t = NULL;
 
 		r = get_info(name, &info);
 		if (r < 0)
-			return error_set(ret_error, r, "cannot query %s: %s", name,
-					 dm_last_error[0] ? dm_last_error : strerror(-r));
+			return error_set(ret_error, r, "cannot query %s: %s", name, last_error(r));
 		if (r == 0)
 			return 0;
 		t = task_new(DM_DEVICE_REMOVE, name);
@@ -275,60 +383,181 @@ static int remove_device(const char *name, char **ret_error)
 		r = task_run(t, name, true);
 		if (r == 0 || r == -ENXIO || r == -ENODEV)
 			return 0;
-		if (r != -EBUSY || attempt + 1 >= REMOVE_ATTEMPTS)
+		if (r != -EBUSY || attempt >= REMOVE_ATTEMPTS)
 			break;
-		log_debug("%s busy, retrying in %u ms", name, delay_ms);
-		struct timespec ts = {.tv_sec = delay_ms / 1000,
-				      .tv_nsec = (long)(delay_ms % 1000) * 1000000L};
-		nanosleep(&ts, NULL);
-		delay_ms *= 2;
+		log_debug("%s busy (attempt %d of %d), retrying in %u ms", name, attempt,
+			  REMOVE_ATTEMPTS, REMOVE_INTERVAL_MS);
+		sleep_ms(REMOVE_INTERVAL_MS);
 	}
 	if (r == -EBUSY) {
+		unsigned long long spent = now_ms() - start;
 		char who[512];
 		if (get_info(name, &info) > 0)
 			describe_holders(name, &info, who, sizeof(who));
 		else
 			snprintf(who, sizeof(who), "unknown holder");
 		return error_set(ret_error, -EBUSY,
-				 "cannot remove %s: still in use after %d attempts over about "
-				 "%u ms (%s)",
-				 name, REMOVE_ATTEMPTS, (10u << REMOVE_ATTEMPTS) - 10, who);
+				 "cannot remove %s: still in use after %d attempts %u ms apart, "
+				 "%llu ms in all (%s)",
+				 name, attempt, REMOVE_INTERVAL_MS, spent, who);
 	}
-	return error_set(ret_error, r, "cannot remove %s: %s", name,
-			 dm_last_error[0] ? dm_last_error : strerror(-r));
+	return error_set(ret_error, r, "cannot remove %s: %s", name, last_error(r));
 }
 
-int dm_remove_name(const char *name, char **ret_error)
+/* Removes the disk's device and gives back the base reference this process holds for it: only
+ * that one, so a disk this process never created or restored takes nobody else's. */
+static int remove_disk(Storage *s, const char *id, const char *name, char **ret_error)
 {
-	pthread_mutex_lock(&dm_lock);
-	int r = remove_device(name, ret_error);
-	pthread_mutex_unlock(&dm_lock);
-	return r;
+	_cleanup_(disk_unlockp) DiskEntry *d = NULL;
+	int r;
+
+	r = disk_lock(s, id, &d);
+	if (r < 0)
+		return r;
+	r = remove_device(name, ret_error);
+	if (r < 0)
+		return r;
+	if (d->has_base) {
+		registry_release_key(&s->registry, d->base);
+		disk_set_base(d, false, (BaseKey){});
+	}
+	return 0;
 }
 
-int dm_disk_create(Storage *s, const StorageDiskSpec *spec, bool restore, char **ret_device,
-		   char **ret_error)
+int dm_remove_name(Storage *s, const char *name, char **ret_error)
 {
+	size_t plen = strlen(STORAGE_DM_PREFIX);
+
+	/* An ember-* name that is no id of ours is nobody's disk here: just remove it. */
+	if (strncmp(name, STORAGE_DM_PREFIX, plen) != 0 || !id_is_valid(name + plen))
+		return remove_device(name, ret_error);
+	return remove_disk(s, name + plen, name, ret_error);
+}
+
+/* Whether the existing device `name` is the disk `spec` describes: our uuid, and a live
+ * snapshot table with our chunk size over a read-only loop device of spec->base_image and a
+ * loop device of spec->cow_path. `cow_size` > 0 (a create's retry): the CoW file has that size
+ * too. 1 when it is, -EEXIST (with a message saying what differs) when it is not. */
+static int device_matches(const char *name, const StorageDiskSpec *spec, uint64_t cow_size,
+			  char **ret_error)
+{
+	_cleanup_(dm_taskp) struct dm_task *t = task_new(DM_DEVICE_TABLE, name);
+	char *type = NULL, *params = NULL, uuid[80];
+	unsigned bmaj, bmin, cmaj, cmin, chunk;
+	uint64_t start, length;
+	struct stat bst, cst;
+	struct dm_info info;
+	bool ro = false;
+	int r, n = 0;
+
+	if (!t)
+		return -ENOMEM;
+	r = task_run(t, name, false);
+	if (r >= 0 && (!dm_task_get_info(t, &info) || !info.exists))
+		r = -ENOENT;
+	if (r < 0)
+		return error_set(ret_error, r, "cannot read the table of %s: %s", name,
+				 last_error(r));
+	snprintf(uuid, sizeof(uuid), "%s%s", STORAGE_UUID_PREFIX, spec->id);
+	const char *have = dm_task_get_uuid(t);
+	if (!have || strcmp(have, uuid) != 0)
+		return error_set(ret_error, -EEXIST, "%s exists already with uuid \"%s\", not %s",
+				 name, have ?: "", uuid);
+	if (!info.live_table)
+		return error_set(
+			ret_error, -EEXIST,
+			"%s exists already without a table (a create that did not finish); "
+			"remove the disk, then restore it",
+			name);
+	if (dm_get_next_target(t, NULL, &start, &length, &type, &params) || start != 0 || !type ||
+	    strcmp(type, "snapshot") != 0 || !params ||
+	    sscanf(params, "%u:%u %u:%u P %u%n", &bmaj, &bmin, &cmaj, &cmin, &chunk, &n) != 5 ||
+	    params[n + strspn(params + n, " ")] != 0 || chunk != STORAGE_CHUNK_SECTORS)
+		return error_set(ret_error, -EEXIST, "%s exists already with another table (%s %s)",
+				 name, type ?: "none", params ?: "");
+	if (stat(spec->base_image, &bst) < 0)
+		return error_set(ret_error, -errno, "base image %s: %m", spec->base_image);
+	if (stat(spec->cow_path, &cst) < 0) {
+		if (errno != ENOENT)
+			return error_set(ret_error, -errno, "CoW file %s: %m", spec->cow_path);
+		return error_set(ret_error, -EEXIST, "%s exists already, over another CoW file",
+				 name);
+	}
+	r = loop_dev_backed_by(makedev(bmaj, bmin), &bst, &ro);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot inspect %u:%u under %s: %s", bmaj, bmin,
+				 name, strerror(-r));
+	if (r == 0 || !ro || length * 512 != (uint64_t)bst.st_size)
+		return error_set(
+			ret_error, -EEXIST,
+			"%s exists already over %u:%u, which is not a read-only loop device "
+			"of %s",
+			name, bmaj, bmin, spec->base_image);
+	r = loop_dev_backed_by(makedev(cmaj, cmin), &cst, NULL);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot inspect %u:%u under %s: %s", cmaj, cmin,
+				 name, strerror(-r));
+	if (r == 0)
+		return error_set(ret_error, -EEXIST,
+				 "%s exists already with the CoW %u:%u, which is not a loop device "
+				 "of %s",
+				 name, cmaj, cmin, spec->cow_path);
+	if (cow_size > 0 && (uint64_t)cst.st_size != cow_size)
+		return error_set(ret_error, -EEXIST,
+				 "%s exists already with a CoW file of %lld bytes, not %llu", name,
+				 (long long)cst.st_size, (unsigned long long)cow_size);
+	return 1;
+}
+
+/* Takes over an existing ember-<id> that is this disk (after an agent restart, or a create's
+ * retry): nothing is made again, and the disk's base reference is counted, unless this
+ * process holds one for it already. */
+static int adopt_device(Storage *s, DiskEntry *d, const char *name, const StorageDiskSpec *spec,
+			uint64_t cow_size, char **ret_device, char **ret_error)
+{
+	_cleanup_free_ char *device = NULL, *base_device = NULL;
+	BaseKey key;
+	int r;
+
+	r = device_matches(name, spec, cow_size, ret_error);
+	if (r < 0)
+		return r;
+	r = dm_disk_device(spec->id, &device);
+	if (r < 0)
+		return r;
+	if (access(device, F_OK) < 0) {
+		/* A /dev made anew since (another mount namespace, a container): the node again. */
+		_cleanup_(mutex_unlockp) pthread_mutex_t *locked = mutex_take(&dm_lock);
+		(void)dm_mknodes(name);
+		dm_task_update_nodes();
+	}
+	if (!d->has_base) {
+		r = registry_acquire(&s->registry, spec->base_image, &base_device, NULL, NULL, &key,
+				     ret_error);
+		if (r < 0)
+			return r;
+		disk_set_base(d, true, key);
+	}
+	log_debug("adopted %s", name);
+	*ret_device = TAKE_PTR(device);
+	return 0;
+}
+
+/* Makes the disk's device, which does not exist. -EEXIST when the name was taken meanwhile
+ * (someone made ember-<id> since we looked): for a create with a message, for a restore without
+ * one, as the caller looks at what took it. */
+static int make_device(Storage *s, DiskEntry *d, const char *name, const StorageDiskSpec *spec,
+		       bool restore, char **ret_device, char **ret_error)
+{
+	_cleanup_(unlink_and_freep) char *new_cow = NULL;
+	_cleanup_(base_holdp) BaseHold hold = {.registry = &s->registry};
 	_cleanup_free_ char *base_device = NULL, *cow_device = NULL, *device = NULL;
 	_cleanup_close_ int cow_fd = -EBADF, cow_loop = -EBADF;
-	bool created_file = false, have_base = false;
+	_cleanup_(dm_madep) DmMade made = {.name = name};
 	uint64_t sectors = 0;
 	struct stat cst;
 	dev_t base_dev = 0;
-	char name[80];
 	int r;
-
-	if (dm_name(spec->id, name, sizeof(name)) < 0)
-		return error_set(ret_error, -EINVAL, "invalid sandbox id \"%s\"", spec->id ?: "");
-	if (!spec->base_image || !spec->cow_path)
-		return error_set(ret_error, -EINVAL, "base image and CoW path are required");
-
-	pthread_mutex_lock(&dm_lock);
-	struct dm_info info;
-	r = get_info(name, &info);
-	pthread_mutex_unlock(&dm_lock);
-	if (r > 0)
-		return error_set(ret_error, -EEXIST, "%s exists already", name);
 
 	if (restore) {
 		cow_fd = open(spec->cow_path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
@@ -352,86 +581,103 @@ int dm_disk_create(Storage *s, const StorageDiskSpec *spec, bool restore, char *
 		if (cow_fd < 0)
 			return error_set(ret_error, -errno, "cannot create CoW file %s: %m",
 					 spec->cow_path);
-		created_file = true;
-		/* Sparse: blocks are allocated as the guest writes. */
-		if (ftruncate(cow_fd, (off_t)spec->cow_size) < 0) {
-			r = error_set(ret_error, -errno, "cannot size CoW file %s: %m",
-				      spec->cow_path);
-			goto fail;
+		new_cow = strdup(spec->cow_path);
+		if (!new_cow) {
+			(void)unlink(spec->cow_path);
+			return -ENOMEM;
 		}
+		/* Sparse: blocks are allocated as the guest writes. */
+		if (ftruncate(cow_fd, (off_t)spec->cow_size) < 0)
+			return error_set(ret_error, -errno, "cannot size CoW file %s: %m",
+					 spec->cow_path);
 	}
 
+	/* Taken even when the disk holds a reference already (its device went away behind our
+	 * back): the loop device's numbers come with it, and the unwinding gives the extra one
+	 * back. */
 	r = registry_acquire(&s->registry, spec->base_image, &base_device, &base_dev, &sectors,
-			     ret_error);
+			     &hold.key, ret_error);
 	if (r < 0)
-		goto fail;
-	have_base = true;
+		return r;
+	hold.held = true;
 
 	/* Direct I/O on the CoW loop: the snapshot's writes need not be cached twice. */
 	cow_loop = storage_loop_attach(spec->cow_path, STORAGE_LOOP_DIRECT_IO, &cow_device);
-	if (cow_loop < 0) {
-		r = error_set(ret_error, cow_loop, "cannot attach CoW file %s: %s", spec->cow_path,
-			      strerror(-cow_loop));
-		goto fail;
-	}
-	if (fstat(cow_loop, &cst) < 0) {
-		r = error_set(ret_error, -errno, "cannot stat %s: %m", cow_device);
-		goto fail;
-	}
+	if (cow_loop < 0)
+		return error_set(ret_error, cow_loop, "cannot attach CoW file %s: %s",
+				 spec->cow_path, strerror(-cow_loop));
+	if (fstat(cow_loop, &cst) < 0)
+		return error_set(ret_error, -errno, "cannot stat %s: %m", cow_device);
 
-	pthread_mutex_lock(&dm_lock);
-	r = create_device(name, spec->id, sectors, base_dev, cst.st_rdev);
-	if (r < 0) {
-		char msg[256];
-		snprintf(msg, sizeof(msg), "%s", dm_last_error[0] ? dm_last_error : strerror(-r));
-		/* A failed create can leave a device without a table behind. */
-		(void)remove_device(name, NULL);
-		pthread_mutex_unlock(&dm_lock);
-		r = error_set(ret_error, r, "cannot create %s over %s and %s: %s", name,
-			      base_device, cow_device, msg);
-		goto fail;
-	}
-	pthread_mutex_unlock(&dm_lock);
+	if (storage_test_before_dm_create)
+		storage_test_before_dm_create(name);
 
+	r = create_device(name, spec->id, sectors, base_dev, cst.st_rdev, &made);
+	if (r == -EEXIST && restore)
+		return r;
+	if (r == -EEXIST)
+		return error_set(ret_error, r,
+				 "%s was made by someone else meanwhile; it is left alone", name);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot create %s over %s and %s: %s", name,
+				 base_device, cow_device, last_error(r));
 	r = dm_disk_device(spec->id, &device);
-	if (r < 0) {
-		(void)dm_remove_name(name, NULL);
-		goto fail;
+	if (r < 0)
+		return r;
+
+	/* Done: the device keeps the CoW loop (closing ours leaves it attached until dm lets go),
+	 * the disk keeps the CoW file and the base reference. */
+	made.made = false;
+	free(new_cow);
+	new_cow = NULL;
+	if (!d->has_base) {
+		disk_set_base(d, true, hold.key);
+		hold.held = false;
 	}
-	/* dm holds the CoW loop now; closing ours leaves it attached until dm lets go. */
 	log_debug("%s %s over %s (base) and %s (CoW)", restore ? "restored" : "created", name,
 		  base_device, cow_device);
 	*ret_device = TAKE_PTR(device);
 	return 0;
+}
 
-fail:
-	/* cow_loop closes on return: the auto-clearing device then detaches itself. */
-	if (have_base)
-		(void)registry_release(&s->registry, spec->base_image);
-	if (created_file)
-		(void)unlink(spec->cow_path);
+int dm_disk_create(Storage *s, const StorageDiskSpec *spec, bool restore, char **ret_device,
+		   char **ret_error)
+{
+	_cleanup_(disk_unlockp) DiskEntry *d = NULL;
+	struct dm_info info;
+	char name[80];
+	int r;
+
+	if (dm_name(spec->id, name, sizeof(name)) < 0)
+		return error_set(ret_error, -EINVAL, "invalid sandbox id \"%s\"", spec->id ?: "");
+	if (!spec->base_image || !spec->cow_path)
+		return error_set(ret_error, -EINVAL, "base image and CoW path are required");
+
+	r = disk_lock(s, spec->id, &d);
+	if (r < 0)
+		return r;
+	r = get_info(name, &info);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot query %s: %s", name, last_error(r));
+	if (r > 0)
+		/* Made before, by this process or by one before an agent restart: the same disk
+		 * is taken over (a create's retry must name the same CoW file and size). */
+		return adopt_device(s, d, name, spec, restore ? 0 : spec->cow_size, ret_device,
+				    ret_error);
+	r = make_device(s, d, name, spec, restore, ret_device, ret_error);
+	if (r == -EEXIST && restore)
+		/* Another process restored it meanwhile (ours is undone): the same disk is fine. */
+		return adopt_device(s, d, name, spec, 0, ret_device, ret_error);
 	return r;
 }
 
 int dm_disk_remove(Storage *s, const StorageDiskSpec *spec, char **ret_error)
 {
 	char name[80];
-	struct dm_info info;
-	int r, exists;
 
 	if (dm_name(spec->id, name, sizeof(name)) < 0)
 		return error_set(ret_error, -EINVAL, "invalid sandbox id \"%s\"", spec->id ?: "");
-	pthread_mutex_lock(&dm_lock);
-	exists = get_info(name, &info);
-	r = exists > 0 ? remove_device(name, ret_error) : exists;
-	pthread_mutex_unlock(&dm_lock);
-	if (r < 0)
-		return r;
-	/* The CoW loop auto-clears now that dm let go of it; the base loop goes with its last
-	 * reference. Only a disk that existed held a reference. */
-	if (exists > 0 && spec->base_image)
-		(void)registry_release(&s->registry, spec->base_image);
-	return 0;
+	return remove_disk(s, spec->id, name, ret_error);
 }
 
 int storage_dm_snapshot_status_parse(const char *params, uint64_t *ret_used, uint64_t *ret_total,
@@ -477,14 +723,12 @@ int dm_disk_status(const StorageDiskSpec *spec, StorageDiskStatus *ret, char **r
 
 	if (dm_name(spec->id, name, sizeof(name)) < 0)
 		return error_set(ret_error, -EINVAL, "invalid sandbox id \"%s\"", spec->id ?: "");
-	pthread_mutex_lock(&dm_lock);
 	t = task_new(DM_DEVICE_STATUS, name);
 	r = t ? task_run(t, name, false) : -ENOMEM;
 	if (r >= 0 && (!dm_task_get_info(t, &info) || !info.exists))
 		r = -ENOENT;
 	if (r >= 0)
 		dm_get_next_target(t, NULL, &start, &length, &type, &params);
-	pthread_mutex_unlock(&dm_lock);
 	if (r == -ENOENT || r == -ENXIO)
 		return error_set(ret_error, -ENOENT, "%s does not exist", name);
 	if (r < 0)
@@ -521,13 +765,10 @@ int dm_list_ember(char ***ret_names, size_t *ret_n)
 	size_t n = 0;
 	int r;
 
-	pthread_mutex_lock(&dm_lock);
 	t = task_new(DM_DEVICE_LIST, NULL);
 	r = t ? task_run(t, NULL, false) : -ENOMEM;
-	if (r < 0) {
-		pthread_mutex_unlock(&dm_lock);
+	if (r < 0)
 		return r;
-	}
 	names = dm_task_get_names(t);
 	if (names && names->dev) {
 		for (struct dm_names *nm = names;;
@@ -550,7 +791,6 @@ int dm_list_ember(char ***ret_names, size_t *ret_n)
 				break;
 		}
 	}
-	pthread_mutex_unlock(&dm_lock);
 	if (r < 0) {
 		for (size_t i = 0; i < n; i++)
 			free(out[i]);

@@ -8,7 +8,7 @@
  * copy_file_range so that the kernel moves the bytes.
  */
 #include <fcntl.h>
-#include <linux/fiemap.h>
+#include <libgen.h>
 #include <linux/fs.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,18 +75,29 @@ static int open_temp_beside(const char *dest, char **ret_tmp)
 	return fd >= 0 ? fd : negative_errno();
 }
 
-/* Renames tmp to dest unless dest exists (link + unlink is the atomic "no replace"). */
+/* Renames tmp to dest unless dest exists (link + unlink is the atomic "no replace"), then syncs
+ * the directory so that the name survives a crash as well as the data. */
 static int commit_temp(int fd, const char *tmp, const char *dest)
 {
+	_cleanup_free_ char *dir = NULL;
+	_cleanup_close_ int dfd = -EBADF;
+
 	if (fsync(fd) < 0)
 		return -errno;
 	if (link(tmp, dest) < 0)
 		return -errno;
 	(void)unlink(tmp);
+	dir = strdup(dest);
+	if (!dir)
+		return -ENOMEM;
+	dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd >= 0)
+		(void)fsync(dfd);
 	return 0;
 }
 
-int storage_copy_sparse(const char *src, const char *dest, bool try_reflink)
+/* storage_copy_sparse() with the copy's mode given: (mode_t)-1 keeps the source's. */
+static int copy_sparse(const char *src, const char *dest, bool try_reflink, mode_t mode)
 {
 	_cleanup_close_ int in = -EBADF, out = -EBADF;
 	_cleanup_free_ char *tmp = NULL;
@@ -133,7 +144,7 @@ int storage_copy_sparse(const char *src, const char *dest, bool try_reflink)
 			pos = hole;
 		}
 	}
-	if (fchmod(out, st.st_mode & 07777) < 0) {
+	if (fchmod(out, mode == (mode_t)-1 ? st.st_mode & 07777 : mode) < 0) {
 		r = -errno;
 		goto fail;
 	}
@@ -144,6 +155,11 @@ int storage_copy_sparse(const char *src, const char *dest, bool try_reflink)
 fail:
 	(void)unlink(tmp);
 	return r;
+}
+
+int storage_copy_sparse(const char *src, const char *dest, bool try_reflink)
+{
+	return copy_sparse(src, dest, try_reflink, (mode_t)-1);
 }
 
 static bool all_zero(const char *p, size_t n)
@@ -235,10 +251,16 @@ int file_disk_create(const StorageDiskSpec *spec, bool restore, char **ret_devic
 	if (!spec->base_image || !spec->cow_path)
 		return error_set(ret_error, -EINVAL, "base image and disk path are required");
 	if (restore) {
+		/* The copy is the disk: whatever process made it, it is there or it is not. */
 		if (stat(spec->cow_path, &st) < 0)
 			return error_set(ret_error, -errno, "disk %s: %m", spec->cow_path);
+		if (!S_ISREG(st.st_mode))
+			return error_set(ret_error, -EINVAL, "disk %s is not a regular file",
+					 spec->cow_path);
 	} else {
-		r = storage_copy_sparse(spec->base_image, spec->cow_path, true);
+		/* The sandbox's own disk, written by its VMM: private to the owner whatever the
+		 * base's mode. */
+		r = copy_sparse(spec->base_image, spec->cow_path, true, 0600);
 		if (r < 0)
 			return error_set(ret_error, r, "cannot copy %s to %s: %s", spec->base_image,
 					 spec->cow_path, strerror(-r));
@@ -252,63 +274,27 @@ int file_disk_create(const StorageDiskSpec *spec, bool restore, char **ret_devic
 	return 0;
 }
 
-/* Bytes of the file's extents that no other file shares: with a reflinked copy, what the
- * sandbox wrote; with a plain copy, all of it. FIEMAP reports shared extents on btrfs/XFS. */
-static int unshared_bytes(int fd, uint64_t *ret)
-{
-	_cleanup_free_ struct fiemap *fm = NULL;
-	const unsigned n = 256;
-	uint64_t start = 0, total = 0;
-
-	fm = calloc(1, sizeof(*fm) + n * sizeof(struct fiemap_extent));
-	if (!fm)
-		return -ENOMEM;
-	for (;;) {
-		fm->fm_start = start;
-		fm->fm_length = FIEMAP_MAX_OFFSET - start;
-		fm->fm_flags = FIEMAP_FLAG_SYNC;
-		fm->fm_extent_count = n;
-		fm->fm_mapped_extents = 0;
-		if (ioctl(fd, FS_IOC_FIEMAP, fm) < 0)
-			return -errno;
-		if (fm->fm_mapped_extents == 0)
-			break;
-		bool last = false;
-		for (unsigned i = 0; i < fm->fm_mapped_extents; i++) {
-			struct fiemap_extent *e = &fm->fm_extents[i];
-			if (!(e->fe_flags & (FIEMAP_EXTENT_SHARED | FIEMAP_EXTENT_UNWRITTEN)))
-				total += e->fe_length;
-			start = e->fe_logical + e->fe_length;
-			last = last || (e->fe_flags & FIEMAP_EXTENT_LAST);
-		}
-		if (last)
-			break;
-	}
-	*ret = total;
-	return 0;
-}
-
 int file_disk_status(const StorageDiskSpec *spec, StorageDiskStatus *ret, char **ret_error)
 {
-	_cleanup_close_ int fd = -EBADF;
-	struct stat st;
-	uint64_t own = 0;
-	int r;
+	struct stat st, bst;
+	uint64_t used, base = 0;
 
-	fd = open(spec->cow_path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
+	if (stat(spec->cow_path, &st) < 0)
 		return error_set(ret_error, -errno, "disk %s: %m", spec->cow_path);
-	if (fstat(fd, &st) < 0)
-		return error_set(ret_error, -errno, "disk %s: %m", spec->cow_path);
-	r = unshared_bytes(fd, &own);
-	if (r < 0) /* no FIEMAP (tmpfs): all allocated blocks are the disk's own */
-		own = (uint64_t)st.st_blocks * 512;
+	if (!S_ISREG(st.st_mode))
+		return error_set(ret_error, -EINVAL, "disk %s is not a regular file",
+				 spec->cow_path);
+	used = (uint64_t)st.st_blocks * 512;
+	/* The changes are what the copy allocated beyond what the base has: a sparse copy starts
+	 * with the base's allocation. (A reflinked copy does too, and rewriting shared blocks
+	 * does not grow it: the allowance is reported, not enforced, by this backend.) */
+	if (spec->base_image && stat(spec->base_image, &bst) == 0)
+		base = (uint64_t)bst.st_blocks * 512;
 	*ret = (StorageDiskStatus){
-		.used_bytes = own,
+		.used_bytes = used,
 		.capacity_bytes = spec->cow_size,
 		.size_bytes = (uint64_t)st.st_size,
-		/* Not enforced by the file backend, only reported. */
-		.overflow = spec->cow_size > 0 && own > spec->cow_size,
+		.overflow = spec->cow_size > 0 && used > base && used - base > spec->cow_size,
 	};
 	return 0;
 }

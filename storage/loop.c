@@ -13,6 +13,7 @@
 #include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -228,4 +229,42 @@ int storage_loop_find(const char *path, int read_only, char **ret_device)
 		return -ENOENT;
 	*ret_device = ctx.found;
 	return 0;
+}
+
+int loop_dev_backed_by(dev_t dev, const struct stat *file, bool *ret_read_only)
+{
+	char sys[64], link[PATH_MAX], node[32];
+	_cleanup_close_ int fd = -EBADF;
+	struct loop_info64 info;
+	struct stat st;
+	ssize_t n;
+	int nr;
+
+	/* Opening and closing the device is harmless for the devices this is asked about: a dm
+	 * table holds them, so our close is never the last one that would auto-clear them.
+	 * The kernel's name for the device: /sys/dev/block/M:m -> ../../devices/.../block/loopN */
+	snprintf(sys, sizeof(sys), "/sys/dev/block/%u:%u", major(dev), minor(dev));
+	n = readlink(sys, link, sizeof(link) - 1);
+	if (n < 0)
+		return errno == ENOENT ? 0 : -errno;
+	link[n] = 0;
+	const char *base = strrchr(link, '/');
+	if (sscanf(base ? base + 1 : link, "loop%d", &nr) != 1)
+		return 0;
+	snprintf(node, sizeof(node), "/dev/loop%d", nr);
+	fd = open(node, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT || errno == ENXIO ? 0 : -errno;
+	/* The node must be that device (a /dev out of step with sysfs would fool us otherwise). */
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (!S_ISBLK(st.st_mode) || st.st_rdev != dev)
+		return 0;
+	if (ioctl(fd, LOOP_GET_STATUS64, &info) < 0)
+		return errno == ENXIO ? 0 : -errno; /* ENXIO: not bound */
+	if (info.lo_device != file->st_dev || info.lo_inode != file->st_ino)
+		return 0;
+	if (ret_read_only)
+		*ret_read_only = info.lo_flags & LO_FLAGS_READ_ONLY;
+	return 1;
 }

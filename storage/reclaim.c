@@ -82,7 +82,6 @@ int storage_reclaim(Storage *s, const char *state_dir, const char *const *keep, 
 	char *first_error = NULL;
 	int r;
 
-	(void)s;
 	if (!state_dir || state_dir[0] != '/')
 		return error_set(ret_error, -EINVAL, "state dir must be an absolute path");
 
@@ -94,7 +93,7 @@ int storage_reclaim(Storage *s, const char *state_dir, const char *const *keep, 
 			if (kept(names[i], keep, n_keep))
 				continue;
 			char *err = NULL;
-			r = dm_remove_name(names[i], &err);
+			r = dm_remove_name(s, names[i], &err);
 			if (r < 0) {
 				res.failures++;
 				if (!first_error)

@@ -43,16 +43,99 @@ int storage_new(StorageBackend backend, Storage **ret)
 		return -ENOMEM;
 	s->backend = backend;
 	registry_init(&s->registry);
+	pthread_mutex_init(&s->disks_lock, NULL);
 	*ret = s;
 	return 0;
+}
+
+static void disk_entry_free(DiskEntry *d)
+{
+	pthread_mutex_destroy(&d->lock);
+	free(d->id);
+	free(d);
 }
 
 void storage_free(Storage *s)
 {
 	if (!s)
 		return;
+	for (DiskEntry *d = s->disks, *n; d; d = n) {
+		n = d->next;
+		disk_entry_free(d);
+	}
+	pthread_mutex_destroy(&s->disks_lock);
 	registry_done(&s->registry);
 	free(s);
+}
+
+int disk_lock(Storage *s, const char *id, DiskEntry **ret)
+{
+	DiskEntry *d;
+
+	pthread_mutex_lock(&s->disks_lock);
+	for (d = s->disks; d; d = d->next)
+		if (strcmp(d->id, id) == 0)
+			break;
+	if (!d) {
+		d = calloc(1, sizeof(*d));
+		if (d)
+			d->id = strdup(id);
+		if (!d || !d->id) {
+			free(d);
+			pthread_mutex_unlock(&s->disks_lock);
+			return -ENOMEM;
+		}
+		d->storage = s;
+		pthread_mutex_init(&d->lock, NULL);
+		d->next = s->disks;
+		s->disks = d;
+	}
+	d->users++;
+	pthread_mutex_unlock(&s->disks_lock);
+	/* Outside disks_lock: this wait may be long (another thread removing a busy disk). */
+	pthread_mutex_lock(&d->lock);
+	*ret = d;
+	return 0;
+}
+
+void disk_unlock(DiskEntry *d)
+{
+	Storage *s = d->storage;
+
+	/* disks_lock is taken while d->lock is still held (disk_lock() never holds both, so this
+	 * order cannot deadlock): when users drops to 0 nobody else is in or waiting for the
+	 * entry, and nobody new can find it before disks_lock is released. An entry lives while
+	 * a thread uses it or while it holds a base reference. */
+	pthread_mutex_lock(&s->disks_lock);
+	bool last = --d->users == 0 && !d->has_base;
+	pthread_mutex_unlock(&d->lock);
+	if (last) {
+		for (DiskEntry **p = &s->disks; *p; p = &(*p)->next)
+			if (*p == d) {
+				*p = d->next;
+				break;
+			}
+		disk_entry_free(d);
+	}
+	pthread_mutex_unlock(&s->disks_lock);
+}
+
+void disk_set_base(DiskEntry *d, bool has_base, BaseKey key)
+{
+	_cleanup_(mutex_unlockp) pthread_mutex_t *locked = mutex_take(&d->storage->disks_lock);
+
+	d->has_base = has_base;
+	d->base = key;
+}
+
+unsigned storage_disks_held(Storage *s)
+{
+	_cleanup_(mutex_unlockp) pthread_mutex_t *locked = mutex_take(&s->disks_lock);
+	unsigned n = 0;
+
+	for (DiskEntry *d = s->disks; d; d = d->next)
+		n += d->has_base;
+	return n;
 }
 
 StorageBackend storage_get_backend(const Storage *s)
@@ -95,7 +178,8 @@ int storage_disk_remove(Storage *s, const StorageDiskSpec *spec, char **ret_erro
 	int r = check_spec(spec, ret_error);
 	if (r < 0)
 		return r;
-	/* The file backend's disk is a plain file: nothing holds it but the VMM. */
+	/* The file backend's disk is a plain file: nothing holds it but the VMM, and the file
+	 * itself stays (deleting it is the caller's decision). */
 	return s->backend == STORAGE_BACKEND_DM ? dm_disk_remove(s, spec, ret_error) : 0;
 }
 
@@ -132,7 +216,7 @@ int storage_disk_status(Storage *s, const StorageDiskSpec *spec, StorageDiskStat
 
 int storage_base_acquire(Storage *s, const char *image, char **ret_device, char **ret_error)
 {
-	return registry_acquire(&s->registry, image, ret_device, NULL, NULL, ret_error);
+	return registry_acquire(&s->registry, image, ret_device, NULL, NULL, NULL, ret_error);
 }
 
 int storage_base_release(Storage *s, const char *image)

@@ -14,8 +14,25 @@
  * Every function returns >= 0 or -errno; where it takes `ret_error`, a failure also sets
  * *ret_error to a message for a person (caller frees; may stay NULL on -ENOMEM). Nothing here
  * logs above debug level. Devices are named, so every operation can find them again after the
- * process that made them is gone: remove works on a disk another process created, and
- * storage_reclaim() clears what a crash left behind.
+ * process that made them is gone: restore takes over a disk another process made, remove works
+ * on one, and storage_reclaim() clears what a crash left behind.
+ *
+ * Threads: a Storage may be used from many threads at once. Operations on one disk (one id)
+ * are serialized; operations on different disks run in parallel, so a disk whose removal
+ * waits for its holder, or for a slow udev, holds up no other disk.
+ *
+ * After an agent restart, for each sandbox whose disk should be up (running, or anything but
+ * paused), call storage_disk_restore() with the same spec the sandbox's create used (id,
+ * base_image, cow_path; cow_size may be 0). It returns the device to give the VMM:
+ *   - dm: if ember-<id> still exists over that base and CoW file it is taken over as it is
+ *     (not made again: a running VMM keeps using it), and this process counts its reference
+ *     on the base's loop device again, so that removing other disks over the same base later
+ *     cannot release a base still in use. If it does not exist (after a reboot, or a pause), it
+ *     is made again over the CoW file. Returns /dev/mapper/ember-<id>.
+ *   - file: returns cow_path if the copy exists.
+ * Then storage_reclaim() with those ids as `keep` clears devices no sandbox needs. A disk that
+ * was not restored can still be removed (storage_disk_remove()), but this process then holds
+ * no base reference for it and gives none back.
  */
 #pragma once
 
@@ -65,15 +82,25 @@ typedef struct StorageDiskSpec {
 
 /* Makes a new disk: a new CoW file (refused if it exists) and the device over it. *ret_device
  * is what to give the VMM: /dev/mapper/ember-<id>, or the copy's path for the file backend. A
- * failure leaves nothing behind. */
+ * failure leaves nothing behind, and never touches a device it did not make: -EEXIST when
+ * ember-<id> exists as another disk, or is made by someone else while this create runs.
+ * dm: a retry of a create that succeeded (in this process or before a restart) with the same
+ * spec, size included, returns the existing device as storage_disk_restore() does. file: the
+ * copy exists: -EEXIST (use storage_disk_restore()). */
 int storage_disk_create(Storage *s, const StorageDiskSpec *spec, char **ret_device,
 			char **ret_error);
-/* The device again over an existing CoW file (after pause, restart or reboot). */
+/* The device again over an existing CoW file: after pause, restart or reboot (see the top of
+ * this file for what a restarted agent calls). dm: an ember-<id> that exists already over the
+ * spec's base and CoW file is taken over as it is; one over other devices is -EEXIST and left
+ * alone. Calling it again for a disk that is up is harmless. file: the copy's path, -ENOENT if
+ * it does not exist. */
 int storage_disk_restore(Storage *s, const StorageDiskSpec *spec, char **ret_device,
 			 char **ret_error);
-/* Takes the device down: dm device, CoW loop, base reference. The CoW file stays (deleting it
- * is the caller's decision). Retries while the device is busy, then -EBUSY with a message
- * saying who holds it. A disk that does not exist is fine (idempotent). */
+/* Takes the device down: dm device, CoW loop, and the base reference this process took for the
+ * disk (with create or restore). The CoW file stays (deleting it is the caller's decision).
+ * Retries while the device is busy (26 attempts 100 ms apart, about 2.5 s), then -EBUSY with a
+ * message saying who holds it and how long it was tried. A disk that does not exist is fine
+ * (idempotent). file: nothing to take down; the copy stays. */
 int storage_disk_remove(Storage *s, const StorageDiskSpec *spec, char **ret_error);
 /* Writes the disk's current content into `dest` (new file, refused if it exists) as a sparse
  * image: blocks of zeros stay unallocated. The result can serve as a base image. The disk must
@@ -82,11 +109,15 @@ int storage_disk_flatten(Storage *s, const StorageDiskSpec *spec, const char *de
 			 char **ret_error);
 
 typedef struct StorageDiskStatus {
-	uint64_t used_bytes;     /* changes held: dm CoW data+metadata, file: the copy's own data */
+	/* dm: changes held (CoW data+metadata); file: the copy's allocated bytes, st_blocks * 512
+	 * (blocks a reflinked copy shares with the base included) */
+	uint64_t used_bytes;
 	uint64_t capacity_bytes; /* what the changes may grow to (cow_size) */
 	uint64_t size_bytes;     /* the disk as the guest sees it */
 	bool invalid;            /* dm: the CoW filled up; the snapshot dropped, writes fail */
-	bool overflow;           /* changes exceed the allowance */
+	/* changes exceed the allowance; file: the copy allocated more than cow_size beyond the
+	 * base's allocation (reported, not enforced) */
+	bool overflow;
 } StorageDiskStatus;
 
 /* -ENOENT when there is no such disk. */

@@ -1,7 +1,9 @@
 # storage/ on a real kernel with device-mapper (in the VM): sharing of the base loop, isolation
-# of sandboxes, persistence of the CoW, flatten, busy removal, a full CoW, crash reclaim, leaks.
+# of sandboxes, persistence of the CoW, flatten, busy removal, a full CoW, crash reclaim, leaks,
+# a restarted agent taking over live disks, racing creators, and disks not waiting on each other.
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -11,6 +13,97 @@ import pytest
 from conftest import TOOL, dm_names, kv, loops_under, make_base, run, sha256, tool
 
 MiB = 1 << 20
+
+
+def dm_info():
+    """{name: "major:minor uuid"} of the ember devices: a device made again gets a new minor."""
+    out = run("dmsetup", "info", "-c", "--noheadings", "--separator", " ",
+              "-o", "name,major,minor,uuid").stdout
+    return {p[0]: f"{p[1]}:{p[2]} {p[3]}" for p in (l.split() for l in out.splitlines())
+            if p and p[0].startswith("ember-")}
+
+
+def parse(line):
+    """A session's answer: {"ok": bool, key: value...}; a message runs to the end of the line."""
+    head, _, message = line.rstrip("\n").partition(" message=")
+    words = head.split()
+    if words and words[0] == "bg":
+        words = words[2:]
+    r = {"ok": words[0] == "ok"}
+    r.update(w.split("=", 1) for w in words[1:])
+    if message:
+        r["message"] = message
+    return r
+
+
+class Session:
+    """One storage-tool process driven line by line: one Storage for many commands, as the
+    agent has (a new Session is a restarted agent)."""
+
+    def __init__(self, *opts):
+        self.p = subprocess.Popen([TOOL, *map(str, opts), "session"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def _line(self):
+        line = self.p.stdout.readline()
+        if not line:
+            self.p.wait(timeout=10)
+            raise AssertionError(f"session ended ({self.p.returncode}): {self.p.stderr.read()}")
+        return parse(line)
+
+    def __call__(self, *args):
+        self.p.stdin.write(" ".join(map(str, args)) + "\n")
+        self.p.stdin.flush()
+        return self._line()
+
+    def wait(self, n):
+        """The results of the n commands started with bg, in order."""
+        self.p.stdin.write("wait\n")
+        self.p.stdin.flush()
+        results = [self._line() for _ in range(n)]
+        assert self._line()["ok"]
+        return results
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.stdin.close()
+            try:
+                self.p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+@pytest.fixture
+def sessions():
+    """Starts sessions; each is ended at teardown (before `work` looks for leftovers, when the
+    test names `work` first), whatever the test did."""
+    started = []
+
+    def start(*opts):
+        started.append(Session(*opts))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.close()
+
+
+@pytest.fixture
+def holders():
+    """Processes that keep a device open, as a running VMM does; killed at teardown."""
+    started = []
+
+    def hold(device):
+        with open(device, "rb") as f:
+            started.append(subprocess.Popen(["sleep", "600"], stdin=f))
+        return started[-1]
+
+    yield hold
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
 
 
 def mount(device, where):
@@ -129,6 +222,13 @@ def test_remove_while_held_open(work):
         assert f"pid {holder.pid} (sleep)" in r.stderr, r.stderr
         assert elapsed > 1.0, "gave up without retrying"
         assert dm_names() == ["ember-busy"]
+        # the message tells the wait as it was: attempts, their spacing, the time spent
+        m = re.search(r"still in use after (\d+) attempts (\d+) ms apart, (\d+) ms in all",
+                      r.stderr)
+        assert m, r.stderr
+        attempts, apart, total = map(int, m.groups())
+        assert attempts > 1 and apart > 0
+        assert (attempts - 1) * apart <= total <= elapsed * 1000 + 1, (m.group(0), elapsed)
     finally:
         holder.kill()
         holder.wait()
@@ -318,3 +418,162 @@ def test_udev_that_never_answers(work):
         assert dm_names() == []
     finally:
         run("rm", "-rf", "/run/udev")
+
+
+def test_restarted_agent_takes_over_live_disks(work, sessions, holders):
+    """A new process (the agent after a restart) restores the disks of running sandboxes:
+    their devices are taken over as they are, not made again, and the base's references are
+    counted again, so removing one disk leaves the base of the other attached."""
+    base = make_base(f"{work}/base.img", {"a": b"a"})
+    devs = {n: kv(tool("create", *spec(work, n), 16 * MiB).stdout)["device"] for n in "ab"}
+    before = dm_info()
+    holder = holders(devs["b"])  # b's VMM runs on: its device could not be made again
+
+    s = sessions()
+    for n in "ab":
+        r = s("restore", *spec(work, n))
+        assert r["ok"] and r["device"] == devs[n], r
+    assert dm_info() == before, "a live device was made again"
+    assert s("exists", devs["a"])["exists"] == "1"
+    assert s("refs", base)["refs"] == "2"
+    assert s("held")["disks"] == "2"
+    # restoring a disk that is up again is harmless and counts once
+    assert s("restore", *spec(work, "a"))["ok"]
+    assert s("refs", base)["refs"] == "2"
+
+    r = s("remove", *spec(work, "a"))
+    assert r["ok"], r
+    assert s("refs", base)["refs"] == "1"
+    assert [l for l in loops_under(work) if l[1] == base], "the base of b went"
+    run("dd", f"if={devs['b']}", "of=/dev/null", "bs=1M", "count=8")
+    assert dm_names() == ["ember-b"]
+    holder.kill()
+    holder.wait()
+    assert s("remove", *spec(work, "b"))["ok"]
+    assert s("refs", base)["refs"] == "0"
+    assert dm_names() == [] and loops_under(work) == []
+
+
+def test_restart_then_remove_without_restore(work, sessions):
+    """A disk the restarted agent never restored can be removed; it gives back no reference
+    of a disk this process did restore."""
+    base = make_base(f"{work}/base.img", {"a": b"a"})
+    for n in "ab":
+        tool("create", *spec(work, n), 8 * MiB)
+    s = sessions()
+    assert s("restore", *spec(work, "a"))["ok"]
+    assert s("remove", *spec(work, "b"))["ok"]
+    assert s("refs", base)["refs"] == "1"
+    assert s("remove", *spec(work, "a"))["ok"]
+    assert s("refs", base)["refs"] == "0"
+    held = s("held")
+    assert (held["disks"], held["bases"]) == ("0", "0"), held
+    assert dm_names() == [] and loops_under(work) == []
+
+
+def test_create_retry_returns_the_disk_and_other_specs_are_refused(work):
+    base = make_base(f"{work}/base.img", {"a": b"a"})
+    make_base(f"{work}/base2.img", {"b": b"b"})
+    dev = kv(tool("create", *spec(work, "c"), 16 * MiB).stdout)["device"]
+    before = dm_info()
+    # the agent's retry (a lost reply, a crash after the create): the same spec, the same disk
+    assert kv(tool("create", *spec(work, "c"), 16 * MiB).stdout)["device"] == dev
+    # anything else that names ember-c is refused, and ember-c left alone
+    r = tool("create", *spec(work, "c"), 32 * MiB, check=False)
+    assert r.returncode != 0 and "exists already" in r.stderr and "bytes" in r.stderr, r.stderr
+    with open(f"{work}/other.cow", "wb") as f:
+        f.truncate(16 * MiB)
+    r = tool("restore", "c", base, f"{work}/other.cow", check=False)
+    assert r.returncode != 0 and "not a loop device of" in r.stderr, r.stderr
+    r = tool("restore", "c", f"{work}/base2.img", f"{work}/c.cow", check=False)
+    assert r.returncode != 0 and "base2.img" in r.stderr, r.stderr
+    r = tool("create", "c", base, f"{work}/new.cow", 16 * MiB, check=False)
+    assert r.returncode != 0 and "exists already" in r.stderr, r.stderr
+    assert not os.path.exists(f"{work}/new.cow")
+    assert dm_info() == before
+    tool("remove", *spec(work, "c"))
+
+
+def test_racing_creator_keeps_its_device(work):
+    """Someone makes ember-<id> between our check and our create: a create fails and leaves
+    that device alone; a restore whose racer made the same disk uses it."""
+    base = make_base(f"{work}/base.img", {"a": b"a"})
+    try:
+        r = run(TOOL, "--before-dm-create", "dmsetup create $EMBER_DM_NAME --table '0 8 error'",
+                "create", *spec(work, "race"), 8 * MiB, check=False)
+        assert run("dmsetup", "table", "ember-race").stdout.strip() == "0 8 error", \
+            "our unwinding removed the racer's device"
+        assert r.returncode != 0 and "left alone" in r.stderr, r.stderr
+        assert not os.path.exists(f"{work}/race.cow"), "our own CoW file stayed behind"
+        assert loops_under(work) == []
+    finally:
+        run("dmsetup", "remove", "ember-race", check=False)
+
+    tool("create", *spec(work, "twin"), 8 * MiB)
+    tool("remove", *spec(work, "twin"))
+    racer = f"{TOOL} restore twin {base} {work}/twin.cow >/dev/null"
+    r = run(TOOL, "--before-dm-create", racer, "restore", *spec(work, "twin"))
+    assert kv(r.stdout)["device"] == "/dev/mapper/ember-twin"
+    assert dm_names() == ["ember-twin"]
+    # the racer's CoW loop serves the device; ours went with our unwinding
+    assert sorted(l[1] for l in loops_under(work)) == sorted([base, f"{work}/twin.cow"])
+    tool("remove", *spec(work, "twin"))
+
+
+def test_stuck_removal_holds_up_no_other_disk(work, sessions, holders):
+    """One disk's removal retries while its holder keeps it open; meanwhile other disks are
+    made and removed in the same process."""
+    make_base(f"{work}/base.img", {"a": b"a"})
+    busy = kv(tool("create", *spec(work, "busy"), 8 * MiB).stdout)["device"]
+    holder = holders(busy)
+    s = sessions()
+    assert s("bg", "remove", *spec(work, "busy"))["ok"]
+    s("sleep", 300)
+    made = s("create", *spec(work, "free"), 8 * MiB)
+    assert made["ok"], made
+    gone = s("remove", *spec(work, "free"))
+    assert gone["ok"], gone
+    [stuck] = s.wait(1)
+    assert not stuck["ok"] and stuck["errno"] == "16", stuck
+    assert float(gone["end"]) < float(stuck["end"]) - 1000, (made, gone, stuck)
+    assert float(stuck["ms"]) >= 2000, stuck
+    holder.kill()
+    holder.wait()
+    assert s("remove", *spec(work, "busy"))["ok"]
+
+
+def test_udev_waits_do_not_queue(work, sessions):
+    """Where udev never answers, every create waits out the timeout: in parallel, not one
+    after another."""
+    make_base(f"{work}/base.img", {"a": b"a"})
+    os.makedirs("/run/udev", exist_ok=True)
+    open("/run/udev/control", "w").close()
+    try:
+        s = sessions("--udev-timeout-ms", "2000")
+        for i in range(3):
+            assert s("bg", "create", *spec(work, f"w{i}"), 8 * MiB)["ok"]
+        made = s.wait(3)
+        assert all(r["ok"] for r in made), made
+        assert min(float(r["ms"]) for r in made) >= 1900, made  # each did wait for udev
+        assert max(float(r["end"]) for r in made) < 4000, made
+        for i in range(3):
+            assert s("exists", f"/dev/mapper/ember-w{i}")["exists"] == "1"
+            assert s("bg", "remove", *spec(work, f"w{i}"))["ok"]
+        assert all(r["ok"] for r in s.wait(3))
+    finally:
+        run("rm", "-rf", "/run/udev")
+    assert dm_names() == []
+
+
+def test_nodes_follow_the_device_in_a_long_lived_process(work, sessions):
+    """Without udev, libdevmapper only notes node changes; the agent does not exit after each
+    disk, so they must be made at once."""
+    make_base(f"{work}/base.img", {"a": b"a"})
+    s = sessions()
+    dev = s("create", *spec(work, "n"), 8 * MiB)["device"]
+    assert s("exists", dev)["exists"] == "1"
+    assert s("remove", *spec(work, "n"))["ok"]
+    assert s("exists", dev)["exists"] == "0"
+    dev = s("restore", *spec(work, "n"))["device"]
+    assert s("exists", dev)["exists"] == "1"
+    assert s("remove", *spec(work, "n"))["ok"]
