@@ -10,6 +10,8 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/error.h"
 #include "common/macro.h"
 
 static void set(ProbeResult *r, bool available, const char *version, const char *format, ...)
@@ -140,7 +143,7 @@ int find_program(const char *name, char **ret_path)
 
 	if (strchr(name, '/')) {
 		if (access(name, X_OK) < 0)
-			return -errno;
+			return negative_errno();
 		*ret_path = strdup(name);
 		return *ret_path ? 0 : -ENOMEM;
 	}
@@ -161,104 +164,191 @@ int find_program(const char *name, char **ret_path)
 	return -ENOENT;
 }
 
-/* Runs `path --version` and returns its first line; the child is killed after timeout_ms. */
-static int run_version(const char *path, int timeout_ms, char *buf, size_t size)
+static int64_t now_ms(void)
 {
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Reads what is there without blocking (fd is O_NONBLOCK), a bounded number of times: a
+ * child that writes without end cannot keep us here. Keeps the first size-1 bytes. */
+static void read_some(int fd, char *buf, size_t size, size_t *len, bool *eof)
+{
+	char tmp[4096];
+
+	for (int i = 0; i < 16; i++) {
+		ssize_t k = read(fd, tmp, sizeof(tmp));
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0) {
+			*eof = k == 0 || errno != EAGAIN;
+			return;
+		}
+		size_t keep = (size_t)k < size - 1 - *len ? (size_t)k : size - 1 - *len;
+		memcpy(buf + *len, tmp, keep);
+		*len += keep;
+	}
+}
+
+/* Runs `path --version` and gives the first line it printed. Output and exit share one
+ * deadline: a binary that prints a line and then hangs, or never prints, is killed with
+ * everything it started (its own process group), and reaped. */
+static int run_version(const char *path, int timeout_ms, char **ret_line, char **ret_error)
+{
+	_cleanup_close_ int rd = -EBADF, pidfd = -EBADF;
 	posix_spawn_file_actions_t fa;
-	int pipefd[2], status, r = 0;
+	posix_spawnattr_t attr;
+	sigset_t all, none;
+	char buf[256];
 	size_t len = 0;
+	bool eof = false, ended = false;
+	int pipefd[2], status = 0, r;
 	pid_t pid;
 	char *argv[] = {(char *)path, (char *)"--version", NULL};
 	char *envp[] = {NULL}; /* the version does not depend on our environment */
 
-	if (!path || size == 0)
-		return -EINVAL;
 	if (pipe2(pipefd, O_CLOEXEC) < 0)
-		return -errno;
+		return error_set(ret_error, -errno, "pipe: %m");
+	rd = pipefd[0];
 	posix_spawn_file_actions_init(&fa);
 	posix_spawn_file_actions_adddup2(&fa, pipefd[1], STDOUT_FILENO);
 	posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
 	posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-	r = -posix_spawn(&pid, path, &fa, NULL, argv, envp);
+	/* Not what emberd has: it ignores SIGPIPE and may block signals; a probed binary gets
+	 * the defaults, as a VMM does. */
+	sigfillset(&all);
+	sigemptyset(&none);
+	posix_spawnattr_init(&attr);
+	posix_spawnattr_setsigdefault(&attr, &all);
+	posix_spawnattr_setsigmask(&attr, &none);
+	posix_spawnattr_setpgroup(&attr, 0);
+	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK |
+						POSIX_SPAWN_SETPGROUP);
+	r = -posix_spawn(&pid, path, &fa, &attr, argv, envp);
+	posix_spawnattr_destroy(&attr);
 	posix_spawn_file_actions_destroy(&fa);
 	close(pipefd[1]);
-	if (r < 0) {
-		close(pipefd[0]);
-		return r;
-	}
+	if (r < 0)
+		return error_set(ret_error, r, "cannot run %s --version: %m", path);
 
-	struct timespec start, now;
-	clock_gettime(CLOCK_MONOTONIC, &start);
-	for (;;) {
-		clock_gettime(CLOCK_MONOTONIC, &now);
-		long left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 +
-					  (now.tv_nsec - start.tv_nsec) / 1000000);
+	/* Our child, not reaped yet: the pid stays its own until waitpid(). */
+	pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	r = pidfd < 0 ? -errno : 0;
+	if (r == 0 && fcntl(rd, F_SETFL, O_NONBLOCK) < 0)
+		r = -errno;
+	int64_t deadline = now_ms() + timeout_ms;
+	while (r == 0 && !ended) {
+		int64_t left = deadline - now_ms();
 		if (left <= 0) {
 			r = -ETIMEDOUT;
 			break;
 		}
-		struct pollfd p = {.fd = pipefd[0], .events = POLLIN};
-		if (poll(&p, 1, (int)left) <= 0)
+		struct pollfd p[2] = {{.fd = pidfd, .events = POLLIN},
+				      {.fd = eof ? -1 : rd, .events = POLLIN}};
+		if (poll(p, 2, (int)left) < 0) {
+			if (errno != EINTR)
+				r = -errno;
 			continue;
-		ssize_t k = read(pipefd[0], buf + len, size - 1 - len);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k <= 0)
-			break;
-		len += (size_t)k;
-		if (len >= size - 1 || memchr(buf, '\n', len))
-			break;
+		}
+		if (p[1].revents)
+			read_some(rd, buf, sizeof(buf), &len, &eof);
+		if (p[0].revents & POLLIN) {
+			/* What it wrote before it exited; a child it left behind may keep the
+			 * pipe open, so no waiting for the end of the output. */
+			if (!eof)
+				read_some(rd, buf, sizeof(buf), &len, &eof);
+			ended = true;
+		}
 	}
-	close(pipefd[0]);
-	if (r < 0)
-		kill(pid, SIGKILL);
+	if (!ended) {
+		(void)kill(-pid, SIGKILL);
+		(void)kill(pid, SIGKILL);
+	}
 	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
+	if (r == -ETIMEDOUT)
+		return error_set(ret_error, r, "%s --version did not answer within %g s", path,
+				 timeout_ms / 1000.0);
+	if (r < 0)
+		return error_set(ret_error, r, "%s --version: %m", path);
+	if (WIFSIGNALED(status))
+		return error_set(ret_error, -EPROTO, "%s --version failed: killed by signal %d",
+				 path, WTERMSIG(status));
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		return error_set(ret_error, -EPROTO, "%s --version failed: non-zero exit (%d)",
+				 path, WEXITSTATUS(status));
 	buf[len] = 0;
 	buf[strcspn(buf, "\n")] = 0;
-	if (r == 0 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0))
-		r = -EPROTO;
-	return r;
+	char *line = strdup(buf);
+	if (!line)
+		return -ENOMEM;
+	*ret_line = line;
+	return 0;
 }
 
-void probe_firecracker(const char *bin, ProbeResult *ret)
+/* Finds bin, runs it and takes its version apart; the path and the first line it printed too,
+ * for probe_firecracker's reason. */
+static int firecracker_version(const char *bin, int timeout_ms, char **ret_path, char **ret_line,
+			       char **ret_version, char **ret_error)
 {
-	_cleanup_free_ char *path = NULL;
-	char line[128] = "";
+	_cleanup_free_ char *path = NULL, *line = NULL;
+	const char *v = NULL;
 	int r;
 
 	r = find_program(bin, &path);
+	if (r >= 0 && !path)
+		r = -ENOMEM;
 	if (r < 0) {
 		if (strchr(bin, '/'))
-			set(ret, false, NULL, "%s: %s", bin, strerror(-r));
-		else
-			set(ret, false, NULL,
-			    "%s not found in PATH (set [agent] firecracker_bin to its path, or to "
-			    "fcsim on hosts without KVM)",
-			    bin);
-		return;
+			return error_set(ret_error, r, "%s: %m", bin);
+		return error_set(ret_error, r,
+				 "%s not found in PATH (set [vmm] firecracker_bin to its path)",
+				 bin);
 	}
-	r = run_version(path, 2000, line, sizeof(line));
-	if (r < 0) {
-		set(ret, false, NULL, "%s --version failed: %s", path,
-		    r == -ETIMEDOUT ? "no answer within 2 s"
-		    : r == -EPROTO  ? "non-zero exit"
-				    : strerror(-r));
-		return;
-	}
+	r = run_version(path, timeout_ms, &line, ret_error);
+	if (r >= 0 && !line)
+		r = -ENOMEM;
+	if (r < 0)
+		return r;
 	/* "Firecracker v1.16.1": the version is the word starting with 'v' and a digit. */
-	const char *v = NULL;
 	for (const char *p = line; *p; p++)
 		if ((p == line || p[-1] == ' ') && p[0] == 'v' && p[1] >= '0' && p[1] <= '9') {
 			v = p + 1;
 			break;
 		}
-	if (!v) {
-		set(ret, false, NULL, "%s --version printed \"%s\", not a Firecracker version",
-		    path, line);
+	if (!v)
+		return error_set(ret_error, -EBADMSG,
+				 "%s --version printed \"%s\", not a Firecracker version", path,
+				 line);
+	char *version = strndup(v, strcspn(v, " \t"));
+	if (!version)
+		return -ENOMEM;
+	*ret_version = version;
+	if (ret_path)
+		*ret_path = TAKE_PTR(path);
+	if (ret_line)
+		*ret_line = TAKE_PTR(line);
+	return 0;
+}
+
+int probe_firecracker_version(const char *binary, int timeout_ms, char **ret_version,
+			      char **ret_error)
+{
+	if (!binary || timeout_ms <= 0)
+		return error_set(ret_error, -EINVAL, "a binary and a positive timeout are needed");
+	return firecracker_version(binary, timeout_ms, NULL, NULL, ret_version, ret_error);
+}
+
+void probe_firecracker(const char *bin, ProbeResult *ret)
+{
+	_cleanup_free_ char *path = NULL, *line = NULL, *version = NULL, *error = NULL;
+	int r;
+
+	r = firecracker_version(bin, PROBE_FIRECRACKER_TIMEOUT_MS, &path, &line, &version, &error);
+	if (r < 0) {
+		set(ret, false, NULL, "%s", error ?: strerror(-r));
 		return;
 	}
-	char version[64];
-	snprintf(version, sizeof(version), "%.*s", (int)strcspn(v, " \t"), v);
 	set(ret, true, version, "%s: %s", path, line);
 }

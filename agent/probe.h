@@ -16,8 +16,19 @@ typedef struct ProbeResult {
 void probe_kvm(ProbeResult *ret);
 void probe_device_mapper(ProbeResult *ret);
 void probe_userfaultfd(ProbeResult *ret);
-/* `bin` is a name searched in PATH or an absolute path; runs `bin --version` (2 s limit). */
+/* How long `firecracker --version` may take, its output and its exit together (Firecracker
+ * answers in milliseconds). GetNode waits this long at most for a binary that hangs. */
+#define PROBE_FIRECRACKER_TIMEOUT_MS 2000
+
+/* `bin` is a name searched in PATH or an absolute path; runs `bin --version` within
+ * PROBE_FIRECRACKER_TIMEOUT_MS. */
 void probe_firecracker(const char *bin, ProbeResult *ret);
+/* The same check for a caller that needs the version itself (e.g. to record it with a
+ * snapshot): `binary` as above. 0 and *ret_version ("1.16.1", malloc'ed); or -ENOENT/-EACCES
+ * (not found), -ETIMEDOUT (killed after timeout_ms), -EPROTO (failed), -EBADMSG (no version in
+ * its output), with a sentence in *ret_error. */
+int probe_firecracker_version(const char *binary, int timeout_ms, char **ret_version,
+			      char **ret_error);
 
 /* Resolves a program name through PATH (or checks an absolute path): 0 and *ret_path
  * (malloc'ed), or -ENOENT / -EACCES. */

@@ -8,6 +8,7 @@
 #include <json-c/json.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,21 +27,34 @@ static void curl_setup(void)
 
 typedef struct Buffer {
 	char *data;
-	size_t len;
+	size_t len, size;
+	bool overflow;
 } Buffer;
 
+/* The VMM is not trusted to end its answer: past FCCTL_API_MAX_RESPONSE the transfer is
+ * aborted (libcurl fails it with CURLE_WRITE_ERROR) instead of growing without end. */
 static size_t on_data(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
 	Buffer *b = userdata;
 	size_t n = size * nmemb;
-	char *d = realloc(b->data, b->len + n + 1);
 
-	if (!d)
+	if (n > FCCTL_API_MAX_RESPONSE - b->len) {
+		b->overflow = true;
 		return 0;
-	memcpy(d + b->len, ptr, n);
+	}
+	if (b->len + n + 1 > b->size) {
+		size_t want = b->size ? b->size : 1024;
+		while (want < b->len + n + 1)
+			want *= 2;
+		char *d = realloc(b->data, want);
+		if (!d)
+			return 0;
+		b->data = d;
+		b->size = want;
+	}
+	memcpy(b->data + b->len, ptr, n);
 	b->len += n;
-	d[b->len] = 0;
-	b->data = d;
+	b->data[b->len] = 0;
 	return n;
 }
 
@@ -109,8 +123,9 @@ int api_call(FcVm *vm, const char *method, const char *path, json_object *body,
 	curl_easy_setopt(c, CURLOPT_UNIX_SOCKET_PATH, vm->api_sock);
 	curl_easy_setopt(c, CURLOPT_URL, url);
 	curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
-	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)vm->timeout_ms);
-	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)vm->timeout_ms);
+	long timeout_ms = vm->timeout_ms;
+	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, timeout_ms);
+	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms);
 	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
 	curl_easy_setopt(c, CURLOPT_WRITEDATA, &resp);
@@ -127,6 +142,12 @@ int api_call(FcVm *vm, const char *method, const char *path, json_object *body,
 	pthread_mutex_unlock(&vm->api_lock);
 	curl_slist_free_all(headers);
 
+	if (resp.overflow) {
+		r = -EMSGSIZE;
+		set_fault(ret_fault, "%s %s: the VMM's answer is longer than %zu KiB", method, path,
+			  FCCTL_API_MAX_RESPONSE / 1024);
+		goto out;
+	}
 	if (rc != CURLE_OK) {
 		/* The VMM may have died under us: say so rather than a bare transport error. The
 		 * socket closes while the process is still exiting, so its exit is given a moment
@@ -136,7 +157,10 @@ int api_call(FcVm *vm, const char *method, const char *path, json_object *body,
 		r = rc == CURLE_OPERATION_TIMEDOUT ? -ETIMEDOUT
 		    : rc == CURLE_COULDNT_CONNECT  ? -ECONNREFUSED
 						   : -ECONNRESET;
-		if (dead)
+		if (dead && !ex.known)
+			set_fault(ret_fault, "%s %s: the VMM (pid %d) exited during the call",
+				  method, path, (int)vm->pid);
+		else if (dead)
 			set_fault(ret_fault, "%s %s: the VMM (pid %d) %s %d during the call",
 				  method, path, (int)vm->pid,
 				  ex.signal ? "was killed by signal" : "exited with",

@@ -7,6 +7,19 @@
  *
  * Every call returns >= 0 or -errno; API calls also give Firecracker's fault_message verbatim
  * (or what went wrong on the way) in *ret_fault. Nothing here logs above debug level.
+ *
+ * Threads. One FcVm may be used from several threads at once, with one exception:
+ * - fcctl_vm_pid(), fcctl_vm_pidfd(), fcctl_vm_workdir(): any time; the values never change.
+ * - fcctl_vm_reap(), fcctl_vm_wait(), fcctl_vm_stop(), fcctl_vm_supervise(): concurrently with
+ *   each other and with API calls, from any number of threads. Exactly one call reaps the
+ *   VMM (an API call that finds it dead may be that one); every call that reports an exit,
+ *   before or after, reports that same FcExit.
+ * - API calls (fcctl_put_*, fcctl_instance_start, ...): concurrently with everything above;
+ *   calls on one FcVm are serialised on its connection, so a call waits for the one in
+ *   progress (up to its timeout). fcctl_vm_set_timeout(): any time, for calls that start later.
+ * - fcctl_vm_free(): the exception. Only once no other call on the FcVm is running or can
+ *   start; pointers it handed out (workdir) and its pidfd end with it.
+ * Calls on different FcVms are independent.
  */
 #pragma once
 
@@ -56,6 +69,10 @@ typedef struct FcExit {
 	bool stopped_by_us;
 } FcExit;
 
+/* Starts the VMM and waits until its API socket answers. -ENAMETOOLONG, before anything is
+ * created or started, when <workdir>/api.sock (with the jailer: <chroot>/api.sock) does not fit
+ * a unix socket address (107 bytes and the NUL). The child gets an empty signal mask and the
+ * default disposition for every signal the caller ignores. */
 int fcctl_vm_spawn(const FcSpawn *spawn, FcVm **ret, char **ret_error);
 /* Takes over a VMM started by an earlier agent, after checking that pid runs `binary`
  * (/proc/<pid>/exe), was started with --id `id`, and works in `workdir` (/proc/<pid>/cwd);
@@ -66,19 +83,29 @@ int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *wo
 void fcctl_vm_free(FcVm *vm); /* forgets the process; it keeps running */
 
 pid_t fcctl_vm_pid(const FcVm *vm);
-int fcctl_vm_pidfd(const FcVm *vm); /* readable once the process has exited */
-const char *fcctl_vm_workdir(const FcVm *vm);
+/* For an event loop (epoll): readable once the process has exited, and it stays readable after
+ * the reap (remove it from the set then). Owned by the FcVm, valid until fcctl_vm_free(). Do
+ * not waitid() on it: fcctl_vm_reap() does, once, for every caller. */
+int fcctl_vm_pidfd(const FcVm *vm);
+const char *fcctl_vm_workdir(const FcVm *vm); /* valid until fcctl_vm_free() */
 
+/* Never blocks. 0 and *ret once the VMM has exited (reaped here if it is our child; an adopted
+ * VMM, or a child something else in the program reaped, has no status for us: known=false),
+ * -EAGAIN while it runs. Idempotent: later calls, and fcctl_vm_wait()/fcctl_vm_stop(), report
+ * the same FcExit. */
+int fcctl_vm_reap(FcVm *vm, FcExit *ret);
 /* Waits up to timeout_ms (-1: forever) for the VMM to exit, and reaps it. -ETIMEDOUT. */
 int fcctl_vm_wait(FcVm *vm, int timeout_ms, FcExit *ret);
-/* SIGTERM, SIGKILL after timeout_ms, reaped; how it ended in *ret. Idempotent. */
+/* SIGTERM, SIGKILL after timeout_ms, reaped; how it ended in *ret. Idempotent; a VMM that has
+ * already exited is not signalled. stopped_by_us says whether a signal of ours was sent. */
 int fcctl_vm_stop(FcVm *vm, int timeout_ms, FcExit *ret);
 /* Blocks until the VMM or the helper process (a pidfd, e.g. ember-uffd) ends. If the helper
  * ends first the VMM is stopped: a Firecracker whose memory server is gone would hang its
  * guest forever. Returns 0 when the VMM ended by itself, -EPIPE when the helper did. */
 int fcctl_vm_supervise(FcVm *vm, int helper_pidfd, int stop_timeout_ms, FcExit *ret);
 
-/* Per-call timeout for API requests (default 10 s). */
+/* Per-call timeout for API requests (default 10 s). An answer longer than 64 KiB fails the
+ * call with -EMSGSIZE. */
 void fcctl_vm_set_timeout(FcVm *vm, int timeout_ms);
 
 /* ---- API ---- */

@@ -52,21 +52,25 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static FcVm *vm_new(pid_t pid, const char *workdir, const char *api_sock)
+/* Takes over pidfd on success only. */
+static FcVm *vm_new(pid_t pid, int pidfd, bool child, const char *workdir, const char *api_sock)
 {
 	FcVm *vm = calloc(1, sizeof(*vm));
 	if (!vm)
 		return NULL;
 	vm->pid = pid;
-	vm->pidfd = -1;
+	vm->pidfd = -EBADF;
+	vm->child = child;
+	pthread_mutex_init(&vm->lock, NULL);
+	/* api_init first: fcctl_vm_free() undoes it whatever failed after. */
+	int r = api_init(vm);
 	vm->workdir = strdup(workdir);
 	vm->api_sock = strdup(api_sock);
-	if (!vm->workdir || !vm->api_sock || api_init(vm) < 0) {
-		free(vm->workdir);
-		free(vm->api_sock);
-		free(vm);
+	if (r < 0 || !vm->workdir || !vm->api_sock) {
+		fcctl_vm_free(vm);
 		return NULL;
 	}
+	vm->pidfd = pidfd;
 	return vm;
 }
 
@@ -76,6 +80,7 @@ void fcctl_vm_free(FcVm *vm)
 		return;
 	api_done(vm);
 	safe_close(vm->pidfd);
+	pthread_mutex_destroy(&vm->lock);
 	free(vm->workdir);
 	free(vm->api_sock);
 	free(vm);
@@ -142,7 +147,8 @@ static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output_path, ch
 			return -errno;
 		if (p[1].revents & POLLIN) {
 			FcExit ex = {};
-			(void)fcctl_vm_wait(vm, 0, &ex);
+			/* Readable: it has ended, the reap does not block. */
+			(void)fcctl_vm_wait(vm, -1, &ex);
 			return error_set(
 				ret_error, -ECHILD,
 				"the VMM exited before opening its API socket (%s %d); see its "
@@ -198,9 +204,25 @@ static int jail_clean_dev(int root)
 	return unlinkat(root, "dev", AT_REMOVEDIR) < 0 ? -errno : 0;
 }
 
+/* A unix socket address holds 108 bytes, the terminating NUL included. The VMM binds its socket
+ * by a relative name and would start fine; it is we who could never connect to the full path,
+ * and the spawn would only time out. */
+static int check_socket_path(const char *what, const char *path, char **ret_error)
+{
+	const size_t max = sizeof(((struct sockaddr_un *)NULL)->sun_path) - 1;
+	size_t len = strlen(path);
+
+	if (len <= max)
+		return 0;
+	return error_set(ret_error, -ENAMETOOLONG,
+			 "%s %s is %zu bytes long, %zu more than a unix socket address holds (%zu)",
+			 what, path, len, len - max, max);
+}
+
 int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 {
 	_cleanup_close_ int ns = -EBADF, out = -EBADF, wd = -EBADF, root = -EBADF;
+	_cleanup_close_ int pidfd = -EBADF;
 	_cleanup_free_ char *chroot_dir = NULL;
 	char api_sock[PATH_MAX], output_path[PATH_MAX];
 	const char *argv[32];
@@ -212,6 +234,26 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	if (!s->binary || !s->id || !s->workdir || s->workdir[0] != '/')
 		return error_set(ret_error, -EINVAL,
 				 "binary, id and an absolute workdir are required");
+	if (s->jailer) {
+		r = fcctl_jail_root(s->chroot_base, s->binary, s->id, &chroot_dir);
+		if (r >= 0 && !chroot_dir)
+			r = -ENOMEM;
+		if (r < 0)
+			return error_set(ret_error, r, "jailer chroot for %s: %s", s->id,
+					 strerror(-r));
+	}
+	/* The VMM's root: where its API socket is and its relative paths resolve. Checked before
+	 * anything is created or started. */
+	const char *vmm_root = chroot_dir ?: s->workdir;
+	if (snprintf(api_sock, sizeof(api_sock), "%s/%s", vmm_root, FCCTL_API_SOCK) >=
+	    (int)sizeof(api_sock))
+		return error_set(ret_error, -ENAMETOOLONG, "path too long: %s", vmm_root);
+	r = check_socket_path(chroot_dir ? "the API socket path in the jailer's chroot"
+					 : "the API socket path",
+			      api_sock, ret_error);
+	if (r < 0)
+		return r;
+
 	wd = open(s->workdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (wd < 0)
 		return error_set(ret_error, -errno, "workdir %s: %m", s->workdir);
@@ -231,17 +273,11 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	}
 	snprintf(output_path, sizeof(output_path), "%s/%s", s->workdir, s->output ?: "fc.out");
 
-	if (s->jailer) {
+	if (chroot_dir) {
 		/* The jailer chroots the VMM: its API socket and every relative path of the API
 		 * live in the chroot, which is made here (the jailer leaves an existing one as it
 		 * is) so that the socket's directory can be watched, and so that the caller can
 		 * link drives into it before configuring. */
-		r = fcctl_jail_root(s->chroot_base, s->binary, s->id, &chroot_dir);
-		if (r >= 0 && !chroot_dir)
-			r = -ENOMEM;
-		if (r < 0)
-			return error_set(ret_error, r, "jailer chroot for %s: %s", s->id,
-					 strerror(-r));
 		r = mkdir_p(chroot_dir, 0755);
 		if (r < 0)
 			return error_set(ret_error, r, "cannot make the jailer chroot %s: %s",
@@ -255,11 +291,6 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 					 "cannot clear %s/dev from an earlier run: %s", chroot_dir,
 					 strerror(-r));
 	}
-	/* The VMM's root: where its API socket is and its relative paths resolve. */
-	const char *vmm_root = chroot_dir ?: s->workdir;
-	if (snprintf(api_sock, sizeof(api_sock), "%s/%s", vmm_root, FCCTL_API_SOCK) >=
-	    (int)sizeof(api_sock))
-		return error_set(ret_error, -ENAMETOOLONG, "path too long: %s", vmm_root);
 	/* Firecracker refuses an existing socket path: old ones are ours and stale. */
 	(void)unlink(api_sock);
 	for (size_t i = 0; s->stale && s->stale[i]; i++)
@@ -303,6 +334,13 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	}
 	argv[n] = NULL;
 
+	/* Only SIG_IGN survives exec (handlers are reset by it): the child puts every ignored
+	 * signal back to the default, or a VMM started by emberd, which ignores SIGPIPE, would
+	 * ignore it too. */
+	const struct sigaction dfl = {.sa_handler = SIG_DFL};
+	sigset_t none;
+	sigemptyset(&none);
+
 	/* The child reports a failed setns/chdir/exec through this pipe (closed on exec): the
 	 * caller gets "cannot execute …: No such file or directory", not an exit status 127. */
 	int report[2];
@@ -316,7 +354,7 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		return error_set(ret_error, r, "fork: %m");
 	}
 	if (pid == 0) {
-		/* The child: system calls only. */
+		/* The child: async-signal-safe system calls only. */
 		int stage = 0, e;
 		close(report[0]);
 		if (ns >= 0 && !s->jailer && setns(ns, CLONE_NEWNET) < 0)
@@ -333,8 +371,14 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		/* A VMM outlives the agent that started it (restarts adopt it): its own session,
 		 * no signals from our terminal. */
 		setsid();
-		sigset_t none;
-		sigemptyset(&none);
+		/* Read here rather than before the fork: what counts is what this process has,
+		 * whatever another thread changed meanwhile. */
+		for (int sig = 1; sig < NSIG; sig++) {
+			struct sigaction old;
+			if (sigaction(sig, NULL, &old) == 0 && old.sa_handler == SIG_IGN)
+				(void)sigaction(sig, &dfl, NULL);
+		}
+		/* Last: no handler of the parent's may run in the child. */
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		execve(argv[0], (char *const *)argv, environ);
 	child_fail:
@@ -360,29 +404,32 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 						  : argv[0]);
 	}
 
-	vm = vm_new(pid, vmm_root, api_sock);
-	if (!vm) {
+	/* Our child, not yet reaped: its pid cannot be reused before the pidfd is taken. Without
+	 * a pidfd it could be neither watched nor stopped safely: killed now. */
+	pidfd = pidfd_open_(pid);
+	if (pidfd < 0) {
+		r = error_set(ret_error, -errno, "pidfd_open: %m");
 		kill(pid, SIGKILL);
-		waitpid(pid, NULL, 0);
+		(void)waitpid(pid, NULL, 0);
+		return r;
+	}
+	vm = vm_new(pid, pidfd, true, vmm_root, api_sock);
+	if (!vm) {
+		(void)pidfd_signal(pidfd, SIGKILL);
+		(void)waitpid(pid, NULL, 0);
 		return -ENOMEM;
 	}
-	vm->child = true;
-	vm->pidfd = pidfd_open_(pid);
-	if (vm->pidfd < 0) {
-		r = error_set(ret_error, -errno, "pidfd_open: %m");
-		goto fail;
-	}
+	TAKE_FD(pidfd);
 	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000, output_path,
 			    ret_error);
-	if (r < 0)
-		goto fail;
+	if (r < 0) {
+		(void)fcctl_vm_stop(vm, 1000, NULL);
+		fcctl_vm_free(vm);
+		return r;
+	}
 	log_debug("spawned %s (pid %d) in %s", s->binary, (int)pid, s->workdir);
 	*ret = vm;
 	return 0;
-fail:
-	(void)fcctl_vm_stop(vm, 1000, NULL);
-	fcctl_vm_free(vm);
-	return r;
 }
 
 /* argv of a process from /proc/<pid>/cmdline: is `--id <id>` in it? */
@@ -455,58 +502,126 @@ int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *wo
 				 workdir);
 	}
 	snprintf(api_sock, sizeof(api_sock), "%s/%s", workdir, FCCTL_API_SOCK);
-	vm = vm_new(pid, workdir, api_sock);
+	int r = check_socket_path("the API socket path", api_sock, ret_error);
+	if (r < 0) {
+		close(pidfd);
+		return r;
+	}
+	vm = vm_new(pid, pidfd, false, workdir, api_sock);
 	if (!vm) {
 		close(pidfd);
 		return -ENOMEM;
 	}
-	vm->pidfd = pidfd;
-	vm->child = false;
 	*ret = vm;
+	return 0;
+}
+
+/* Has the process behind a pidfd ended? Never blocks. */
+static bool pidfd_ended(int pidfd)
+{
+	struct pollfd p = {.fd = pidfd, .events = POLLIN};
+	return poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP));
+}
+
+/* Reaps the VMM if it has ended, without blocking; vm->reaped says whether it has. Called
+ * with vm->lock held. */
+static int reap_locked(FcVm *vm)
+{
+	siginfo_t si = {};
+
+	if (vm->reaped)
+		return 0;
+	if (!vm->child) {
+		/* Not ours to wait for: that it ended is all there is to know. */
+		if (!pidfd_ended(vm->pidfd))
+			return 0;
+		vm->exit.known = false;
+	} else if (waitid((idtype_t)P_PIDFD, (id_t)vm->pidfd, &si, WEXITED | WNOHANG) < 0) {
+		/* Reaped behind our back (a waitpid(-1) elsewhere in the program): it ended, how
+		 * is lost. */
+		int e = errno;
+		if (e != ECHILD || !pidfd_ended(vm->pidfd))
+			return -e;
+		vm->exit.known = false;
+	} else if (si.si_pid == 0) {
+		return 0; /* still running */
+	} else {
+		vm->exit.known = true;
+		vm->exit.code = si.si_code == CLD_EXITED ? si.si_status : 0;
+		vm->exit.signal = si.si_code == CLD_EXITED ? 0 : si.si_status;
+	}
+	vm->exit.exited = true;
+	vm->reaped = true;
+	log_debug("pid %d ended (%s %d)", (int)vm->pid, vm->exit.signal ? "signal" : "status",
+		  vm->exit.signal ?: vm->exit.code);
+	return 0;
+}
+
+int fcctl_vm_reap(FcVm *vm, FcExit *ret)
+{
+	FcExit ex;
+	bool reaped;
+	int r;
+
+	pthread_mutex_lock(&vm->lock);
+	r = reap_locked(vm);
+	reaped = vm->reaped;
+	ex = vm->exit;
+	pthread_mutex_unlock(&vm->lock);
+	if (r < 0)
+		return r;
+	if (!reaped)
+		return -EAGAIN;
+	if (ret)
+		*ret = ex;
 	return 0;
 }
 
 int fcctl_vm_wait(FcVm *vm, int timeout_ms, FcExit *ret)
 {
-	struct pollfd p = {.fd = vm->pidfd, .events = POLLIN};
-	siginfo_t si = {};
+	int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
 
-	if (!vm->reaped) {
-		int n = poll(&p, 1, timeout_ms);
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			return -ETIMEDOUT;
-		if (vm->child) {
-			if (waitid((idtype_t)P_PIDFD, (id_t)vm->pidfd, &si, WEXITED) < 0)
-				return -errno;
-			vm->exit.known = true;
-			vm->exit.code = si.si_code == CLD_EXITED ? si.si_status : 0;
-			vm->exit.signal = si.si_code == CLD_EXITED ? 0 : si.si_status;
+	for (;;) {
+		int r = fcctl_vm_reap(vm, ret);
+		if (r != -EAGAIN)
+			return r;
+		int64_t left = -1;
+		if (deadline >= 0) {
+			left = deadline - now_ms();
+			if (left <= 0)
+				return -ETIMEDOUT;
 		}
-		vm->exit.exited = true;
-		vm->reaped = true;
+		/* Without the lock: another thread may reap meanwhile, hence the re-check after
+		 * waking (the pidfd stays readable once the process is gone). */
+		struct pollfd p = {.fd = vm->pidfd, .events = POLLIN};
+		if (poll(&p, 1, left > INT_MAX ? INT_MAX : (int)left) < 0 && errno != EINTR)
+			return -errno;
 	}
-	if (ret)
-		*ret = vm->exit;
-	return 0;
+}
+
+/* Sends sig unless the VMM has already been reaped: its exit is final by then, and a late
+ * signal must not make it look stopped by us. */
+static void signal_unless_reaped(FcVm *vm, int sig)
+{
+	pthread_mutex_lock(&vm->lock);
+	/* Under the lock, so that whoever reaps records whether we sent it. */
+	if (reap_locked(vm) >= 0 && !vm->reaped && pidfd_signal(vm->pidfd, sig) == 0)
+		vm->exit.stopped_by_us = true;
+	pthread_mutex_unlock(&vm->lock);
 }
 
 int fcctl_vm_stop(FcVm *vm, int timeout_ms, FcExit *ret)
 {
-	if (!vm->reaped) {
-		if (pidfd_signal(vm->pidfd, SIGTERM) == 0)
-			vm->exit.stopped_by_us = true;
-		if (fcctl_vm_wait(vm, timeout_ms, NULL) == -ETIMEDOUT) {
-			log_debug("pid %d ignored SIGTERM for %d ms: SIGKILL", (int)vm->pid,
-				  timeout_ms);
-			(void)pidfd_signal(vm->pidfd, SIGKILL);
-			(void)fcctl_vm_wait(vm, -1, NULL);
-		}
+	int r;
+
+	signal_unless_reaped(vm, SIGTERM);
+	r = fcctl_vm_wait(vm, timeout_ms, ret);
+	if (r == -ETIMEDOUT) {
+		log_debug("pid %d ignored SIGTERM for %d ms: SIGKILL", (int)vm->pid, timeout_ms);
+		signal_unless_reaped(vm, SIGKILL);
+		r = fcctl_vm_wait(vm, -1, ret);
 	}
-	if (ret)
-		*ret = vm->exit;
-	return 0;
+	return r;
 }
 
 int fcctl_vm_supervise(FcVm *vm, int helper_pidfd, int stop_timeout_ms, FcExit *ret)
@@ -520,8 +635,9 @@ int fcctl_vm_supervise(FcVm *vm, int helper_pidfd, int stop_timeout_ms, FcExit *
 				continue;
 			return -errno;
 		}
+		/* Readable: it has ended, the reap does not block. */
 		if (p[0].revents & POLLIN)
-			return fcctl_vm_wait(vm, 0, ret);
+			return fcctl_vm_wait(vm, -1, ret);
 		if (p[1].revents & POLLIN) {
 			log_debug("the helper of pid %d exited: stopping the VMM", (int)vm->pid);
 			(void)fcctl_vm_stop(vm, stop_timeout_ms, ret);

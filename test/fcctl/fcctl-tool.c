@@ -18,16 +18,29 @@
  *   spawnfail  spawn failures say what failed
  *   jailer     the VMM started through --jailer: configured with paths inside its chroot,
  *              guest reachable over vsock, adopted by pid, stopped
+ *   race       threads that wait, reap, stop and call the API on one VMM while it ends: all
+ *              report the same exit, none fails
+ *   reap       fcctl_vm_reap() from an event loop (epoll on the pidfd): -EAGAIN while it runs,
+ *              then the exit, again and again, and wait/stop agree; an adopted VMM too
+ *   longpath   an API socket path over the unix socket limit (workdir, jailer chroot) is
+ *              refused before anything starts; one at the limit works
+ *   bigbody    --binary test/fcctl/stub-vmm: answers that never end or are too long fail with
+ *              -EMSGSIZE; a large one within the limit works
+ *   signals    the tool ignores SIGPIPE, SIGHUP and SIGUSR2 and blocks SIGUSR1: the VMM (through
+ *              a wrapper that records its /proc status) has none of that
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <net/if.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -591,6 +604,388 @@ static int jailed(void)
 	return 0;
 }
 
+/* ---- several threads on one VMM ---- */
+
+typedef enum Waiter {
+	WAITER_WAIT,  /* fcctl_vm_wait(-1) */
+	WAITER_REAP,  /* fcctl_vm_reap() until it is done */
+	WAITER_POLL,  /* poll the pidfd, then fcctl_vm_reap(), as an event loop does */
+	WAITER_API,   /* API calls until one fails (api.c reaps to say why), then wait */
+	WAITER_STOP,  /* fcctl_vm_stop() */
+	WAITER_SUPER, /* fcctl_vm_supervise() with a helper that never ends */
+	WAITER_MAX,
+} Waiter;
+
+typedef struct RaceThread {
+	pthread_t thread;
+	FcVm *vm;
+	Waiter kind;
+	int helper_pidfd;
+	pthread_barrier_t *start;
+	int r;
+	FcExit ex;
+} RaceThread;
+
+static void *race_thread(void *arg)
+{
+	RaceThread *t = arg;
+	pthread_barrier_wait(t->start);
+	switch (t->kind) {
+	case WAITER_WAIT:
+		t->r = fcctl_vm_wait(t->vm, -1, &t->ex);
+		break;
+	case WAITER_REAP:
+		while ((t->r = fcctl_vm_reap(t->vm, &t->ex)) == -EAGAIN)
+			usleep(200);
+		break;
+	case WAITER_POLL: {
+		struct pollfd p = {.fd = fcctl_vm_pidfd(t->vm), .events = POLLIN};
+		while (poll(&p, 1, -1) < 0 && errno == EINTR)
+			;
+		t->r = fcctl_vm_reap(t->vm, &t->ex);
+		break;
+	}
+	case WAITER_API: {
+		char *state = NULL, *version = NULL, *fault = NULL;
+		while (fcctl_describe(t->vm, &state, &version, &fault) >= 0) {
+			free(state);
+			free(version);
+			state = version = NULL;
+		}
+		free(fault);
+		/* The socket may close before the process ends (a VMM that shuts down on SIGTERM):
+		 * the failed call need not have seen the exit. */
+		t->r = fcctl_vm_wait(t->vm, -1, &t->ex);
+		break;
+	}
+	case WAITER_STOP:
+		t->r = fcctl_vm_stop(t->vm, 5000, &t->ex);
+		break;
+	case WAITER_SUPER:
+		t->r = fcctl_vm_supervise(t->vm, t->helper_pidfd, 5000, &t->ex);
+		break;
+	default:
+		t->r = -EINVAL;
+	}
+	return NULL;
+}
+
+static bool same_exit(const FcExit *a, const FcExit *b)
+{
+	return a->exited == b->exited && a->known == b->known && a->code == b->code &&
+	       a->signal == b->signal && a->stopped_by_us == b->stopped_by_us;
+}
+
+/* Rounds of 12 threads (two of each kind) on one VMM. Odd rounds: one thread stops it. Even
+ * rounds: it is killed from outside, once every thread is waiting. */
+static int race(void)
+{
+	enum {
+		ROUNDS = 20,
+		THREADS = 2 * WAITER_MAX
+	};
+	_cleanup_free_ char *d = dir("race");
+	int failures = 0;
+	/* A helper for fcctl_vm_supervise that outlives every round: our own pidfd. */
+	int self = (int)syscall(SYS_pidfd_open, getpid(), 0);
+
+	for (int round = 0; round < ROUNDS; round++) {
+		FcVm *vm = spawn(d);
+		pthread_barrier_t start;
+		RaceThread t[THREADS] = {};
+		bool stopper = round % 2 == 1;
+		pthread_barrier_init(&start, NULL, THREADS + 1);
+		for (int i = 0; i < THREADS; i++) {
+			t[i].vm = vm;
+			t[i].kind = (Waiter)(i % WAITER_MAX);
+			if (t[i].kind == WAITER_STOP && !stopper)
+				t[i].kind = WAITER_WAIT;
+			t[i].helper_pidfd = self;
+			t[i].start = &start;
+			pthread_create(&t[i].thread, NULL, race_thread, &t[i]);
+		}
+		pthread_barrier_wait(&start);
+		if (!stopper) {
+			usleep(20000); /* let them all block */
+			kill(fcctl_vm_pid(vm), SIGKILL);
+		}
+		for (int i = 0; i < THREADS; i++)
+			pthread_join(t[i].thread, NULL);
+		pthread_barrier_destroy(&start);
+		for (int i = 0; i < THREADS; i++) {
+			if (t[i].r < 0 || !t[i].ex.exited || !same_exit(&t[i].ex, &t[0].ex)) {
+				printf("mismatch round=%d thread=%d kind=%d r=%d exited=%d "
+				       "known=%d "
+				       "signal=%d code=%d stopped_by_us=%d (thread 0: signal=%d "
+				       "stopped_by_us=%d)\n",
+				       round, i, t[i].kind, t[i].r, t[i].ex.exited, t[i].ex.known,
+				       t[i].ex.signal, t[i].ex.code, t[i].ex.stopped_by_us,
+				       t[0].ex.signal, t[0].ex.stopped_by_us);
+				failures++;
+			}
+		}
+		/* Whoever reaped, it is reaped: no zombie left behind. */
+		if (waitpid(fcctl_vm_pid(vm), NULL, WNOHANG) != -1 || errno != ECHILD) {
+			printf("not_reaped round=%d\n", round);
+			failures++;
+		}
+		printf("round=%d signal=%d known=%d stopped_by_us=%d\n", round, t[0].ex.signal,
+		       t[0].ex.known, t[0].ex.stopped_by_us);
+		fcctl_vm_free(vm);
+	}
+	close(self);
+	printf("race_rounds=%d race_failures=%d\n", ROUNDS, failures);
+	return 0;
+}
+
+/* ---- the event loop's view ---- */
+
+static int epoll_readable(int epfd, int timeout_ms)
+{
+	struct epoll_event ev;
+	int n;
+	while ((n = epoll_wait(epfd, &ev, 1, timeout_ms)) < 0 && errno == EINTR)
+		;
+	return n;
+}
+
+static void print_exit(const char *key, int r, const FcExit *ex)
+{
+	printf("%s=%d exited=%d known=%d signal=%d code=%d stopped_by_us=%d\n", key, r, ex->exited,
+	       ex->known, ex->signal, ex->code, ex->stopped_by_us);
+}
+
+static int reap(void)
+{
+	_cleanup_free_ char *d = dir("reap");
+	_cleanup_free_ char *d2 = dir("reap-adopted");
+	FcExit ex = {}, again = {}, waited = {}, stopped = {};
+	char *e = NULL;
+
+	FcVm *vm = spawn(d);
+	pid_t pid = fcctl_vm_pid(vm);
+	int epfd = epoll_create1(EPOLL_CLOEXEC);
+	struct epoll_event ev = {.events = EPOLLIN};
+	epoll_ctl(epfd, EPOLL_CTL_ADD, fcctl_vm_pidfd(vm), &ev);
+	int r = fcctl_vm_reap(vm, &ex);
+	printf("running_reap=%d untouched=%d\n", r, !ex.exited);
+	printf("epoll_running=%d\n", epoll_readable(epfd, 100));
+	kill(pid, SIGKILL);
+	printf("epoll_exited=%d\n", epoll_readable(epfd, 5000));
+	r = fcctl_vm_reap(vm, &ex);
+	print_exit("reap", r, &ex);
+	printf("zombie_gone=%d\n", waitpid(pid, NULL, WNOHANG) == -1 && errno == ECHILD);
+	int r2 = fcctl_vm_reap(vm, &again);
+	int r3 = fcctl_vm_wait(vm, 0, &waited);
+	int r4 = fcctl_vm_stop(vm, 1000, &stopped);
+	printf("reap_again=%d wait_after=%d stop_after=%d all_same=%d\n", r2, r3, r4,
+	       same_exit(&ex, &again) && same_exit(&ex, &waited) && same_exit(&ex, &stopped));
+	printf("epoll_after_reap=%d\n", epoll_readable(epfd, 0));
+	close(epfd);
+	fcctl_vm_free(vm);
+
+	/* Adopted: not our child to wait for (an agent restart), so no status. */
+	vm = spawn(d2);
+	pid = fcctl_vm_pid(vm);
+	fcctl_vm_free(vm);
+	FcVm *adopted = NULL;
+	r = fcctl_vm_adopt(pid, o.binary, "fcctl-test", d2, &adopted, &e);
+	if (r < 0) {
+		printf("adopt=%d error=%s\n", r, e ?: "");
+		free(e);
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+		return 1;
+	}
+	memset(&ex, 0, sizeof(ex));
+	printf("adopted_running_reap=%d\n", fcctl_vm_reap(adopted, &ex));
+	kill(pid, SIGKILL);
+	struct pollfd p = {.fd = fcctl_vm_pidfd(adopted), .events = POLLIN};
+	poll(&p, 1, 5000);
+	r = fcctl_vm_reap(adopted, &ex);
+	print_exit("adopted_reap", r, &ex);
+	r2 = fcctl_vm_reap(adopted, &again);
+	r3 = fcctl_vm_stop(adopted, 1000, &stopped);
+	printf("adopted_again=%d adopted_stop=%d adopted_same=%d\n", r2, r3,
+	       same_exit(&ex, &again) && same_exit(&ex, &stopped));
+	fcctl_vm_free(adopted);
+	/* Still our child in fact: the zombie is ours to clear. */
+	waitpid(pid, NULL, 0);
+	return 0;
+}
+
+/* ---- the unix socket path limit ---- */
+
+/* <workdir>/<name of `len` x's>: a directory whose api.sock path is `total` bytes long. */
+static char *dir_for_sock_len(size_t total)
+{
+	size_t fixed = strlen(o.workdir) + 1 + strlen("/api.sock");
+	char *name, *d;
+	if (total <= fixed + 1)
+		exit(1);
+	name = malloc(total - fixed + 1);
+	memset(name, 'x', total - fixed);
+	name[total - fixed] = 0;
+	d = dir(name);
+	free(name);
+	return d;
+}
+
+static int longpath(void)
+{
+	_cleanup_free_ char *over = dir_for_sock_len(110), *fits = dir_for_sock_len(107);
+	char *e = NULL, out[4096];
+	FcVm *vm = NULL;
+	FcSpawn s = {
+		.binary = o.binary, .id = "fcctl-test", .workdir = over, .start_timeout_ms = 3000};
+
+	double t = now_ms();
+	int r = fcctl_vm_spawn(&s, &vm, &e);
+	printf("too_long=%d within_ms=%.0f error=%s\n", r, now_ms() - t, e ?: "");
+	free(e);
+	e = NULL;
+	snprintf(out, sizeof(out), "%s/fc.out", over);
+	printf("output_created=%d\n", access(out, F_OK) == 0);
+
+	/* At the limit (107 bytes and the NUL): it works. */
+	s.workdir = fits;
+	r = fcctl_vm_spawn(&s, &vm, &e);
+	printf("at_limit=%d error=%s\n", r, e ?: "");
+	free(e);
+	e = NULL;
+	if (r >= 0) {
+		print_state(vm, "at_limit_state");
+		fcctl_vm_stop(vm, 5000, NULL);
+		fcctl_vm_free(vm);
+	}
+
+	/* Through the jailer: the socket is in the chroot, <base>/<binary's name>/<id>/root. */
+	if (o.jailer) {
+		char base[4096], pad[256];
+		const char *name = strrchr(o.binary, '/') ? strrchr(o.binary, '/') + 1 : o.binary;
+		size_t fixed = strlen(o.workdir) + strlen("/jl/") + strlen(name) +
+			       strlen("/fcctl-test/root/api.sock");
+		/* With the "/" after base: 110 bytes, 3 over. */
+		size_t n = 110 - 1 - fixed;
+		if (n >= sizeof(pad))
+			return 1;
+		memset(pad, 'j', n);
+		pad[n] = 0;
+		snprintf(base, sizeof(base), "%s/jl/%s", o.workdir, pad);
+		FcSpawn j = {.binary = o.binary,
+			     .id = "fcctl-test",
+			     .workdir = fits,
+			     .jailer = o.jailer,
+			     .chroot_base = base,
+			     .start_timeout_ms = 3000};
+		r = fcctl_vm_spawn(&j, &vm, &e);
+		printf("jail_too_long=%d error=%s\n", r, e ?: "");
+		free(e);
+		printf("chroot_created=%d\n", access(base, F_OK) == 0);
+	}
+	return 0;
+}
+
+/* ---- answers that do not end ---- */
+
+static int bigbody(void)
+{
+	_cleanup_free_ char *d = dir("big");
+	FcVm *vm = spawn(d);
+	char *state = NULL, *version = NULL, *fault = NULL;
+
+	/* Short: were the answer not bounded, memory would grow for as long as this lasts. */
+	fcctl_vm_set_timeout(vm, 3000);
+	double t = now_ms();
+	int r = fcctl_describe(vm, &state, &version, &fault);
+	printf("endless=%d within_ms=%.0f untouched=%d fault=%s\n", r, now_ms() - t,
+	       !state && !version, fault ?: "");
+	free(fault);
+	fault = NULL;
+	/* The connection was cut in the middle of an answer: the next call works. */
+	r = fcctl_version(vm, &version, &fault);
+	printf("large_within_limit=%d version=%s\n", r, version ?: "");
+	free(version);
+	free(fault);
+	fault = NULL;
+	r = fcctl_instance_start(vm, &fault);
+	printf("too_long_fault=%d fault=%.80s\n", r, fault ?: "");
+	free(fault);
+	struct rusage ru;
+	getrusage(RUSAGE_SELF, &ru);
+	printf("maxrss_kib=%ld\n", ru.ru_maxrss);
+	fcctl_vm_stop(vm, 5000, NULL);
+	fcctl_vm_free(vm);
+	return 0;
+}
+
+/* ---- what the VMM inherits ---- */
+
+static void print_sig_lines(const char *prefix, const char *path)
+{
+	char line[256];
+	FILE *f = fopen(path, "re");
+	if (!f) {
+		printf("%s_missing=1\n", prefix);
+		return;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long long mask;
+		if (sscanf(line, "SigIgn: %llx", &mask) == 1)
+			printf("%s_sigign=%llx\n", prefix, mask);
+		else if (sscanf(line, "SigBlk: %llx", &mask) == 1)
+			printf("%s_sigblk=%llx\n", prefix, mask);
+	}
+	fclose(f);
+}
+
+static int signals(void)
+{
+	_cleanup_free_ char *d = dir("sig");
+	char wrapper[4096], sigs[4096];
+	FcVm *vm = NULL;
+	char *e = NULL;
+
+	/* The shell records its own status (what exec handed it), then becomes the VMM. Builtins
+	 * only: a shell blocks every signal around the vfork of an external command, and a grep
+	 * could see that mask. */
+	snprintf(wrapper, sizeof(wrapper), "%s/vmm-wrapper", d);
+	snprintf(sigs, sizeof(sigs), "%s/sigs", d);
+	FILE *f = fopen(wrapper, "we");
+	if (!f)
+		return 1;
+	fprintf(f,
+		"#!/bin/sh\n"
+		"while read -r key value; do\n"
+		"	case $key in SigIgn:|SigBlk:) echo \"$key $value\";; esac\n"
+		"done < /proc/$$/status > sigs\n"
+		"exec %s \"$@\"\n",
+		o.binary);
+	fclose(f);
+	chmod(wrapper, 0755);
+
+	struct sigaction ign = {.sa_handler = SIG_IGN};
+	sigaction(SIGPIPE, &ign, NULL);
+	sigaction(SIGHUP, &ign, NULL);
+	sigaction(SIGUSR2, &ign, NULL);
+	sigset_t block;
+	sigemptyset(&block);
+	sigaddset(&block, SIGUSR1);
+	pthread_sigmask(SIG_BLOCK, &block, NULL);
+	print_sig_lines("parent", "/proc/thread-self/status");
+
+	FcSpawn s = {.binary = wrapper, .id = "fcctl-test", .workdir = d};
+	if (fcctl_vm_spawn(&s, &vm, &e) < 0) {
+		fprintf(stderr, "fcctl-tool: spawn: %s\n", e ?: "?");
+		return 1;
+	}
+	print_sig_lines("child", sigs);
+	print_state(vm, "state");
+	fcctl_vm_stop(vm, 5000, NULL);
+	fcctl_vm_free(vm);
+	return 0;
+}
+
 int main(int argc, char *argv[])
 {
 	static const struct option options[] = {
@@ -670,5 +1065,15 @@ int main(int argc, char *argv[])
 		return spawnfail();
 	if (strcmp(cmd, "jailer") == 0)
 		return jailed();
+	if (strcmp(cmd, "race") == 0)
+		return race();
+	if (strcmp(cmd, "reap") == 0)
+		return reap();
+	if (strcmp(cmd, "longpath") == 0)
+		return longpath();
+	if (strcmp(cmd, "bigbody") == 0)
+		return bigbody();
+	if (strcmp(cmd, "signals") == 0)
+		return signals();
 	return 2;
 }

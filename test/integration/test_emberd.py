@@ -301,7 +301,7 @@ def fake_program(path, script):
     ('echo "Firecracker v1.16.1 (fcsim)"\n', True, "1.16.1", "(fcsim)"),
     ("echo something else\n", False, "", "not a Firecracker version"),
     ("exit 3\n", False, "", "non-zero exit"),
-    ("exec sleep 30\n", False, "", "no answer within 2 s"),
+    ("exec sleep 30\n", False, "", "did not answer within 2 s"),
 ])
 def test_firecracker_probe(start_emberd, workdir, script, available, version, reason):
     fc = fake_program(os.path.join(workdir, "fc"), script)

@@ -1,8 +1,10 @@
 # fcctl and ember-uffd against fcsim: the whole cycle (spawn in a namespace, configure, boot,
 # vsock, pause, snapshot, stop, restore through ember-uffd, vsock again) with the guest memory
 # verified by fcsim after every restore; Firecracker's faults passed on verbatim; a VMM killed
-# in the middle of a call; a memory server that dies or cannot serve. test/fcctl/fcctl-tool.c
-# drives the library; this file checks what it printed.
+# in the middle of a call; a memory server that dies or cannot serve; one VMM watched from
+# several threads and from an event loop; limits (socket path length, answer size); what a
+# spawned VMM inherits. test/fcctl/fcctl-tool.c drives the library; this file checks what it
+# printed. At the end, emberd's firecracker probe (agent/probe.c) against binaries that hang.
 #
 # The same scenarios run against a real Firecracker when one is installed and /dev/kvm works
 # (EMBER_FC_KERNEL and EMBER_FC_ROOTFS name a guest kernel and image); they skip otherwise.
@@ -13,10 +15,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 
 import pytest
 
-from conftest import BUILD, SLOW
+from conftest import BUILD, SLOW, wait_for
 from fcsim_util import FCSIM, build_rootfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -257,3 +260,162 @@ def test_real_firecracker_cycle(run, backend):
                      env={"PATH": os.environ.get("PATH", "")})
     assert rc == 0, out
     assert out.count("guest_echo=ok") == 2, out
+
+
+def test_threads_agree_on_the_exit(run):
+    """Threads that wait, reap, poll the pidfd, call the API, supervise and stop one VMM while
+    it ends: none fails with ECHILD, all report the same exit, and the VMM is reaped."""
+    rc, out, _ = run("race")
+    assert rc == 0, out
+    f = fields(out)
+    assert f["race_rounds"] == "20" and f["race_failures"] == "0", out
+    assert "mismatch" not in out and "not_reaped" not in out, out
+    # both ways of ending were exercised: stopped by a thread (SIGTERM), killed from outside
+    assert re.search(r"round=\d+ signal=9 known=1 stopped_by_us=0", out), out
+    assert re.search(r"round=\d+ signal=\d+ known=1 stopped_by_us=1", out), out
+
+
+def test_reap_from_an_event_loop(run):
+    rc, out, _ = run("reap")
+    assert rc == 0, out
+    f = fields(out)
+    assert f["running_reap"] == "-11" and f["untouched"] == "1", out  # -EAGAIN, *ret as it was
+    assert f["epoll_running"] == "0" and f["epoll_exited"] == "1", out
+    assert "reap=0 exited=1 known=1 signal=9 code=0 stopped_by_us=0" in out, out
+    assert f["zombie_gone"] == "1", out
+    assert f["reap_again"] == "0" and f["wait_after"] == "0" and f["stop_after"] == "0", out
+    assert f["all_same"] == "1", out
+    # documented in fcctl.h: the pidfd stays readable, the loop must drop it
+    assert f["epoll_after_reap"] == "1", out
+    # an adopted VMM is not our child: it ended, nothing more is known
+    assert f["adopted_running_reap"] == "-11", out
+    assert "adopted_reap=0 exited=1 known=0" in out, out
+    assert f["adopted_again"] == "0" and f["adopted_stop"] == "0", out
+    assert f["adopted_same"] == "1", out
+
+
+def test_socket_path_too_long(run):
+    rc, out, d = run("longpath", "--jailer", FAKE_JAILER)
+    assert rc == 0, out
+    f = fields(out)
+    # refused at once (not after the start timeout), and nothing made or started
+    assert f["too_long"] == "-36" and float(f["within_ms"]) < 1000 * SLOW, out
+    assert re.search(r"error=the API socket path /tmp/\S+/x+/api.sock is 110 bytes long, "
+                     r"3 more than a unix socket address holds \(107\)", out), out
+    assert f["output_created"] == "0", out
+    assert f["at_limit"] == "0" and f["at_limit_state"] == "Not", out  # "Not started"
+    assert f["jail_too_long"] == "-36", out
+    assert re.search(r"error=the API socket path in the jailer's chroot /tmp/\S+/jl/j+/fcsim/"
+                     r"fcctl-test/root/api.sock is 110 bytes long, 3 more", out), out
+    assert f["chroot_created"] == "0", out
+
+
+STUB_VMM = os.path.join(os.path.dirname(__file__), "..", "fcctl", "stub-vmm")
+
+
+def test_api_answer_is_bounded(run):
+    """A VMM whose answer never ends, or is too long, fails the call with -EMSGSIZE at once
+    instead of filling memory; a large answer within the limit still works, on the connection
+    the aborted answer left behind."""
+    rc, out, _ = run("bigbody", binary=os.path.abspath(STUB_VMM))
+    assert rc == 0, out
+    f = fields(out)
+    assert f["endless"] == "-90" and f["untouched"] == "1", out  # -EMSGSIZE
+    assert "fault=GET /: the VMM's answer is longer than 64 KiB" in out, out
+    assert float(f["within_ms"]) < 2000 * SLOW, out
+    assert f["large_within_limit"] == "0" and f["version"] == "1.16.1", out
+    assert f["too_long_fault"] == "-90", out
+    assert "fault=PUT /actions: the VMM's answer is longer than 64 KiB" in out, out
+    assert int(f["maxrss_kib"]) < 256 * 1024, out
+
+
+def test_spawn_resets_signals(run):
+    """emberd ignores SIGPIPE; the VMM it spawns must not: every ignored signal is back to the
+    default in the child, and nothing is blocked."""
+    rc, out, _ = run("signals")
+    assert rc == 0, out
+    f = fields(out)
+    ignored = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGHUP - 1)) | \
+        (1 << (signal.SIGUSR2 - 1))
+    assert int(f["parent_sigign"], 16) & ignored == ignored, out  # the test's premise
+    assert int(f["parent_sigblk"], 16) & (1 << (signal.SIGUSR1 - 1)), out
+    assert int(f["child_sigign"], 16) == 0, out
+    assert int(f["child_sigblk"], 16) == 0, out
+    assert f["state"] == "Not", out  # "Not started": the VMM behind the wrapper answered
+
+
+# ---- emberd's firecracker probe (agent/probe.c) ----
+
+def fake_firecracker(path, script):
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + script)
+    os.chmod(path, 0o755)
+    return path
+
+
+def marked(marker):
+    """Processes whose command line holds marker."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+def probe_of(e):
+    from ember.v1 import node_pb2, node_pb2_grpc
+    with e.channel() as ch:
+        return node_pb2_grpc.NodeStub(ch).GetNode(node_pb2.GetNodeRequest(),
+                                                  timeout=30).capabilities.firecracker
+
+
+# Each hanging binary leaves `sleep <marker>` behind unless the probe kills what it started.
+@pytest.mark.parametrize("script", [
+    'echo "Firecracker v1.16.1"\nexec sleep {marker}\n',       # prints a line, then hangs
+    'exec sleep {marker}\n',                                   # never prints
+    'echo "Firecracker v1.16.1"\nsleep {marker}\necho done\n',  # its child hangs, it waits
+    'echo "Firecracker v1.16"\nsleep {marker} >/dev/null &\nexec sleep {marker}\n',
+], ids=["line-then-hang", "silent", "child-hangs", "background-child"])
+def test_firecracker_probe_deadline(start_emberd, workdir, script):
+    marker = "3600.%d" % (abs(hash(script)) % 100000)
+    fc = fake_firecracker(os.path.join(workdir, "fc"), script.format(marker=marker))
+    try:
+        e = start_emberd(f"[vmm]\nkind = fcsim\nfirecracker_bin = {fc}\n")
+        t = time.monotonic()
+        p = probe_of(e)
+        took = time.monotonic() - t
+        assert not p.available and p.version == "", p
+        assert p.reason == f"{fc} --version did not answer within 2 s", p
+        assert took < 4 * SLOW, took
+        # killed and reaped, with everything it started
+        wait_for(lambda: not marked(marker), 5, "the probed binary's processes to go")
+    finally:
+        for pid in marked(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_firecracker_probe_does_not_wait_for_a_background_child(start_emberd, workdir):
+    """It exited and answered; a child it left holding its stdout does not make it hang."""
+    marker = "3599.5"
+    fc = fake_firecracker(os.path.join(workdir, "fc"),
+                          f'sleep {marker} &\necho "Firecracker v1.16.1"\n')
+    try:
+        e = start_emberd(f"[vmm]\nkind = fcsim\nfirecracker_bin = {fc}\n")
+        t = time.monotonic()
+        p = probe_of(e)
+        assert p.available and p.version == "1.16.1", p
+        assert time.monotonic() - t < 2 * SLOW
+    finally:
+        for pid in marked(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_firecracker_probe_status(start_emberd, workdir):
+    fc = fake_firecracker(os.path.join(workdir, "fc"), 'echo "Firecracker v1.16.1"\nexit 3\n')
+    e = start_emberd(f"[vmm]\nkind = fcsim\nfirecracker_bin = {fc}\n")
+    p = probe_of(e)
+    assert not p.available and p.reason == f"{fc} --version failed: non-zero exit (3)", p
