@@ -93,8 +93,10 @@ void manager_demo_template(Manager *m)
 						 "/usr/lib/ember/guest/ember-init", NULL};
 	static const char *const guest_paths[] = {"ember-guest", "../lib/ember/guest/ember-guest",
 						  "/usr/lib/ember/guest/ember-guest", NULL};
-	static const char *const mkrootfs_paths[] = {"ember-mkrootfs", "../guest/mkrootfs",
-						     "../bin/ember-mkrootfs", NULL};
+	/* Installed; or the source tree's, seen from build/ or build/sanitize/. */
+	static const char *const mkrootfs_paths[] = {"ember-mkrootfs", "../bin/ember-mkrootfs",
+						     "../guest/mkrootfs", "../../guest/mkrootfs",
+						     NULL};
 	_cleanup_free_ char *marker = NULL, *dir = NULL, *image = NULL, *kernel = NULL;
 	_cleanup_free_ char *init = NULL, *guest = NULL, *mkrootfs = NULL, *err = NULL;
 	const Config *c = m->config;
