@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 #include "config.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <ini.h>
 #include <limits.h>
@@ -662,6 +663,21 @@ int config_finish(Config *c, char **ret_error)
 			"[api] socket = \"%s\": expected a path of at most 100 bytes (unix "
 			"socket addresses are limited to 108)",
 			c->socket);
+
+	/* The two ranges are routed differently on the host: an overlap would send sandbox
+	 * traffic down a veth link or the other way round. */
+	NetnsCidr sr, vr;
+	if (netns_cidr_parse(c->sandbox_range, &sr) >= 0 &&
+	    netns_cidr_parse(c->veth_range, &vr) >= 0) {
+		unsigned p = sr.prefix < vr.prefix ? sr.prefix : vr.prefix;
+		uint32_t mask = p ? htonl(~0u << (32 - p)) : 0;
+		if ((sr.addr.s_addr & mask) == (vr.addr.s_addr & mask))
+			return error_set(
+				ret_error, -EINVAL,
+				"[network] sandbox_range = %s and veth_range = %s overlap; "
+				"choose disjoint ranges",
+				c->sandbox_range, c->veth_range);
+	}
 
 	bool any_tls = c->tls_cert[0] || c->tls_key[0] || c->tls_client_ca[0];
 	bool all_tls = c->tls_cert[0] && c->tls_key[0] && c->tls_client_ca[0];

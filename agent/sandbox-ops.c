@@ -516,7 +516,7 @@ void sandbox_op_reap(Manager *m, Sandbox *sb)
 	FcExit ex = {};
 	int k;
 
-	if (fcctl_vm_wait(sb->vm, 0, &ex) < 0 || !ex.known)
+	if (fcctl_vm_reap(sb->vm, &ex) < 0 || !ex.known)
 		k = asprintf(&reason, "the VMM (pid %d) exited unexpectedly", (int)sb->vmm_pid);
 	else if (ex.signal)
 		k = asprintf(&reason, "the VMM was killed by signal %d (%s)", ex.signal,

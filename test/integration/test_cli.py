@@ -71,6 +71,14 @@ def test_overrides(workdir):
     ("[nosection]\nx = 1\n", ["unknown section", "nosection"]),
     ("[agent]\nthis line is not ini\n", ["c.conf:2", "syntax error"]),
     ("[api]\ntls_cert = /etc/hostname\n", ["tls_cert", "tls_key", "together"]),
+    ("[vmm]\nkind = qemu\n", ["kind", '"qemu"', "auto, firecracker or fcsim"]),
+    ("[storage]\nbackend = zfs\n", ["backend", '"zfs"', "auto, dm or file"]),
+    ("[network]\nsandbox_range = 10.0.0.1/8\n", ["sandbox_range", "10.0.0.1/8", "IPv4 CIDR"]),
+    ("[network]\nveth_range = 10.200.0.0/31\n", ["veth_range", "IPv4 CIDR"]),
+    ("[network]\nuplink = a/b\n", ["uplink", "interface name"]),
+    ("[network]\nveth_range = 10.200.128.0/17\n", ["veth_range", "sandbox_range", "overlap"]),
+    ("[sandboxes]\nworker_threads = 0\n", ["worker_threads", "1 to 256"]),
+    ("[templates]\ndemo_kernel = vmlinux\n", ["demo_kernel", "absolute path"]),
 ])
 def test_bad_config_refused(workdir, text, expect):
     conf = os.path.join(workdir, "c.conf")

@@ -82,6 +82,14 @@ def leftovers(e, pool_size=0):
     return out
 
 
+def host_state(e):
+    """What slots add to emberd's host namespace: links, routes and nftables rules."""
+    def ns(*argv):
+        return subprocess.run(["nsenter", f"--net={e.hostns}", *argv], capture_output=True,
+                              text=True).stdout
+    return ns("ip", "-br", "link"), ns("ip", "route"), ns("nft", "list", "ruleset")
+
+
 def watch(e, since=0, timeout=60):
     """Starts a WatchSandboxes stream; returns (call, list of events received, thread)."""
     call = stub(e).WatchSandboxes(S.WatchSandboxesRequest(since_revision=since),
@@ -298,6 +306,7 @@ def test_failure_at_each_step_leaves_nothing(start_emberd, workdir):
     e = start_emberd("[network]\npool_size = 0\n[vmm]\nboot_timeout_s = 3\n")
     n = stub(e)
     call, events, t = watch(e)
+    before = host_state(e)
 
     # the guest agent never answers
     silent_template(n, workdir)
@@ -322,6 +331,8 @@ def test_failure_at_each_step_leaves_nothing(start_emberd, workdir):
     assert c == grpc.StatusCode.INTERNAL and "step disk" in msg, msg
     assert leftovers(e) == []
 
+    # links, routes and nftables rules of the host namespace are as they were
+    assert host_state(e) == before
     wait_for(lambda: all("removed" in states(events, s) for s in ("s1", "s2", "s3")), 10,
              "removed events")
     call.cancel()
@@ -359,6 +370,13 @@ def test_no_free_slot(start_emberd):
     create(n, "c")
     for s in ("b", "c"):
         destroy(n, s)
+    assert leftovers(e) == []
+
+
+def test_not_enough_memory(start_emberd):
+    e = start_emberd("[network]\npool_size = 0\n[sandboxes]\nmemory_reserve_mib = 1048576\n")
+    c, msg = code_of(lambda: create(stub(e), "m"))
+    assert c == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory_reserve_mib" in msg, msg
     assert leftovers(e) == []
 
 
