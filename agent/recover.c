@@ -80,6 +80,9 @@ static int sandbox_from_record(Manager *m, const char *id, json_object *o, Sandb
 	sb->tmpl = manager_template_find_locked(m, sb->template_id);
 	if (!sb->tmpl)
 		goto bad;
+	/* Its create finished in an earlier run: a retry of it returns the sandbox. */
+	sb->create_done = true;
+	sb->create_code = RPC_OK;
 	sb->refs = 0;
 	*ret = sb;
 	return 0;

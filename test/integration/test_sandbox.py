@@ -536,6 +536,8 @@ def test_restart_adopts_running_sandboxes(start_emberd, workdir, how):
             assert p.returncode == 0 and p.stdout.strip() == i.encode(), (i, p)
         assert lst["r4"].state == S.SANDBOX_STATE_FAILED
         assert "gone" in lst["r4"].state_reason
+        # a create retried after the restart returns the adopted sandbox
+        assert create(n2, "r0").create_time == before["r0"].create_time
         assert lst["r4"].revision > max(s.revision for s in before.values())
         # leftovers reclaimed
         wait_for(lambda: stray_proc.poll() is not None, 10, "the stray process killed")

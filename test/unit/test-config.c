@@ -219,8 +219,8 @@ static void test_key_table(void **state)
 		_cleanup_free_ char *dumped = NULL;
 
 		assert_non_null(k);
-		static const char *const sections[] = {"agent",   "api",       "vmm",      "storage",
-						       "network", "sandboxes", "templates"};
+		static const char *const sections[] = {
+			"agent", "api", "vmm", "storage", "network", "sandboxes", "templates"};
 		bool known = false;
 		for (size_t j = 0; j < ELEMENTSOF(sections); j++)
 			known = known || strcmp(k->section, sections[j]) == 0;
