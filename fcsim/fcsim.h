@@ -42,7 +42,7 @@ typedef struct Iface {
 	int guest_tap; /* eth<N> inside the guest's namespace */
 	pthread_t relay;
 	bool relay_running;
-	volatile bool stop;
+	_Atomic bool stop; /* set by guest_stop(), read by the relay thread */
 } Iface;
 
 typedef struct Vsock Vsock; /* vsock.c */

@@ -22,7 +22,7 @@ struct NlSock {
 	struct nl_sock *sk;
 };
 
-int nlsock_errno(int nle)
+int netns_nlsock_errno(int nle)
 {
 	switch (nle < 0 ? -nle : nle) {
 	case 0:
@@ -50,12 +50,12 @@ int nlsock_errno(int nle)
 	}
 }
 
-const char *nlsock_message(int nle)
+const char *netns_nlsock_message(int nle)
 {
 	return nl_geterror(nle);
 }
 
-int nlsock_open(NlSock **ret)
+int netns_nlsock_open(NlSock **ret)
 {
 	NlSock *s = calloc(1, sizeof(*s));
 	int r;
@@ -71,13 +71,13 @@ int nlsock_open(NlSock **ret)
 	if (r < 0) {
 		nl_socket_free(s->sk);
 		free(s);
-		return nlsock_errno(r);
+		return netns_nlsock_errno(r);
 	}
 	*ret = s;
 	return 0;
 }
 
-void nlsock_close(NlSock *s)
+void netns_nlsock_close(NlSock *s)
 {
 	if (!s)
 		return;
@@ -102,32 +102,32 @@ static int ifindex_of(NlSock *s, const char *name, int *ret)
 	_cleanup_(linkp) struct rtnl_link *l = NULL;
 	int r = rtnl_link_get_kernel(s->sk, 0, name, &l);
 	if (r < 0)
-		return nlsock_errno(r);
+		return netns_nlsock_errno(r);
 	*ret = rtnl_link_get_ifindex(l);
 	return 0;
 }
 
-int link_up(NlSock *s, const char *name, char **ret_error)
+int netns_link_up(NlSock *s, const char *name, char **ret_error)
 {
 	_cleanup_(linkp) struct rtnl_link *l = NULL, *change = NULL;
 	int r;
 
 	r = rtnl_link_get_kernel(s->sk, 0, name, &l);
 	if (r < 0)
-		return error_set(ret_error, nlsock_errno(r), "link %s: %s", name,
-				 nlsock_message(r));
+		return error_set(ret_error, netns_nlsock_errno(r), "link %s: %s", name,
+				 netns_nlsock_message(r));
 	change = rtnl_link_alloc();
 	if (!change)
 		return -ENOMEM;
 	rtnl_link_set_flags(change, IFF_UP);
 	r = rtnl_link_change(s->sk, l, change, 0);
 	if (r < 0)
-		return error_set(ret_error, nlsock_errno(r), "cannot bring %s up: %s", name,
-				 nlsock_message(r));
+		return error_set(ret_error, netns_nlsock_errno(r), "cannot bring %s up: %s", name,
+				 netns_nlsock_message(r));
 	return 0;
 }
 
-int link_delete(NlSock *s, const char *name)
+int netns_link_delete(NlSock *s, const char *name)
 {
 	_cleanup_(linkp) struct rtnl_link *l = rtnl_link_alloc();
 	int r;
@@ -136,11 +136,11 @@ int link_delete(NlSock *s, const char *name)
 		return -ENOMEM;
 	rtnl_link_set_name(l, name);
 	r = rtnl_link_delete(s->sk, l);
-	return r < 0 ? nlsock_errno(r) : 0;
+	return r < 0 ? netns_nlsock_errno(r) : 0;
 }
 
-int link_add_veth(NlSock *s, const char *host_name, const char *peer_name, int ns_fd,
-		  char **ret_error)
+int netns_link_add_veth(NlSock *s, const char *host_name, const char *peer_name, int ns_fd,
+			char **ret_error)
 {
 	struct rtnl_link *l, *peer;
 	int r;
@@ -158,12 +158,12 @@ int link_add_veth(NlSock *s, const char *host_name, const char *peer_name, int n
 	rtnl_link_put(peer);
 	rtnl_link_veth_release(l);
 	if (r < 0)
-		return error_set(ret_error, nlsock_errno(r), "cannot create veth %s: %s", host_name,
-				 nlsock_message(r));
+		return error_set(ret_error, netns_nlsock_errno(r), "cannot create veth %s: %s",
+				 host_name, netns_nlsock_message(r));
 	return 0;
 }
 
-int addr_add(NlSock *s, const char *link, const char *cidr, char **ret_error)
+int netns_addr_add(NlSock *s, const char *link, const char *cidr, char **ret_error)
 {
 	_cleanup_(nl_addrp) struct nl_addr *local = NULL;
 	struct rtnl_addr *a;
@@ -183,12 +183,13 @@ int addr_add(NlSock *s, const char *link, const char *cidr, char **ret_error)
 	r = rtnl_addr_add(s->sk, a, 0);
 	rtnl_addr_put(a);
 	if (r < 0)
-		return error_set(ret_error, nlsock_errno(r), "cannot add %s to %s: %s", cidr, link,
-				 nlsock_message(r));
+		return error_set(ret_error, netns_nlsock_errno(r), "cannot add %s to %s: %s", cidr,
+				 link, netns_nlsock_message(r));
 	return 0;
 }
 
-int route_add(NlSock *s, const char *dst, const char *gateway, const char *link, char **ret_error)
+int netns_route_add(NlSock *s, const char *dst, const char *gateway, const char *link,
+		    char **ret_error)
 {
 	_cleanup_(nl_addrp) struct nl_addr *d = NULL, *gw = NULL;
 	struct rtnl_route *rt;
@@ -220,13 +221,13 @@ int route_add(NlSock *s, const char *dst, const char *gateway, const char *link,
 	r = rtnl_route_add(s->sk, rt, NLM_F_CREATE | NLM_F_EXCL);
 	rtnl_route_put(rt);
 	if (r < 0)
-		return error_set(ret_error, nlsock_errno(r),
+		return error_set(ret_error, netns_nlsock_errno(r),
 				 "cannot add route %s via %s dev %s: %s", dst, gateway ?: "-", link,
-				 nlsock_message(r));
+				 netns_nlsock_message(r));
 	return 0;
 }
 
-void strv_free(char **v)
+void netns_strv_free(char **v)
 {
 	for (size_t i = 0; v && v[i]; i++)
 		free(v[i]);
@@ -252,7 +253,7 @@ static void cachep(struct nl_cache **c)
 		nl_cache_free(*c);
 }
 
-int link_list(NlSock *s, const char *prefix, char ***ret)
+int netns_link_list(NlSock *s, const char *prefix, char ***ret)
 {
 	_cleanup_(cachep) struct nl_cache *cache = NULL;
 	char **out = NULL;
@@ -261,12 +262,12 @@ int link_list(NlSock *s, const char *prefix, char ***ret)
 
 	r = rtnl_link_alloc_cache(s->sk, AF_UNSPEC, &cache);
 	if (r < 0)
-		return nlsock_errno(r);
+		return netns_nlsock_errno(r);
 	for (struct nl_object *o = nl_cache_get_first(cache); o; o = nl_cache_get_next(o)) {
 		const char *name = rtnl_link_get_name((struct rtnl_link *)o);
 		if (name && strncmp(name, prefix, strlen(prefix)) == 0 &&
 		    (r = strv_push(&out, &n, name)) < 0) {
-			strv_free(out);
+			netns_strv_free(out);
 			return r;
 		}
 	}
@@ -279,7 +280,7 @@ int link_list(NlSock *s, const char *prefix, char ***ret)
 	return 0;
 }
 
-int addr_list_ipv4(NlSock *s, char ***ret)
+int netns_addr_list_ipv4(NlSock *s, char ***ret)
 {
 	_cleanup_(cachep) struct nl_cache *cache = NULL;
 	char **out = NULL;
@@ -288,7 +289,7 @@ int addr_list_ipv4(NlSock *s, char ***ret)
 
 	r = rtnl_addr_alloc_cache(s->sk, &cache);
 	if (r < 0)
-		return nlsock_errno(r);
+		return netns_nlsock_errno(r);
 	for (struct nl_object *o = nl_cache_get_first(cache); o; o = nl_cache_get_next(o)) {
 		struct rtnl_addr *a = (struct rtnl_addr *)o;
 		struct nl_addr *local = rtnl_addr_get_local(a);
@@ -302,7 +303,7 @@ int addr_list_ipv4(NlSock *s, char ***ret)
 		snprintf(buf, sizeof(buf), "%s/32", ip);
 		r = strv_push(&out, &n, buf);
 		if (r < 0) {
-			strv_free(out);
+			netns_strv_free(out);
 			return r;
 		}
 	}

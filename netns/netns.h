@@ -23,6 +23,7 @@
 #pragma once
 
 #include <netinet/in.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -55,7 +56,9 @@ typedef struct NetnsConfig {
 
 /* Egress policy of one slot. CIDRs as text ("203.0.113.0/24", "1.2.3.4"). Order of decision:
  * deny list, allow list, then the private ranges (RFC 1918, 100.64/10, 169.254/16 with the
- * metadata address) and the host's own addresses are denied, then internet decides. */
+ * metadata address), the sandbox and veth ranges and the host's own addresses are denied, then
+ * internet decides. The default policy (NULL, or internet off with both lists empty: nothing
+ * outbound) is the one every slot is built with. */
 typedef struct NetnsPolicy {
 	bool internet;
 	const char *const *allow;
@@ -67,24 +70,73 @@ typedef struct NetnsPolicy {
 typedef struct NetnsPool NetnsPool;
 typedef struct NetnsSlot NetnsSlot;
 
-/* Loads the state file (slots in use survive), makes the host side ready (forwarding, the
+/* Loads the state file and its journal, <state_file>.journal (slots in use survive, and so do
+ * numbers whose slot could not be removed), makes the host side ready (forwarding, the
  * masquerade table) and starts keeping pool_size slots ready in the background. */
 int netns_pool_new(const NetnsConfig *config, NetnsPool **ret, char **ret_error);
-/* Stops the background work and destroys the ready slots; slots in use stay as they are. */
+/* Stops the background work and destroys the ready slots; slots in use stay as they are (their
+ * namespaces, links and references: a NetnsSlot * still held stays valid memory, but must not
+ * be passed to a function that takes the pool any more). */
 void netns_pool_free(NetnsPool *p);
 
-/* A slot for `owner` (a sandbox id) with `policy` applied; from the ready pool when there is
- * one. The slot is recorded in the state file before it is returned. */
+/*
+ * Slot references. Every NetnsSlot * handed out (by netns_slot_acquire(), netns_slot_find() or
+ * netns_slot_ref()) is a reference that belongs to the caller: the slot's memory, and the
+ * strings its getters return, stay valid until that reference is given back, exactly once, to
+ * netns_slot_unref() or netns_slot_release() (both consume it, whatever they return). The pool
+ * keeps a reference of its own while the slot is in use, so a slot found on one thread is never
+ * freed under it by a release on another.
+ *
+ * A release takes the slot out of use for every holder at once: through the other references,
+ * netns_slot_set_policy() and netns_slot_release() then fail with -ENOENT and change nothing
+ * (they never reach a later slot that got the same number), and netns_slot_path() names a
+ * namespace that is gone or, once the number is handed out again, another sandbox's.
+ *
+ * All functions are thread-safe. Acquires for different owners run in parallel; an acquire
+ * never waits for a slot being built in the background, destroyed, or for netlink or nftables
+ * work of another slot.
+ */
+
+/* A slot for `owner` (a sandbox id) with `policy` applied (NULL: the default, nothing
+ * outbound), as a new reference. From the ready pool when there is one: with the default
+ * policy that costs no netlink or nftables work at all, with another policy one small nftables
+ * transaction. The owner check and the reservation are one step: of two concurrent acquires
+ * for one owner, one gets the slot and the other -EEXIST (also while the first is still being
+ * set up). -ENOSPC when every slot number is in use. The slot is recorded in the state file
+ * before it is returned. */
 int netns_slot_acquire(NetnsPool *p, const char *owner, const NetnsPolicy *policy, NetnsSlot **ret,
 		       char **ret_error);
-/* Destroys the slot (namespace, links, routes, rules) and frees its number. */
+/* Takes the slot out of use (out of the state file first), then destroys it (namespace, links,
+ * routes, rules) and frees its number. Consumes the caller's reference, also on failure.
+ * -ENOENT: already released (through another reference). When the slot cannot be fully
+ * removed, its number stays out of use (recorded as broken in the state file, counted in
+ * NetnsPoolStats.broken) until a background retry removes what is left or netns_reclaim()
+ * does; the slot is out of use either way. */
 int netns_slot_release(NetnsPool *p, NetnsSlot *slot, char **ret_error);
-/* Replaces the slot's egress policy at once (one nftables transaction). */
+/* Replaces the slot's egress policy at once (one nftables transaction). -ENOENT once the slot
+ * has been released. Ordered against a concurrent release of the same slot. */
 int netns_slot_set_policy(NetnsPool *p, NetnsSlot *slot, const NetnsPolicy *policy,
 			  char **ret_error);
-/* The slot in use by owner (e.g. after a restart), or -ENOENT. */
+/* A new reference to the slot in use by owner (e.g. after a restart), or -ENOENT (also while
+ * the owner's acquire is still in progress). */
 int netns_slot_find(NetnsPool *p, const char *owner, NetnsSlot **ret);
+/* Another reference to a slot the caller holds one to; returns s. */
+NetnsSlot *netns_slot_ref(NetnsSlot *s);
+/* Gives a reference back; frees the slot's memory (never its namespace) with the last one.
+ * NULL is fine. Returns NULL. */
+NetnsSlot *netns_slot_unref(NetnsSlot *s);
+static inline void netns_slot_unrefp(NetnsSlot **s)
+{
+	if (*s)
+		(void)netns_slot_unref(*s);
+}
+static inline void netns_pool_freep(NetnsPool **p)
+{
+	if (*p)
+		netns_pool_free(*p);
+}
 
+/* Valid as long as the caller holds its reference. */
 unsigned netns_slot_index(const NetnsSlot *s);
 const char *netns_slot_owner(const NetnsSlot *s);
 const char *netns_slot_path(const NetnsSlot *s);       /* <netns_dir>/<prefix>N */
@@ -95,6 +147,11 @@ typedef struct NetnsPoolStats {
 	unsigned ready;
 	unsigned in_use;
 	unsigned max_slots;
+	unsigned broken; /* numbers kept out of use: their slot could not be removed (yet) */
+	/* State file writes and their time: journal appends (one per change, or per group of
+	 * changes made at once) and snapshots (the whole state, every ~2n changes for n slots). */
+	uint64_t journal_writes, journal_us_total, journal_us_max;
+	uint64_t snapshot_writes, snapshot_us_total, snapshot_us_max;
 } NetnsPoolStats;
 void netns_pool_stats(NetnsPool *p, NetnsPoolStats *ret);
 /* Waits until the pool holds pool_size ready slots (or timeout_ms passes: -ETIMEDOUT). */
@@ -108,7 +165,8 @@ typedef struct NetnsReclaimResult {
 
 /* For start-up, before netns_pool_new(): keeps the slots of the given owners and removes every
  * other <prefix>N namespace, em-N link and the host masquerade table when no slot is kept; the
- * state file is rewritten to the kept slots. */
+ * state file is rewritten to the kept slots (numbers recorded as broken are forgotten: their
+ * leftovers are removed here like any other). */
 int netns_reclaim(const NetnsConfig *config, const char *const *keep_owners, size_t n_keep,
 		  NetnsReclaimResult *ret, char **ret_error);
 
@@ -132,6 +190,7 @@ int netns_tap_open(const char *name, bool persistent);
  * (the kernel's ip= argument under Firecracker, fcsim's container, the guest stand-in). */
 int netns_iface_setup(const char *ifname, const char *cidr, const char *gateway, char **ret_error);
 
-/* Relays Ethernet frames between two TAP fds until one side ends or *stop is set (checked at
- * least every 200 ms). What a VMM does between its TAP and the guest's NIC. */
-int netns_relay(int fd_a, int fd_b, volatile bool *stop);
+/* Relays Ethernet frames between two TAP fds until one side ends or *stop is set by another
+ * thread or a signal handler (checked at least every 200 ms). What a VMM does between its TAP
+ * and the guest's NIC. */
+int netns_relay(int fd_a, int fd_b, _Atomic bool *stop);

@@ -32,7 +32,7 @@ static void nft_ctxp(struct nft_ctx **c)
 		nft_ctx_free(*c);
 }
 
-int nft_run(const char *commands, char **ret_error)
+int netns_nft_run(const char *commands, char **ret_error)
 {
 	_cleanup_(nft_ctxp) struct nft_ctx *nft = nft_ctx_new(NFT_CTX_DEFAULT);
 
@@ -125,7 +125,29 @@ static int add_elements(Buf *b, const char *set, const char *const *cidrs, size_
 	return 0;
 }
 
-int nft_slot_setup(const char *sandbox_ip, char **ret_error)
+bool netns_nft_policy_is_default(const NetnsPolicy *policy)
+{
+	return !policy || (!policy->internet && policy->n_allow == 0 && policy->n_deny == 0);
+}
+
+int netns_nft_policy_check(const NetnsPolicy *policy, char **ret_error)
+{
+	const char *const *lists[] = {policy ? policy->allow : NULL, policy ? policy->deny : NULL};
+	size_t sizes[] = {policy ? policy->n_allow : 0, policy ? policy->n_deny : 0};
+
+	for (size_t l = 0; l < ELEMENTSOF(lists); l++)
+		for (size_t i = 0; i < sizes[l]; i++) {
+			NetnsCidr c;
+			if (!lists[l] || netns_cidr_parse(lists[l][i], &c) < 0)
+				return error_set(
+					ret_error, -EINVAL,
+					"\"%s\" is not an IPv4 address or CIDR (like 10.0.0.0/8)",
+					lists[l] && lists[l][i] ? lists[l][i] : "");
+		}
+	return 0;
+}
+
+int netns_nft_slot_setup(const char *sandbox_ip, char **ret_error)
 {
 	_cleanup_(bufp) Buf b = {};
 	NetnsCidr check;
@@ -166,8 +188,13 @@ int nft_slot_setup(const char *sandbox_ip, char **ret_error)
 	add(&b, "add rule ip ember egress ip daddr @allow accept\n");
 	add(&b, "add rule ip ember egress ip daddr @denied_default drop\n");
 	add(&b, "add rule ip ember egress ip daddr @host drop\n");
+	/* The default policy is in place from here on: empty lists, and an empty internet chain
+	 * that falls through to the drop below. A policy only ever adds to what a new slot has,
+	 * and adding costs the kernel little, while removing a rule or an element waits for an
+	 * RCU grace period (~10 ms measured): a ready slot is handed out with its first policy
+	 * in one quick transaction. */
 	add(&b, "add rule ip ember egress jump internet\n");
-	add(&b, "add rule ip ember internet drop\n");
+	add(&b, "add rule ip ember egress drop\n");
 	/* The slot itself offers the guest nothing but an answer to ping. */
 	add(&b, "add chain ip ember input { type filter hook input priority filter; }\n");
 	add(&b, "add rule ip ember input iifname \"%s\" ct state established,related accept\n",
@@ -183,16 +210,19 @@ int nft_slot_setup(const char *sandbox_ip, char **ret_error)
 		"policy drop; }\n");
 	if (b.failed)
 		return -ENOMEM;
-	return nft_run(b.s, ret_error);
+	return netns_nft_run(b.s, ret_error);
 }
 
-int nft_slot_policy(const NetnsPolicy *policy, char *const *host_addrs,
-		    const NetnsCidr *extra_denied, size_t n_extra, char **ret_error)
+int netns_nft_slot_policy(const NetnsPolicy *policy, char *const *host_addrs,
+			  const NetnsCidr *extra_denied, size_t n_extra, char **ret_error)
 {
 	_cleanup_(bufp) Buf b = {};
+	bool internet = policy && policy->internet;
 	int r;
 
-	add(&b, "flush set ip ember allow\nflush set ip ember deny\nflush set ip ember host\n");
+	/* Flushing what is empty costs nothing; what the lists had goes in the same
+	 * transaction as what replaces it. */
+	add(&b, "flush set ip ember allow\nflush set ip ember deny\n");
 	r = add_elements(&b, "allow", policy ? policy->allow : NULL, policy ? policy->n_allow : 0,
 			 ret_error);
 	if (r >= 0)
@@ -200,28 +230,35 @@ int nft_slot_policy(const NetnsPolicy *policy, char *const *host_addrs,
 				 policy ? policy->n_deny : 0, ret_error);
 	if (r < 0)
 		return r;
-	size_t n_host = 0;
-	while (host_addrs && host_addrs[n_host])
-		n_host++;
-	if (n_host > 0 || n_extra > 0) {
-		add(&b, "add element ip ember host { ");
-		for (size_t i = 0; i < n_host; i++)
-			add(&b, "%s%s", i ? ", " : "", host_addrs[i]);
-		for (size_t i = 0; i < n_extra; i++) {
-			char text[32];
-			add(&b, "%s%s", n_host + i ? ", " : "",
-			    netns_cidr_format(&extra_denied[i], text, sizeof(text)));
+	/* The host's addresses and the slot ranges matter only with internet on: with it off,
+	 * whatever the allow list does not accept is dropped anyway. Left as they are otherwise
+	 * (no removal, see netns_nft_slot_setup()). */
+	if (internet) {
+		size_t n_host = 0;
+		while (host_addrs && host_addrs[n_host])
+			n_host++;
+		add(&b, "flush set ip ember host\n");
+		if (n_host > 0 || n_extra > 0) {
+			add(&b, "add element ip ember host { ");
+			for (size_t i = 0; i < n_host; i++)
+				add(&b, "%s%s", i ? ", " : "", host_addrs[i]);
+			for (size_t i = 0; i < n_extra; i++) {
+				char text[32];
+				add(&b, "%s%s", n_host + i ? ", " : "",
+				    netns_cidr_format(&extra_denied[i], text, sizeof(text)));
+			}
+			add(&b, " }\n");
 		}
-		add(&b, " }\n");
 	}
 	add(&b, "flush chain ip ember internet\n");
-	add(&b, "add rule ip ember internet %s\n", policy && policy->internet ? "accept" : "drop");
+	if (internet)
+		add(&b, "add rule ip ember internet accept\n");
 	if (b.failed)
 		return -ENOMEM;
-	return nft_run(b.s, ret_error);
+	return netns_nft_run(b.s, ret_error);
 }
 
-int nft_host_setup(const char *uplink, const NetnsCidr *sandbox_range, char **ret_error)
+int netns_nft_host_setup(const char *uplink, const NetnsCidr *sandbox_range, char **ret_error)
 {
 	_cleanup_(bufp) Buf b = {};
 	char range[32];
@@ -236,10 +273,10 @@ int nft_host_setup(const char *uplink, const NetnsCidr *sandbox_range, char **re
 	    netns_cidr_format(sandbox_range, range, sizeof(range)));
 	if (b.failed)
 		return -ENOMEM;
-	return nft_run(b.s, ret_error);
+	return netns_nft_run(b.s, ret_error);
 }
 
-int nft_host_remove(void)
+int netns_nft_host_remove(void)
 {
-	return nft_run("add table ip ember\ndelete table ip ember\n", NULL);
+	return netns_nft_run("add table ip ember\ndelete table ip ember\n", NULL);
 }

@@ -105,7 +105,7 @@ int netns_remove_at(const char *path)
 	return 0;
 }
 
-int sysctl_write(const char *path, const char *value)
+int netns_sysctl_write(const char *path, const char *value)
 {
 	_cleanup_close_ int fd = open(path, O_WRONLY | O_CLOEXEC);
 	size_t n = strlen(value);

@@ -51,12 +51,12 @@ static int pass_one(int from, int to, char *buf, size_t size)
 	return 0;
 }
 
-int netns_relay(int fd_a, int fd_b, volatile bool *stop)
+int netns_relay(int fd_a, int fd_b, _Atomic bool *stop)
 {
 	char buf[65536 + 64];
 	struct pollfd p[2] = {{.fd = fd_a, .events = POLLIN}, {.fd = fd_b, .events = POLLIN}};
 
-	while (!stop || !*stop) {
+	while (!stop || !atomic_load(stop)) {
 		int n = poll(p, 2, 200);
 		if (n < 0) {
 			if (errno == EINTR)
@@ -78,7 +78,7 @@ int netns_relay(int fd_a, int fd_b, volatile bool *stop)
 
 static void nlsock_closep(NlSock **s)
 {
-	nlsock_close(*s);
+	netns_nlsock_close(*s);
 }
 
 int netns_iface_setup(const char *ifname, const char *cidr, const char *gateway, char **ret_error)
@@ -86,14 +86,14 @@ int netns_iface_setup(const char *ifname, const char *cidr, const char *gateway,
 	_cleanup_(nlsock_closep) NlSock *nl = NULL;
 	int r;
 
-	r = nlsock_open(&nl);
+	r = netns_nlsock_open(&nl);
 	if (r < 0)
 		return error_set(ret_error, r, "netlink: %s", strerror(-r));
-	if ((r = link_up(nl, "lo", ret_error)) < 0 ||
-	    (r = addr_add(nl, ifname, cidr, ret_error)) < 0 ||
-	    (r = link_up(nl, ifname, ret_error)) < 0)
+	if ((r = netns_link_up(nl, "lo", ret_error)) < 0 ||
+	    (r = netns_addr_add(nl, ifname, cidr, ret_error)) < 0 ||
+	    (r = netns_link_up(nl, ifname, ret_error)) < 0)
 		return r;
 	if (gateway)
-		return route_add(nl, "default", gateway, ifname, ret_error);
+		return netns_route_add(nl, "default", gateway, ifname, ret_error);
 	return 0;
 }

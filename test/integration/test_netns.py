@@ -12,6 +12,7 @@
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -290,3 +291,275 @@ def test_500_cycles_leak_nothing(net):
     assert links == net.initial[0] and routes == net.initial[1]
     sh("nsenter", f"--net={net.host}", TOOL, *net.opts(), "reclaim")
     assert net.snapshot() == net.initial
+
+
+def state_of(net):
+    """The slot state as netns/ would load it: the snapshot, then the journal's newer lines."""
+    with open(net.state) as f:
+        snap = json.load(f)
+    owners = {s["index"]: s["owner"] for s in snap["slots"]}
+    broken = set(snap.get("broken", []))
+    journal = net.state + ".journal"
+    if os.path.exists(journal):
+        with open(journal) as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                c = json.loads(line)
+                if c["gen"] <= snap.get("gen", 0):
+                    continue
+                owners.pop(c["index"], None)
+                broken.discard(c["index"])
+                if "owner" in c:
+                    owners[c["index"]] = c["owner"]
+                elif c.get("broken"):
+                    broken.add(c["index"])
+    return owners, broken
+
+
+def test_found_reference_outlives_release(net):
+    """A slot found on one thread is not freed by a release on another, and a policy change
+    through a stale reference never reaches the next slot with the same number."""
+    d = Driver(net, pool=0)
+    a = d.cmd("acquire ra")
+    d.cmd("hold h ra")
+    d.cmd("release ra")
+    # still readable through the reference (ASan builds catch a use after free here)
+    assert d.cmd("held h") == {"index": a["index"], "owner": "ra", "path": a["path"]}
+    b = d.cmd("acquire rb")
+    assert b["index"] == a["index"] and b["path"] == a["path"]  # the number is reused
+    out = d.try_cmd("policy-held h internet allow=198.51.100.0/24")
+    assert out.startswith("error") and "not in use" in out, out
+    chain = net.ns(b["path"], "nft", "list", "chain", "ip", "ember", "internet").stdout
+    assert "accept" not in chain  # rb's default policy untouched
+    assert "198.51.100.0" not in net.ns(b["path"], "nft", "list", "set", "ip", "ember",
+                                        "allow").stdout
+    out = d.try_cmd("release-held h")  # consumes the reference, releases nothing
+    assert out.startswith("error") and "not in use" in out, out
+    assert d.cmd("stats")["in_use"] == "1"
+    # a reference held while the slot is in use works like the owner's
+    d.cmd("hold h2 rb")
+    d.cmd("policy-held h2 internet")
+    assert "accept" in net.ns(b["path"], "nft", "list", "chain", "ip", "ember",
+                              "internet").stdout
+    d.cmd("release-held h2")
+    assert not os.path.exists(b["path"])
+    assert d.try_cmd("release rb").startswith("error")
+    assert d.cmd("stats")["in_use"] == "0"
+    d.quit()
+
+
+@pytest.mark.parametrize("pool", [0, 2])
+def test_concurrent_acquires_for_one_owner(net, pool):
+    d = Driver(net, pool=pool)
+    for i in range(4):
+        if pool:
+            d.cmd("wait-ready 10000")
+        r = d.cmd(f"race same{i} 12")
+        assert r == {"won": "1", "eexist": "11", "failed": "0"}, r
+    assert d.cmd("stats")["in_use"] == "4"
+    owners, _ = state_of(net)
+    assert sorted(owners.values()) == [f"same{i}" for i in range(4)]
+    links = [l for l in net.snapshot()[0] if l.startswith("em-")]
+    assert len(links) == 4 + pool  # no second slot built behind anyone's back
+    for i in range(4):
+        d.cmd(f"release same{i}")
+    d.quit()
+
+
+def test_fifty_concurrent_creates(net):
+    d = Driver(net, pool=4)
+    d.cmd("wait-ready 10000")
+    r = d.cmd("burst c 50")
+    assert r["ok"] == "50" and r["distinct"] == "50", r
+    st = d.cmd("stats")
+    assert st["in_use"] == "50"
+    owners, _ = state_of(net)
+    assert sorted(owners.values()) == sorted(f"c{i}" for i in range(50))
+    for i in range(50):
+        d.cmd(f"release c{i}")
+    assert state_of(net)[0] == {}
+    d.quit()
+
+
+@pytest.fixture
+def immutable(net):
+    """chattr +i/-i on the slot directory: removing a namespace there then fails."""
+    if not shutil.which("chattr"):
+        pytest.skip("no chattr")
+    touched = []
+
+    def set_(on):
+        sh("chattr", "+i" if on else "-i", net.nsdir)
+        touched.append(on)
+
+    yield set_
+    if touched:
+        sh("chattr", "-i", net.nsdir, check=False)
+
+
+def test_failed_destroy_keeps_number_out_of_use(net, immutable):
+    d = Driver(net, pool=0)
+    a = d.cmd("acquire fa")
+    assert a["index"] == "0"
+    try:
+        immutable(True)
+    except AssertionError:
+        pytest.skip("the file system does not take chattr +i")
+    out = d.try_cmd("release fa")
+    assert out.startswith("error") and "not fully removed" in out, out
+    st = d.cmd("stats")
+    assert st["broken"] == "1" and st["in_use"] == "0"
+    assert state_of(net) == ({}, {0})
+    immutable(False)
+    # not handed out again, although it is the lowest number
+    b = d.cmd("acquire fb")
+    assert b["index"] == "1"
+    # until the background retry has removed what was left
+    wait_for(lambda: d.cmd("stats")["broken"] == "0", 15 * SLOW, "the retry")
+    assert not os.path.exists(a["path"])
+    assert state_of(net) == ({1: "fb"}, set())
+    c = d.cmd("acquire fc")
+    assert c["index"] == "0"
+    d.cmd("release fb")
+    d.cmd("release fc")
+
+    # a broken number survives a restart, and a reclaim clears it
+    a = d.cmd("acquire fa")
+    immutable(True)
+    assert d.try_cmd("release fa").startswith("error")
+    d.quit()
+    with open(net.state) as f:
+        assert json.load(f)["broken"] == [0]
+    immutable(False)
+    sh("nsenter", f"--net={net.host}", TOOL, *net.opts(), "reclaim")
+    assert state_of(net) == ({}, set())
+    assert os.listdir(net.nsdir) == []
+    d = Driver(net, pool=0)
+    assert d.cmd("acquire fd")["index"] == "0"
+    d.cmd("release fd")
+    d.quit()
+
+
+class Monitor:
+    """nft monitor in a slot; marker tables, added and later removed, bracket what is
+    watched."""
+
+    def __init__(self, net, path):
+        self.net, self.path, self.n = net, path, 0
+        self.p = net.start(["nsenter", f"--net={path}", "stdbuf", "-oL", "nft", "monitor"])
+        self.lines, self.buf = [], b""
+        # the monitor subscribes at some point after it starts: mark until it sees one
+        while not self.mark(timeout=0.5):
+            pass
+
+    def readline(self, deadline):
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.p.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.p.stdout.fileno(), 4096)
+            assert chunk, "nft monitor ended"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode().strip()
+
+    def mark(self, timeout=10.0):
+        """Adds a marker table; the number of lines seen up to it, None if not seen."""
+        self.n += 1
+        name = f"marker{self.n}"
+        self.net.ns(self.path, "nft", "add", "table", "ip", name)
+        deadline = time.monotonic() + timeout * SLOW
+        seen = False
+        while (line := self.readline(deadline)) is not None:
+            self.lines.append(line)
+            seen = seen or line == f"add table ip {name}"
+            # the transaction's generation line comes after what it did
+            if seen and line.startswith("# new generation"):
+                return len(self.lines)
+        assert timeout < 10, "nft monitor did not show " + name
+        return None
+
+    def between(self, a, b):
+        """What happened between two marks (the second's own lines left out)."""
+        return self.lines[a:b - 2]
+
+    def close(self):
+        for i in range(1, self.n + 1):
+            self.net.ns(self.path, "nft", "delete", "table", "ip", f"marker{i}")
+        self.p.terminate()
+
+
+def test_pooled_handout_nft_work(net):
+    """A ready slot has the default policy in place: handing it out with that policy is no
+    nftables work at all, and with another policy one transaction."""
+    d = Driver(net, pool=1)
+    d.cmd("wait-ready 10000")
+    path = os.path.join(net.nsdir, "ember-0")
+    m = Monitor(net, path)
+    a = m.mark()
+    s = d.cmd("acquire dflt")
+    assert s["path"] == path
+    b = m.mark()
+    assert [l for l in m.between(a, b) if not l.startswith("# new generation")] == []
+    assert len([l for l in m.between(a, b) if l.startswith("# new generation")]) == 0
+    m.close()
+
+    d.cmd("wait-ready 10000")
+    path = os.path.join(net.nsdir, "ember-1")
+    m = Monitor(net, path)
+    a = m.mark()
+    s = d.cmd("acquire pol internet allow=198.51.100.0/24 deny=203.0.113.7")
+    assert s["path"] == path
+    b = m.mark()
+    gens = [l for l in m.between(a, b) if l.startswith("# new generation")]
+    assert len(gens) == 1, m.between(a, b)
+    m.close()
+    rules = net.ns(path, "nft", "list", "table", "ip", "ember").stdout
+    assert "198.51.100.0/24" in rules and "203.0.113.7" in rules and "accept" in rules
+    d.cmd("release dflt")
+    d.cmd("release pol")
+    d.quit()
+
+
+def test_journal_survives_sigkill(net):
+    d = Driver(net, pool=1)
+    a = d.cmd("acquire keep2")
+    d.cmd("acquire drop2")
+    d.cmd("acquire gone2")
+    d.cmd("release gone2")
+    d.p.send_signal(signal.SIGKILL)  # no snapshot at exit: the journal must do
+    d.p.wait()
+    owners, _ = state_of(net)
+    assert sorted(owners.values()) == ["drop2", "keep2"]
+    with open(net.state) as f:
+        assert json.load(f)["slots"] == []  # all of it in the journal
+    r = sh("nsenter", f"--net={net.host}", TOOL, *net.opts(), "reclaim", "keep2").stdout
+    assert "slots_forgotten=1" in r
+    assert not os.path.exists(net.state + ".journal")
+    assert state_of(net) == ({int(a["index"]): "keep2"}, set())
+    d = Driver(net, pool=1)
+    assert "already has slot" in d.try_cmd("acquire keep2")
+    d.cmd("release keep2")
+    d.quit()
+
+
+def test_state_file_from_another_boot_lists_nothing(net):
+    with open(net.state, "w") as f:
+        json.dump({"boot_id": "00000000-0000-0000-0000-000000000000", "gen": 3,
+                   "slots": [{"index": 0, "owner": "old"}], "broken": [1]}, f)
+    with open(net.state + ".journal", "w") as f:
+        f.write('{"gen": 4, "index": 2, "owner": "older"}\n')
+    d = Driver(net, pool=0)
+    st = d.cmd("stats")
+    assert st["in_use"] == "0" and st["broken"] == "0"
+    assert d.cmd("acquire new0")["index"] == "0"
+    d.cmd("release new0")
+    d.quit()
+    # and garbage from this boot is refused, not guessed at
+    with open(net.state, "w") as f:
+        f.write('{"slots": [{"index": 0}]}')
+    r = sh("nsenter", f"--net={net.host}", TOOL, *net.opts(pool=0), "cycles", "1",
+           check=False)
+    assert r.returncode != 0 and "not a slot state file" in r.stderr, r.stderr
+    os.unlink(net.state)

@@ -21,8 +21,9 @@
 #include "common/macro.h"
 #include "netns/netns.h"
 
-static volatile bool stop;
-static volatile int echo_state; /* 0 starting, 1 listening, -1 failed */
+/* Set by the signal handler (lock-free atomics are async-signal-safe) and the echo thread. */
+static _Atomic bool stop;
+static _Atomic int echo_state; /* 0 starting, 1 listening, -1 failed */
 static const char *guest_path;
 
 static void on_signal(int sig)
