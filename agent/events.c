@@ -143,9 +143,14 @@ uint64_t events_record(Events *e, const Ember__V1__Sandbox *sandbox, const char 
 	struct timespec now;
 	uint64_t rev;
 
-	clock_gettime(CLOCK_REALTIME, &now);
-	ts.seconds = now.tv_sec;
-	ts.nanos = (int32_t)now.tv_nsec;
+	/* A changed sandbox carries the time of its change: the event has the same. */
+	if (sandbox && sandbox->update_time) {
+		ts = *sandbox->update_time;
+	} else {
+		clock_gettime(CLOCK_REALTIME, &now);
+		ts.seconds = now.tv_sec;
+		ts.nanos = (int32_t)now.tv_nsec;
+	}
 
 	pthread_mutex_lock(&e->lock);
 	rev = next_revision(e);

@@ -247,10 +247,12 @@ static int main_loop(RpcServer *server, const sigset_t *mask)
 
 /* Drain: stop accepting, give calls in flight the grace period, cancel the rest. A second
  * SIGTERM/SIGINT cuts the grace period short. */
-static void drain(RpcServer *server, unsigned grace_s, const sigset_t *mask)
+static int drain(RpcServer *server, unsigned grace_s, const sigset_t *mask)
 {
+	int r;
+
 	sd_notify(false, "STOPPING=1\nSTATUS=Draining: waiting for calls in flight");
-	switch (rpc_server_shutdown(server, (int64_t)grace_s * 1000, mask)) {
+	switch ((r = rpc_server_shutdown(server, (int64_t)grace_s * 1000, mask))) {
 	case 0:
 		log_info("all calls finished");
 		break;
@@ -265,6 +267,7 @@ static void drain(RpcServer *server, unsigned grace_s, const sigset_t *mask)
 		log_warning("some handlers did not return within 5 s of cancellation");
 		break;
 	}
+	return r;
 }
 
 static int run(const Config *c)
@@ -397,9 +400,14 @@ static int run(const Config *c)
 	sigemptyset(&interrupt);
 	sigaddset(&interrupt, SIGTERM);
 	sigaddset(&interrupt, SIGINT);
-	drain(server, c->shutdown_grace_s, &interrupt);
+	r = drain(server, c->shutdown_grace_s, &interrupt);
 	rpc_server_free(TAKE_PTR(server));
-	/* No handler runs any more. Operations in flight finish; sandboxes keep running. */
+	if (r == -EBUSY) {
+		/* A handler still runs and may use the manager: leave it to the exit. */
+		log_warning("not freeing the sandbox manager: a call handler is still running");
+		(void)TAKE_PTR(manager);
+	}
+	/* Operations in flight finish; sandboxes keep running. */
 	manager_free(TAKE_PTR(manager));
 	(void)unlink(c->socket);
 	log_struct(LOG_INFO, 0,

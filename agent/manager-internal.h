@@ -205,6 +205,7 @@ struct Manager {
 	size_t n_buckets;
 	size_t n_sandboxes;
 	unsigned n_slot_users; /* sandboxes holding a network slot or about to take one */
+	uint64_t creating_mib; /* memory of creates in flight: admission counts it */
 	Template **templates;
 	size_t n_templates;
 
@@ -246,8 +247,10 @@ void sandbox_op_reap(Manager *m, Sandbox *sb);
 /* Releases every runtime resource (VMM, disk device, slot, run dir) the sandbox holds; keeps
  * its files. Used by destroy, by a failed create's unwind and when a VMM died. */
 int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error);
-/* Writes the record of `sb` (state as given). */
-int sandbox_record_write(Manager *m, Sandbox *sb);
+/* Writes the record of `sb`, with `state` and `reason` when state is not UNSPECIFIED (a
+ * change about to be published: the record goes first), else as it is now. */
+int sandbox_record_write(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
+			 const char *reason);
 
 /* template.c */
 Template *manager_template_find_locked(Manager *m, const char *id);

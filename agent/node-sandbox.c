@@ -406,6 +406,14 @@ static int wait_sandbox_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*do
 	while (!done(sb)) {
 		pthread_mutex_unlock(&m->lock);
 		r = rpc_call_wait(call, -1);
+		if (r == -ESHUTDOWN) {
+			/* Draining: the operation may still finish within the grace period, and
+			 * its caller should see it. Wakes no longer come through rpc_call_wait, so
+			 * look every 50 ms until done or cancelled. */
+			struct timespec ts = {.tv_nsec = 50 * 1000 * 1000};
+			(void)nanosleep(&ts, NULL);
+			r = rpc_call_is_cancelled(call) ? -ECANCELED : 0;
+		}
 		pthread_mutex_lock(&m->lock);
 		if (r < 0)
 			break;
@@ -442,16 +450,6 @@ static RpcCode send_sandbox(RpcCall *call, Manager *m, Sandbox *sb)
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
 	sample_usage(p, sb->cow_path);
 	return rpc_call_send(call, &p->base) < 0 ? RPC_CANCELLED : RPC_OK;
-}
-
-static RpcCode wait_error(RpcCall *call, int r, const char *what, const char *id)
-{
-	if (r == -ESHUTDOWN)
-		return rpc_call_error(call, RPC_UNAVAILABLE,
-				      "emberd is shutting down; the %s of %s goes on: retry to see "
-				      "its outcome",
-				      what, id);
-	return RPC_CANCELLED;
 }
 
 /* ---- handlers ---- */
@@ -527,11 +525,14 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	} else if (m->n_slot_users >= ps.max_slots) {
 		snprintf(why, sizeof(why), "all %u network slots are in use", ps.max_slots);
 		full = why;
-	} else if (avail < (uint64_t)c->memory_reserve_mib + spec.memory_mib) {
+	} else if (avail < (uint64_t)c->memory_reserve_mib + m->creating_mib + spec.memory_mib) {
+		/* Creates in flight have not touched their memory yet: count them. */
 		snprintf(why, sizeof(why),
-			 "not enough memory: %llu MiB available, %u MiB asked plus %u MiB kept in "
-			 "reserve ([sandboxes] memory_reserve_mib)",
-			 (unsigned long long)avail, spec.memory_mib, c->memory_reserve_mib);
+			 "not enough memory: %llu MiB available, %llu MiB promised to creates in "
+			 "flight, %u MiB asked and %u MiB kept in reserve ([sandboxes] "
+			 "memory_reserve_mib)",
+			 (unsigned long long)avail, (unsigned long long)m->creating_mib,
+			 spec.memory_mib, c->memory_reserve_mib);
 		full = why;
 	}
 	if (full) {
@@ -561,6 +562,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	manager_insert_locked(m, sb);
 	sb->slot_user = true;
 	m->n_slot_users++;
+	m->creating_mib += spec.memory_mib;
 	sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_CREATING, NULL);
 	manager_submit_locked(m, sb, SB_OP_CREATE);
 
@@ -579,7 +581,7 @@ join:
 	}
 	pthread_mutex_unlock(&m->lock);
 	if (r < 0) {
-		code = wait_error(call, r, "create", sb->id);
+		code = RPC_CANCELLED; /* the create goes on; a retry sees its outcome */
 	} else if (outcome != RPC_OK) {
 		code = rpc_call_error(call, outcome, "%s", message ?: "create failed");
 	} else {
@@ -726,7 +728,7 @@ RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Man
 	pthread_mutex_unlock(&m->lock);
 	sandbox_unref(m, sb);
 	if (r < 0)
-		return wait_error(call, r, "destroy", req->sandbox_id);
+		return RPC_CANCELLED; /* the destroy goes on; a retry sees its outcome */
 	if (failure)
 		return rpc_call_error(call, RPC_INTERNAL, "sandbox %s: %s; retry DestroySandbox",
 				      req->sandbox_id, failure);

@@ -10,6 +10,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -149,6 +150,9 @@ static unsigned reclaim_processes(Manager *m, char **keep, size_t n_keep)
 		n = readlink(path, cwd, sizeof(cwd) - 1);
 		if (n > 0 && (size_t)n > len && strncmp(cwd, m->run_sandboxes_dir, len) == 0 &&
 		    syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0) == 0) {
+			/* Gone before reclaim goes on: it may hold a disk or a namespace. */
+			struct pollfd p = {.fd = pidfd, .events = POLLIN};
+			(void)poll(&p, 1, 5000);
 			log_info("killed process %d left in %.*s by an earlier run", (int)pid,
 				 (int)n, cwd);
 			killed++;
@@ -158,12 +162,37 @@ static unsigned reclaim_processes(Manager *m, char **keep, size_t n_keep)
 	return killed;
 }
 
+static void drop_loaded(Manager *m, Sandbox **loaded, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		loaded[i]->refs = 1;
+		sandbox_unref_locked(m, loaded[i]);
+	}
+}
+
+static int str_list_push(StrList *l, const char *s)
+{
+	char **n = realloc(l->items, (l->n + 2) * sizeof(char *));
+
+	if (!n)
+		return -ENOMEM;
+	l->items = n;
+	if (!(l->items[l->n] = strdup(s)))
+		return -ENOMEM;
+	l->n++;
+	return 0;
+}
+
+/* The order matters: processes first (a stray VMM holds its disk and namespace), then the
+ * network, the disks, and only then the files of what was undone (a CoW file is how storage
+ * reclaim knows a device is ours). */
 int manager_recover(Manager *m, char **ret_error)
 {
 	_cleanup_free_ Sandbox **loaded = NULL;
 	_cleanup_free_ char **keep = NULL;
+	_cleanup_(str_list_done) StrList undone_dirs = {};
 	size_t n_loaded = 0, n_keep = 0, cap = 0;
-	unsigned adopted = 0, failed = 0, undone = 0;
+	unsigned adopted = 0, failed = 0;
 	_cleanup_(agent_closedirp) DIR *d = opendir(m->sandboxes_dir);
 	struct dirent *de;
 	int r;
@@ -178,8 +207,10 @@ int manager_recover(Manager *m, char **ret_error)
 		if (de->d_name[0] == '.')
 			continue;
 		if (asprintf(&dir, "%s/%s", m->sandboxes_dir, de->d_name) < 0 ||
-		    asprintf(&rec, "%s/sandbox.json", dir) < 0)
+		    asprintf(&rec, "%s/sandbox.json", dir) < 0) {
+			drop_loaded(m, loaded, n_loaded);
 			return -ENOMEM;
+		}
 		if (!id_is_valid(de->d_name)) {
 			record_quarantine(m->config, dir, "not a sandbox id");
 			continue;
@@ -187,7 +218,10 @@ int manager_recover(Manager *m, char **ret_error)
 		r = record_read(rec, &o, &err);
 		if (r == -ENOENT) {
 			/* A create that crashed before its first record: nothing to keep. */
-			(void)rm_rf(dir);
+			if (str_list_push(&undone_dirs, dir) < 0) {
+				drop_loaded(m, loaded, n_loaded);
+				return -ENOMEM;
+			}
 			continue;
 		}
 		if (r >= 0) {
@@ -228,20 +262,38 @@ int manager_recover(Manager *m, char **ret_error)
 		}
 		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED:
 			break;
-		default:
-			/* CREATING: the create died with the agent, so it is undone, as a failed
-			 * create is. DESTROYING: the destroy is finished. Either way the sandbox
-			 * goes; reclaim below removes its devices, slot and processes. */
+		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_CREATING:
+		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYING:
+		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYED:
+			/* A create died with the agent: undone, as a failed create is. A destroy:
+			 * finished. Either way the sandbox goes; reclaim below removes its
+			 * devices, slot and processes, then its files. */
 			stop_stray_vmm(pid, binary, sb->id, sb->run_dir);
 			log_info("sandbox %s was %s when emberd stopped: removing it", sb->id,
 				 json_get_string(o, "state"));
-			(void)rm_rf(dir);
-			(void)rm_rf(sb->run_dir);
+			r = str_list_push(&undone_dirs, dir);
 			sb->refs = 1;
 			sandbox_unref_locked(m, sb);
 			sb = NULL;
-			undone++;
+			if (r < 0) {
+				json_object_put(o);
+				drop_loaded(m, loaded, n_loaded);
+				return -ENOMEM;
+			}
 			break;
+		default: {
+			/* A state this emberd does not handle (a newer one wrote it): keep its
+			 * files for whoever understands them. */
+			_cleanup_free_ char *why = NULL;
+			if (asprintf(&why, "state %s is not handled by this emberd",
+				     json_get_string(o, "state") ?: "?") < 0)
+				why = NULL;
+			sb->refs = 1;
+			sandbox_unref_locked(m, sb);
+			sb = NULL;
+			record_quarantine(m->config, dir, why ?: "unhandled state");
+			break;
+		}
 		}
 		json_object_put(o);
 		if (!sb)
@@ -249,20 +301,26 @@ int manager_recover(Manager *m, char **ret_error)
 		if (n_loaded == cap) {
 			cap = cap ? cap * 2 : 64;
 			Sandbox **nl = realloc(loaded, cap * sizeof(Sandbox *));
-			char **nk = realloc(keep, (cap + 1) * sizeof(*nk));
 			if (nl)
 				loaded = nl;
+			char **nk = realloc(keep, (cap + 1) * sizeof(char *));
 			if (nk)
 				keep = nk;
-			if (!nl || !nk)
+			if (!nl || !nk) {
+				sb->refs = 1;
+				sandbox_unref_locked(m, sb);
+				drop_loaded(m, loaded, n_loaded);
 				return -ENOMEM;
+			}
 		}
 		loaded[n_loaded++] = sb;
 		if (sb->vm)
 			keep[n_keep++] = sb->id;
 	}
 
-	/* Network: slots of adopted sandboxes stay, every other ember namespace goes. */
+	/* Processes working in our run directories for no kept sandbox, then the network:
+	 * slots of adopted sandboxes stay, every other ember namespace goes. */
+	unsigned killed = reclaim_processes(m, keep, n_keep);
 	NetnsReclaimResult nres = {};
 	_cleanup_free_ char *nerr = NULL;
 	r = netns_reclaim(&m->netcfg, (const char *const *)keep, n_keep, &nres, &nerr);
@@ -270,10 +328,7 @@ int manager_recover(Manager *m, char **ret_error)
 		log_warning("network reclaim: %s", nerr ?: strerror(-r));
 	r = netns_pool_new(&m->netcfg, &m->pool, ret_error);
 	if (r < 0) {
-		for (size_t i = 0; i < n_loaded; i++) {
-			loaded[i]->refs = 1;
-			sandbox_unref_locked(m, loaded[i]);
-		}
+		drop_loaded(m, loaded, n_loaded);
 		return r;
 	}
 
@@ -309,7 +364,8 @@ int manager_recover(Manager *m, char **ret_error)
 		adopted++;
 	}
 
-	/* Disks, processes and run directories that no kept sandbox claims. */
+	/* Disks and run directories that no kept sandbox claims, then the files of what was
+	 * undone. */
 	n_keep = 0;
 	for (size_t i = 0; i < n_loaded; i++)
 		if (loaded[i]->vm)
@@ -320,7 +376,9 @@ int manager_recover(Manager *m, char **ret_error)
 			    &sres, &serr);
 	if (r < 0)
 		log_warning("storage reclaim: %s", serr ?: strerror(-r));
-	unsigned killed = reclaim_processes(m, keep, n_keep);
+	for (size_t i = 0; i < undone_dirs.n; i++)
+		if ((r = rm_rf(undone_dirs.items[i])) < 0)
+			log_warning_errno(r, "cannot remove %s", undone_dirs.items[i]);
 	_cleanup_(agent_closedirp) DIR *rd = opendir(m->run_sandboxes_dir);
 	unsigned dirs = 0;
 	while (rd && (de = readdir(rd))) {
@@ -347,16 +405,16 @@ int manager_recover(Manager *m, char **ret_error)
 	pthread_mutex_unlock(&m->lock);
 	for (size_t i = 0; i < n_loaded; i++) {
 		Sandbox *sb = loaded[i];
-		(void)sandbox_record_write(m, sb);
+		(void)sandbox_record_write(m, sb, 0, NULL);
 		if (sb->vm && (r = manager_watch_vmm(m, sb)) < 0)
 			log_error_errno(r, "sandbox %s: cannot watch its VMM", sb->id);
 	}
 
-	log_struct(LOG_INFO, 0,
-		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_RECOVERED}, {"OP", "recover"}),
-		   "recovered %zu sandboxes: %u adopted running, %u failed, %u unfinished removed; "
-		   "reclaimed %u namespaces, %u dm devices, %u loops, %u processes, %u run dirs",
-		   n_loaded, adopted, failed, undone, nres.namespaces_removed, sres.dm_removed,
-		   sres.loops_detached, killed, dirs);
+	log_struct(
+		LOG_INFO, 0, LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_RECOVERED}, {"OP", "recover"}),
+		"recovered %zu sandboxes: %u adopted running, %u failed, %zu unfinished removed; "
+		"reclaimed %u namespaces, %u dm devices, %u loops, %u processes, %u run dirs",
+		n_loaded, adopted, failed, undone_dirs.n, nres.namespaces_removed, sres.dm_removed,
+		sres.loops_detached, killed, dirs);
 	return 0;
 }

@@ -71,7 +71,7 @@ static const char *state_name(Ember__V1__SandboxState s)
 	return v ? v->name + strlen("SANDBOX_STATE_") : "?";
 }
 
-int sandbox_record_write(Manager *m, Sandbox *sb)
+int sandbox_record_write(Manager *m, Sandbox *sb, Ember__V1__SandboxState state, const char *reason)
 {
 	_cleanup_free_ char *path = NULL;
 	json_object *o;
@@ -86,8 +86,11 @@ int sandbox_record_write(Manager *m, Sandbox *sb)
 	json_object_object_add(o, "id", json_object_new_string(sb->id));
 	json_object_object_add(o, "spec", sb_spec_to_json(&sb->spec));
 	json_object_object_add(o, "template_id", json_object_new_string(sb->template_id));
-	json_object_object_add(o, "state", json_object_new_string(state_name(sb->state)));
-	json_object_object_add(o, "state_reason", json_object_new_string(sb->state_reason ?: ""));
+	/* A state given is the one about to be published: the record goes first. */
+	json_object_object_add(o, "state", json_object_new_string(state_name(state ?: sb->state)));
+	json_object_object_add(
+		o, "state_reason",
+		json_object_new_string(state ? reason ?: "" : sb->state_reason ?: ""));
 	json_object_object_add(o, "revision", json_object_new_uint64(sb->revision));
 	json_object_object_add(o, "create_time", timespec_to_json(&sb->create_time));
 	json_object_object_add(o, "update_time", timespec_to_json(&sb->update_time));
@@ -122,9 +125,12 @@ int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error)
 		FcExit ex;
 		manager_unwatch_vmm(m, sb);
 		k = fcctl_vm_stop(sb->vm, VMM_STOP_TIMEOUT_MS, &ex);
-		if (k < 0 && r >= 0)
-			r = error_set(ret_error, k, "cannot stop the VMM (pid %d): %m",
-				      (int)sb->vmm_pid);
+		if (k < 0) {
+			/* Keep it: a later destroy tries again, and the pid stays known. Nothing
+			 * below may go while the VMM may still use it. */
+			return error_set(ret_error, k, "cannot stop the VMM (pid %d): %m",
+					 (int)sb->vmm_pid);
+		}
 		fcctl_vm_free(sb->vm);
 		sb->vm = NULL;
 	}
@@ -242,7 +248,7 @@ static int step_spawn(Manager *m, Sandbox *sb, char **ret_error)
 	sb->vmm_pid = fcctl_vm_pid(sb->vm);
 	/* The pid goes on record before the VMM is given anything to do: a restart finds and
 	 * ends (or adopts) it whatever happens next. */
-	return sandbox_record_write(m, sb);
+	return sandbox_record_write(m, sb, 0, NULL);
 }
 
 static int step_configure(Manager *m, Sandbox *sb, char **ret_error)
@@ -314,8 +320,9 @@ static int step_wait_guest(Manager *m, Sandbox *sb, char **ret_error)
 
 /* The outcome goes in place before the sandbox may leave the registry: a waiter woken by the
  * removal must find it. */
-static void create_finish_locked(Sandbox *sb, RpcCode code, const char *message)
+static void create_finish_locked(Manager *m, Sandbox *sb, RpcCode code, const char *message)
 {
+	m->creating_mib -= sb->spec.memory_mib;
 	sb->op = SB_OP_NONE;
 	sb->create_done = true;
 	sb->create_code = code;
@@ -348,7 +355,7 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 	int r = mkdir_p(sb->data_dir, 0700);
 
 	if (r >= 0)
-		r = sandbox_record_write(m, sb);
+		r = sandbox_record_write(m, sb, 0, NULL);
 	if (r < 0)
 		failed = "record";
 	for (size_t i = 0; r >= 0 && i < ELEMENTSOF(steps); i++) {
@@ -386,18 +393,41 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 			failed = steps[i].name;
 	}
 
+	/* RUNNING goes on record before anyone is told: a crash in between must not undo a
+	 * sandbox that watchers saw RUNNING. */
 	if (r >= 0) {
+		r = sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING,
+					 NULL);
+		if (r < 0)
+			failed = "record";
+	}
+	if (r >= 0) {
+		int w = manager_watch_vmm(m, sb);
+		if (w < 0)
+			log_error_errno(w, "sandbox %s: cannot watch its VMM", sb->id);
+		struct pollfd p = {.fd = fcctl_vm_pidfd(sb->vm), .events = POLLIN};
 		pthread_mutex_lock(&m->lock);
 		bool abort = sb->abort;
-		if (!abort)
+		if (!abort) {
 			sandbox_set_state_locked(
 				m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING, NULL);
+			create_finish_locked(m, sb, RPC_OK, NULL);
+			/* An exit the loop saw while we still owned the VMM was left to us. */
+			if (poll(&p, 1, 0) > 0)
+				manager_submit_locked(m, sb, SB_OP_REAP);
+		} else {
+			/* Destroyed after its last step: the create still fails with ABORTED
+			 * (node.proto), and the destroy takes what it made. */
+			_cleanup_free_ char *msg = NULL;
+			if (asprintf(&msg, "sandbox %s was destroyed while it was being created",
+				     sb->id) < 0)
+				msg = NULL;
+			create_finish_locked(m, sb, RPC_ABORTED, msg);
+			sb->destroy_next = false;
+			manager_submit_locked(m, sb, SB_OP_DESTROY);
+		}
 		pthread_mutex_unlock(&m->lock);
 		if (!abort) {
-			(void)sandbox_record_write(m, sb);
-			r = manager_watch_vmm(m, sb);
-			if (r < 0)
-				log_error_errno(r, "sandbox %s: cannot watch its VMM", sb->id);
 			char dur[32];
 			snprintf(dur, sizeof(dur), "%llu", (unsigned long long)(now_us() - t0));
 			log_struct(LOG_INFO, 0,
@@ -405,25 +435,10 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 					      {"SANDBOX_ID", sb->id},
 					      {"TEMPLATE_ID", sb->template_id}, {"OP", "create"},
 					      {"DURATION_US", dur}),
-				   "sandbox %s created from template %s in %llu ms (ip %s)", sb->id,
-				   sb->template_id, (unsigned long long)(now_us() - t0) / 1000,
-				   sb->sandbox_ip ?: "-");
-			struct pollfd p = {.fd = fcctl_vm_pidfd(sb->vm), .events = POLLIN};
-			pthread_mutex_lock(&m->lock);
-			create_finish_locked(sb, RPC_OK, NULL);
-			/* A destroy that came after RUNNING was set waits for this create; an exit
-			 * the loop saw while we still owned the VMM was left to us. */
-			if (sb->destroy_next) {
-				sb->destroy_next = false;
-				manager_submit_locked(m, sb, SB_OP_DESTROY);
-			} else if (poll(&p, 1, 0) > 0) {
-				manager_submit_locked(m, sb, SB_OP_REAP);
-			}
-			pthread_mutex_unlock(&m->lock);
-			return;
+				   "sandbox %s created from template %s in %llu ms", sb->id,
+				   sb->template_id, (unsigned long long)(now_us() - t0) / 1000);
 		}
-		r = error_set(&err, -ECANCELED, "destroyed while creating");
-		failed = "guest-agent";
+		return;
 	}
 
 	/* Unwind: everything the steps made, in reverse, then the record. */
@@ -431,9 +446,6 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 	int u = sandbox_release_runtime(m, sb, &uerr);
 	if (u >= 0)
 		u = sandbox_remove_files(sb, &uerr);
-	if (u < 0)
-		log_error("sandbox %s: unwinding the failed create left something behind: %s",
-			  sb->id, uerr ?: strerror(-u));
 
 	_cleanup_free_ char *msg = NULL;
 	RpcCode code = r == -ECANCELED                                 ? RPC_ABORTED
@@ -451,8 +463,30 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 			      {"OP", "create"}, {"STEP", failed ?: "?"}),
 		   "%s", msg ?: "create failed");
 
+	if (u < 0) {
+		/* Something could not be undone: the sandbox stays, FAILED, so that nothing is
+		 * forgotten and DestroySandbox can try again. */
+		_cleanup_free_ char *reason = NULL;
+		if (asprintf(&reason, "%s; undoing it failed: %s", msg ?: "create failed",
+			     uerr ?: strerror(-u)) < 0)
+			reason = NULL;
+		log_error("sandbox %s: %s", sb->id, reason ?: "undoing a failed create failed");
+		(void)mkdir_p(sb->data_dir, 0700);
+		(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
+					   reason);
+		pthread_mutex_lock(&m->lock);
+		create_finish_locked(m, sb, code, msg);
+		sb->destroy_failed = sb->abort; /* a waiting destroy learns it must retry */
+		sb->abort = false;
+		sb->destroy_next = false;
+		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
+					 reason ?: "undoing a failed create failed");
+		pthread_mutex_unlock(&m->lock);
+		return;
+	}
+
 	pthread_mutex_lock(&m->lock);
-	create_finish_locked(sb, code, msg);
+	create_finish_locked(m, sb, code, msg);
 	if (sb->abort)
 		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYED,
 					 NULL);
@@ -470,7 +504,7 @@ void sandbox_op_destroy(Manager *m, Sandbox *sb)
 	uint64_t t0 = now_us();
 	int r;
 
-	(void)sandbox_record_write(m, sb);
+	(void)sandbox_record_write(m, sb, 0, NULL);
 	r = sandbox_release_runtime(m, sb, &err);
 	if (r >= 0) {
 		/* After a restart the disk of a FAILED sandbox may still be up without our
@@ -482,20 +516,24 @@ void sandbox_op_destroy(Manager *m, Sandbox *sb)
 		r = sandbox_remove_files(sb, &err);
 	log_step(sb, "destroy", "release", now_us() - t0, r, err);
 
-	pthread_mutex_lock(&m->lock);
-	sb->op = SB_OP_NONE;
 	if (r < 0) {
 		_cleanup_free_ char *reason = NULL;
 		if (asprintf(&reason, "destroy failed: %s", err ?: strerror(-r)) < 0)
 			reason = NULL;
+		(void)mkdir_p(sb->data_dir, 0700);
+		(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
+					   reason ?: "destroy failed");
+		pthread_mutex_lock(&m->lock);
+		sb->op = SB_OP_NONE;
 		sb->destroy_failed = true;
 		sb->abort = false;
 		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
 					 reason ?: "destroy failed");
 		pthread_mutex_unlock(&m->lock);
-		(void)sandbox_record_write(m, sb);
 		return;
 	}
+	pthread_mutex_lock(&m->lock);
+	sb->op = SB_OP_NONE;
 	sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYED, NULL);
 	events_record(m->events, NULL, sb->id);
 	manager_remove_locked(m, sb);
@@ -532,18 +570,18 @@ void sandbox_op_reap(Manager *m, Sandbox *sb)
 	/* FAILED keeps the disk for inspection (its file), not the devices or the slot. */
 	if (sandbox_release_runtime(m, sb, &err) < 0)
 		log_warning("sandbox %s: cleaning up after its VMM: %s", sb->id, err ?: "failed");
+	(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
+				   reason ?: "the VMM exited");
 
 	pthread_mutex_lock(&m->lock);
-	sb->op = SB_OP_NONE;
 	if (sb->destroy_next) {
 		/* A destroy came meanwhile: it goes on from here (the sandbox is DESTROYING). */
 		sb->destroy_next = false;
 		manager_submit_locked(m, sb, SB_OP_DESTROY);
-		pthread_mutex_unlock(&m->lock);
-		return;
+	} else {
+		sb->op = SB_OP_NONE;
+		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
+					 reason ?: "the VMM exited");
 	}
-	sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
-				 reason ?: "the VMM exited");
 	pthread_mutex_unlock(&m->lock);
-	(void)sandbox_record_write(m, sb);
 }

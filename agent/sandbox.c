@@ -168,9 +168,18 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 	/* Without memory for a job the operation cannot run: the waiters learn it from the
 	 * state, which stays as it is, and the sandbox is marked FAILED with the reason. */
 	if (!j) {
+		/* Whoever waits for this operation learns that it did not run. */
+		if (op == SB_OP_CREATE) {
+			sb->create_done = true;
+			sb->create_code = RPC_RESOURCE_EXHAUSTED;
+			m->creating_mib -= sb->spec.memory_mib;
+		} else {
+			sb->destroy_failed = true;
+			sb->abort = false;
+		}
+		sb->op = SB_OP_NONE;
 		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
 					 "out of memory starting an operation");
-		sb->op = SB_OP_NONE;
 		return;
 	}
 	sandbox_ref_locked(sb);
@@ -517,8 +526,8 @@ void manager_free(Manager *m)
 	for (size_t i = 0; i < m->n_buckets; i++)
 		for (Sandbox *sb = m->buckets[i], *next; sb; sb = next) {
 			next = sb->hnext;
-			if (sb->slot)
-				sb->slot = NULL; /* the pool forgets it below; the slot stays */
+			/* Our reference goes; the slot itself stays in use (netns.h). */
+			sb->slot = netns_slot_unref(sb->slot);
 			sandbox_free(sb);
 		}
 	free(m->buckets);

@@ -265,11 +265,13 @@ static Ember__V1__TemplateFile *file_to_pb(Arena *a, const TemplateFileInfo *f)
 	if (!p)
 		return NULL;
 	ember__v1__template_file__init(p);
-	p->path = f->path;
+	/* Copies: the message is sent after the lock is released, when a DeleteTemplate may
+	 * have freed the template. */
+	p->path = arena_strdup(a, f->path);
 	p->size_bytes = f->size_bytes;
-	p->sha256 = (char *)f->sha256;
-	p->source = f->source;
-	return p;
+	p->sha256 = arena_strdup(a, f->sha256);
+	p->source = arena_strdup(a, f->source);
+	return p->path && p->sha256 && p->source ? p : NULL;
 }
 
 static Ember__V1__Template *template_to_pb(Arena *a, Template *t)
@@ -279,19 +281,22 @@ static Ember__V1__Template *template_to_pb(Arena *a, Template *t)
 	if (!p)
 		return NULL;
 	ember__v1__template__init(p);
-	p->id = t->id;
+	p->id = arena_strdup(a, t->id);
 	p->state = t->state;
-	p->state_reason = t->state_reason ?: (char *)"";
+	p->state_reason = arena_strdup(a, t->state_reason);
 	p->kernel = file_to_pb(a, &t->kernel);
 	p->rootfs = file_to_pb(a, &t->rootfs);
 	p->initrd = file_to_pb(a, &t->initrd);
-	p->boot_args = t->boot_args;
+	p->boot_args = arena_strdup(a, t->boot_args);
 	p->rootfs_disk_used_bytes = t->rootfs_disk_used;
 	kv_to_pb(a, &t->labels, &ember__v1__template__labels_entry__descriptor, &p->labels,
 		 &p->n_labels);
 	p->create_time = timestamp_to_pb(a, &t->create_time);
 	p->sandbox_count = t->sandbox_count;
 	p->snapshot_count = t->snapshot_count;
+	if (!p->id || !p->state_reason || !p->boot_args || !p->kernel || !p->rootfs ||
+	    (t->initrd.path && !p->initrd))
+		return NULL;
 	return p;
 }
 
@@ -406,6 +411,31 @@ int manager_template_register(Manager *m, const char *id, const char *kernel, co
 		return r;
 	}
 
+	if (storage_usage_file(t->rootfs.path, &t->rootfs_disk_used) < 0)
+		t->rootfs_disk_used = 0;
+	/* The record names the final paths: it becomes valid by the rename below. Written (and
+	 * synced) before the lock is taken: only the check and the rename happen under it. */
+	TemplateFileInfo *files[] = {&t->kernel, &t->rootfs, &t->initrd};
+	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
+		if (!files[i]->path)
+			continue;
+		char *p;
+		const char *base = strrchr(files[i]->path, '/') + 1;
+		if (asprintf(&p, "%s/%s", final, base) < 0) {
+			(void)rm_rf(tmp);
+			return -ENOMEM;
+		}
+		free(files[i]->path);
+		files[i]->path = p;
+	}
+	o = template_to_json(t);
+	r = o ? record_write(rec, o) : -ENOMEM;
+	json_object_put(o);
+	if (r < 0) {
+		(void)rm_rf(tmp);
+		return error_set(ret_error, r, "cannot write the record of template %s: %m", id);
+	}
+
 	pthread_mutex_lock(&m->lock);
 	old = manager_template_find_locked(m, id);
 	if (old) {
@@ -420,33 +450,15 @@ int manager_template_register(Manager *m, const char *id, const char *kernel, co
 				 "template %s exists with different content, boot_args or labels",
 				 id);
 	}
-	/* The record names the final paths: it becomes valid by the rename below. */
-	TemplateFileInfo *files[] = {&t->kernel, &t->rootfs, &t->initrd};
-	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
-		if (!files[i]->path)
-			continue;
-		char *p;
-		const char *base = strrchr(files[i]->path, '/') + 1;
-		if (asprintf(&p, "%s/%s", final, base) < 0) {
-			pthread_mutex_unlock(&m->lock);
-			(void)rm_rf(tmp);
-			return -ENOMEM;
-		}
-		free(files[i]->path);
-		files[i]->path = p;
-	}
-	o = template_to_json(t);
-	r = o ? record_write(rec, o) : -ENOMEM;
-	json_object_put(o);
-	if (r >= 0 && rename(tmp, final) < 0)
+	if (rename(tmp, final) < 0) {
 		r = -errno;
-	if (r >= 0) {
-		template_usage_refresh(t);
-		r = template_insert_locked(m, t);
-	}
-	if (r < 0) {
 		pthread_mutex_unlock(&m->lock);
 		(void)rm_rf(tmp);
+		return error_set(ret_error, r, "cannot install template %s as %s: %m", id, final);
+	}
+	r = template_insert_locked(m, t);
+	if (r < 0) {
+		pthread_mutex_unlock(&m->lock);
 		(void)rm_rf(final);
 		return error_set(ret_error, r, "cannot install template %s: %m", id);
 	}
@@ -506,11 +518,18 @@ RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, M
 	if (r < 0 || !t)
 		return rpc_call_error(call, RPC_INTERNAL, "%s", err ?: strerror(r < 0 ? -r : EIO));
 
+	/* Again under the lock: a DeleteTemplate may have come in between. */
 	pthread_mutex_lock(&m->lock);
-	Ember__V1__Template *p = template_to_pb(a, t);
-	r = p ? rpc_call_send(call, &p->base) : -ENOMEM;
+	t = manager_template_find_locked(m, req->template_id);
+	Ember__V1__Template *p = t ? template_to_pb(a, t) : NULL;
 	pthread_mutex_unlock(&m->lock);
-	return r < 0 ? RPC_CANCELLED : RPC_OK;
+	if (!t)
+		return rpc_call_error(call, RPC_NOT_FOUND,
+				      "template %s was deleted while it was being registered",
+				      req->template_id);
+	if (!p)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+	return rpc_call_send(call, &p->base) < 0 ? RPC_CANCELLED : RPC_OK;
 }
 
 RpcCode node_get_template(RpcCall *call, const ProtobufCMessage *request, Manager *m)

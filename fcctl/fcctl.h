@@ -76,7 +76,9 @@ typedef struct FcExit {
 int fcctl_vm_spawn(const FcSpawn *spawn, FcVm **ret, char **ret_error);
 /* Takes over a VMM started by an earlier agent, after checking that pid runs `binary`
  * (/proc/<pid>/exe), was started with --id `id`, and works in `workdir` (/proc/<pid>/cwd);
- * files are compared by device and inode. A jailed VMM: binary is the jailer's copy,
+ * files are compared by device and inode; a process whose binary was since replaced at that
+ * path (an upgrade: its exe reads "<binary> (deleted)") counts as running it. A jailed VMM:
+ * binary is the jailer's copy,
  * <chroot>/<name>, and workdir the chroot. */
 int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *workdir, FcVm **ret,
 		   char **ret_error);

@@ -483,8 +483,14 @@ int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *wo
 	exe[n] = 0;
 	if (!realpath(binary, want))
 		snprintf(want, sizeof(want), "%s", binary);
-	if (stat(want, &st_want) < 0 || st_exe.st_dev != st_want.st_dev ||
-	    st_exe.st_ino != st_want.st_ino) {
+	/* A package upgrade replaces the binary under a running VMM: the kernel then names its
+	 * exe "<path> (deleted)". That process still is the VMM started from this path (the id
+	 * and working directory checks below make sure); refusing it would fail every live
+	 * sandbox at the first restart after an upgrade. */
+	size_t wl = strlen(want);
+	bool replaced = strncmp(exe, want, wl) == 0 && strcmp(exe + wl, " (deleted)") == 0;
+	if (!replaced && (stat(want, &st_want) < 0 || st_exe.st_dev != st_want.st_dev ||
+			  st_exe.st_ino != st_want.st_ino)) {
 		close(pidfd);
 		return error_set(ret_error, -ESRCH, "process %d runs %s, not %s", (int)pid, exe,
 				 want);
