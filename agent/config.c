@@ -180,7 +180,8 @@ static const Key keys[] = {
 	 NULL},
 	{{"vmm", "jailer_bin", "",
 	  "empty or a program name (looked up in PATH) or an absolute path",
-	  "Run Firecracker under this jailer (chroot, own uid). Empty: no jailer."},
+	  "Run Firecracker under this jailer (chroot, own uid). Empty: no jailer. Not supported by "
+	  "the sandbox flows yet: a value is refused at start."},
 	 KEY_OPT_PROGRAM,
 	 STR(jailer_bin),
 	 0,

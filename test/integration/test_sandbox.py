@@ -577,3 +577,24 @@ def test_bad_record_is_quarantined(start_emberd, workdir):
     assert len(q) == 1 and q[0].startswith("broken.")
     assert "broken" in e2.proc.log() and "quarantine" in e2.proc.log()
     destroy(n, "good")
+
+
+def test_restart_after_the_vmm_binary_was_upgraded(start_emberd, workdir):
+    """A package upgrade replaces the VMM binary under running sandboxes: the next emberd
+    still adopts them (their exe reads "<path> (deleted)")."""
+    fcsim = os.path.join(workdir, "fcsim")
+    shutil.copy(os.path.join(BUILD, "fcsim"), fcsim)
+    root = os.path.join(workdir, "node")
+    conf = f"[network]\npool_size = 0\n[vmm]\nkind = fcsim\nfcsim_bin = {fcsim}\n"
+    e = start_emberd(conf, root=root)
+    create(stub(e), "up")
+    e.proc.stop()
+    shutil.copy(os.path.join(BUILD, "fcsim"), fcsim + ".new")
+    os.rename(fcsim + ".new", fcsim)  # as dpkg replaces a file
+    e2 = start_emberd(conf, root=root, hostns=e.hostns)
+    n = stub(e2)
+    sb = n.GetSandbox(S.GetSandboxRequest(sandbox_id="up"), timeout=5)
+    assert sb.state == S.SANDBOX_STATE_RUNNING, sb.state_reason
+    assert guest_exec(e2, "up", "true").returncode == 0
+    destroy(n, "up")
+    assert leftovers(e2) == []
