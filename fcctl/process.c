@@ -35,6 +35,14 @@
 #define P_PIDFD 3
 #endif
 
+/* The kernel's struct sigaction (rt_sigaction(2)) on Linux, which glibc's differs from. */
+typedef struct KernelSigaction {
+	__sighandler_t handler;
+	unsigned long flags;
+	void (*restorer)(void);
+	uint64_t mask;
+} KernelSigaction;
+
 static int pidfd_open_(pid_t pid)
 {
 	return (int)syscall(SYS_pidfd_open, pid, 0);
@@ -337,7 +345,7 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	/* Only SIG_IGN survives exec (handlers are reset by it): the child puts every ignored
 	 * signal back to the default, or a VMM started by emberd, which ignores SIGPIPE, would
 	 * ignore it too. */
-	const struct sigaction dfl = {.sa_handler = SIG_DFL};
+	const KernelSigaction dfl = {.handler = SIG_DFL};
 	sigset_t none;
 	sigemptyset(&none);
 
@@ -374,9 +382,13 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		/* Read here rather than before the fork: what counts is what this process has,
 		 * whatever another thread changed meanwhile. */
 		for (int sig = 1; sig < NSIG; sig++) {
-			struct sigaction old;
-			if (sigaction(sig, NULL, &old) == 0 && old.sa_handler == SIG_IGN)
-				(void)sigaction(sig, &dfl, NULL);
+			/* The system call, not glibc's sigaction(), which refuses the two
+			 * real-time signals glibc keeps for itself (32, 33): an ignored one would
+			 * stay ignored in the VMM. */
+			KernelSigaction old = {};
+			if (syscall(SYS_rt_sigaction, sig, NULL, &old, sizeof(uint64_t)) == 0 &&
+			    old.handler == SIG_IGN)
+				(void)syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof(uint64_t));
 		}
 		/* Last: no handler of the parent's may run in the child. */
 		sigprocmask(SIG_SETMASK, &none, NULL);
