@@ -18,12 +18,17 @@
  * Ownership: a create makes the device in three steps (create, load the table, resume) rather
  * than libdevmapper's one, because only the first step tells whether the name was free. A
  * device we did not make (someone else made ember-<id> between our check and our create) is
- * never removed by our unwinding.
+ * never removed by our unwinding. Between the first step and the second the device has no
+ * table, so nothing in the kernel says which CoW file it is for; its uuid does
+ * (`EMBER-<id>.<owner>`, see dm_owner_token()), so that reclaim can tell a crashed create of
+ * its own from one another agent on the host is running right now.
  */
 #include <ctype.h>
 #include <dirent.h>
 #include <fcntl.h>
 #include <libdevmapper.h>
+#include <linux/dm-ioctl.h>
+#include <openssl/evp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -206,6 +211,46 @@ int dm_disk_device(const char *id, char **ret_device)
 	return 0;
 }
 
+int dm_owner_token(const char *path, char ret[DM_OWNER_LEN + 1])
+{
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned n = 0;
+
+	if (!EVP_Digest(path, strlen(path), md, &n, EVP_sha256(), NULL) || n * 2 < DM_OWNER_LEN)
+		return -EIO;
+	for (unsigned i = 0; i < DM_OWNER_LEN / 2; i++)
+		snprintf(ret + (size_t)2 * i, 3, "%02x", md[i]);
+	return 0;
+}
+
+/* The uuid of `id`'s device as a create makes it. The owner is a hash, not the path: a path
+ * may be longer than the 128 bytes a uuid holds. */
+static void make_uuid(const char *id, const char *owner, char buf[DM_UUID_LEN])
+{
+	snprintf(buf, DM_UUID_LEN, "%s%s.%s", STORAGE_UUID_PREFIX, id, owner);
+}
+
+/* Parses the uuid of ember-<id>: 1 and the owner token in *ret_owner for `EMBER-<id>.<owner>`,
+ * 0 (and "") for `EMBER-<id>` as creates made it before the owner was added, -EINVAL for
+ * anything else (not a device of ours). ids hold no '.', so the split is unambiguous. */
+static int parse_uuid(const char *uuid, const char *id, char ret_owner[DM_OWNER_LEN + 1])
+{
+	size_t plen = strlen(STORAGE_UUID_PREFIX), ilen = strlen(id);
+
+	ret_owner[0] = 0;
+	if (!uuid || strncmp(uuid, STORAGE_UUID_PREFIX, plen) != 0 ||
+	    strncmp(uuid + plen, id, ilen) != 0)
+		return -EINVAL;
+	const char *rest = uuid + plen + ilen;
+	if (rest[0] == 0)
+		return 0;
+	if (rest[0] != '.' || strlen(rest + 1) != DM_OWNER_LEN ||
+	    strspn(rest + 1, "0123456789abcdef") != DM_OWNER_LEN)
+		return -EINVAL;
+	memcpy(ret_owner, rest + 1, DM_OWNER_LEN + 1);
+	return 1;
+}
+
 /* Info of a dm device by name: 1 and *ret when it exists, 0 when not. */
 static int get_info(const char *name, struct dm_info *ret)
 {
@@ -272,14 +317,14 @@ static void unlink_and_freep(char **path)
  * the create because the name or our uuid is in use (it answers EBUSY): that device is someone
  * else's and m->made stays false. Once the create succeeded m->made is set, so a later failure
  * leaves the unwinding to remove the device this call made. */
-static int create_device(const char *name, const char *id, uint64_t sectors, dev_t base, dev_t cow,
-			 DmMade *m)
+static int create_device(const char *name, const char *id, const char *owner, uint64_t sectors,
+			 dev_t base, dev_t cow, DmMade *m)
 {
 	_cleanup_(dm_taskp) struct dm_task *create = task_new(DM_DEVICE_CREATE, name);
 	_cleanup_(dm_taskp) struct dm_task *load = task_new(DM_DEVICE_RELOAD, name);
 	_cleanup_(dm_taskp) struct dm_task *resume = task_new(DM_DEVICE_RESUME, name);
 	_cleanup_free_ char *table = NULL;
-	char uuid[80];
+	char uuid[DM_UUID_LEN];
 	int r;
 
 	if (!create || !load || !resume)
@@ -287,7 +332,7 @@ static int create_device(const char *name, const char *id, uint64_t sectors, dev
 	r = storage_dm_snapshot_table(sectors, base, cow, STORAGE_CHUNK_SECTORS, &table);
 	if (r < 0)
 		return r;
-	snprintf(uuid, sizeof(uuid), "%s%s", STORAGE_UUID_PREFIX, id);
+	make_uuid(id, owner, uuid);
 	/* The table string minus "0 <len> snapshot ": dm_task_add_target takes the parts. */
 	const char *params = strstr(table, "snapshot ") + strlen("snapshot ");
 	if (!dm_task_set_uuid(create, uuid) ||
@@ -442,7 +487,7 @@ static int device_matches(const char *name, const StorageDiskSpec *spec, uint64_
 			  char **ret_error)
 {
 	_cleanup_(dm_taskp) struct dm_task *t = task_new(DM_DEVICE_TABLE, name);
-	char *type = NULL, *params = NULL, uuid[80];
+	char *type = NULL, *params = NULL, owner[DM_OWNER_LEN + 1];
 	unsigned bmaj, bmin, cmaj, cmin, chunk;
 	uint64_t start, length;
 	struct stat bst, cst;
@@ -458,11 +503,13 @@ static int device_matches(const char *name, const StorageDiskSpec *spec, uint64_
 	if (r < 0)
 		return error_set(ret_error, r, "cannot read the table of %s: %s", name,
 				 last_error(r));
-	snprintf(uuid, sizeof(uuid), "%s%s", STORAGE_UUID_PREFIX, spec->id);
+	/* Any owner will do: the table below tells whether it is this disk (the same CoW inode),
+	 * and a disk made before owners were added (no owner) is taken over too. */
 	const char *have = dm_task_get_uuid(t);
-	if (!have || strcmp(have, uuid) != 0)
-		return error_set(ret_error, -EEXIST, "%s exists already with uuid \"%s\", not %s",
-				 name, have ?: "", uuid);
+	if (parse_uuid(have, spec->id, owner) < 0)
+		return error_set(ret_error, -EEXIST,
+				 "%s exists already with uuid \"%s\", not %s%s[.<owner>]", name,
+				 have ?: "", STORAGE_UUID_PREFIX, spec->id);
 	if (!info.live_table)
 		return error_set(
 			ret_error, -EEXIST,
@@ -509,6 +556,63 @@ static int device_matches(const char *name, const StorageDiskSpec *spec, uint64_
 	return 1;
 }
 
+/* Reads the table of `name` into t: the live one, or the inactive one when `inactive`. */
+static int read_table(const char *name, bool inactive, struct dm_task **ret)
+{
+	_cleanup_(dm_taskp) struct dm_task *t = task_new(DM_DEVICE_TABLE, name);
+	struct dm_info info;
+	int r;
+
+	if (!t)
+		return -ENOMEM;
+	if (inactive && !dm_task_query_inactive_table(t))
+		return -ENOMEM;
+	r = task_run(t, name, false);
+	if (r < 0)
+		return r;
+	if (!dm_task_get_info(t, &info) || !info.exists)
+		return -ENXIO;
+	*ret = TAKE_PTR(t);
+	return 0;
+}
+
+int dm_device_inspect(const char *name, DmDeviceInfo *ret)
+{
+	_cleanup_(dm_taskp) struct dm_task *t = NULL;
+	size_t plen = strlen(STORAGE_DM_PREFIX);
+	char *type = NULL, *params = NULL;
+	unsigned bmaj, bmin, cmaj, cmin;
+	uint64_t start, length;
+	struct dm_info info;
+	int r;
+
+	*ret = (DmDeviceInfo){};
+	r = read_table(name, false, &t);
+	if (r < 0)
+		return r;
+	if (!dm_task_get_info(t, &info))
+		return -EIO;
+	if (strncmp(name, STORAGE_DM_PREFIX, plen) == 0)
+		(void)parse_uuid(dm_task_get_uuid(t), name + plen, ret->owner);
+	/* Between a create's load and its resume the table is there but inactive; it names the
+	 * CoW device as well as a live one does. */
+	if (!info.live_table && info.inactive_table) {
+		dm_task_destroy(TAKE_PTR(t));
+		r = read_table(name, true, &t);
+		if (r < 0)
+			return r;
+	} else if (!info.live_table)
+		return 0;
+	ret->has_table = true;
+	if (dm_get_next_target(t, NULL, &start, &length, &type, &params) == NULL && type &&
+	    strcmp(type, "snapshot") == 0 && params &&
+	    sscanf(params, "%u:%u %u:%u", &bmaj, &bmin, &cmaj, &cmin) == 4) {
+		ret->snapshot = true;
+		ret->cow = makedev(cmaj, cmin);
+	}
+	return 0;
+}
+
 /* Takes over an existing ember-<id> that is this disk (after an agent restart, or a create's
  * retry): nothing is made again, and the disk's base reference is counted, unless this
  * process holds one for it already. */
@@ -552,8 +656,10 @@ static int make_device(Storage *s, DiskEntry *d, const char *name, const Storage
 	_cleanup_(unlink_and_freep) char *new_cow = NULL;
 	_cleanup_(base_holdp) BaseHold hold = {.registry = &s->registry};
 	_cleanup_free_ char *base_device = NULL, *cow_device = NULL, *device = NULL;
+	_cleanup_free_ char *cow_real = NULL;
 	_cleanup_close_ int cow_fd = -EBADF, cow_loop = -EBADF;
 	_cleanup_(dm_madep) DmMade made = {.name = name};
+	char owner[DM_OWNER_LEN + 1];
 	uint64_t sectors = 0;
 	struct stat cst;
 	dev_t base_dev = 0;
@@ -592,6 +698,16 @@ static int make_device(Storage *s, DiskEntry *d, const char *name, const Storage
 					 spec->cow_path);
 	}
 
+	/* The canonical path, as the CoW loop's backing_file shows it and as reclaim finds it
+	 * under the state dir. */
+	cow_real = realpath(spec->cow_path, NULL);
+	if (!cow_real)
+		return error_set(ret_error, -errno, "cannot resolve CoW file %s: %m",
+				 spec->cow_path);
+	r = dm_owner_token(cow_real, owner);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot hash %s: %s", cow_real, strerror(-r));
+
 	/* Taken even when the disk holds a reference already (its device went away behind our
 	 * back): the loop device's numbers come with it, and the unwinding gives the extra one
 	 * back. */
@@ -612,7 +728,7 @@ static int make_device(Storage *s, DiskEntry *d, const char *name, const Storage
 	if (storage_test_before_dm_create)
 		storage_test_before_dm_create(name);
 
-	r = create_device(name, spec->id, sectors, base_dev, cst.st_rdev, &made);
+	r = create_device(name, spec->id, owner, sectors, base_dev, cst.st_rdev, &made);
 	if (r == -EEXIST && restore)
 		return r;
 	if (r == -EEXIST)

@@ -76,6 +76,11 @@ typedef struct DiskEntry {
 	 * gives it back). Written with disk_set_base() under both locks, read under either. */
 	bool has_base;
 	BaseKey base;
+	/* file backend: this process created or restored the disk, whose copy is this inode;
+	 * reclaim leaves loop devices over it alone while the id is kept. Written with
+	 * disk_set_file() under both locks, read under either. */
+	bool has_file;
+	BaseKey file;
 	struct DiskEntry *next;
 } DiskEntry;
 /* Finds or makes the entry for id and takes its lock. */
@@ -83,6 +88,11 @@ int disk_lock(Storage *s, const char *id, DiskEntry **ret);
 void disk_unlock(DiskEntry *d);
 /* Caller holds d->lock. */
 void disk_set_base(DiskEntry *d, bool has_base, BaseKey key);
+void disk_set_file(DiskEntry *d, bool has_file, BaseKey key);
+/* The copies (file backend) of the disks in `keep` this process created or restored:
+ * *ret_n inodes in *ret (caller frees). */
+int disks_kept_files(Storage *s, const char *const *keep, size_t n_keep, BaseKey **ret,
+		     size_t *ret_n);
 static inline void disk_unlockp(DiskEntry **d)
 {
 	if (*d)
@@ -98,6 +108,20 @@ int dm_disk_remove(Storage *s, const StorageDiskSpec *spec, char **ret_error);
 int dm_disk_status(const StorageDiskSpec *spec, StorageDiskStatus *ret, char **ret_error);
 int dm_disk_device(const char *id, char **ret_device);
 int dm_list_ember(char ***ret_names, size_t *ret_n);
+
+/* The owner in a device's uuid (`EMBER-<id>.<owner>`): the first 16 hex digits of the SHA-256
+ * of the CoW file's canonical path. */
+#define DM_OWNER_LEN 16
+int dm_owner_token(const char *path, char ret[DM_OWNER_LEN + 1]);
+/* What tells whose a dm device is. */
+typedef struct DmDeviceInfo {
+	char owner[DM_OWNER_LEN + 1]; /* from an ember uuid; "" when it has none */
+	bool has_table;               /* live, or loaded and not yet resumed */
+	bool snapshot;                /* that table is one snapshot target ... */
+	dev_t cow;                    /* ... over this CoW device */
+} DmDeviceInfo;
+/* -ENXIO (or -ENOENT) when the device does not exist. */
+int dm_device_inspect(const char *name, DmDeviceInfo *ret);
 /* Removes ember-<id> by name (retrying while busy) and gives back the base reference this
  * process holds for the disk, if any. */
 int dm_remove_name(Storage *s, const char *name, char **ret_error);

@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "common/id.h"
 #include "common/macro.h"
@@ -105,9 +106,10 @@ void disk_unlock(DiskEntry *d)
 	/* disks_lock is taken while d->lock is still held (disk_lock() never holds both, so this
 	 * order cannot deadlock): when users drops to 0 nobody else is in or waiting for the
 	 * entry, and nobody new can find it before disks_lock is released. An entry lives while
-	 * a thread uses it or while it holds a base reference. */
+	 * a thread uses it, while it holds a base reference, or while it names a copy reclaim
+	 * must leave alone. */
 	pthread_mutex_lock(&s->disks_lock);
-	bool last = --d->users == 0 && !d->has_base;
+	bool last = --d->users == 0 && !d->has_base && !d->has_file;
 	pthread_mutex_unlock(&d->lock);
 	if (last) {
 		for (DiskEntry **p = &s->disks; *p; p = &(*p)->next)
@@ -126,6 +128,40 @@ void disk_set_base(DiskEntry *d, bool has_base, BaseKey key)
 
 	d->has_base = has_base;
 	d->base = key;
+}
+
+void disk_set_file(DiskEntry *d, bool has_file, BaseKey key)
+{
+	_cleanup_(mutex_unlockp) pthread_mutex_t *locked = mutex_take(&d->storage->disks_lock);
+
+	d->has_file = has_file;
+	d->file = key;
+}
+
+int disks_kept_files(Storage *s, const char *const *keep, size_t n_keep, BaseKey **ret,
+		     size_t *ret_n)
+{
+	_cleanup_(mutex_unlockp) pthread_mutex_t *locked = mutex_take(&s->disks_lock);
+	_cleanup_free_ BaseKey *files = NULL;
+	size_t n = 0;
+
+	for (DiskEntry *d = s->disks; d; d = d->next) {
+		if (!d->has_file)
+			continue;
+		for (size_t i = 0; i < n_keep; i++) {
+			if (!keep[i] || strcmp(keep[i], d->id) != 0)
+				continue;
+			BaseKey *f = reallocarray(files, n + 1, sizeof(*files));
+			if (!f)
+				return -ENOMEM;
+			files = f;
+			files[n++] = d->file;
+			break;
+		}
+	}
+	*ret = TAKE_PTR(files);
+	*ret_n = n;
+	return 0;
 }
 
 unsigned storage_disks_held(Storage *s)
@@ -151,6 +187,30 @@ static int check_spec(const StorageDiskSpec *spec, char **ret_error)
 	return 0;
 }
 
+/* The file backend's create and restore, remembering the copy's inode for reclaim: a VMM may
+ * use the copy through a loop device of its own (fcsim does), which reclaim must not take
+ * from a kept sandbox even when nothing it can see holds the device. */
+static int file_disk_open(Storage *s, const StorageDiskSpec *spec, bool restore, char **ret_device,
+			  char **ret_error)
+{
+	_cleanup_(disk_unlockp) DiskEntry *d = NULL;
+	_cleanup_free_ char *device = NULL;
+	struct stat st;
+	int r;
+
+	r = disk_lock(s, spec->id, &d);
+	if (r < 0)
+		return r;
+	r = file_disk_create(spec, restore, &device, ret_error);
+	if (r < 0)
+		return r;
+	if (stat(device, &st) < 0)
+		return error_set(ret_error, -errno, "disk %s: %m", device);
+	disk_set_file(d, true, (BaseKey){.dev = st.st_dev, .ino = st.st_ino});
+	*ret_device = TAKE_PTR(device);
+	return 0;
+}
+
 int storage_disk_create(Storage *s, const StorageDiskSpec *spec, char **ret_device,
 			char **ret_error)
 {
@@ -159,7 +219,7 @@ int storage_disk_create(Storage *s, const StorageDiskSpec *spec, char **ret_devi
 		return r;
 	return s->backend == STORAGE_BACKEND_DM
 		       ? dm_disk_create(s, spec, false, ret_device, ret_error)
-		       : file_disk_create(spec, false, ret_device, ret_error);
+		       : file_disk_open(s, spec, false, ret_device, ret_error);
 }
 
 int storage_disk_restore(Storage *s, const StorageDiskSpec *spec, char **ret_device,
@@ -170,17 +230,24 @@ int storage_disk_restore(Storage *s, const StorageDiskSpec *spec, char **ret_dev
 		return r;
 	return s->backend == STORAGE_BACKEND_DM
 		       ? dm_disk_create(s, spec, true, ret_device, ret_error)
-		       : file_disk_create(spec, true, ret_device, ret_error);
+		       : file_disk_open(s, spec, true, ret_device, ret_error);
 }
 
 int storage_disk_remove(Storage *s, const StorageDiskSpec *spec, char **ret_error)
 {
+	_cleanup_(disk_unlockp) DiskEntry *d = NULL;
 	int r = check_spec(spec, ret_error);
 	if (r < 0)
 		return r;
+	if (s->backend == STORAGE_BACKEND_DM)
+		return dm_disk_remove(s, spec, ret_error);
 	/* The file backend's disk is a plain file: nothing holds it but the VMM, and the file
-	 * itself stays (deleting it is the caller's decision). */
-	return s->backend == STORAGE_BACKEND_DM ? dm_disk_remove(s, spec, ret_error) : 0;
+	 * itself stays (deleting it is the caller's decision). Reclaim no longer spares it. */
+	r = disk_lock(s, spec->id, &d);
+	if (r < 0)
+		return r;
+	disk_set_file(d, false, (BaseKey){});
+	return 0;
 }
 
 int storage_disk_flatten(Storage *s, const StorageDiskSpec *spec, const char *dest,

@@ -4,9 +4,11 @@
  *
  * dm backend: one shared read-only loop device per base image (the *loop registry*, keyed by
  * the image's st_dev/st_ino), and per sandbox a sparse copy-on-write file on its own loop
- * device under a device-mapper snapshot `ember-<id>` (uuid `EMBER-<id>`) with the table
+ * device under a device-mapper snapshot `ember-<id>` (uuid `EMBER-<id>.<owner>`, where owner is
+ * the first 16 hex digits of the SHA-256 of the CoW file's canonical path) with the table
  * `0 <base sectors> snapshot <base loop> <cow loop> P 8`. The persistent exception store makes
- * the CoW file alone carry the sandbox's disk across pause, agent restart and reboot.
+ * the CoW file alone carry the sandbox's disk across pause, agent restart and reboot. Devices
+ * made before the owner was added (uuid `EMBER-<id>`) are taken over by restore as before.
  *
  * file backend, for hosts without device-mapper: the sandbox's disk is its own copy of the base
  * image, a reflink where the filesystem can (FICLONE) and a sparse copy otherwise.
@@ -29,7 +31,9 @@
  *     on the base's loop device again, so that removing other disks over the same base later
  *     cannot release a base still in use. If it does not exist (after a reboot, or a pause), it
  *     is made again over the CoW file. Returns /dev/mapper/ember-<id>.
- *   - file: returns cow_path if the copy exists.
+ *   - file: returns cow_path if the copy exists, and remembers the copy, so that reclaim
+ *     leaves loop devices over it alone (a VMM may use one, as fcsim does) while the id is
+ *     kept.
  * Then storage_reclaim() with those ids as `keep` clears devices no sandbox needs. A disk that
  * was not restored can still be removed (storage_disk_remove()), but this process then holds
  * no base reference for it and gives none back.
@@ -100,7 +104,8 @@ int storage_disk_restore(Storage *s, const StorageDiskSpec *spec, char **ret_dev
  * disk (with create or restore). The CoW file stays (deleting it is the caller's decision).
  * Retries while the device is busy (26 attempts 100 ms apart, about 2.5 s), then -EBUSY with a
  * message saying who holds it and how long it was tried. A disk that does not exist is fine
- * (idempotent). file: nothing to take down; the copy stays. */
+ * (idempotent). file: nothing to take down; the copy stays, and reclaim no longer spares loop
+ * devices over it. */
 int storage_disk_remove(Storage *s, const StorageDiskSpec *spec, char **ret_error);
 /* Writes the disk's current content into `dest` (new file, refused if it exists) as a sparse
  * image: blocks of zeros stay unallocated. The result can serve as a base image. The disk must
@@ -164,9 +169,32 @@ typedef struct StorageReclaimResult {
 	unsigned failures;
 } StorageReclaimResult;
 
-/* Removes every ember-* dm device whose id is not in `keep`, then every loop device backed by a
- * file under `state_dir` that nothing uses any more. For agent start-up: after a crash this
- * returns the host to the devices its sandboxes need. */
+/* For agent start-up, after storage_disk_restore() of the sandboxes to keep: after a crash this
+ * returns the host to the devices its sandboxes need. Several agents may run on one host, each
+ * with its own state dir; reclaim never touches what another one owns. State dirs must not lie
+ * inside one another. Paths are compared canonical (realpath of `state_dir`, the kernel's
+ * resolved backing_file).
+ *
+ * dm devices: an ember-<id> whose id is not in `keep` is removed only when it is ours:
+ *   - with a table (live, or loaded and not yet resumed): it is one snapshot target whose CoW
+ *     device is a loop device over a file under `state_dir`. Any other table (another
+ *     agent's CoW, no snapshot, not a loop) is left alone.
+ *   - without a table (a create that stopped between making the device and loading its
+ *     table, or one another agent is running right now): its uuid is `EMBER-<id>.<owner>`
+ *     and a regular file under `state_dir` (symlinks not followed) has the canonical path
+ *     that hashes to owner. A device with uuid `EMBER-<id>` (made before the owner existed)
+ *     or any other uuid carries no owner: it is left alone (remove it with
+ *     storage_disk_remove() or dmsetup).
+ * Loop devices: one over a file under `state_dir` is detached only when nothing uses it:
+ *   - not held by a dm device (sysfs holders);
+ *   - not a copy (file backend) of a disk in `keep` that this Storage created or restored;
+ *   - not claimed exclusively: an open with O_EXCL fails with EBUSY while a file system on it
+ *     is mounted, in any mount namespace, or a dm table or another exclusive opener has it;
+ *   - not open elsewhere: the kernel turns LOOP_CLR_FD on a device someone else has open
+ *     into auto-clear; that is seen, the device is left (its auto-clear flag put back as it
+ *     was) and not counted as detached.
+ * `failures` counts devices that are ours but could not be removed or detached (the first
+ * one's message in *ret_error, -EBUSY); devices left alone are no failures. */
 int storage_reclaim(Storage *s, const char *state_dir, const char *const *keep, size_t n_keep,
 		    StorageReclaimResult *ret, char **ret_error);
 

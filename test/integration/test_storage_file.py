@@ -230,3 +230,121 @@ def test_racing_creators_of_one_disk(d, base):
         assert rc == 0 or "exists" in err, err
     assert sha256(os.path.join(d, "r.img")) == sha256(base)
     assert leftovers(d, ["base.img", "r.img"]) == []
+
+
+# ---- reclaim and the loop devices a VMM makes over a disk (fcsim loop-mounts the copy inside a
+# mount namespace of its own). These need root and loop devices; they clean up what they make.
+
+def need_loops():
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root and loop devices")
+    for prog in ("losetup", "unshare", "nsenter", "mkfs.ext4"):
+        if not shutil.which(prog):
+            pytest.skip(f"needs {prog}")
+
+
+def run(*args, check=True, **kw):
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return r
+
+
+def loops_over(d):
+    """{device: (backing file, auto-clear)} of the loop devices over files under d."""
+    out = run("losetup", "--list", "--noheadings", "--raw", "--output",
+              "NAME,AUTOCLEAR,BACK-FILE").stdout
+    found = {}
+    for line in out.splitlines():
+        name, autoclear, back = line.split(" ", 2)
+        back = back.replace("\\x20", " ")
+        if back.startswith(os.path.realpath(d) + "/"):
+            found[name] = (back, autoclear == "1")
+    return found
+
+
+@pytest.fixture
+def loops(d):
+    """Attaches loop devices over files in d (no auto-clear, as losetup does) and starts the
+    processes that use them; at teardown the processes are killed (a mount namespace goes
+    with its last process, and its mounts with it) and every loop over d is detached."""
+    need_loops()
+    procs = []
+
+    class Loops:
+        def attach(self, path):
+            return run("losetup", "--find", "--show", path).stdout.strip()
+
+        def start(self, argv, **kw):
+            procs.append(subprocess.Popen(argv, **kw))
+            return procs[-1]
+
+    yield Loops()
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    for dev in loops_over(d):
+        run("losetup", "-d", dev, check=False)
+
+
+def ext4_image(path, files):
+    tree = tempfile.mkdtemp(dir=os.path.dirname(path), prefix="tree-")
+    for name, data in files.items():
+        with open(os.path.join(tree, name), "wb") as f:
+            f.write(data)
+    run("mkfs.ext4", "-q", "-F", "-d", tree, path, "16M")
+    shutil.rmtree(tree)
+    return path
+
+
+def test_reclaim_leaves_loops_in_use_alone(d, loops):
+    """A loop device over a sandbox's disk that is mounted in another mount namespace (as fcsim
+    mounts the guest's root) or held open stays attached, its auto-clear flag untouched; an
+    unused one under the state dir is detached."""
+    os.makedirs(os.path.join(d, "sandboxes", "live"))
+    disk = ext4_image(os.path.join(d, "sandboxes", "live", "cow.img"), {"hello": b"guest\n"})
+    mounted = loops.attach(disk)
+    mnt = os.path.join(d, "mnt")
+    os.mkdir(mnt)
+    holder = loops.start(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          'mount "$1" "$2" && echo mounted && exec sleep 600', "sh", mounted,
+                          mnt], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "mounted"
+    assert not os.path.ismount(mnt), "the mount should live in the private namespace only"
+
+    opened_file = os.path.join(d, "sandboxes", "open.img")
+    with open(opened_file, "wb") as f:
+        f.truncate(MiB)
+    opened = loops.attach(opened_file)
+    with open(opened, "rb") as f:
+        loops.start(["sleep", "600"], stdin=f)
+
+    orphan_file = os.path.join(d, "sandboxes", "orphan.img")
+    with open(orphan_file, "wb") as f:
+        f.truncate(MiB)
+    orphan = loops.attach(orphan_file)
+
+    r = kv(tool("reclaim", d).stdout)
+    assert r == {"dm_removed": "0", "loops_detached": "1", "failures": "0"}, r
+    left = loops_over(d)
+    assert orphan not in left, left
+    assert left.get(mounted) == (os.path.realpath(disk), False), left
+    assert left.get(opened) == (os.path.realpath(opened_file), False), left
+    # the guest's root file system still works, reads and writes
+    ns = ["nsenter", "-t", str(holder.pid), "-m"]
+    assert run(*ns, "cat", f"{mnt}/hello").stdout == "guest\n"
+    run(*ns, "sh", "-c", f"echo more > {mnt}/new && sync && cat {mnt}/new")
+
+
+def test_reclaim_spares_the_disks_of_kept_sandboxes(d, base, loops):
+    """A loop over the copy of a kept disk (file backend) that this process restored is left
+    alone even while nothing holds it; once the id is no longer kept it is an orphan."""
+    disk = os.path.join(d, "kept.img")
+    tool("create", "kept", base, disk, 32 * MiB)
+    dev = loops.attach(disk)
+    out = session(("restore", "kept", base, disk), ("reclaim", d, "kept"), ("reclaim", d))
+    assert all(r["ok"] for r in out), out
+    assert (out[1]["loops_detached"], out[1]["failures"]) == ("0", "0"), out[1]
+    assert out[2]["loops_detached"] == "1", out[2]
+    assert dev not in loops_over(d)

@@ -27,6 +27,8 @@
  *   create/restore/remove/flatten/status ARGS   as above
  *   refs BASE        references this process holds on the base's loop device (0: none)
  *   held             disks this process holds a base reference for, and registry entries
+ *   reclaim STATE_DIR [KEEP_ID...]   with this process's Storage: it spares the copies
+ *                    (file backend) of kept disks this session created or restored
  *   exists PATH      whether PATH exists (a /dev/mapper node, say) right now
  *   sleep MS
  *   bg COMMAND...    runs COMMAND on a thread of its own; its result comes with `wait`
@@ -283,6 +285,14 @@ static int run_session_command(Storage *s, int argc, char **argv, Result *res)
 	if (strcmp(cmd, "held") == 0 && argc == 1)
 		return result_set(res, 0, NULL, "disks=%u bases=%u", storage_disks_held(s),
 				  registry_count(&s->registry));
+	if (strcmp(cmd, "reclaim") == 0 && argc >= 2) {
+		StorageReclaimResult rr = {};
+		char *err = NULL;
+		int r = storage_reclaim(s, argv[1], (const char *const *)argv + 2, (size_t)argc - 2,
+					&rr, &err);
+		return result_set(res, r, err, "dm_removed=%u loops_detached=%u failures=%u",
+				  rr.dm_removed, rr.loops_detached, rr.failures);
+	}
 	if (strcmp(cmd, "exists") == 0 && argc == 2)
 		return result_set(res, 0, NULL, "exists=%d", access(argv[1], F_OK) == 0);
 	if (strcmp(cmd, "sleep") == 0 && argc == 2) {

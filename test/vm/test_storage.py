@@ -2,6 +2,7 @@
 # of sandboxes, persistence of the CoW, flatten, busy removal, a full CoW, crash reclaim, leaks,
 # a restarted agent taking over live disks, racing creators, and disks not waiting on each other.
 
+import hashlib
 import os
 import re
 import signal
@@ -293,6 +294,111 @@ def test_reclaim_keeps_what_it_is_told(work):
     backing = sorted(l[1] for l in loops_under(work))
     assert backing == sorted([f"{work}/base.img", f"{work}/keepme.cow"])
     tool("remove", *spec(work, "keepme"))
+
+
+def owner(cow):
+    """The owner a create writes into the uuid: its CoW file's canonical path, hashed."""
+    return hashlib.sha256(os.path.realpath(cow).encode()).hexdigest()[:16]
+
+
+def uuid_of(name):
+    return run("dmsetup", "info", "-c", "--noheadings", "-o", "uuid", name).stdout.strip()
+
+
+def sparse(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_devices_carry_their_owner(work):
+    make_base(f"{work}/base.img", {"a": b"a"})
+    tool("create", *spec(work, "own"), 8 * MiB)
+    assert uuid_of("ember-own") == f"EMBER-own.{owner(f'{work}/own.cow')}"
+    tool("remove", *spec(work, "own"))
+    tool("restore", *spec(work, "own"))
+    assert uuid_of("ember-own") == f"EMBER-own.{owner(f'{work}/own.cow')}"
+    tool("remove", *spec(work, "own"))
+
+
+def test_devices_of_the_old_uuid_format_are_taken_over(work):
+    """A disk made before the uuid carried an owner (`EMBER-<id>`) is restored as it is."""
+    base = make_base(f"{work}/base.img", {"a": b"a"})
+    cow = sparse(f"{work}/legacy.cow", 8 * MiB)
+    made = []
+    try:
+        made.append(run("losetup", "-r", "--find", "--show", base).stdout.strip())
+        made.append(run("losetup", "--find", "--show", cow).stdout.strip())
+        sectors = run("blockdev", "--getsz", made[0]).stdout.strip()
+        dev_of = {d: "{}:{}".format(os.major(os.stat(d).st_rdev), os.minor(os.stat(d).st_rdev))
+                  for d in made}
+        run("dmsetup", "create", "ember-legacy", "-u", "EMBER-legacy", "--table",
+            f"0 {sectors} snapshot {dev_of[made[0]]} {dev_of[made[1]]} P 8")
+        before = dm_info()
+        out = kv(tool("restore", "legacy", base, cow).stdout)
+        assert out["device"] == "/dev/mapper/ember-legacy"
+        assert dm_info() == before, "the old device was made again"
+        tool("remove", "legacy", base, cow)
+        assert dm_names() == []
+    finally:
+        run("dmsetup", "remove", "ember-legacy", check=False)
+        for d in made:
+            run("losetup", "-d", d, check=False)
+
+
+def test_reclaim_leaves_another_agents_devices(work):
+    """Two agents on one host, state dirs a and b. Reclaim from a with nothing kept removes
+    a's devices (made, and a create stopped before its table) and leaves b's alone: its disk
+    and loops, its create stopped before the table, its create between load and resume, and a
+    tableless device that carries no owner. Then b's reclaim takes b's."""
+    a, b = f"{work}/a", f"{work}/b"
+    os.makedirs(a)
+    os.makedirs(b)
+    make_base(f"{a}/base.img", {"a": b"a"})
+    make_base(f"{b}/base.img", {"b": b"from b\n"})
+    tool("create", "a1", f"{a}/base.img", f"{a}/a1.cow", 8 * MiB)
+    b1 = kv(tool("create", "b1", f"{b}/base.img", f"{b}/b1.cow", 8 * MiB).stdout)["device"]
+    made = []
+    try:
+        for agent, name in ((a, "a2"), (b, "b2")):
+            cow = sparse(f"{agent}/{name}.cow", 8 * MiB)
+            run("dmsetup", "create", f"ember-{name}", "--notable", "-u",
+                f"EMBER-{name}.{owner(cow)}")
+        run("dmsetup", "create", "ember-old", "--notable", "-u", "EMBER-old")
+        # b between load and resume: an inactive table over loops of b
+        made.append(run("losetup", "-r", "--find", "--show", f"{b}/base.img").stdout.strip())
+        made.append(run("losetup", "--find", "--show",
+                        sparse(f"{b}/b3.cow", 8 * MiB)).stdout.strip())
+        sectors = run("blockdev", "--getsz", made[0]).stdout.strip()
+        mm = ["{}:{}".format(os.major(os.stat(d).st_rdev), os.minor(os.stat(d).st_rdev))
+              for d in made]
+        run("dmsetup", "create", "ember-b3", "--notable", "-u",
+            f"EMBER-b3.{owner(f'{b}/b3.cow')}")
+        run("dmsetup", "load", "ember-b3", "--table",
+            f"0 {sectors} snapshot {mm[0]} {mm[1]} P 8")
+        b_loops = sorted(loops_under(b))
+        b_info = {k: v for k, v in dm_info().items() if not k.startswith("ember-a")}
+
+        r = kv(tool("reclaim", a).stdout)
+        assert r == {"dm_removed": "2", "loops_detached": "0", "failures": "0"}, r
+        assert dm_names() == ["ember-b1", "ember-b2", "ember-b3", "ember-old"]
+        assert dm_info() == b_info
+        assert loops_under(a) == []
+        assert sorted(loops_under(b)) == b_loops
+        mount(b1, f"{work}/m")
+        with open(f"{work}/m/b") as f:
+            assert f.read() == "from b\n"
+        umount(f"{work}/m")
+
+        r = kv(tool("reclaim", b).stdout)
+        assert r["dm_removed"] == "3" and r["failures"] == "0", r
+        assert dm_names() == ["ember-old"]
+        assert loops_under(b) == []  # b3's loops (no auto-clear) went as orphans
+    finally:
+        for name in ("a2", "b2", "b3", "old"):
+            run("dmsetup", "remove", f"ember-{name}", check=False)
+        for d in made:
+            run("losetup", "-d", d, check=False)
 
 
 def test_200_cycles_leak_nothing(work):
