@@ -114,7 +114,21 @@ def test_dm_sandboxes_share_one_base_and_survive_a_restart(tmp_path):
         minors = run("dmsetup", "info", "-c", "--noheadings", "-o", "name,minor").stdout
 
         a.stop(signal.SIGKILL)
+        # what a crash could leave: a dm device of ours that no record claims
+        stray_cow = os.path.join(root, "state", "stray-cow.img")
+        with open(stray_cow, "wb") as f:
+            f.truncate(64 << 20)
+        sectors = os.path.getsize(base) // 512
+        # over the shared base loop, as emberd makes them
+        bl = [l for l in loops_under(root) if l[1] == base][0][0]
+        cl = run("losetup", "-f", "--show", stray_cow).stdout.strip()
+        run("dmsetup", "create", "ember-stray", "--table",
+            f"0 {sectors} snapshot {bl} {cl} P 8")
+        run("losetup", "-d", cl)  # auto-clear: it goes with the device
+        assert "ember-stray" in dm_names()
         a.start()
+        assert "ember-stray" not in dm_names()
+        assert not [l for l in loops_under(root) if l[1] == stray_cow]
         n = a.stub()
         lst = {s.id: s for s in n.ListSandboxes(S.ListSandboxesRequest(), timeout=30).sandboxes}
         assert all(lst[i].state == S.SANDBOX_STATE_RUNNING for i in ids), lst
