@@ -410,7 +410,7 @@ static int wait_sandbox_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*do
 			/* Draining: the operation may still finish within the grace period, and
 			 * its caller should see it. Wakes no longer come through rpc_call_wait, so
 			 * look every 50 ms until done or cancelled. */
-			struct timespec ts = {.tv_nsec = 50 * 1000 * 1000};
+			struct timespec ts = {.tv_nsec = 50L * 1000 * 1000};
 			(void)nanosleep(&ts, NULL);
 			r = rpc_call_is_cancelled(call) ? -ECANCELED : 0;
 		}
