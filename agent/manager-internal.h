@@ -16,7 +16,6 @@
  */
 #pragma once
 
-#include <dirent.h>
 #include <json-c/json.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -29,13 +28,6 @@
 #include "netns/netns.h"
 #include "rpc.h"
 #include "storage/storage.h"
-
-/* TODO(lead): one closedir cleanup in common/ once storage's copy moves there. */
-static inline void agent_closedirp(DIR **d)
-{
-	if (*d)
-		closedir(*d);
-}
 
 /* ---- specs ---- */
 

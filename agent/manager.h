@@ -12,6 +12,7 @@
  */
 #pragma once
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -25,7 +26,7 @@ typedef enum VmmKind {
 	VMM_FIRECRACKER,
 	VMM_FCSIM,
 	_VMM_KIND_MAX,
-	_VMM_KIND_INVALID = -22,
+	_VMM_KIND_INVALID = -EINVAL,
 } VmmKind;
 
 typedef struct VmmInfo {

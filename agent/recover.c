@@ -116,7 +116,7 @@ static void stop_stray_vmm(pid_t pid, const char *binary, const char *id, const 
  * helper) that a crash left without a record. */
 static unsigned reclaim_processes(Manager *m, char **keep, size_t n_keep)
 {
-	_cleanup_(agent_closedirp) DIR *d = opendir("/proc");
+	_cleanup_(closedirp) DIR *d = opendir("/proc");
 	size_t len = strlen(m->run_sandboxes_dir);
 	struct dirent *de;
 	unsigned killed = 0;
@@ -193,7 +193,7 @@ int manager_recover(Manager *m, char **ret_error)
 	_cleanup_(str_list_done) StrList undone_dirs = {};
 	size_t n_loaded = 0, n_keep = 0, cap = 0;
 	unsigned adopted = 0, failed = 0;
-	_cleanup_(agent_closedirp) DIR *d = opendir(m->sandboxes_dir);
+	_cleanup_(closedirp) DIR *d = opendir(m->sandboxes_dir);
 	struct dirent *de;
 	int r;
 
@@ -379,7 +379,7 @@ int manager_recover(Manager *m, char **ret_error)
 	for (size_t i = 0; i < undone_dirs.n; i++)
 		if ((r = rm_rf(undone_dirs.items[i])) < 0)
 			log_warning_errno(r, "cannot remove %s", undone_dirs.items[i]);
-	_cleanup_(agent_closedirp) DIR *rd = opendir(m->run_sandboxes_dir);
+	_cleanup_(closedirp) DIR *rd = opendir(m->run_sandboxes_dir);
 	unsigned dirs = 0;
 	while (rd && (de = readdir(rd))) {
 		bool kept = false;

@@ -207,7 +207,7 @@ static void template_remove_locked(Manager *m, Template *t)
 
 int manager_templates_load(Manager *m)
 {
-	_cleanup_(agent_closedirp) DIR *d = opendir(m->templates_dir);
+	_cleanup_(closedirp) DIR *d = opendir(m->templates_dir);
 	struct dirent *de;
 
 	if (!d)

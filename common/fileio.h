@@ -2,9 +2,15 @@
 /* Whole-file reads and writes, directories, and locks. */
 #pragma once
 
+#include <dirent.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
+
+#include "common/macro.h"
+
+/* _cleanup_(closedirp) DIR *d = opendir(...); */
+DEFINE_POINTER_CLEANUP(DIR, closedir)
 
 /* Reads at most max_size bytes (more is -EFBIG); *ret is NUL-terminated. */
 int read_full_file(const char *path, size_t max_size, char **ret, size_t *ret_size);

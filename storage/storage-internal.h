@@ -9,13 +9,8 @@
 #include <sys/stat.h>
 
 #include "common/error.h"
+#include "common/fileio.h"
 #include "storage.h"
-
-static inline void closedirp(DIR **d)
-{
-	if (*d)
-		closedir(*d);
-}
 
 static inline void mutex_unlockp(pthread_mutex_t **m)
 {

@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "common/fileio.h"
 
 /* Encoded output frames waiting for the socket before the pipes are read again. */
 #define OUT_LIMIT (512u << 10)
@@ -70,7 +71,6 @@ static void strv_free(char **v)
 	free(v);
 }
 DEFINE_POINTER_CLEANUP(char *, strv_free);
-DEFINE_POINTER_CLEANUP(DIR, closedir);
 
 /* The child's environment: the agent's own (unless env_replace) with the request's entries
  * replacing or adding, and TERM=xterm on a pty when nobody set TERM. */
