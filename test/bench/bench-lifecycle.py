@@ -109,6 +109,8 @@ def main():
                 for f in os.listdir(os.path.join(root, d)):
                     subprocess.run(["umount", "-l", os.path.join(root, d, f)],
                                    capture_output=True)
+                subprocess.run(["umount", "-R", "-l", os.path.join(root, d)],
+                               capture_output=True)
         subprocess.run(["umount", "-l", hostns], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 

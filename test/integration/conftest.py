@@ -263,6 +263,10 @@ def cleanup_emberd_root(root):
     nsdir = os.path.join(root, "netns")
     for f in os.listdir(nsdir) if os.path.isdir(nsdir) else []:
         sh("umount", "-l", os.path.join(nsdir, f), check=False)
+    # The netns module bind-mounts the directory on itself (as `ip netns` does with
+    # /run/netns): that mount goes too, recursively.
+    if os.path.isdir(nsdir):
+        sh("umount", "-R", "-l", nsdir, check=False)
     hostns = os.path.join(root, "hostns")
     if os.path.exists(hostns):
         sh("umount", "-l", hostns, check=False)
