@@ -70,14 +70,26 @@ int vmm_choose(const Config *c, bool kvm_usable, VmmInfo *ret, char **ret_error)
 	_cleanup_free_ char *fc = NULL, *sim = NULL, *why = NULL;
 	VmmInfo v = {};
 	ProbeResult probe;
-	int r_fc = find_program(c->firecracker_bin, &fc);
+	bool probed = false; /* `probe` already holds the chosen binary's answer */
 	int r;
 
+	if (c->jailer_bin[0])
+		/* fcctl can drive the jailer, but the sandbox flows do not link the kernel,
+		 * disk and sockets into its chroot yet, nor adopt jailed VMMs: refuse rather
+		 * than fail every create. */
+		return error_set(
+			ret_error, -EOPNOTSUPP,
+			"[vmm] jailer_bin = \"%s\": running sandboxes under the jailer is not "
+			"supported by emberd yet; leave jailer_bin empty",
+			c->jailer_bin);
+
+	int r_fc = find_program(c->firecracker_bin, &fc);
 	_cleanup_free_ char *fc_unusable = NULL;
 	if (strcmp(c->vmm_kind, "auto") == 0 && kvm_usable && r_fc >= 0) {
 		/* A binary that is found but does not answer like a Firecracker is no reason to
 		 * run nothing: fall back to fcsim and say why. */
 		probe_firecracker(fc, &probe);
+		probed = probe.available;
 		if (!probe.available &&
 		    asprintf(&fc_unusable, "%s cannot be used (%s)", fc, probe.reason) < 0)
 			return -ENOMEM;
@@ -114,18 +126,8 @@ int vmm_choose(const Config *c, bool kvm_usable, VmmInfo *ret, char **ret_error)
 			why = NULL;
 		v.reason = TAKE_PTR(why);
 	}
-	if (c->jailer_bin[0]) {
-		/* fcctl can drive the jailer, but the sandbox flows do not link the kernel,
-		 * disk and sockets into its chroot yet, nor adopt jailed VMMs: refuse rather
-		 * than fail every create. */
-		vmm_info_done(&v);
-		return error_set(
-			ret_error, -EOPNOTSUPP,
-			"[vmm] jailer_bin = \"%s\": running sandboxes under the jailer is not "
-			"supported by emberd yet; leave jailer_bin empty",
-			c->jailer_bin);
-	}
-	probe_firecracker(v.binary, &probe);
+	if (!probed)
+		probe_firecracker(v.binary, &probe);
 	if (!probe.available || !probe.version[0]) {
 		r = error_set(ret_error, -ENOEXEC, "%s cannot be used: %s", v.binary, probe.reason);
 		vmm_info_done(&v);
