@@ -3,6 +3,7 @@
 # in a network namespace of the test's own (conftest.start_emberd).
 
 import concurrent.futures
+import json
 import os
 import shutil
 import signal
@@ -597,4 +598,63 @@ def test_restart_after_the_vmm_binary_was_upgraded(start_emberd, workdir):
     assert sb.state == S.SANDBOX_STATE_RUNNING, sb.state_reason
     assert guest_exec(e2, "up", "true").returncode == 0
     destroy(n, "up")
+    assert leftovers(e2) == []
+
+
+def test_calls_are_unavailable_while_starting(start_emberd, workdir):
+    """node.proto: while emberd is STARTING (recovering its sandboxes) GetNode answers with
+    serving_state STARTING and every other call UNAVAILABLE. Recovery is made slow the way a
+    node can really be slow: emberd was killed in the middle of a destroy whose VMM does not
+    react to SIGTERM (stopped here with SIGSTOP), so the next emberd's recovery waits 5 s for
+    it before SIGKILL."""
+    root = os.path.join(workdir, "node")
+    e = start_emberd("[network]\npool_size = 0\n", root=root)
+    n = stub(e)
+    create(n, "stuck")
+    with open(os.path.join(e.state_dir, "sandboxes", "stuck", "sandbox.json")) as f:
+        vmm = json.load(f)["vmm_pid"]
+    os.kill(vmm, signal.SIGSTOP)
+    # The destroy writes DESTROYING, then waits for the VMM to stop: kill emberd there.
+    with pytest.raises(grpc.RpcError):
+        n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="stuck"), timeout=1)
+    wait_for(lambda: n.GetSandbox(S.GetSandboxRequest(sandbox_id="stuck"), timeout=5).state
+             == S.SANDBOX_STATE_DESTROYING, 10, "DESTROYING")
+    e.proc.signal(signal.SIGKILL)
+    assert e.proc.wait(30) is not None
+    assert os.path.exists(f"/proc/{vmm}")
+
+    e2 = start_emberd("[network]\npool_size = 0\n", root=root, hostns=e.hostns, wait=False)
+    n2 = stub(e2)
+    seen = {}
+    calls = {
+        "ListSandboxes": lambda: n2.ListSandboxes(S.ListSandboxesRequest(), timeout=2),
+        "GetSandbox": lambda: n2.GetSandbox(S.GetSandboxRequest(sandbox_id="stuck"),
+                                            timeout=2),
+        "CreateSandbox": lambda: create(n2, "new", timeout=2),
+        "DestroySandbox": lambda: n2.DestroySandbox(
+            S.DestroySandboxRequest(sandbox_id="stuck"), timeout=2),
+        "ListTemplates": lambda: n2.ListTemplates(S.ListTemplatesRequest(), timeout=2),
+        "GetTemplate": lambda: n2.GetTemplate(S.GetTemplateRequest(template_id="demo"),
+                                              timeout=2),
+    }
+
+    def node_state():
+        try:
+            return n2.GetNode(S.GetNodeRequest(), timeout=2).serving_state
+        except grpc.RpcError:
+            return None  # not listening yet
+
+    wait_for(lambda: node_state() is not None, 30, "emberd to listen")
+    assert node_state() == S.SERVING_STATE_STARTING
+    for name, fn in calls.items():
+        seen[name] = code_of(fn)
+    # Still STARTING after the calls: each answer above was given while recovering.
+    assert node_state() == S.SERVING_STATE_STARTING
+    for name, (code, details) in seen.items():
+        assert code == grpc.StatusCode.UNAVAILABLE, (name, code, details)
+        assert "STARTING" in details, (name, details)
+    wait_for(lambda: node_state() == S.SERVING_STATE_SERVING, 30, "SERVING")
+    # killed during recovery; whoever inherited it from the first emberd reaps it
+    wait_for(lambda: not os.path.exists(f"/proc/{vmm}"), 10, "the stuck VMM gone")
+    assert list(n2.ListSandboxes(S.ListSandboxesRequest(), timeout=5).sandboxes) == []
     assert leftovers(e2) == []
