@@ -129,7 +129,7 @@ COMMON_SRCS := common/log.c common/fileio.c common/id.c common/error.c
 STORAGE_SRCS := storage/storage.c storage/loop.c storage/registry.c storage/dm.c \
 	storage/file.c storage/usage.c storage/reclaim.c
 NETNS_SRCS := netns/cidr.c netns/ns.c netns/link.c netns/nft.c netns/pool.c netns/relay.c
-FCCTL_SRCS := fcctl/api.c fcctl/process.c fcctl/vsock.c
+FCCTL_SRCS := fcctl/api.c fcctl/process.c fcctl/proc.c fcctl/vsock.c
 # ember-uffd: its own binary, not part of libfcctl.a (emberd only spawns it)
 UFFD_SRCS := fcctl/uffd.c fcctl/ember-uffd.c
 FCSIM_SRCS := fcsim/main.c fcsim/api.c fcsim/vmm.c fcsim/guest.c fcsim/vsock.c fcsim/fclog.c \
@@ -244,7 +244,7 @@ $(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-s
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
 
 # ember-uffd links only what it uses: one runs per resumed sandbox.
-UFFD_OBJ := $(B)/obj/fcctl/uffd.o
+UFFD_OBJ := $(B)/obj/fcctl/uffd.o $(B)/obj/fcctl/proc.o
 UFFD_LIBS = $(shell $(PKG_CONFIG) --libs json-c libsystemd 2>/dev/null)
 $(B)/ember-uffd: $(B)/obj/fcctl/ember-uffd.o $(UFFD_OBJ) $(B)/libcommon.a
 	@echo "  LD       $@"

@@ -3,7 +3,7 @@
  * ember-uffd: serves one sandbox's snapshot memory to Firecracker through userfaultfd
  * (DESIGN.md §7). A process of its own, so that a resumed sandbox survives an emberd restart.
  *
- *   ember-uffd <listen socket> <memory file> [--prefetch] [--timeout-ms N] [--debug]
+ *   ember-uffd <listen socket> <memory file> [--prefetch] [--timeout-ms N] [--id ID] [--debug]
  *
  * The socket path appears once it listens: wait for it, then send /snapshot/load. Exit status
  * 0 when Firecracker went away, 1 when Firecracker had to be killed or serving failed (the
@@ -15,6 +15,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "common/log.h"
 #include "common/macro.h"
@@ -23,7 +24,7 @@
 static void usage(FILE *f)
 {
 	fprintf(f, "Usage: ember-uffd <listen socket> <memory file> [--prefetch] [--timeout-ms N] "
-		   "[--debug]\n"
+		   "[--id ID] [--debug]\n"
 		   "\n"
 		   "Serves a Firecracker snapshot memory file through the userfaultfd Firecracker\n"
 		   "hands over on <listen socket> (mem_backend Uffd).\n"
@@ -31,6 +32,8 @@ static void usage(FILE *f)
 		   "  --prefetch      copy all memory in the background right after the handshake\n"
 		   "  --timeout-ms N  give up when Firecracker has not connected and sent the\n"
 		   "                  handshake within N ms (default: wait forever)\n"
+		   "  --id ID         the sandbox served: only a process started with --id ID\n"
+		   "                  may connect (and emberd finds this one again by it)\n"
 		   "  --debug         debug log on stderr\n");
 }
 
@@ -50,11 +53,9 @@ static int parse_timeout(const char *s, int *ret)
 int main(int argc, char **argv)
 {
 	static const struct option options[] = {
-		{"prefetch", no_argument, NULL, 'p'},
-		{"timeout-ms", required_argument, NULL, 't'},
-		{"debug", no_argument, NULL, 'd'},
-		{"help", no_argument, NULL, 'h'},
-		{},
+		{"prefetch", no_argument, NULL, 'p'}, {"timeout-ms", required_argument, NULL, 't'},
+		{"debug", no_argument, NULL, 'd'},    {"id", required_argument, NULL, 'i'},
+		{"help", no_argument, NULL, 'h'},     {},
 	};
 	UffdOptions opt = {.prefetch = false, .timeout_ms = -1};
 	_cleanup_free_ char *error = NULL;
@@ -75,6 +76,9 @@ int main(int argc, char **argv)
 		case 'd':
 			log_set_max_level(LOG_DEBUG);
 			break;
+		case 'i':
+			opt.peer_id = optarg;
+			break;
 		case 'h':
 			usage(stdout);
 			return 0;
@@ -87,6 +91,9 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	log_setup("ember-uffd", LOG_TARGET_STDERR);
+	/* Only our own user's processes (the VMM emberd started) may connect. */
+	opt.check_peer_uid = true;
+	opt.peer_uid = getuid();
 
 	r = uffd_serve(argv[optind], argv[optind + 1], &opt, &st, &error);
 	if (r < 0)

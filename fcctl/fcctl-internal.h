@@ -35,3 +35,7 @@ int api_init(FcVm *vm);
 void api_done(FcVm *vm);
 int api_call(FcVm *vm, const char *method, const char *path, json_object *body,
 	     json_object **ret_reply, char **ret_fault);
+
+/* Was process `pid` started with `--id <id>` (or `--id=<id>`, as the jailer passes it)? Read
+ * from /proc/<pid>/cmdline. */
+bool process_has_id(pid_t pid, const char *id);

@@ -74,6 +74,33 @@ typedef struct FcExit {
  * a unix socket address (107 bytes and the NUL). The child gets an empty signal mask and the
  * default disposition for every signal the caller ignores. */
 int fcctl_vm_spawn(const FcSpawn *spawn, FcVm **ret, char **ret_error);
+/* ---- ember-uffd ----
+ *
+ * The memory server of a VMM restored with the Uffd backend (DESIGN.md §7) is a process of its
+ * own, so that it survives an agent restart as the VMM does. Its handle is an FcVm too: the
+ * process calls (pid, pidfd, reap, wait, stop, free) work on it, fcctl_vm_adopt() takes it over
+ * after a restart (with the ember-uffd binary, the same id and workdir); the API calls do not
+ * apply. It ends by itself when its VMM goes away. */
+
+#define FCCTL_UFFD_SOCK "uffd.sock"
+
+typedef struct FcUffdSpawn {
+	const char *binary;       /* ember-uffd */
+	const char *id;           /* --id, checked when adopting */
+	const char *workdir;      /* its working directory (the sandbox's run dir) */
+	const char *socket;       /* relative to workdir; NULL: FCCTL_UFFD_SOCK */
+	const char *mem_path;     /* the snapshot's memory file */
+	const char *output;       /* its stderr, relative to workdir; NULL: uffd.out */
+	bool prefetch;            /* copy all memory in the background after the handshake */
+	int start_timeout_ms;     /* for the socket to appear; 0: 10 s */
+	int handshake_timeout_ms; /* for the VMM to connect once it listens; 0: 30 s */
+} FcUffdSpawn;
+
+/* Starts ember-uffd and waits (inotify, no polling) until its socket is there: then send
+ * /snapshot/load with that socket as the Uffd backend. No test connection is made: ember-uffd
+ * serves the first peer that connects. */
+int fcctl_uffd_spawn(const FcUffdSpawn *spawn, FcVm **ret, char **ret_error);
+
 /* Takes over a VMM started by an earlier agent, after checking that pid runs `binary`
  * (/proc/<pid>/exe), was started with --id `id`, and works in `workdir` (/proc/<pid>/cwd);
  * files are compared by device and inode; a process whose binary was since replaced at that

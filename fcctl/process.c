@@ -127,8 +127,11 @@ static bool answers(const char *sock)
 
 /* Waits for the API socket to accept a connection: inotify on its directory wakes us when it
  * appears (no busy polling); the pidfd when the VMM dies first. The socket file exists a moment
- * before listen(): a refused connect is retried after the next event or 10 ms. */
-static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output_path, char **ret_error)
+ * before listen(): a refused connect is retried after the next event or 10 ms.
+ * `probe` false: the socket's existence is enough (ember-uffd renames it into place once it
+ * listens, and takes the first connection as Firecracker's: no test connection may be made). */
+static int wait_for_socket(FcVm *vm, int timeout_ms, bool probe, const char *output_path,
+			   char **ret_error)
 {
 	_cleanup_close_ int in = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
 	_cleanup_free_ char *dir = strdup(vm->api_sock);
@@ -140,13 +143,13 @@ static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output_path, ch
 	if (inotify_add_watch(in, dir, IN_CREATE | IN_MOVED_TO) < 0)
 		return error_set(ret_error, -errno, "cannot watch %s: %m", dir);
 	for (;;) {
-		if (answers(vm->api_sock))
+		if (probe ? answers(vm->api_sock) : access(vm->api_sock, F_OK) == 0)
 			return 0;
 		int64_t left = deadline - now_ms();
 		if (left <= 0)
-			return error_set(ret_error, -ETIMEDOUT,
-					 "the VMM did not open its API socket %s within %d ms",
-					 vm->api_sock, timeout_ms);
+			return error_set(
+				ret_error, -ETIMEDOUT, "%s did not open its socket %s within %d ms",
+				probe ? "the VMM" : "the process", vm->api_sock, timeout_ms);
 		struct pollfd p[2] = {{.fd = in, .events = POLLIN},
 				      {.fd = vm->pidfd, .events = POLLIN}};
 		bool exists = access(vm->api_sock, F_OK) == 0;
@@ -159,8 +162,8 @@ static int wait_for_socket(FcVm *vm, int timeout_ms, const char *output_path, ch
 			(void)fcctl_vm_wait(vm, -1, &ex);
 			return error_set(
 				ret_error, -ECHILD,
-				"the VMM exited before opening its API socket (%s %d); see its "
-				"output in %s",
+				"%s exited before opening its %s (%s %d); see its output in %s",
+				probe ? "the VMM" : "the process", probe ? "API socket" : "socket",
 				ex.signal ? "signal" : "status", ex.signal ? ex.signal : ex.code,
 				output_path);
 		}
@@ -227,6 +230,94 @@ static int check_socket_path(const char *what, const char *path, char **ret_erro
 			 what, path, len, len - max, max);
 }
 
+/* fork + exec of argv: the child enters the network namespace `ns` (when >= 0) and the
+ * directory `wd`, takes /dev/null as stdin and `out` as stdout and stderr, starts its own
+ * session, and gets an empty signal mask and the default disposition for every signal the
+ * caller ignores. A failure before exec comes back as an error naming the step (netns and
+ * workdir only name things in it), not as an exit status 127. The child is not reaped. */
+static int fork_exec(const char *const *argv, int ns, int wd, int out, const char *netns,
+		     const char *workdir, pid_t *ret_pid, char **ret_error)
+{
+	pid_t pid;
+	int r;
+
+	/* Only SIG_IGN survives exec (handlers are reset by it): the child puts every ignored
+	 * signal back to the default, or a VMM started by emberd, which ignores SIGPIPE, would
+	 * ignore it too. */
+	const KernelSigaction dfl = {.handler = SIG_DFL};
+	sigset_t none;
+	sigemptyset(&none);
+
+	/* The child reports a failed setns/chdir/exec through this pipe (closed on exec): the
+	 * caller gets "cannot execute …: No such file or directory", not an exit status 127. */
+	int report[2];
+	if (pipe2(report, O_CLOEXEC) < 0)
+		return error_set(ret_error, -errno, "pipe: %m");
+	pid = fork();
+	if (pid < 0) {
+		r = -errno;
+		close(report[0]);
+		close(report[1]);
+		return error_set(ret_error, r, "fork: %m");
+	}
+	if (pid == 0) {
+		/* The child: async-signal-safe system calls only. */
+		int stage = 0, e;
+		close(report[0]);
+		if (ns >= 0 && setns(ns, CLONE_NEWNET) < 0)
+			goto child_fail;
+		stage = 1;
+		if (fchdir(wd) < 0)
+			goto child_fail;
+		stage = 2;
+		int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+		if (null >= 0)
+			dup2(null, STDIN_FILENO);
+		dup2(out, STDOUT_FILENO);
+		dup2(out, STDERR_FILENO);
+		/* A VMM outlives the agent that started it (restarts adopt it): its own session,
+		 * no signals from our terminal. */
+		setsid();
+		/* Read here rather than before the fork: what counts is what this process has,
+		 * whatever another thread changed meanwhile. */
+		for (int sig = 1; sig < NSIG; sig++) {
+			/* The system call, not glibc's sigaction(), which refuses the two
+			 * real-time signals glibc keeps for itself (32, 33): an ignored one would
+			 * stay ignored in the VMM. */
+			KernelSigaction old = {};
+			if (syscall(SYS_rt_sigaction, sig, NULL, &old, sizeof(uint64_t)) == 0 &&
+			    old.handler == SIG_IGN)
+				(void)syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof(uint64_t));
+		}
+		/* Last: no handler of the parent's may run in the child. */
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		execve(argv[0], (char *const *)argv, environ);
+	child_fail:
+		e = errno;
+		(void)!write(report[1], (int[]){stage, e}, 2 * sizeof(int));
+		_exit(127);
+	}
+	close(report[1]);
+	int failed[2];
+	ssize_t got;
+	do
+		got = read(report[0], failed, sizeof(failed));
+	while (got < 0 && errno == EINTR);
+	close(report[0]);
+	if (got == (ssize_t)sizeof(failed)) {
+		(void)waitpid(pid, NULL, 0);
+		static const char *const what[] = {"enter the network namespace",
+						   "enter the working directory", "execute"};
+		errno = failed[1];
+		return error_set(ret_error, -failed[1], "cannot %s %s: %m", what[failed[0]],
+				 failed[0] == 0   ? netns
+				 : failed[0] == 1 ? workdir
+						  : argv[0]);
+	}
+	*ret_pid = pid;
+	return 0;
+}
+
 int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 {
 	_cleanup_close_ int ns = -EBADF, out = -EBADF, wd = -EBADF, root = -EBADF;
@@ -236,7 +327,7 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	const char *argv[32];
 	size_t n = 0;
 	FcVm *vm;
-	pid_t pid;
+	pid_t pid = -1;
 	int r;
 
 	if (!s->binary || !s->id || !s->workdir || s->workdir[0] != '/')
@@ -342,79 +433,10 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	}
 	argv[n] = NULL;
 
-	/* Only SIG_IGN survives exec (handlers are reset by it): the child puts every ignored
-	 * signal back to the default, or a VMM started by emberd, which ignores SIGPIPE, would
-	 * ignore it too. */
-	const KernelSigaction dfl = {.handler = SIG_DFL};
-	sigset_t none;
-	sigemptyset(&none);
-
-	/* The child reports a failed setns/chdir/exec through this pipe (closed on exec): the
-	 * caller gets "cannot execute …: No such file or directory", not an exit status 127. */
-	int report[2];
-	if (pipe2(report, O_CLOEXEC) < 0)
-		return error_set(ret_error, -errno, "pipe: %m");
-	pid = fork();
-	if (pid < 0) {
-		r = -errno;
-		close(report[0]);
-		close(report[1]);
-		return error_set(ret_error, r, "fork: %m");
-	}
-	if (pid == 0) {
-		/* The child: async-signal-safe system calls only. */
-		int stage = 0, e;
-		close(report[0]);
-		if (ns >= 0 && !s->jailer && setns(ns, CLONE_NEWNET) < 0)
-			goto child_fail;
-		stage = 1;
-		if (fchdir(wd) < 0)
-			goto child_fail;
-		stage = 2;
-		int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
-		if (null >= 0)
-			dup2(null, STDIN_FILENO);
-		dup2(out, STDOUT_FILENO);
-		dup2(out, STDERR_FILENO);
-		/* A VMM outlives the agent that started it (restarts adopt it): its own session,
-		 * no signals from our terminal. */
-		setsid();
-		/* Read here rather than before the fork: what counts is what this process has,
-		 * whatever another thread changed meanwhile. */
-		for (int sig = 1; sig < NSIG; sig++) {
-			/* The system call, not glibc's sigaction(), which refuses the two
-			 * real-time signals glibc keeps for itself (32, 33): an ignored one would
-			 * stay ignored in the VMM. */
-			KernelSigaction old = {};
-			if (syscall(SYS_rt_sigaction, sig, NULL, &old, sizeof(uint64_t)) == 0 &&
-			    old.handler == SIG_IGN)
-				(void)syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof(uint64_t));
-		}
-		/* Last: no handler of the parent's may run in the child. */
-		sigprocmask(SIG_SETMASK, &none, NULL);
-		execve(argv[0], (char *const *)argv, environ);
-	child_fail:
-		e = errno;
-		(void)!write(report[1], (int[]){stage, e}, 2 * sizeof(int));
-		_exit(127);
-	}
-	close(report[1]);
-	int failed[2];
-	ssize_t got;
-	do
-		got = read(report[0], failed, sizeof(failed));
-	while (got < 0 && errno == EINTR);
-	close(report[0]);
-	if (got == (ssize_t)sizeof(failed)) {
-		(void)waitpid(pid, NULL, 0);
-		static const char *const what[] = {"enter the network namespace",
-						   "enter the working directory", "execute"};
-		errno = failed[1];
-		return error_set(ret_error, -failed[1], "cannot %s %s: %m", what[failed[0]],
-				 failed[0] == 0   ? s->netns
-				 : failed[0] == 1 ? s->workdir
-						  : argv[0]);
-	}
+	r = fork_exec(argv, s->jailer ? -EBADF : ns, wd, out, s->netns, s->workdir, &pid,
+		      ret_error);
+	if (r < 0)
+		return r;
 
 	/* Our child, not yet reaped: its pid cannot be reused before the pidfd is taken. Without
 	 * a pidfd it could be neither watched nor stopped safely: killed now. */
@@ -432,8 +454,8 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		return -ENOMEM;
 	}
 	TAKE_FD(pidfd);
-	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000, output_path,
-			    ret_error);
+	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000, true,
+			    output_path, ret_error);
 	if (r < 0) {
 		(void)fcctl_vm_stop(vm, 1000, NULL);
 		fcctl_vm_free(vm);
@@ -444,31 +466,83 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	return 0;
 }
 
-/* argv of a process from /proc/<pid>/cmdline: is `--id <id>` in it? */
-static bool cmdline_has_id(pid_t pid, const char *id)
+int fcctl_uffd_spawn(const FcUffdSpawn *s, FcVm **ret, char **ret_error)
 {
-	char path[64], buf[8192];
-	ssize_t len;
-	int fd;
+	_cleanup_close_ int out = -EBADF, wd = -EBADF, pidfd = -EBADF;
+	char sock[PATH_MAX], output_path[PATH_MAX];
+	const char *argv[16];
+	size_t n = 0;
+	pid_t pid = -1;
+	FcVm *vm;
+	int r;
 
-	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return false;
-	len = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (len <= 0)
-		return false;
-	buf[len] = 0;
-	/* `--id <id>` as ember passes it, `--id=<id>` as the jailer does. */
-	for (char *p = buf; p < buf + len; p += strlen(p) + 1) {
-		if (strcmp(p, "--id") == 0 && p + strlen(p) + 1 < buf + len &&
-		    strcmp(p + strlen(p) + 1, id) == 0)
-			return true;
-		if (strncmp(p, "--id=", 5) == 0 && strcmp(p + 5, id) == 0)
-			return true;
+	if (!s->binary || !s->id || !s->workdir || s->workdir[0] != '/' || !s->mem_path)
+		return error_set(ret_error, -EINVAL,
+				 "binary, id, mem_path and an absolute workdir are required");
+	if (snprintf(sock, sizeof(sock), "%s/%s", s->workdir, s->socket ?: FCCTL_UFFD_SOCK) >=
+	    (int)sizeof(sock))
+		return error_set(ret_error, -ENAMETOOLONG, "path too long: %s", s->workdir);
+	r = check_socket_path("the memory server's socket path", sock, ret_error);
+	if (r < 0)
+		return r;
+	wd = open(s->workdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (wd < 0)
+		return error_set(ret_error, -errno, "workdir %s: %m", s->workdir);
+	out = openat(wd, s->output ?: "uffd.out", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	if (out < 0)
+		return error_set(ret_error, -errno, "cannot open ember-uffd's output file: %m");
+	if (out <= STDERR_FILENO) {
+		int moved = fcntl(out, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+		if (moved < 0)
+			return error_set(ret_error, -errno, "fcntl: %m");
+		close(out);
+		out = moved;
 	}
-	return false;
+	snprintf(output_path, sizeof(output_path), "%s/%s", s->workdir, s->output ?: "uffd.out");
+	/* ember-uffd refuses a socket path that exists: an old one is ours and stale. */
+	(void)unlink(sock);
+
+	char timeout[16];
+	snprintf(timeout, sizeof(timeout), "%d",
+		 s->handshake_timeout_ms > 0 ? s->handshake_timeout_ms : 30000);
+	argv[n++] = s->binary;
+	argv[n++] = s->socket ?: FCCTL_UFFD_SOCK;
+	argv[n++] = s->mem_path;
+	argv[n++] = "--id";
+	argv[n++] = s->id;
+	argv[n++] = "--timeout-ms";
+	argv[n++] = timeout;
+	if (s->prefetch)
+		argv[n++] = "--prefetch";
+	argv[n] = NULL;
+
+	r = fork_exec(argv, -EBADF, wd, out, NULL, s->workdir, &pid, ret_error);
+	if (r < 0)
+		return r;
+	pidfd = pidfd_open_(pid);
+	if (pidfd < 0) {
+		r = error_set(ret_error, -errno, "pidfd_open: %m");
+		kill(pid, SIGKILL);
+		(void)waitpid(pid, NULL, 0);
+		return r;
+	}
+	vm = vm_new(pid, pidfd, true, s->workdir, sock);
+	if (!vm) {
+		(void)pidfd_signal(pidfd, SIGKILL);
+		(void)waitpid(pid, NULL, 0);
+		return -ENOMEM;
+	}
+	TAKE_FD(pidfd);
+	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000, false,
+			    output_path, ret_error);
+	if (r < 0) {
+		(void)fcctl_vm_stop(vm, 1000, NULL);
+		fcctl_vm_free(vm);
+		return r;
+	}
+	log_debug("spawned %s (pid %d) for %s", s->binary, (int)pid, s->mem_path);
+	*ret = vm;
+	return 0;
 }
 
 int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *workdir, FcVm **ret,
@@ -507,7 +581,7 @@ int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *wo
 		return error_set(ret_error, -ESRCH, "process %d runs %s, not %s", (int)pid, exe,
 				 want);
 	}
-	if (!cmdline_has_id(pid, id)) {
+	if (!process_has_id(pid, id)) {
 		close(pidfd);
 		return error_set(ret_error, -ESRCH, "process %d was not started with --id %s",
 				 (int)pid, id);

@@ -47,6 +47,7 @@
 
 #include "common/log.h"
 #include "common/macro.h"
+#include "fcctl-internal.h"
 
 #define PAGE_4K (4096ull)
 #define PAGE_2M (2ull << 20)
@@ -743,6 +744,16 @@ static int server_accept(Server *s, uint64_t deadline)
 	if (s->pidfd >= 0)
 		(void)fcntl(s->pidfd, F_SETFD, FD_CLOEXEC);
 	s->st.peer = s->peer;
+	/* Before anything it sends is read: the socket's directory keeps others out, this makes
+	 * sure of it. Not killed: a refused peer may be anyone. */
+	if (s->opt.check_peer_uid && cred.uid != s->opt.peer_uid)
+		return server_fail(s, false, "peer refused", -EPERM,
+				   "refused pid %d: uid %u, only uid %u may connect", (int)cred.pid,
+				   (unsigned)cred.uid, (unsigned)s->opt.peer_uid);
+	if (s->opt.peer_id && !process_has_id(cred.pid, s->opt.peer_id))
+		return server_fail(s, false, "peer refused", -EPERM,
+				   "refused pid %d: not the VMM of %s (no --id %s)", (int)cred.pid,
+				   s->opt.peer_id, s->opt.peer_id);
 	log_debug("uffd: firecracker connected (pid %d)", (int)s->peer);
 	return 0;
 }
@@ -762,6 +773,17 @@ static int server_receive_handshake(Server *s, uint64_t deadline)
 	if (r < 0)
 		return server_fail(s, true, "invalid handshake", r, "invalid handshake: %s",
 				   err ? err : "?");
+
+	/* A userfaultfd, not some other fd a confused or hostile peer passed: ioctls on anything
+	 * else would do something else entirely. */
+	char link[64], target[64];
+	ssize_t n;
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", s->hs.uffd);
+	n = readlink(link, target, sizeof(target) - 1);
+	if (n < 0 || (target[n] = 0, strcmp(target, "anon_inode:[userfaultfd]") != 0))
+		return server_fail(s, true, "invalid handshake", -EBADF,
+				   "the fd received is not a userfaultfd (%s)",
+				   n < 0 ? "unreadable" : target);
 
 	/* The file description is shared with Firecracker, which creates it non-blocking anyway
 	 * and never reads it. We need it so: after a REMOVE, a read must not wait for more. */

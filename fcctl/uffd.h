@@ -40,6 +40,13 @@ int uffd_handshake_recv(int sock, UffdHandshake *ret, char **ret_error);
 typedef struct UffdOptions {
 	bool prefetch;  /* copy every page right after the handshake, in a background thread */
 	int timeout_ms; /* how long to wait for Firecracker to connect (-1: forever) */
+	/* Who may connect (SO_PEERCRED), checked before anything is read from the peer: with
+	 * check_peer_uid, only a process of peer_uid; with peer_id, only one started with
+	 * `--id <peer_id>` (the VMM of that sandbox). A refused peer is disconnected and not
+	 * served; it is not killed (it may be anyone). */
+	bool check_peer_uid;
+	uid_t peer_uid;
+	const char *peer_id;
 } UffdOptions;
 
 typedef struct UffdStats {
@@ -55,11 +62,12 @@ typedef struct UffdStats {
 	char end_reason[128];            /* "firecracker exited", "memory file truncated", … */
 } UffdStats;
 
-/* The whole server: listens on `socket_path` (refusing one that exists), accepts Firecracker,
- * receives the handshake, maps `mem_path`, and serves faults until Firecracker goes away.
- * When it cannot serve (file missing, too short, unreadable, I/O error) it kills Firecracker
- * (the pid from SO_PEERCRED) — otherwise the guest would hang forever on the next fault —
- * and returns an error saying why. *ret_stats is filled on failure too (unlike other outputs):
- * the statistics line at exit is most useful when serving went wrong. */
+/* The whole server: listens on `socket_path` (refusing one that exists), accepts Firecracker
+ * (checked as the options say), receives the handshake (its fd must be a userfaultfd), maps
+ * `mem_path`, and serves faults until Firecracker goes away. When it cannot serve (file
+ * missing, too short, unreadable, I/O error) it kills Firecracker (the pid from SO_PEERCRED)
+ * — otherwise the guest would hang forever on the next fault — and returns an error saying
+ * why. *ret_stats is filled on failure too (unlike other outputs): the statistics line at
+ * exit is most useful when serving went wrong. */
 int uffd_serve(const char *socket_path, const char *mem_path, const UffdOptions *opt,
 	       UffdStats *ret_stats, char **ret_error);

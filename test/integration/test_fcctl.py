@@ -419,3 +419,60 @@ def test_firecracker_probe_status(start_emberd, workdir):
     e = start_emberd(f"[vmm]\nkind = fcsim\nfirecracker_bin = {fc}\n")
     p = probe_of(e)
     assert not p.available and p.reason == f"{fc} --version failed: non-zero exit (3)", p
+
+
+# A stand-in for Firecracker's side of the Uffd handshake: connects, sends the region list
+# with an fd (a real userfaultfd, or a pipe when BAD_FD is set). Its own argv is what
+# ember-uffd checks for --id.
+PEER = r"""
+import ctypes, json, os, socket, sys
+sock_path, bad_fd = sys.argv[1], os.environ.get("BAD_FD") == "1"
+if bad_fd:
+    fd = os.pipe()[0]
+else:
+    fd = ctypes.CDLL(None, use_errno=True).syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)
+    assert fd >= 0, ctypes.get_errno()
+regions = [{"base_host_virt_addr": 0x7f0000000000, "size": 1 << 20, "offset": 0,
+            "page_size": 4096, "page_size_kib": 4096}]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sock_path)
+socket.send_fds(s, [json.dumps(regions).encode()], [fd])
+s.recv(1)
+"""
+
+
+@pytest.mark.parametrize("case", ["other-id", "other-uid", "not-a-userfaultfd"])
+def test_uffd_serves_only_its_vmm(case):
+    """ember-uffd --id X serves only a peer started with --id X, of its own uid, and only
+    with a userfaultfd: anything else is refused with a message saying which check failed."""
+    d = tempfile.mkdtemp(prefix="ember-uffd-peer-", dir="/tmp")
+    os.chmod(d, 0o777)  # so that the other-uid peer can reach the socket at all
+    mem = os.path.join(d, "mem")
+    with open(mem, "wb") as f:
+        f.truncate(1 << 20)
+    sock = os.path.join(d, "uffd.sock")
+    u = subprocess.Popen([UFFD, sock, mem, "--id", "sbx", "--timeout-ms", "20000"],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(sock), 10, "the socket")
+        os.chmod(sock, 0o777)
+        argv = ["python3", "-c", PEER, sock]
+        argv += ["--id", "other"] if case == "other-id" else ["--id", "sbx"]
+        # (nobody may not create a userfaultfd: that peer sends a pipe, and is refused for
+        # its uid before its fd is looked at)
+        env = dict(os.environ, BAD_FD="0" if case == "other-id" else "1")
+        peer = subprocess.Popen(argv, env=env, user=65534 if case == "other-uid" else None,
+                                stderr=subprocess.PIPE)
+        _, err = u.communicate(timeout=30)
+        peer.kill()
+        peer.wait()
+    finally:
+        if u.poll() is None:
+            u.kill()
+            u.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    assert u.returncode == 1, err
+    want = {"other-id": "not the VMM of sbx (no --id sbx)",
+            "other-uid": "uid 65534, only uid 0 may connect",
+            "not-a-userfaultfd": "is not a userfaultfd"}[case]
+    assert want in err, err
