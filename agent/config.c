@@ -187,6 +187,24 @@ static const Key keys[] = {
 	 0,
 	 0,
 	 NULL},
+	{{"vmm", "uffd_bin", "", "empty or a program name (looked up in PATH) or an absolute path",
+	  "ember-uffd, the memory server of resumed sandboxes. Empty: next to the emberd binary, "
+	  "then ../lib/ember/ from it (where the package installs it), else in PATH. Without it "
+	  "PauseSandbox and ResumeSandbox are FAILED_PRECONDITION."},
+	 KEY_OPT_PROGRAM,
+	 STR(uffd_bin),
+	 0,
+	 0,
+	 NULL},
+	{{"vmm", "uffd_prefetch", "true", "true or false",
+	  "ember-uffd copies a resumed sandbox's whole memory in the background right after the "
+	  "restore, instead of only the pages the guest touches: the guest stops taking faults "
+	  "sooner, at the cost of reading the whole memory file."},
+	 KEY_BOOL,
+	 STR(uffd_prefetch),
+	 0,
+	 0,
+	 NULL},
 	{{"vmm", "boot_timeout_s", "30", "a whole number from 1 to 600",
 	  "How long a create or restore waits for the guest agent to answer before it fails "
 	  "and unwinds."},

@@ -38,6 +38,8 @@ typedef struct Config {
 	char *firecracker_bin;
 	char *fcsim_bin; /* empty: next to emberd, else PATH */
 	char *jailer_bin;
+	char *uffd_bin; /* empty: next to emberd, ../lib/ember, else PATH */
+	bool uffd_prefetch;
 	unsigned boot_timeout_s;
 
 	/* [storage] */

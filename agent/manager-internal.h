@@ -99,8 +99,24 @@ typedef enum SbOp {
 	SB_OP_NONE,
 	SB_OP_CREATE,
 	SB_OP_DESTROY,
-	SB_OP_REAP, /* its VMM died: release what it held, then FAILED */
+	SB_OP_REAP, /* its VMM (or memory server) died: release what it held, then FAILED */
+	SB_OP_PAUSE,
+	SB_OP_RESUME,
 } SbOp;
+
+/* The steps of the last create, pause or resume (Sandbox.last_operation). */
+#define OP_MAX_STEPS 16
+typedef struct OpTiming {
+	char op[16]; /* "" until an operation finished */
+	struct {
+		char name[24];
+		uint64_t us;
+	} steps[OP_MAX_STEPS];
+	size_t n_steps;
+	uint64_t total_us;
+	char failed[24];
+	struct timespec end;
+} OpTiming;
 
 typedef struct Waiter Waiter;
 struct Waiter {
@@ -127,12 +143,15 @@ struct Sandbox {
 	char *sandbox_ip; /* (L) */
 	FcVm *vm;
 	pid_t vmm_pid;
+	FcVm *uffd; /* ember-uffd, while running from saved memory (after a resume) */
+	pid_t uffd_pid;
 	char *device;      /* what the VMM's rootfs link points to */
 	WatchToken *watch; /* (L) the VMM's pidfd is in the event loop */
 	bool slot_user;    /* (L) counted in Manager.n_slot_users */
 	char *run_dir;     /* <run_dir>/sandboxes/<id> */
 	char *data_dir;    /* <state_dir>/sandboxes/<id> */
 	char *cow_path;
+	OpTiming last_op; /* (L) */
 
 	/* Operation state (L). */
 	SbOp op;             /* running (or queued) operation */
@@ -143,6 +162,10 @@ struct Sandbox {
 	bool destroy_failed; /* the last destroy failed (state FAILED says why) */
 	RpcCode create_code;
 	char *create_error;
+	/* Pause and resume: each one that ends bumps ops_ended and leaves its outcome here. */
+	uint64_t ops_ended;
+	RpcCode op_code;
+	char *op_error;
 	Waiter *waiters;
 
 	unsigned refs; /* (L) registry + every thread holding a pointer */
@@ -236,6 +259,10 @@ void manager_unwatch_vmm(Manager *m, Sandbox *sb);
 void sandbox_op_create(Manager *m, Sandbox *sb);
 void sandbox_op_destroy(Manager *m, Sandbox *sb);
 void sandbox_op_reap(Manager *m, Sandbox *sb);
+void sandbox_op_pause(Manager *m, Sandbox *sb);
+void sandbox_op_resume(Manager *m, Sandbox *sb);
+/* <data_dir>/snapshot/<name>: the saved state of a paused sandbox. */
+char *sandbox_saved_path(const Sandbox *sb, const char *name);
 /* Releases every runtime resource (VMM, disk device, slot, run dir) the sandbox holds; keeps
  * its files. Used by destroy, by a failed create's unwind and when a VMM died. */
 int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error);
@@ -263,6 +290,8 @@ const char *json_get_string(json_object *o, const char *key);
 uint64_t json_get_u64(json_object *o, const char *key);
 json_object *timespec_to_json(const struct timespec *ts);
 void timespec_from_json(json_object *o, struct timespec *ret);
+json_object *op_timing_to_json(const OpTiming *t);
+void op_timing_from_json(json_object *o, OpTiming *ret);
 
 /* recover.c */
 int manager_recover(Manager *m, char **ret_error);

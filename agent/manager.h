@@ -33,6 +33,7 @@ typedef struct VmmInfo {
 	VmmKind kind;
 	char *binary;  /* absolute path */
 	char *jailer;  /* absolute path or NULL */
+	char *uffd;    /* ember-uffd, absolute path; NULL: not found (no pause or resume) */
 	char *version; /* what `binary --version` said, e.g. "1.16.1" */
 	char *reason;  /* why this one (logged at start) */
 } VmmInfo;

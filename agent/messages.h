@@ -11,4 +11,6 @@
 #define EMBER_MESSAGE_SANDBOX_CREATED   "89721076b2164b6c82f2f42bb83281ee" /* a sandbox RUNNING */
 #define EMBER_MESSAGE_SANDBOX_DESTROYED "df3ed2ea9f6b4fb29eedca97563af45d" /* a sandbox gone */
 #define EMBER_MESSAGE_SANDBOX_FAILED    "e0afd0d06f14487a9a04c9eed794cf4c" /* a sandbox FAILED */
+#define EMBER_MESSAGE_SANDBOX_PAUSED    "bf17aa0ea5a946be893eacd0c2337e75" /* a sandbox PAUSED */
+#define EMBER_MESSAGE_SANDBOX_RESUMED   "013d4e72f59741949f6198982ffca512" /* RUNNING again */
 #define EMBER_MESSAGE_RECOVERED         "7a7fb09a1f2a48a8aec2de92db2fd295" /* start-up adoption */

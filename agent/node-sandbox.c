@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 
 #include "common/id.h"
 #include "common/log.h"
@@ -169,17 +170,52 @@ Ember__V1__Sandbox *sandbox_to_pb(Arena *a, Sandbox *sb)
 	if (!p->id || !p->spec || !p->state_reason || !p->sandbox_ip || !p->firecracker_version ||
 	    !p->template_id)
 		return NULL;
+	if (sb->last_op.op[0]) {
+		const OpTiming *t = &sb->last_op;
+		Ember__V1__OperationTiming *o = arena_alloc(a, sizeof(*o));
+		Ember__V1__StepTiming **steps =
+			arena_alloc(a, (t->n_steps + 1) * sizeof(Ember__V1__StepTiming *));
+		if (!o || !steps)
+			return NULL;
+		ember__v1__operation_timing__init(o);
+		o->op = arena_strdup(a, t->op);
+		o->failed_step = arena_strdup(a, t->failed);
+		o->total_us = t->total_us;
+		o->end_time = timestamp_to_pb(a, &t->end);
+		for (size_t i = 0; i < t->n_steps; i++) {
+			Ember__V1__StepTiming *st = arena_alloc(a, sizeof(*st));
+			if (!st)
+				return NULL;
+			ember__v1__step_timing__init(st);
+			st->name = arena_strdup(a, t->steps[i].name);
+			st->duration_us = t->steps[i].us;
+			steps[i] = st;
+		}
+		o->steps = steps;
+		o->n_steps = t->n_steps;
+		if (!o->op || !o->failed_step)
+			return NULL;
+		p->last_operation = o;
+	}
 	/* disk_used_bytes is sampled where the lock is not held (sandbox_sample_usage). */
 	return p;
 }
 
-/* Real disk use of the sandbox's own layer, sampled outside the manager lock. */
-static void sample_usage(Ember__V1__Sandbox *p, const char *cow_path)
+/* Real disk use of the sandbox's own layer, and of its saved state while it is PAUSED or
+ * FAILED, sampled outside the manager lock. */
+static void sample_usage(Ember__V1__Sandbox *p, const char *cow_path, const char *data_dir)
 {
 	uint64_t used = 0;
 
 	if (cow_path && storage_usage_file(cow_path, &used) >= 0)
 		p->disk_used_bytes = used;
+	if (data_dir && (p->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED ||
+			 p->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED)) {
+		_cleanup_free_ char *dir = NULL;
+		if (asprintf(&dir, "%s/snapshot", data_dir) >= 0 &&
+		    storage_usage_tree(dir, &used) >= 0)
+			p->saved_state_used_bytes = used;
+	}
 }
 
 /* ---- validation ---- */
@@ -395,7 +431,8 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 
 /* With the lock held and a reference on sb: waits until done(sb). 0, or -ECANCELED (the
  * client went away) or -ESHUTDOWN (emberd drains). */
-static int wait_sandbox_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*done)(Sandbox *))
+static int wait_sandbox_locked(Manager *m, RpcCall *call, Sandbox *sb,
+			       bool (*done)(Sandbox *, uint64_t), uint64_t arg)
 {
 	Waiter w = {.call = call, .next = sb->waiters};
 	int r = 0;
@@ -403,7 +440,7 @@ static int wait_sandbox_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*do
 	/* On our stack, and unlinked below before we return. */
 	// cppcheck-suppress autoVariables
 	sb->waiters = &w;
-	while (!done(sb)) {
+	while (!done(sb, arg)) {
 		pthread_mutex_unlock(&m->lock);
 		r = rpc_call_wait(call, -1);
 		if (r == -ESHUTDOWN) {
@@ -423,16 +460,18 @@ static int wait_sandbox_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*do
 			*p = w.next;
 			break;
 		}
-	return done(sb) ? 0 : r;
+	return done(sb, arg) ? 0 : r;
 }
 
-static bool create_done(Sandbox *sb)
+static bool create_done(Sandbox *sb, uint64_t unused)
 {
+	(void)unused;
 	return sb->create_done || sb->removed;
 }
 
-static bool destroy_done(Sandbox *sb)
+static bool destroy_done(Sandbox *sb, uint64_t unused)
 {
+	(void)unused;
 	return sb->removed || sb->destroy_failed;
 }
 
@@ -448,7 +487,7 @@ static RpcCode send_sandbox(RpcCall *call, Manager *m, Sandbox *sb)
 	pthread_mutex_unlock(&m->lock);
 	if (!p)
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
-	sample_usage(p, sb->cow_path);
+	sample_usage(p, sb->cow_path, sb->data_dir);
 	return rpc_call_send(call, &p->base) < 0 ? RPC_CANCELLED : RPC_OK;
 }
 
@@ -466,10 +505,40 @@ static uint64_t mem_available_mib(void)
 	return UINT64_MAX;
 }
 
+/* Admission of a create (new_sandbox) or a resume: NULL when the node has room, else why not
+ * (in why). Creates and resumes in flight have not touched their memory yet: they count. */
+static const char *admission_locked(Manager *m, uint64_t avail, unsigned memory_mib,
+				    bool new_sandbox, char *why, size_t size)
+{
+	const Config *c = m->config;
+	NetnsPoolStats ps;
+
+	netns_pool_stats(m->pool, &ps);
+	if (new_sandbox && m->n_sandboxes >= c->max_sandboxes) {
+		snprintf(why, size,
+			 "the node holds %zu sandboxes, its limit ([sandboxes] max_sandboxes)",
+			 m->n_sandboxes);
+		return why;
+	}
+	if (m->n_slot_users >= ps.max_slots) {
+		snprintf(why, size, "all %u network slots are in use", ps.max_slots);
+		return why;
+	}
+	if (avail < (uint64_t)c->memory_reserve_mib + m->creating_mib + memory_mib) {
+		snprintf(why, size,
+			 "not enough memory: %llu MiB available, %llu MiB promised to creates and "
+			 "resumes in flight, %u MiB asked and %u MiB kept in reserve ([sandboxes] "
+			 "memory_reserve_mib)",
+			 (unsigned long long)avail, (unsigned long long)m->creating_mib, memory_mib,
+			 c->memory_reserve_mib);
+		return why;
+	}
+	return NULL;
+}
+
 RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 {
 	const Ember__V1__CreateSandboxRequest *req = (const void *)request;
-	const Config *c = m->config;
 	SbSpec spec = {};
 	Sandbox *sb;
 	RpcCode code;
@@ -512,29 +581,8 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 		return code;
 	}
 	/* Admission, before any work: a refused create leaves no trace. */
-	NetnsPoolStats ps;
-	netns_pool_stats(m->pool, &ps);
-	const char *full = NULL;
 	char why[256];
-	if (m->n_sandboxes >= c->max_sandboxes) {
-		snprintf(why, sizeof(why),
-			 "the node holds %zu sandboxes, its limit "
-			 "([sandboxes] max_sandboxes)",
-			 m->n_sandboxes);
-		full = why;
-	} else if (m->n_slot_users >= ps.max_slots) {
-		snprintf(why, sizeof(why), "all %u network slots are in use", ps.max_slots);
-		full = why;
-	} else if (avail < (uint64_t)c->memory_reserve_mib + m->creating_mib + spec.memory_mib) {
-		/* Creates in flight have not touched their memory yet: count them. */
-		snprintf(why, sizeof(why),
-			 "not enough memory: %llu MiB available, %llu MiB promised to creates in "
-			 "flight, %u MiB asked and %u MiB kept in reserve ([sandboxes] "
-			 "memory_reserve_mib)",
-			 (unsigned long long)avail, (unsigned long long)m->creating_mib,
-			 spec.memory_mib, c->memory_reserve_mib);
-		full = why;
-	}
+	const char *full = admission_locked(m, avail, spec.memory_mib, true, why, sizeof(why));
 	if (full) {
 		pthread_mutex_unlock(&m->lock);
 		sb_spec_done(&spec);
@@ -568,7 +616,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 
 join:
 	sandbox_ref_locked(sb);
-	r = wait_sandbox_locked(m, call, sb, create_done);
+	r = wait_sandbox_locked(m, call, sb, create_done, 0);
 	RpcCode outcome = RPC_OK;
 	_cleanup_free_ char *message = NULL;
 	if (r >= 0 && sb->create_done && sb->create_code != RPC_OK) {
@@ -613,7 +661,8 @@ RpcCode node_get_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager
 
 typedef struct ListItem {
 	Ember__V1__Sandbox *pb;
-	const char *cow_path; /* a copy: the sandbox may go once the lock is released */
+	const char *cow_path; /* copies: the sandbox may go once the lock is released */
+	const char *data_dir;
 } ListItem;
 
 static int list_item_cmp(const void *a, const void *b)
@@ -643,7 +692,8 @@ static int collect_sandboxes(Manager *m, Arena *a, Ember__V1__SandboxState state
 				continue;
 			items[n].pb = sandbox_to_pb(a, sb);
 			items[n].cow_path = arena_strdup(a, sb->cow_path);
-			if (!items[n].pb || !items[n].cow_path) {
+			items[n].data_dir = arena_strdup(a, sb->data_dir);
+			if (!items[n].pb || !items[n].cow_path || !items[n].data_dir) {
 				r = -ENOMEM;
 				break;
 			}
@@ -657,7 +707,7 @@ static int collect_sandboxes(Manager *m, Arena *a, Ember__V1__SandboxState state
 		return r;
 	qsort(items, n, sizeof(*items), list_item_cmp);
 	for (size_t i = 0; i < n; i++) {
-		sample_usage(items[i].pb, items[i].cow_path);
+		sample_usage(items[i].pb, items[i].cow_path, items[i].data_dir);
 		list[i] = items[i].pb;
 	}
 	*ret = list;
@@ -692,6 +742,153 @@ RpcCode node_list_sandboxes(RpcCall *call, const ProtobufCMessage *request, Mana
 	return rpc_call_send(call, &resp.base) < 0 ? RPC_CANCELLED : RPC_OK;
 }
 
+/* ---- pause and resume ---- */
+
+static const char *state_short(Ember__V1__SandboxState s)
+{
+	const ProtobufCEnumValue *v =
+		protobuf_c_enum_descriptor_get_value(&ember__v1__sandbox_state__descriptor, (int)s);
+	return v ? v->name + strlen("SANDBOX_STATE_") : "?";
+}
+
+/* The pause or resume that was running (or queued) when the waiter joined has ended. */
+static bool op_ended(Sandbox *sb, uint64_t joined_at)
+{
+	return sb->removed || sb->ops_ended > joined_at;
+}
+
+/* Free space where the saved state goes: a pause that cannot write its memory file fails
+ * before the VM is even paused. */
+static bool room_for_saved_state(const Sandbox *sb, uint64_t *ret_free_mib)
+{
+	struct statvfs v;
+
+	if (statvfs(sb->data_dir, &v) < 0)
+		return true; /* let the pause find out, with the real error */
+	*ret_free_mib = (uint64_t)v.f_bavail * v.f_frsize >> 20;
+	/* The memory file, the device state (small) and a margin. */
+	return *ret_free_mib >= (uint64_t)sb->spec.memory_mib + 16;
+}
+
+/* PauseSandbox and ResumeSandbox: start the operation, or join the one running, and wait. */
+static RpcCode pause_or_resume(RpcCall *call, Manager *m, const char *id, bool pause)
+{
+	const Ember__V1__SandboxState
+		from = pause ? EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING
+			     : EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED,
+		during = pause ? EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSING
+			       : EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RESUMING,
+		to = pause ? EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED
+			   : EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING;
+	const char *call_name = pause ? "PauseSandbox" : "ResumeSandbox";
+	_cleanup_free_ char *message = NULL;
+	uint64_t avail = pause ? 0 : mem_available_mib(), free_mib = 0;
+	RpcCode code, outcome = RPC_OK;
+	Sandbox *sb;
+	int r;
+
+	if ((code = id_check(call, "sandbox_id", id)) != RPC_OK)
+		return code;
+	pthread_mutex_lock(&m->lock);
+	sb = manager_find_locked(m, id);
+	if (!sb) {
+		pthread_mutex_unlock(&m->lock);
+		return rpc_call_error(call, RPC_NOT_FOUND, "no sandbox %s", id);
+	}
+	sandbox_ref_locked(sb);
+	if (sb->state == to && sb->op == SB_OP_NONE) {
+		/* Already there: returned unchanged (node.proto). */
+		pthread_mutex_unlock(&m->lock);
+		code = send_sandbox(call, m, sb);
+		sandbox_unref(m, sb);
+		return code;
+	}
+	if (sb->state != during && (sb->state != from || sb->op != SB_OP_NONE)) {
+		Ember__V1__SandboxState st = sb->state;
+		pthread_mutex_unlock(&m->lock);
+		sandbox_unref(m, sb);
+		if (st == from) /* its VMM just died: the cleanup runs */
+			return rpc_call_error(call, RPC_FAILED_PRECONDITION,
+					      "sandbox %s is being cleaned up after its VMM exited",
+					      id);
+		return rpc_call_error(call, RPC_FAILED_PRECONDITION,
+				      "sandbox %s is %s; %s needs it %s", id, state_short(st),
+				      call_name, state_short(from));
+	}
+	uint64_t joined_at = sb->ops_ended;
+	if (sb->state == from) {
+		/* Start it. */
+		const char *refuse = NULL;
+		char why[256];
+		RpcCode refuse_code = RPC_FAILED_PRECONDITION;
+		if (!m->vmm.uffd) {
+			refuse = "ember-uffd, which serves the memory of resumed sandboxes, is not "
+				 "found on this node (set [vmm] uffd_bin)";
+		} else if (!pause && strcmp(sb->fc_version ?: "", m->vmm.version) != 0) {
+			snprintf(
+				why, sizeof(why),
+				"it was paused by Firecracker %s and this node runs %s: a snapshot "
+				"resumes only with the same version",
+				sb->fc_version ?: "?", m->vmm.version);
+			refuse = why;
+		} else if (pause && !room_for_saved_state(sb, &free_mib)) {
+			snprintf(
+				why, sizeof(why),
+				"not enough disk for its memory file: %u MiB needed, %llu MiB free "
+				"in %s",
+				sb->spec.memory_mib, (unsigned long long)free_mib, sb->data_dir);
+			refuse = why;
+			refuse_code = RPC_RESOURCE_EXHAUSTED;
+		} else if (!pause && (refuse = admission_locked(m, avail, sb->spec.memory_mib,
+								false, why, sizeof(why)))) {
+			refuse_code = RPC_RESOURCE_EXHAUSTED;
+		}
+		if (refuse) {
+			pthread_mutex_unlock(&m->lock);
+			sandbox_unref(m, sb);
+			return rpc_call_error(call, refuse_code, "cannot %s sandbox %s: %s",
+					      pause ? "pause" : "resume", id, refuse);
+		}
+		if (!pause) {
+			sb->slot_user = true;
+			m->n_slot_users++;
+			m->creating_mib += sb->spec.memory_mib;
+		}
+		sandbox_set_state_locked(m, sb, during, NULL);
+		manager_submit_locked(m, sb, pause ? SB_OP_PAUSE : SB_OP_RESUME);
+	}
+	r = wait_sandbox_locked(m, call, sb, op_ended, joined_at);
+	if (r >= 0 && sb->removed) {
+		outcome = RPC_ABORTED;
+		if (asprintf(&message, "sandbox %s was destroyed", id) < 0)
+			message = NULL;
+	} else if (r >= 0 && sb->op_code != RPC_OK) {
+		outcome = sb->op_code;
+		message = strdup(sb->op_error ?: "failed");
+	}
+	pthread_mutex_unlock(&m->lock);
+	if (r < 0)
+		code = RPC_CANCELLED; /* the operation goes on; a retry sees its outcome */
+	else if (outcome != RPC_OK)
+		code = rpc_call_error(call, outcome, "%s", message ?: "failed");
+	else
+		code = send_sandbox(call, m, sb);
+	sandbox_unref(m, sb);
+	return code;
+}
+
+RpcCode node_pause_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	return pause_or_resume(call, m,
+			       ((const Ember__V1__PauseSandboxRequest *)request)->sandbox_id, true);
+}
+
+RpcCode node_resume_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	return pause_or_resume(
+		call, m, ((const Ember__V1__ResumeSandboxRequest *)request)->sandbox_id, false);
+}
+
 RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 {
 	const Ember__V1__DestroySandboxRequest *req = (const void *)request;
@@ -722,7 +919,7 @@ RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Man
 		else if (sb->op != SB_OP_DESTROY)
 			sb->destroy_next = true; /* the running operation gives up, then destroys */
 	}
-	r = wait_sandbox_locked(m, call, sb, destroy_done);
+	r = wait_sandbox_locked(m, call, sb, destroy_done, 0);
 	if (r >= 0 && !sb->removed)
 		failure = strdup(sb->state_reason ?: "destroy failed");
 	pthread_mutex_unlock(&m->lock);

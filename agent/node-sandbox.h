@@ -43,5 +43,7 @@ RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Man
 RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_get_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_list_sandboxes(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_pause_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_resume_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_watch_sandboxes(RpcCall *call, const ProtobufCMessage *request, Manager *m);

@@ -287,6 +287,8 @@ MANAGER_CALL(delete_template, node_delete_template)
 MANAGER_CALL(create_sandbox, node_create_sandbox)
 MANAGER_CALL(get_sandbox, node_get_sandbox)
 MANAGER_CALL(list_sandboxes, node_list_sandboxes)
+MANAGER_CALL(pause_sandbox, node_pause_sandbox)
+MANAGER_CALL(resume_sandbox, node_resume_sandbox)
 MANAGER_CALL(destroy_sandbox, node_destroy_sandbox)
 MANAGER_CALL(watch_sandboxes, node_watch_sandboxes)
 
@@ -301,6 +303,8 @@ int node_service_register(NodeService *n, RpcServer *s)
 		{"CreateSandbox", create_sandbox},
 		{"GetSandbox", get_sandbox},
 		{"ListSandboxes", list_sandboxes},
+		{"PauseSandbox", pause_sandbox},
+		{"ResumeSandbox", resume_sandbox},
 		{"DestroySandbox", destroy_sandbox},
 		{"WatchSandboxes", watch_sandboxes},
 	};

@@ -371,3 +371,45 @@ uint64_t now_ms(void)
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
+
+json_object *op_timing_to_json(const OpTiming *t)
+{
+	json_object *o = json_object_new_object(), *steps = json_object_new_array();
+
+	for (size_t i = 0; steps && i < t->n_steps; i++) {
+		json_object *st = json_object_new_object();
+		json_object_object_add(st, "name", json_object_new_string(t->steps[i].name));
+		json_object_object_add(st, "us", json_object_new_uint64(t->steps[i].us));
+		json_object_array_add(steps, st);
+	}
+	json_object_object_add(o, "op", json_object_new_string(t->op));
+	json_object_object_add(o, "steps", steps);
+	json_object_object_add(o, "total_us", json_object_new_uint64(t->total_us));
+	json_object_object_add(o, "failed_step", json_object_new_string(t->failed));
+	json_object_object_add(o, "end_time", timespec_to_json(&t->end));
+	return o;
+}
+
+/* Lenient: timings are for people; a record with odd ones is still a good record. */
+void op_timing_from_json(json_object *o, OpTiming *ret)
+{
+	json_object *steps, *v;
+	OpTiming t = {};
+
+	snprintf(t.op, sizeof(t.op), "%s", json_get_string(o, "op") ?: "");
+	snprintf(t.failed, sizeof(t.failed), "%s", json_get_string(o, "failed_step") ?: "");
+	t.total_us = json_get_u64(o, "total_us");
+	if (json_object_object_get_ex(o, "end_time", &v))
+		timespec_from_json(v, &t.end);
+	if (json_object_object_get_ex(o, "steps", &steps) &&
+	    json_object_is_type(steps, json_type_array))
+		for (size_t i = 0; i < json_object_array_length(steps) && t.n_steps < OP_MAX_STEPS;
+		     i++) {
+			json_object *st = json_object_array_get_idx(steps, i);
+			snprintf(t.steps[t.n_steps].name, sizeof(t.steps[0].name), "%s",
+				 json_get_string(st, "name") ?: "");
+			t.steps[t.n_steps].us = json_get_u64(st, "us");
+			t.n_steps++;
+		}
+	*ret = t;
+}

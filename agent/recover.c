@@ -68,6 +68,10 @@ static int sandbox_from_record(Manager *m, const char *id, json_object *o, Sandb
 	sb->fc_version = strdup(s ?: "");
 	*ret_pid = json_object_object_get_ex(o, "vmm_pid", &v) ? (pid_t)json_object_get_int(v) : -1;
 	*ret_binary = json_get_string(o, "vmm_binary");
+	sb->uffd_pid =
+		json_object_object_get_ex(o, "uffd_pid", &v) ? (pid_t)json_object_get_int(v) : -1;
+	if (json_object_object_get_ex(o, "last_operation", &v))
+		op_timing_from_json(v, &sb->last_op);
 	s = json_get_string(o, "cow_path");
 	if (!s || !sb->template_id || !sb->fc_version ||
 	    sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_UNSPECIFIED)
@@ -242,14 +246,40 @@ int manager_recover(Manager *m, char **ret_error)
 			r = pid > 0 && binary ? fcctl_vm_adopt(pid, binary, sb->id, sb->run_dir,
 							       &sb->vm, &aerr)
 					      : -ESRCH;
+			const char *ubin = json_get_string(o, "uffd_binary");
+			_cleanup_free_ char *uerr = NULL;
+			bool uffd_gone = false;
+			if (r >= 0 && sb->uffd_pid > 0) {
+				/* Resumed from saved memory: its memory server must be there too,
+				 * or the guest hangs at its next page fault. */
+				r = ubin && ubin[0] ? fcctl_vm_adopt(sb->uffd_pid, ubin, sb->id,
+								     sb->run_dir, &sb->uffd, &uerr)
+						    : -ESRCH;
+				if (r < 0) {
+					FcExit ex;
+					uffd_gone = true;
+					(void)fcctl_vm_stop(sb->vm, 5000, &ex);
+					fcctl_vm_free(sb->vm);
+					sb->vm = NULL;
+				}
+			}
 			if (r >= 0) {
 				sb->vmm_pid = pid;
 				break;
 			}
 			_cleanup_free_ char *reason = NULL;
-			if (asprintf(&reason, "its VMM (pid %d) was gone when emberd started: %s",
-				     (int)pid, aerr ?: strerror(-r)) < 0)
+			if ((uffd_gone
+				     ? asprintf(&reason,
+						"its memory server ember-uffd (pid %d) was gone "
+						"when "
+						"emberd started: %s",
+						(int)sb->uffd_pid, uerr ?: strerror(-r))
+				     : asprintf(&reason,
+						"its VMM (pid %d) was gone when emberd started: %s",
+						(int)pid, aerr ?: strerror(-r))) < 0)
 				reason = NULL;
+			sb->vmm_pid = -1;
+			sb->uffd_pid = -1;
 			free(sb->state_reason);
 			sb->state_reason = TAKE_PTR(reason);
 			sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED;
@@ -261,7 +291,35 @@ int manager_recover(Manager *m, char **ret_error)
 			break;
 		}
 		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED:
+		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED:
+			/* Nothing runs; the files are all it needs. */
 			break;
+		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSING:
+		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RESUMING: {
+			/* Interrupted half-way: what runs is stopped (reclaim below releases the
+			 * rest) and the sandbox is FAILED, its saved state kept. */
+			const char *what =
+				sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSING
+					? "pause"
+					: "resume";
+			stop_stray_vmm(pid, binary, sb->id, sb->run_dir);
+			stop_stray_vmm(sb->uffd_pid, json_get_string(o, "uffd_binary"), sb->id,
+				       sb->run_dir);
+			sb->vmm_pid = sb->uffd_pid = -1;
+			free(sb->state_reason);
+			if (asprintf(&sb->state_reason,
+				     "emberd stopped during its %s; its saved state is kept until "
+				     "DestroySandbox",
+				     what) < 0)
+				sb->state_reason = NULL;
+			sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED;
+			failed++;
+			log_struct(LOG_WARNING, 0,
+				   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_FAILED},
+					      {"SANDBOX_ID", sb->id}, {"OP", "recover"}),
+				   "sandbox %s FAILED: %s", sb->id, sb->state_reason ?: "");
+			break;
+		}
 		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_CREATING:
 		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYING:
 		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYED:

@@ -49,11 +49,57 @@ static void log_step(const Sandbox *sb, const char *op, const char *step, uint64
 			   "sandbox %s: %s: step %s failed after %llu us: %s", sb->id, op, step,
 			   (unsigned long long)us, err ?: strerror(-r));
 	else
-		log_struct(LOG_DEBUG, 0,
+		/* Pause and resume are rare and their steps are what an operator compares; a
+		 * create's are in last_operation and the debug log. */
+		log_struct(strcmp(op, "create") == 0 ? LOG_DEBUG : LOG_INFO, 0,
 			   LOG_FIELDS({"SANDBOX_ID", sb->id}, {"OP", op}, {"STEP", step},
 				      {"DURATION_US", dur}),
 			   "sandbox %s: %s: %s took %llu us", sb->id, op, step,
 			   (unsigned long long)us);
+}
+
+static void timing_begin(OpTiming *t, const char *op)
+{
+	*t = (OpTiming){};
+	snprintf(t->op, sizeof(t->op), "%s", op);
+}
+
+static void timing_step(OpTiming *t, const char *name, uint64_t us)
+{
+	if (t->n_steps >= OP_MAX_STEPS)
+		return;
+	snprintf(t->steps[t->n_steps].name, sizeof(t->steps[0].name), "%s", name);
+	t->steps[t->n_steps].us = us;
+	t->n_steps++;
+}
+
+/* Ends the timing and makes it the sandbox's last_operation, before the record that
+ * publishes the outcome is written. */
+static void timing_end(Manager *m, Sandbox *sb, OpTiming *t, uint64_t t0, const char *failed)
+{
+	t->total_us = now_us() - t0;
+	snprintf(t->failed, sizeof(t->failed), "%s", failed ?: "");
+	clock_gettime(CLOCK_REALTIME, &t->end);
+	pthread_mutex_lock(&m->lock);
+	sb->last_op = *t;
+	pthread_mutex_unlock(&m->lock);
+}
+
+/* A step's error as the API reports it. */
+static RpcCode code_of(int r)
+{
+	return r == -ECANCELED                                 ? RPC_ABORTED
+	       : r == -ENOSPC || r == -EDQUOT || r == -ENOBUFS ? RPC_RESOURCE_EXHAUSTED
+							       : RPC_INTERNAL;
+}
+
+char *sandbox_saved_path(const Sandbox *sb, const char *name)
+{
+	char *p;
+
+	if (asprintf(&p, "%s/snapshot%s%s", sb->data_dir, name ? "/" : "", name ?: "") < 0)
+		return NULL;
+	return p;
 }
 
 static bool aborted(Manager *m, Sandbox *sb)
@@ -99,6 +145,10 @@ int sandbox_record_write(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
 	json_object_object_add(o, "vmm_pid", json_object_new_int64(sb->vmm_pid));
 	json_object_object_add(o, "vmm_binary", json_object_new_string(m->vmm.binary));
 	json_object_object_add(o, "cow_path", json_object_new_string(sb->cow_path));
+	json_object_object_add(o, "uffd_pid", json_object_new_int64(sb->uffd_pid));
+	json_object_object_add(o, "uffd_binary", json_object_new_string(m->vmm.uffd ?: ""));
+	if (sb->last_op.op[0])
+		json_object_object_add(o, "last_operation", op_timing_to_json(&sb->last_op));
 	pthread_mutex_unlock(&m->lock);
 	r = record_write(path, o);
 	json_object_put(o);
@@ -117,12 +167,13 @@ static StorageDiskSpec disk_spec(Sandbox *sb)
 	};
 }
 
-int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error)
+/* The VMM, then its memory server (which ends by itself once the VMM is gone). */
+static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 {
-	int r = 0, k;
+	FcExit ex;
+	int k;
 
 	if (sb->vm) {
-		FcExit ex;
 		manager_unwatch_vmm(m, sb);
 		k = fcctl_vm_stop(sb->vm, VMM_STOP_TIMEOUT_MS, &ex);
 		if (k < 0) {
@@ -133,19 +184,42 @@ int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error)
 		}
 		fcctl_vm_free(sb->vm);
 		sb->vm = NULL;
+		sb->vmm_pid = -1;
 	}
-	/* Firecracker has exited: nothing holds the disk any more (DESIGN.md §8). */
-	if (sb->device) {
-		StorageDiskSpec spec = disk_spec(sb);
-		_cleanup_free_ char *err = NULL;
-		k = storage_disk_remove(m->storage, &spec, &err);
-		if (k < 0 && r >= 0)
-			r = error_set(ret_error, k, "cannot remove the disk: %s", err ?: "failed");
-		if (k >= 0) {
-			free(sb->device);
-			sb->device = NULL;
-		}
+	if (sb->uffd) {
+		k = fcctl_vm_stop(sb->uffd, VMM_STOP_TIMEOUT_MS, &ex);
+		if (k < 0)
+			return error_set(ret_error, k, "cannot stop ember-uffd (pid %d): %m",
+					 (int)sb->uffd_pid);
+		fcctl_vm_free(sb->uffd);
+		sb->uffd = NULL;
+		sb->uffd_pid = -1;
 	}
+	return 0;
+}
+
+/* Firecracker has exited: nothing holds the disk any more (DESIGN.md §8). */
+static int release_disk(Manager *m, Sandbox *sb, char **ret_error)
+{
+	StorageDiskSpec spec = disk_spec(sb);
+	_cleanup_free_ char *err = NULL;
+	int k;
+
+	if (!sb->device)
+		return 0;
+	k = storage_disk_remove(m->storage, &spec, &err);
+	if (k < 0)
+		return error_set(ret_error, k, "cannot remove the disk: %s", err ?: "failed");
+	free(sb->device);
+	sb->device = NULL;
+	return 0;
+}
+
+static int release_slot(Manager *m, Sandbox *sb, char **ret_error)
+{
+	_cleanup_free_ char *err = NULL;
+	int k = 0;
+
 	pthread_mutex_lock(&m->lock);
 	if (sb->slot_user) {
 		sb->slot_user = false;
@@ -153,10 +227,9 @@ int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error)
 	}
 	pthread_mutex_unlock(&m->lock);
 	if (sb->slot) {
-		_cleanup_free_ char *err = NULL;
 		k = netns_slot_release(m->pool, sb->slot, &err);
-		if (k < 0 && r >= 0)
-			r = error_set(ret_error, k, "cannot release the network slot: %s",
+		if (k < 0)
+			k = error_set(ret_error, k, "cannot release the network slot: %s",
 				      err ?: "failed");
 		sb->slot = NULL;
 		pthread_mutex_lock(&m->lock);
@@ -164,12 +237,41 @@ int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error)
 		sb->sandbox_ip = NULL;
 		pthread_mutex_unlock(&m->lock);
 	}
-	if (sb->run_dir) {
-		k = rm_rf(sb->run_dir);
-		if (k < 0 && r >= 0)
-			r = error_set(ret_error, k, "cannot remove %s: %m", sb->run_dir);
+	return k;
+}
+
+static int release_run_dir(Sandbox *sb, char **ret_error)
+{
+	int k = sb->run_dir ? rm_rf(sb->run_dir) : 0;
+
+	if (k < 0)
+		return error_set(ret_error, k, "cannot remove %s: %m", sb->run_dir);
+	return 0;
+}
+
+int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error)
+{
+	_cleanup_free_ char *e1 = NULL, *e2 = NULL, *e3 = NULL;
+	int r = release_processes(m, sb, ret_error);
+
+	if (r < 0)
+		return r;
+	/* Each goes even when another could not: the first failure is reported. */
+	int k1 = release_disk(m, sb, &e1), k2 = release_slot(m, sb, &e2),
+	    k3 = release_run_dir(sb, &e3);
+	if (k1 < 0) {
+		if (ret_error)
+			*ret_error = TAKE_PTR(e1);
+		return k1;
 	}
-	return r;
+	if (k2 < 0) {
+		if (ret_error)
+			*ret_error = TAKE_PTR(e2);
+		return k2;
+	}
+	if (k3 < 0 && ret_error)
+		*ret_error = TAKE_PTR(e3);
+	return k3;
 }
 
 /* Removes what is left once the runtime is gone: the CoW file and the record. */
@@ -352,8 +454,10 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 	_cleanup_free_ char *err = NULL;
 	const char *failed = NULL;
 	uint64_t t0 = now_us();
+	OpTiming timing;
 	int r = mkdir_p(sb->data_dir, 0700);
 
+	timing_begin(&timing, "create");
 	if (r >= 0)
 		r = sandbox_record_write(m, sb, 0, NULL);
 	if (r < 0)
@@ -389,9 +493,11 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 				break;
 			}
 		log_step(sb, "create", steps[i].name, now_us() - ts, r, err);
+		timing_step(&timing, steps[i].name, now_us() - ts);
 		if (r < 0)
 			failed = steps[i].name;
 	}
+	timing_end(m, sb, &timing, t0, failed);
 
 	/* RUNNING goes on record before anyone is told: a crash in between must not undo a
 	 * sandbox that watchers saw RUNNING. */
@@ -448,9 +554,7 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 		u = sandbox_remove_files(sb, &uerr);
 
 	_cleanup_free_ char *msg = NULL;
-	RpcCode code = r == -ECANCELED                                 ? RPC_ABORTED
-		       : r == -ENOSPC || r == -EDQUOT || r == -ENOBUFS ? RPC_RESOURCE_EXHAUSTED
-								       : RPC_INTERNAL;
+	RpcCode code = code_of(r);
 	if (code == RPC_ABORTED) {
 		if (asprintf(&msg, "sandbox %s was destroyed while it was being created", sb->id) <
 		    0)
@@ -548,13 +652,41 @@ void sandbox_op_destroy(Manager *m, Sandbox *sb)
 
 /* ---- a VMM that died ---- */
 
+/* The last line ember-uffd wrote before its statistics: why it stopped serving. */
+static char *uffd_last_error(const Sandbox *sb)
+{
+	_cleanup_free_ char *path = NULL, *data = NULL;
+	char *last = NULL, *save = NULL;
+	size_t size;
+
+	if (asprintf(&path, "%s/uffd.out", sb->run_dir) < 0 ||
+	    read_full_file(path, 1 << 20, &data, &size) < 0)
+		return NULL;
+	for (char *line = strtok_r(data, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+		if (strncmp(line, "ember-uffd: ", 12) == 0 &&
+		    strncmp(line + 12, "stats:", 6) != 0) {
+			free(last);
+			last = strndup(line + 12, 300);
+		}
+	return last;
+}
+
 void sandbox_op_reap(Manager *m, Sandbox *sb)
 {
 	_cleanup_free_ char *reason = NULL, *err = NULL;
 	FcExit ex = {};
 	int k;
 
-	if (fcctl_vm_reap(sb->vm, &ex) < 0 || !ex.known)
+	FcExit uex = {};
+	if (sb->uffd && fcctl_vm_reap(sb->vm, &ex) == -EAGAIN &&
+	    fcctl_vm_reap(sb->uffd, &uex) >= 0) {
+		/* The memory server went first: the VMM is stopped below, or its guest would hang
+		 * on its next page fault. Its last words say why it ended. */
+		_cleanup_free_ char *why = uffd_last_error(sb);
+		k = asprintf(&reason, "its memory server ember-uffd (pid %d) exited (%s %d)%s%s",
+			     (int)sb->uffd_pid, uex.signal ? "signal" : "status",
+			     uex.signal ?: uex.code, why ? ": " : "", why ?: "");
+	} else if (fcctl_vm_reap(sb->vm, &ex) < 0 || !ex.known)
 		k = asprintf(&reason, "the VMM (pid %d) exited unexpectedly", (int)sb->vmm_pid);
 	else if (ex.signal)
 		k = asprintf(&reason, "the VMM was killed by signal %d (%s)", ex.signal,
@@ -584,4 +716,359 @@ void sandbox_op_reap(Manager *m, Sandbox *sb)
 					 reason ?: "the VMM exited");
 	}
 	pthread_mutex_unlock(&m->lock);
+}
+
+/* ---- pause and resume ---- */
+
+/* The end of a pause or resume, under the lock: its outcome for the waiters, then the new
+ * state, unless a destroy came meanwhile (it goes on from here; the call gets ABORTED). */
+static void op_finish_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
+			     const char *reason, RpcCode code, const char *message)
+{
+	if (sb->op == SB_OP_RESUME)
+		m->creating_mib -= sb->spec.memory_mib;
+	sb->op = SB_OP_NONE;
+	free(sb->op_error);
+	sb->op_error = NULL;
+	if (sb->destroy_next) {
+		sb->destroy_next = false;
+		sb->op_code = RPC_ABORTED;
+		if (asprintf(&sb->op_error, "sandbox %s was destroyed meanwhile", sb->id) < 0)
+			sb->op_error = NULL;
+		sb->ops_ended++;
+		manager_submit_locked(m, sb, SB_OP_DESTROY);
+		sandbox_wake_locked(sb);
+		return;
+	}
+	sb->op_code = code;
+	sb->op_error = message ? strdup(message) : NULL;
+	sb->ops_ended++;
+	sandbox_set_state_locked(m, sb, state, reason);
+}
+
+static void log_op_done(Sandbox *sb, const char *op, const char *message_id, uint64_t t0)
+{
+	char dur[32];
+
+	snprintf(dur, sizeof(dur), "%llu", (unsigned long long)(now_us() - t0));
+	log_struct(LOG_INFO, 0,
+		   LOG_FIELDS({"MESSAGE_ID", message_id}, {"SANDBOX_ID", sb->id}, {"OP", op},
+			      {"DURATION_US", dur}),
+		   "sandbox %s %s in %llu ms", sb->id,
+		   strcmp(op, "pause") == 0 ? "paused" : "resumed",
+		   (unsigned long long)(now_us() - t0) / 1000);
+}
+
+/* FAILED with its saved state kept; whatever still runs or is held goes (best effort: what
+ * cannot go is named in the reason, and DestroySandbox tries again). */
+static void op_fail(Manager *m, Sandbox *sb, const char *op, const char *message, RpcCode code)
+{
+	_cleanup_free_ char *rerr = NULL, *reason = NULL;
+	int u = sandbox_release_runtime(m, sb, &rerr);
+
+	if (asprintf(&reason, "%s%s%s; its saved state is kept until DestroySandbox", message,
+		     u < 0 ? "; releasing it failed: " : "", u < 0 ? rerr ?: "?" : "") < 0)
+		reason = NULL;
+	log_struct(LOG_WARNING, 0,
+		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_FAILED}, {"SANDBOX_ID", sb->id},
+			      {"OP", op}),
+		   "sandbox %s FAILED: %s", sb->id, reason ?: message);
+	(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
+				   reason ?: message);
+	pthread_mutex_lock(&m->lock);
+	op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED, reason ?: message,
+			 code, message);
+	pthread_mutex_unlock(&m->lock);
+}
+
+/* Replaces the saved state by the one just written (snapshot.new): only once the VMM and its
+ * memory server, which may have been serving the old memory file, are gone. */
+static int commit_saved_state(Sandbox *sb, const char *new_dir, char **ret_error)
+{
+	_cleanup_free_ char *dir = sandbox_saved_path(sb, NULL);
+	int r;
+
+	if (!dir)
+		return -ENOMEM;
+	/* The VMM wrote the files without syncing them: a paused sandbox must survive a
+	 * reboot. */
+	static const char *const files[] = {"vmstate", "mem"};
+	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
+		_cleanup_free_ char *f = NULL;
+		if (asprintf(&f, "%s/%s", new_dir, files[i]) < 0)
+			return -ENOMEM;
+		r = fsync_path(f);
+		if (r < 0)
+			return error_set(ret_error, r, "cannot sync %s: %m", f);
+	}
+	r = rm_rf(dir);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot remove the old saved state %s: %m", dir);
+	if (rename(new_dir, dir) < 0)
+		return error_set(ret_error, -errno, "cannot rename %s to %s: %m", new_dir, dir);
+	r = fsync_path(sb->data_dir);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot sync %s: %m", sb->data_dir);
+	return 0;
+}
+
+void sandbox_op_pause(Manager *m, Sandbox *sb)
+{
+	enum {
+		P_PAUSE,
+		P_SNAPSHOT,
+		P_STOP,
+		P_COMMIT,
+		P_DISK,
+		P_SLOT,
+		P_RUNDIR,
+		P_N
+	};
+	static const char *const names[P_N] = {"pause-vm", "snapshot", "stop-vmm", "commit",
+					       "disk",     "slot",     "run-dir"};
+	_cleanup_free_ char *err = NULL, *new_dir = NULL, *vmstate = NULL, *mem = NULL;
+	const char *failed = NULL;
+	uint64_t t0 = now_us();
+	OpTiming timing;
+	int i, r = 0;
+
+	timing_begin(&timing, "pause");
+	if (asprintf(&new_dir, "%s/snapshot.new", sb->data_dir) < 0 ||
+	    asprintf(&vmstate, "%s/vmstate", new_dir) < 0 || asprintf(&mem, "%s/mem", new_dir) < 0)
+		r = -ENOMEM;
+	for (i = 0; r >= 0 && i < P_N; i++) {
+		uint64_t ts = now_us();
+		free(err);
+		err = NULL;
+		if (aborted(m, sb))
+			r = error_set(&err, -ECANCELED, "destroyed while pausing");
+		else
+			switch (i) {
+			case P_PAUSE:
+				r = fcctl_vm_pause(sb->vm, &err);
+				break;
+			case P_SNAPSHOT:
+				(void)rm_rf(new_dir);
+				r = mkdir_p(new_dir, 0700);
+				if (r < 0)
+					r = error_set(&err, r, "cannot create %s: %m", new_dir);
+				else
+					r = fcctl_snapshot_create(sb->vm, vmstate, mem, false,
+								  &err);
+				break;
+			case P_STOP:
+				r = release_processes(m, sb, &err);
+				break;
+			case P_COMMIT:
+				r = commit_saved_state(sb, new_dir, &err);
+				break;
+			case P_DISK:
+				r = release_disk(m, sb, &err);
+				break;
+			case P_SLOT:
+				r = release_slot(m, sb, &err);
+				break;
+			case P_RUNDIR:
+				r = release_run_dir(sb, &err);
+				break;
+			}
+		log_step(sb, "pause", names[i], now_us() - ts, r, err);
+		timing_step(&timing, names[i], now_us() - ts);
+		if (r < 0)
+			failed = names[i];
+	}
+	timing_end(m, sb, &timing, t0, failed);
+
+	if (r >= 0) {
+		/* PAUSED goes on record first: a crash now must not lose a finished pause. */
+		r = sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED,
+					 NULL);
+		if (r >= 0) {
+			pthread_mutex_lock(&m->lock);
+			op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED,
+					 NULL, RPC_OK, NULL);
+			pthread_mutex_unlock(&m->lock);
+			log_op_done(sb, "pause", EMBER_MESSAGE_SANDBOX_PAUSED, t0);
+			return;
+		}
+		failed = "record";
+	}
+
+	_cleanup_free_ char *msg = NULL;
+	if (asprintf(&msg, "pause of sandbox %s failed at step %s: %s", sb->id, failed ?: "?",
+		     err ?: strerror(-r)) < 0)
+		msg = NULL;
+	if (r == -ECANCELED) {
+		/* The destroy that asked takes everything from here. */
+		pthread_mutex_lock(&m->lock);
+		op_finish_locked(m, sb, sb->state, sb->state_reason, RPC_ABORTED, msg);
+		pthread_mutex_unlock(&m->lock);
+		return;
+	}
+	if (i - 1 <= P_SNAPSHOT) {
+		/* The VM can still run: it goes on as it was, and the call fails. */
+		_cleanup_free_ char *rerr = NULL, *state = NULL, *version = NULL;
+		int k = i - 1 == P_PAUSE && fcctl_describe(sb->vm, &state, &version, &rerr) >= 0 &&
+					state && strcmp(state, "Running") == 0
+				? 0
+				: fcctl_vm_resume(sb->vm, &rerr);
+		(void)rm_rf(new_dir);
+		if (k >= 0) {
+			log_warning("sandbox %s: %s; it runs on", sb->id, msg ?: "pause failed");
+			pthread_mutex_lock(&m->lock);
+			op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING,
+					 NULL, code_of(r), msg);
+			pthread_mutex_unlock(&m->lock);
+			return;
+		}
+		_cleanup_free_ char *both = NULL;
+		if (asprintf(&both, "%s; resuming the VM failed too: %s", msg ?: "pause failed",
+			     rerr ?: strerror(-k)) < 0)
+			both = NULL;
+		op_fail(m, sb, "pause", both ?: "pause failed", code_of(r));
+		return;
+	}
+	op_fail(m, sb, "pause", msg ?: "pause failed", code_of(r));
+}
+
+static int step_uffd(Manager *m, Sandbox *sb, char **ret_error)
+{
+	_cleanup_free_ char *mem = sandbox_saved_path(sb, "mem");
+	FcUffdSpawn spawn = {
+		.binary = m->vmm.uffd,
+		.id = sb->id,
+		.workdir = sb->run_dir,
+		.mem_path = mem,
+		.prefetch = m->config->uffd_prefetch,
+	};
+	int r;
+
+	if (!mem)
+		return -ENOMEM;
+	r = fcctl_uffd_spawn(&spawn, &sb->uffd, ret_error);
+	if (r < 0)
+		return r;
+	sb->uffd_pid = fcctl_vm_pid(sb->uffd);
+	return 0;
+}
+
+static int step_load(Sandbox *sb, char **ret_error)
+{
+	_cleanup_free_ char *vmstate = sandbox_saved_path(sb, "vmstate");
+	FcSnapshotLoad load = {
+		.snapshot_path = vmstate,
+		.uffd = true,
+		.backend_path = FCCTL_UFFD_SOCK, /* relative to the VMM's working directory */
+		.resume = true,
+	};
+
+	if (!vmstate)
+		return -ENOMEM;
+	return fcctl_snapshot_load(sb->vm, &load, ret_error);
+}
+
+void sandbox_op_resume(Manager *m, Sandbox *sb)
+{
+	enum {
+		R_SLOT,
+		R_DISK,
+		R_RUNDIR,
+		R_UFFD,
+		R_SPAWN,
+		R_LOAD,
+		R_GUEST,
+		R_N
+	};
+	static const char *const names[R_N] = {"slot",  "disk", "run-dir",    "memory-server",
+					       "spawn", "load", "guest-agent"};
+	_cleanup_free_ char *err = NULL;
+	const char *failed = NULL;
+	uint64_t t0 = now_us();
+	OpTiming timing;
+	int i, r = 0;
+
+	timing_begin(&timing, "resume");
+	for (i = 0; r >= 0 && i < R_N; i++) {
+		uint64_t ts = now_us();
+		StorageDiskSpec spec = disk_spec(sb);
+		free(err);
+		err = NULL;
+		if (aborted(m, sb))
+			r = error_set(&err, -ECANCELED, "destroyed while resuming");
+		else
+			switch (i) {
+			case R_SLOT:
+				r = step_slot(m, sb, &err);
+				break;
+			case R_DISK:
+				r = storage_disk_restore(m->storage, &spec, &sb->device, &err);
+				break;
+			case R_RUNDIR:
+				r = step_run_dir(sb, &err);
+				break;
+			case R_UFFD:
+				r = step_uffd(m, sb, &err);
+				break;
+			case R_SPAWN:
+				r = step_spawn(m, sb, &err);
+				break;
+			case R_LOAD:
+				r = step_load(sb, &err);
+				break;
+			case R_GUEST:
+				r = step_wait_guest(m, sb, &err);
+				break;
+			}
+		log_step(sb, "resume", names[i], now_us() - ts, r, err);
+		timing_step(&timing, names[i], now_us() - ts);
+		if (r < 0)
+			failed = names[i];
+	}
+	timing_end(m, sb, &timing, t0, failed);
+
+	if (r >= 0) {
+		r = sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING,
+					 NULL);
+		if (r < 0)
+			failed = "record";
+	}
+	if (r >= 0) {
+		int w = manager_watch_vmm(m, sb);
+		if (w < 0)
+			log_error_errno(w, "sandbox %s: cannot watch its VMM", sb->id);
+		struct pollfd p[2] = {{.fd = fcctl_vm_pidfd(sb->vm), .events = POLLIN},
+				      {.fd = fcctl_vm_pidfd(sb->uffd), .events = POLLIN}};
+		pthread_mutex_lock(&m->lock);
+		bool destroyed = sb->destroy_next;
+		op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING, NULL,
+				 RPC_OK, NULL);
+		/* An exit the loop saw while we still owned the processes was left to us. */
+		if (!destroyed && poll(p, 2, 0) > 0)
+			manager_submit_locked(m, sb, SB_OP_REAP);
+		pthread_mutex_unlock(&m->lock);
+		if (!destroyed)
+			log_op_done(sb, "resume", EMBER_MESSAGE_SANDBOX_RESUMED, t0);
+		return;
+	}
+
+	_cleanup_free_ char *msg = NULL;
+	if (asprintf(&msg, "resume of sandbox %s failed at step %s: %s", sb->id, failed ?: "?",
+		     err ?: strerror(-r)) < 0)
+		msg = NULL;
+	if (r == -ECANCELED) {
+		pthread_mutex_lock(&m->lock);
+		op_finish_locked(m, sb, sb->state, sb->state_reason, RPC_ABORTED, msg);
+		pthread_mutex_unlock(&m->lock);
+		return;
+	}
+	if (i - 1 == R_SLOT) {
+		/* Nothing was touched: it stays PAUSED, and a later resume may find a slot. */
+		log_warning("sandbox %s: %s; it stays PAUSED", sb->id, msg ?: "resume failed");
+		pthread_mutex_lock(&m->lock);
+		op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED, NULL,
+				 code_of(r), msg);
+		pthread_mutex_unlock(&m->lock);
+		return;
+	}
+	op_fail(m, sb, "resume", msg ?: "resume failed", code_of(r));
 }

@@ -92,6 +92,7 @@ Sandbox *sandbox_new(const char *id)
 		return NULL;
 	snprintf(sb->id, sizeof(sb->id), "%s", id);
 	sb->vmm_pid = -1;
+	sb->uffd_pid = -1;
 	return sb;
 }
 
@@ -107,9 +108,12 @@ static void sandbox_free(Sandbox *sb)
 	free(sb->data_dir);
 	free(sb->cow_path);
 	free(sb->create_error);
+	free(sb->op_error);
 	free(sb->watch); /* only at manager_free: a watched sandbox holds a reference */
 	if (sb->vm)
 		fcctl_vm_free(sb->vm);
+	if (sb->uffd)
+		fcctl_vm_free(sb->uffd);
 	free(sb);
 }
 
@@ -217,6 +221,12 @@ static void *worker_main(void *p)
 		case SB_OP_REAP:
 			sandbox_op_reap(m, j->sb);
 			break;
+		case SB_OP_PAUSE:
+			sandbox_op_pause(m, j->sb);
+			break;
+		case SB_OP_RESUME:
+			sandbox_op_resume(m, j->sb);
+			break;
 		default:
 			sandbox_op_destroy(m, j->sb);
 			break;
@@ -246,9 +256,11 @@ int manager_watch_vmm(Manager *m, Sandbox *sb)
 {
 	WatchToken *t = calloc(1, sizeof(*t));
 	/* Edge-triggered: a pidfd stays readable once the process has exited, and one
-	 * notification is all the reaper needs. */
+	 * notification is all the reaper needs. The VMM and its memory server share the token:
+	 * either one ending is the sandbox's end. */
 	struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = t};
 	int fd = sb->vm ? fcctl_vm_pidfd(sb->vm) : -1;
+	int ufd = sb->uffd ? fcctl_vm_pidfd(sb->uffd) : -1;
 
 	if (!t)
 		return -ENOMEM;
@@ -260,8 +272,10 @@ int manager_watch_vmm(Manager *m, Sandbox *sb)
 	sandbox_ref_locked(sb);
 	t->sb = sb;
 	sb->watch = t;
-	if (epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+	if (epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0 ||
+	    (ufd >= 0 && epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, ufd, &ev) < 0)) {
 		int r = -errno;
+		(void)epoll_ctl(m->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
 		sb->watch = NULL;
 		sandbox_unref_locked(m, sb);
 		pthread_mutex_unlock(&m->lock);
@@ -278,6 +292,8 @@ void manager_unwatch_vmm(Manager *m, Sandbox *sb)
 	WatchToken *t = sb->watch;
 	if (t) {
 		(void)epoll_ctl(m->epoll_fd, EPOLL_CTL_DEL, fcctl_vm_pidfd(sb->vm), NULL);
+		if (sb->uffd)
+			(void)epoll_ctl(m->epoll_fd, EPOLL_CTL_DEL, fcctl_vm_pidfd(sb->uffd), NULL);
 		sb->watch = NULL;
 		t->sb = NULL;
 		t->next = m->dead_tokens;
@@ -446,6 +462,11 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 		   LOG_FIELDS({"OP", "start"}, {"VMM", vmm_kind_to_string(m->vmm.kind)}),
 		   "VMM: %s %s (%s): %s", vmm_kind_to_string(m->vmm.kind), m->vmm.version,
 		   m->vmm.binary, m->vmm.reason);
+	if (m->vmm.uffd)
+		log_info("memory server for resumed sandboxes: %s", m->vmm.uffd);
+	else
+		log_warning("ember-uffd is not found (set [vmm] uffd_bin): sandboxes cannot be "
+			    "paused or resumed");
 	r = setup_storage(m, ret_error);
 	if (r < 0)
 		goto fail;

@@ -32,15 +32,17 @@ void vmm_info_done(VmmInfo *v)
 {
 	free(v->binary);
 	free(v->jailer);
+	free(v->uffd);
 	free(v->version);
 	free(v->reason);
 	*v = (VmmInfo){};
 }
 
-/* fcsim_bin empty: the fcsim installed next to emberd (build/ or the package's directory),
- * else the one in PATH. */
-static int find_fcsim(const char *configured, char **ret)
+/* `configured` empty: `name` installed next to emberd (build/, or the package's sbin), then in
+ * ../lib/ember/ from there (where the package puts its helpers), else the one in PATH. */
+static int find_helper(const char *configured, const char *name, char **ret)
 {
+	static const char *const dirs[] = {"", "/../lib/ember"};
 	char self[PATH_MAX];
 	ssize_t n;
 
@@ -51,18 +53,20 @@ static int find_fcsim(const char *configured, char **ret)
 		self[n] = 0;
 		char *slash = strrchr(self, '/');
 		if (slash) {
-			char *p;
 			*slash = 0;
-			if (asprintf(&p, "%s/fcsim", self) < 0)
-				return -ENOMEM;
-			if (access(p, X_OK) == 0) {
-				*ret = p;
-				return 0;
+			for (size_t i = 0; i < ELEMENTSOF(dirs); i++) {
+				char *p;
+				if (asprintf(&p, "%s%s/%s", self, dirs[i], name) < 0)
+					return -ENOMEM;
+				if (access(p, X_OK) == 0) {
+					*ret = p;
+					return 0;
+				}
+				free(p);
 			}
-			free(p);
 		}
 	}
-	return find_program("fcsim", ret);
+	return find_program(name, ret);
 }
 
 int vmm_choose(const Config *c, bool kvm_usable, VmmInfo *ret, char **ret_error)
@@ -108,7 +112,7 @@ int vmm_choose(const Config *c, bool kvm_usable, VmmInfo *ret, char **ret_error)
 				       ? "auto: /dev/kvm can run a guest and firecracker is found"
 				       : "[vmm] kind = firecracker");
 	} else {
-		r = find_fcsim(c->fcsim_bin, &sim);
+		r = find_helper(c->fcsim_bin, "fcsim", &sim);
 		if (r < 0)
 			return error_set(ret_error, r,
 					 "no VMM: %s, and fcsim is not found (set [vmm] fcsim_bin)",
@@ -134,6 +138,12 @@ int vmm_choose(const Config *c, bool kvm_usable, VmmInfo *ret, char **ret_error)
 		return r;
 	}
 	v.version = strdup(probe.version);
+	/* Not fatal: sandboxes run without it; only pause and resume need it (they say so). */
+	r = find_helper(c->uffd_bin, "ember-uffd", &v.uffd);
+	if (r == -ENOMEM) {
+		vmm_info_done(&v);
+		return r;
+	}
 	if (!v.binary || !v.reason || !v.version) {
 		vmm_info_done(&v);
 		return -ENOMEM;

@@ -120,6 +120,17 @@ int write_file_atomic(const char *path, const void *data, size_t size, mode_t mo
 	return 0;
 }
 
+int fsync_path(const char *path)
+{
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+
+	if (fd < 0)
+		return -errno;
+	if (fsync(fd) < 0)
+		return -errno;
+	return 0;
+}
+
 int mkdir_p(const char *path, mode_t mode)
 {
 	_cleanup_free_ char *p = NULL;

@@ -19,6 +19,10 @@ int read_full_file(const char *path, size_t max_size, char **ret, size_t *ret_si
  * see the old or the new content, never a torn one, even across a crash. */
 int write_file_atomic(const char *path, const void *data, size_t size, mode_t mode);
 
+/* fsync of a file or directory by name: what a rename or a file written by another process
+ * needs to survive a crash. */
+int fsync_path(const char *path);
+
 /* write() until all of data is written, through EINTR and short writes (a blocking fd). */
 int write_full(int fd, const void *data, size_t size);
 

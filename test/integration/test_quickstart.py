@@ -85,6 +85,9 @@ def test_readme_quick_start_on_a_fresh_clone():
         assert '"state": "SANDBOX_STATE_RUNNING"' in by["CreateSandbox"].stdout
         assert '"sandboxIp"' in by["CreateSandbox"].stdout
         assert '"id": "hello"' in by["ListSandboxes"].stdout
+        assert '"state": "SANDBOX_STATE_PAUSED"' in by["PauseSandbox"].stdout
+        assert '"state": "SANDBOX_STATE_RUNNING"' in by["ResumeSandbox"].stdout
+        assert '"lastOperation"' in by["ResumeSandbox"].stdout
         assert '"resync"' in by["WatchSandboxes"].stdout
         assert '"found": true' in by["DestroySandbox"].stdout
     finally:
