@@ -93,6 +93,30 @@ typedef struct Template {
 
 void template_free(Template *t);
 
+/* ---- snapshots ---- */
+
+/* <state_dir>/snapshots/<id>/{rootfs.ext4,vmstate,mem,snapshot.json}: self-contained, shared
+ * read-only by every sandbox created from it (one base loop device, one memory file in the
+ * page cache). */
+typedef struct Snapshot {
+	char *id;
+	char *source_sandbox_id;
+	char *template_id;
+	Template *tmpl; /* held: counts in tmpl->snapshot_count */
+	unsigned vcpu_count;
+	unsigned memory_mib;
+	char *fc_version;
+	struct timespec create_time;
+	KvList labels;
+	char *dir; /* the final directory */
+	char *rootfs, *vmstate, *mem;
+	uint64_t disk_used;  /* sampled when it is made or loaded */
+	bool ready;          /* (L) false while CreateSnapshot makes it: invisible to Get/List */
+	unsigned dependents; /* (L) sandboxes created from it, in any state */
+} Snapshot;
+
+void snapshot_free(Snapshot *s);
+
 /* ---- sandboxes ---- */
 
 typedef enum SbOp {
@@ -102,6 +126,7 @@ typedef enum SbOp {
 	SB_OP_REAP, /* its VMM (or memory server) died: release what it held, then FAILED */
 	SB_OP_PAUSE,
 	SB_OP_RESUME,
+	SB_OP_SNAPSHOT, /* CreateSnapshot: the state does not change, no events */
 } SbOp;
 
 /* The steps of the last create, pause or resume (Sandbox.last_operation). */
@@ -131,6 +156,8 @@ struct Sandbox {
 	SbSpec spec;
 	char *template_id; /* the template it descends from */
 	Template *tmpl;    /* (L) held: counts in tmpl->sandbox_count */
+	Snapshot *snap;    /* created from this snapshot (held: counts in its dependents) */
+	Snapshot *taking;  /* (L) the snapshot SB_OP_SNAPSHOT makes of it */
 
 	Ember__V1__SandboxState state; /* (L) */
 	char *state_reason;            /* (L) */
@@ -223,6 +250,9 @@ struct Manager {
 	uint64_t creating_mib; /* memory of creates in flight: admission counts it */
 	Template **templates;
 	size_t n_templates;
+	Snapshot **snapshots; /* sorted by id */
+	size_t n_snapshots;
+	char *snapshots_dir;
 
 	/* worker pool */
 	pthread_cond_t jobs_cond;
@@ -261,6 +291,9 @@ void sandbox_op_destroy(Manager *m, Sandbox *sb);
 void sandbox_op_reap(Manager *m, Sandbox *sb);
 void sandbox_op_pause(Manager *m, Sandbox *sb);
 void sandbox_op_resume(Manager *m, Sandbox *sb);
+void sandbox_op_snapshot(Manager *m, Sandbox *sb);
+/* Its disk, for the storage module: over the template's rootfs or a snapshot's image. */
+StorageDiskSpec sandbox_disk_spec(const Sandbox *sb);
 /* <data_dir>/snapshot/<name>: the saved state of a paused sandbox. */
 char *sandbox_saved_path(const Sandbox *sb, const char *name);
 /* Releases every runtime resource (VMM, disk device, slot, run dir) the sandbox holds; keeps
@@ -292,6 +325,15 @@ json_object *timespec_to_json(const struct timespec *ts);
 void timespec_from_json(json_object *o, struct timespec *ret);
 json_object *op_timing_to_json(const OpTiming *t);
 void op_timing_from_json(json_object *o, OpTiming *ret);
+
+/* snapshot.c */
+Snapshot *manager_snapshot_find_locked(Manager *m, const char *id);
+int manager_snapshots_load(Manager *m);
+/* The last step of CreateSnapshot: syncs the files made in tmp_dir, writes the record there
+ * and renames tmp_dir to the snapshot's directory. */
+int snapshot_commit(Snapshot *s, const char *tmp_dir, char **ret_error);
+/* A snapshot that failed: out of the registry, its files gone, freed. (L) */
+void snapshot_discard_locked(Manager *m, Snapshot *s);
 
 /* recover.c */
 int manager_recover(Manager *m, char **ret_error);

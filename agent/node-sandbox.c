@@ -374,14 +374,12 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 
 	if (!p)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "spec is required");
-	if (p->source_case == EMBER__V1__SANDBOX_SPEC__SOURCE_SNAPSHOT_ID)
-		return rpc_call_error(call, RPC_UNIMPLEMENTED,
-				      "creating a sandbox from a snapshot is not implemented yet "
-				      "(issue \"Pause, resume, snapshots and forks\")");
-	if (p->source_case != EMBER__V1__SANDBOX_SPEC__SOURCE_TEMPLATE_ID)
+	bool fork = p->source_case == EMBER__V1__SANDBOX_SPEC__SOURCE_SNAPSHOT_ID;
+	if (!fork && p->source_case != EMBER__V1__SANDBOX_SPEC__SOURCE_TEMPLATE_ID)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
 				      "spec needs a source: template_id or snapshot_id");
-	if ((code = id_check(call, "spec.template_id", p->template_id)) != RPC_OK)
+	if ((code = id_check(call, fork ? "spec.snapshot_id" : "spec.template_id",
+			     fork ? p->snapshot_id : p->template_id)) != RPC_OK)
 		return code;
 	if (p->vcpu_count > 32)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
@@ -399,11 +397,15 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 				      "spec.disk_size_mib %llu is above this node's limit of %u "
 				      "([storage] max_disk_mib)",
 				      (unsigned long long)p->disk_size_mib, c->max_disk_mib);
-	s.template_id = strdup(p->template_id);
-	if (!s.template_id)
+	if (fork)
+		s.snapshot_id = strdup(p->snapshot_id);
+	else
+		s.template_id = strdup(p->template_id);
+	if (!s.template_id && !s.snapshot_id)
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
-	s.vcpu_count = p->vcpu_count ?: 1;
-	s.memory_mib = p->memory_mib ?: 512;
+	/* A fork's machine is the snapshot's: 0 takes it (filled in by the create). */
+	s.vcpu_count = fork ? p->vcpu_count : p->vcpu_count ?: 1;
+	s.memory_mib = fork ? p->memory_mib : p->memory_mib ?: 512;
 	s.disk_size_mib = p->disk_size_mib ?: c->default_disk_mib;
 	if (p->network) {
 		s.allow_internet = p->network->allow_internet;
@@ -431,8 +433,8 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 
 /* With the lock held and a reference on sb: waits until done(sb). 0, or -ECANCELED (the
  * client went away) or -ESHUTDOWN (emberd drains). */
-static int wait_sandbox_locked(Manager *m, RpcCall *call, Sandbox *sb,
-			       bool (*done)(Sandbox *, uint64_t), uint64_t arg)
+int sandbox_wait_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*done)(Sandbox *, uint64_t),
+			uint64_t arg)
 {
 	Waiter w = {.call = call, .next = sb->waiters};
 	int r = 0;
@@ -553,6 +555,35 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	uint64_t avail = mem_available_mib();
 
 	pthread_mutex_lock(&m->lock);
+	Snapshot *snap = NULL;
+	if (spec.snapshot_id) {
+		const char *bad = NULL;
+		unsigned want = 0, has = 0;
+		snap = manager_snapshot_find_locked(m, spec.snapshot_id);
+		if (!snap || !snap->ready) {
+			pthread_mutex_unlock(&m->lock);
+			code = rpc_call_error(call, RPC_NOT_FOUND, "no snapshot %s",
+					      spec.snapshot_id);
+			sb_spec_done(&spec);
+			return code;
+		}
+		if (spec.vcpu_count && spec.vcpu_count != snap->vcpu_count)
+			bad = "vcpu_count", want = spec.vcpu_count, has = snap->vcpu_count;
+		else if (spec.memory_mib && spec.memory_mib != snap->memory_mib)
+			bad = "memory_mib", want = spec.memory_mib, has = snap->memory_mib;
+		if (bad) {
+			pthread_mutex_unlock(&m->lock);
+			code = rpc_call_error(
+				call, RPC_INVALID_ARGUMENT,
+				"spec.%s %u differs from snapshot %s's %u: a sandbox "
+				"created from a snapshot has its machine (0 takes it)",
+				bad, want, spec.snapshot_id, has);
+			sb_spec_done(&spec);
+			return code;
+		}
+		spec.vcpu_count = snap->vcpu_count;
+		spec.memory_mib = snap->memory_mib;
+	}
 	sb = manager_find_locked(m, req->sandbox_id);
 	if (sb) {
 		if (!sb_spec_equal(&sb->spec, &spec)) {
@@ -566,7 +597,25 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 		goto join;
 	}
 
-	Template *t = manager_template_find_locked(m, spec.template_id);
+	if (snap && strcmp(snap->fc_version, m->vmm.version) != 0) {
+		pthread_mutex_unlock(&m->lock);
+		code = rpc_call_error(
+			call, RPC_FAILED_PRECONDITION,
+			"snapshot %s was taken with Firecracker %s and this node runs "
+			"%s: it restores only with the same version",
+			spec.snapshot_id, snap->fc_version, m->vmm.version);
+		sb_spec_done(&spec);
+		return code;
+	}
+	if (snap && !m->vmm.uffd) {
+		pthread_mutex_unlock(&m->lock);
+		sb_spec_done(&spec);
+		return rpc_call_error(
+			call, RPC_FAILED_PRECONDITION,
+			"ember-uffd, which serves a restored sandbox's memory, is not "
+			"found on this node (set [vmm] uffd_bin)");
+	}
+	Template *t = snap ? snap->tmpl : manager_template_find_locked(m, spec.template_id);
 	if (!t) {
 		pthread_mutex_unlock(&m->lock);
 		code = rpc_call_error(call, RPC_NOT_FOUND, "no template %s", spec.template_id);
@@ -576,7 +625,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	if (t->state != EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_READY) {
 		pthread_mutex_unlock(&m->lock);
 		code = rpc_call_error(call, RPC_FAILED_PRECONDITION, "template %s is not READY",
-				      spec.template_id);
+				      t->id);
 		sb_spec_done(&spec);
 		return code;
 	}
@@ -606,6 +655,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	}
 	sb->spec = spec;
 	sb->tmpl = t;
+	sb->snap = snap;
 	clock_gettime(CLOCK_REALTIME, &sb->create_time);
 	manager_insert_locked(m, sb);
 	sb->slot_user = true;
@@ -616,7 +666,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 
 join:
 	sandbox_ref_locked(sb);
-	r = wait_sandbox_locked(m, call, sb, create_done, 0);
+	r = sandbox_wait_locked(m, call, sb, create_done, 0);
 	RpcCode outcome = RPC_OK;
 	_cleanup_free_ char *message = NULL;
 	if (r >= 0 && sb->create_done && sb->create_code != RPC_OK) {
@@ -751,6 +801,12 @@ static const char *state_short(Ember__V1__SandboxState s)
 	return v ? v->name + strlen("SANDBOX_STATE_") : "?";
 }
 
+static bool not_snapshotting(Sandbox *sb, uint64_t unused)
+{
+	(void)unused;
+	return sb->removed || sb->op != SB_OP_SNAPSHOT;
+}
+
 /* The pause or resume that was running (or queued) when the waiter joined has ended. */
 static bool op_ended(Sandbox *sb, uint64_t joined_at)
 {
@@ -789,6 +845,7 @@ static RpcCode pause_or_resume(RpcCall *call, Manager *m, const char *id, bool p
 
 	if ((code = id_check(call, "sandbox_id", id)) != RPC_OK)
 		return code;
+again:
 	pthread_mutex_lock(&m->lock);
 	sb = manager_find_locked(m, id);
 	if (!sb) {
@@ -796,6 +853,15 @@ static RpcCode pause_or_resume(RpcCall *call, Manager *m, const char *id, bool p
 		return rpc_call_error(call, RPC_NOT_FOUND, "no sandbox %s", id);
 	}
 	sandbox_ref_locked(sb);
+	if (sb->op == SB_OP_SNAPSHOT) {
+		/* Lifecycle calls wait for a snapshot being taken of the sandbox. */
+		r = sandbox_wait_locked(m, call, sb, not_snapshotting, 0);
+		pthread_mutex_unlock(&m->lock);
+		sandbox_unref(m, sb);
+		if (r < 0)
+			return RPC_CANCELLED;
+		goto again;
+	}
 	if (sb->state == to && sb->op == SB_OP_NONE) {
 		/* Already there: returned unchanged (node.proto). */
 		pthread_mutex_unlock(&m->lock);
@@ -857,7 +923,7 @@ static RpcCode pause_or_resume(RpcCall *call, Manager *m, const char *id, bool p
 		sandbox_set_state_locked(m, sb, during, NULL);
 		manager_submit_locked(m, sb, pause ? SB_OP_PAUSE : SB_OP_RESUME);
 	}
-	r = wait_sandbox_locked(m, call, sb, op_ended, joined_at);
+	r = sandbox_wait_locked(m, call, sb, op_ended, joined_at);
 	if (r >= 0 && sb->removed) {
 		outcome = RPC_ABORTED;
 		if (asprintf(&message, "sandbox %s was destroyed", id) < 0)
@@ -919,7 +985,7 @@ RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Man
 		else if (sb->op != SB_OP_DESTROY)
 			sb->destroy_next = true; /* the running operation gives up, then destroys */
 	}
-	r = wait_sandbox_locked(m, call, sb, destroy_done, 0);
+	r = sandbox_wait_locked(m, call, sb, destroy_done, 0);
 	if (r >= 0 && !sb->removed)
 		failure = strdup(sb->state_reason ?: "destroy failed");
 	pthread_mutex_unlock(&m->lock);

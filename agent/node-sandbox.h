@@ -43,6 +43,14 @@ RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Man
 RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_get_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_list_sandboxes(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+/* With the lock held and a reference on sb: waits until done(sb, arg). 0, or -ECANCELED (the
+ * client went away) or -ESHUTDOWN (emberd drains). */
+int sandbox_wait_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*done)(Sandbox *, uint64_t),
+			uint64_t arg);
+RpcCode node_create_snapshot(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_get_snapshot(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_list_snapshots(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_delete_snapshot(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_pause_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_resume_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);

@@ -291,6 +291,10 @@ MANAGER_CALL(pause_sandbox, node_pause_sandbox)
 MANAGER_CALL(resume_sandbox, node_resume_sandbox)
 MANAGER_CALL(destroy_sandbox, node_destroy_sandbox)
 MANAGER_CALL(watch_sandboxes, node_watch_sandboxes)
+MANAGER_CALL(create_snapshot, node_create_snapshot)
+MANAGER_CALL(get_snapshot, node_get_snapshot)
+MANAGER_CALL(list_snapshots, node_list_snapshots)
+MANAGER_CALL(delete_snapshot, node_delete_snapshot)
 
 int node_service_register(NodeService *n, RpcServer *s)
 {
@@ -307,6 +311,10 @@ int node_service_register(NodeService *n, RpcServer *s)
 		{"ResumeSandbox", resume_sandbox},
 		{"DestroySandbox", destroy_sandbox},
 		{"WatchSandboxes", watch_sandboxes},
+		{"CreateSnapshot", create_snapshot},
+		{"GetSnapshot", get_snapshot},
+		{"ListSnapshots", list_snapshots},
+		{"DeleteSnapshot", delete_snapshot},
 	};
 	return rpc_server_add_service(s, &ember__v1__node__descriptor, handlers,
 				      ELEMENTSOF(handlers), n);

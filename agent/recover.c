@@ -85,6 +85,10 @@ static int sandbox_from_record(Manager *m, const char *id, json_object *o, Sandb
 	sb->tmpl = manager_template_find_locked(m, sb->template_id);
 	if (!sb->tmpl)
 		goto bad;
+	/* Snapshots are loaded first, and one with dependents cannot be deleted. */
+	if (sb->spec.snapshot_id &&
+	    !(sb->snap = manager_snapshot_find_locked(m, sb->spec.snapshot_id)))
+		goto bad;
 	/* Its create finished in an earlier run: a retry of it returns the sandbox. */
 	sb->create_done = true;
 	sb->create_code = RPC_OK;
@@ -399,10 +403,7 @@ int manager_recover(Manager *m, char **ret_error)
 		r = netns_slot_find(m->pool, sb->id, &sb->slot);
 		if (r >= 0) {
 			sb->sandbox_ip = strdup(netns_slot_sandbox_ip(sb->slot));
-			StorageDiskSpec spec = {.id = sb->id,
-						.base_image = sb->tmpl->rootfs.path,
-						.cow_path = sb->cow_path,
-						.cow_size = sb->spec.disk_size_mib << 20};
+			StorageDiskSpec spec = sandbox_disk_spec(sb);
 			r = storage_disk_restore(m->storage, &spec, &sb->device, &err);
 		} else if (asprintf(&err, "its network slot is gone") < 0)
 			err = NULL;

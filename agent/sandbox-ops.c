@@ -157,11 +157,13 @@ int sandbox_record_write(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
 	return r;
 }
 
-static StorageDiskSpec disk_spec(Sandbox *sb)
+StorageDiskSpec sandbox_disk_spec(const Sandbox *sb)
 {
 	return (StorageDiskSpec){
 		.id = sb->id,
-		.base_image = sb->tmpl ? sb->tmpl->rootfs.path : NULL,
+		.base_image = sb->snap   ? sb->snap->rootfs
+			      : sb->tmpl ? sb->tmpl->rootfs.path
+					 : NULL,
 		.cow_path = sb->cow_path,
 		.cow_size = sb->spec.disk_size_mib << 20,
 	};
@@ -201,7 +203,7 @@ static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 /* Firecracker has exited: nothing holds the disk any more (DESIGN.md §8). */
 static int release_disk(Manager *m, Sandbox *sb, char **ret_error)
 {
-	StorageDiskSpec spec = disk_spec(sb);
+	StorageDiskSpec spec = sandbox_disk_spec(sb);
 	_cleanup_free_ char *err = NULL;
 	int k;
 
@@ -310,7 +312,7 @@ static int step_slot(Manager *m, Sandbox *sb, char **ret_error)
 
 static int step_disk(Manager *m, Sandbox *sb, char **ret_error)
 {
-	StorageDiskSpec spec = disk_spec(sb);
+	StorageDiskSpec spec = sandbox_disk_spec(sb);
 
 	return storage_disk_create(m->storage, &spec, &sb->device, ret_error);
 }
@@ -433,24 +435,40 @@ static void create_finish_locked(Manager *m, Sandbox *sb, RpcCode code, const ch
 	sandbox_wake_locked(sb);
 }
 
+typedef enum CreateStep {
+	S_SLOT,
+	S_DISK,
+	S_RUNDIR,
+	S_UFFD,
+	S_SPAWN,
+	S_CONFIGURE,
+	S_BOOT,
+	S_LOAD,
+	S_GUEST,
+} CreateStep;
+
+typedef struct StepDef {
+	const char *name;
+	CreateStep id;
+} StepDef;
+
+/* Cold boot from a template (DESIGN.md §8), or a restore of a snapshot ("fork"). */
+static const StepDef cold_steps[] = {
+	{"slot", S_SLOT},           {"disk", S_DISK}, {"run-dir", S_RUNDIR},    {"spawn", S_SPAWN},
+	{"configure", S_CONFIGURE}, {"boot", S_BOOT}, {"guest-agent", S_GUEST},
+};
+static const StepDef fork_steps[] = {
+	{"slot", S_SLOT},   {"disk", S_DISK}, {"run-dir", S_RUNDIR},    {"memory-server", S_UFFD},
+	{"spawn", S_SPAWN}, {"load", S_LOAD}, {"guest-agent", S_GUEST},
+};
+
+static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error);
+static int step_load(Sandbox *sb, const char *vmstate, bool fork, char **ret_error);
+
 void sandbox_op_create(Manager *m, Sandbox *sb)
 {
-	static const struct {
-		const char *name;
-		enum {
-			S_SLOT,
-			S_DISK,
-			S_RUNDIR,
-			S_SPAWN,
-			S_CONFIGURE,
-			S_BOOT,
-			S_GUEST
-		} id;
-	} steps[] = {
-		{"slot", S_SLOT},         {"disk", S_DISK},           {"run-dir", S_RUNDIR},
-		{"spawn", S_SPAWN},       {"configure", S_CONFIGURE}, {"boot", S_BOOT},
-		{"guest-agent", S_GUEST},
-	};
+	const StepDef *steps = sb->snap ? fork_steps : cold_steps;
+	size_t n_steps = sb->snap ? ELEMENTSOF(fork_steps) : ELEMENTSOF(cold_steps);
 	_cleanup_free_ char *err = NULL;
 	const char *failed = NULL;
 	uint64_t t0 = now_us();
@@ -462,7 +480,7 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 		r = sandbox_record_write(m, sb, 0, NULL);
 	if (r < 0)
 		failed = "record";
-	for (size_t i = 0; r >= 0 && i < ELEMENTSOF(steps); i++) {
+	for (size_t i = 0; r >= 0 && i < n_steps; i++) {
 		uint64_t ts = now_us();
 		free(err);
 		err = NULL;
@@ -470,6 +488,12 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 			r = error_set(&err, -ECANCELED, "destroyed while creating");
 		else
 			switch (steps[i].id) {
+			case S_UFFD:
+				r = step_uffd(m, sb, sb->snap->mem, &err);
+				break;
+			case S_LOAD:
+				r = step_load(sb, sb->snap->vmstate, true, &err);
+				break;
 			case S_SLOT:
 				r = step_slot(m, sb, &err);
 				break;
@@ -613,7 +637,7 @@ void sandbox_op_destroy(Manager *m, Sandbox *sb)
 	if (r >= 0) {
 		/* After a restart the disk of a FAILED sandbox may still be up without our
 		 * knowing its device: removal is idempotent, so make sure. */
-		StorageDiskSpec spec = disk_spec(sb);
+		StorageDiskSpec spec = sandbox_disk_spec(sb);
 		r = storage_disk_remove(m->storage, &spec, &err);
 	}
 	if (r >= 0)
@@ -931,9 +955,10 @@ void sandbox_op_pause(Manager *m, Sandbox *sb)
 	op_fail(m, sb, "pause", msg ?: "pause failed", code_of(r));
 }
 
-static int step_uffd(Manager *m, Sandbox *sb, char **ret_error)
+/* ember-uffd on a memory file that it only reads: a sandbox's own saved state, or a
+ * snapshot's, shared by every sandbox created from it. */
+static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error)
 {
-	_cleanup_free_ char *mem = sandbox_saved_path(sb, "mem");
 	FcUffdSpawn spawn = {
 		.binary = m->vmm.uffd,
 		.id = sb->id,
@@ -943,8 +968,8 @@ static int step_uffd(Manager *m, Sandbox *sb, char **ret_error)
 	};
 	int r;
 
-	if (!mem)
-		return -ENOMEM;
+	if (!m->vmm.uffd)
+		return error_set(ret_error, -ENOENT, "ember-uffd is not found ([vmm] uffd_bin)");
 	r = fcctl_uffd_spawn(&spawn, &sb->uffd, ret_error);
 	if (r < 0)
 		return r;
@@ -952,18 +977,22 @@ static int step_uffd(Manager *m, Sandbox *sb, char **ret_error)
 	return 0;
 }
 
-static int step_load(Sandbox *sb, char **ret_error)
+static int step_load(Sandbox *sb, const char *vmstate, bool fork, char **ret_error)
 {
-	_cleanup_free_ char *vmstate = sandbox_saved_path(sb, "vmstate");
+	/* Every sandbox has the same names (DESIGN.md §4), so the overrides name what the
+	 * snapshot already holds; they are given for a fork all the same, so that a snapshot
+	 * taken with other names (an older node) still lands on this sandbox's TAP and socket. */
+	static const FcNetOverride net[] = {{.iface_id = "eth0", .host_dev_name = NETNS_TAP_NAME}};
 	FcSnapshotLoad load = {
 		.snapshot_path = vmstate,
 		.uffd = true,
 		.backend_path = FCCTL_UFFD_SOCK, /* relative to the VMM's working directory */
 		.resume = true,
+		.net_overrides = fork ? net : NULL,
+		.n_net_overrides = fork ? ELEMENTSOF(net) : 0,
+		.vsock_override = fork ? "v.sock" : NULL,
 	};
 
-	if (!vmstate)
-		return -ENOMEM;
 	return fcctl_snapshot_load(sb->vm, &load, ret_error);
 }
 
@@ -981,7 +1010,8 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 	};
 	static const char *const names[R_N] = {"slot",  "disk", "run-dir",    "memory-server",
 					       "spawn", "load", "guest-agent"};
-	_cleanup_free_ char *err = NULL;
+	_cleanup_free_ char *err = NULL, *mem = sandbox_saved_path(sb, "mem"),
+			    *vmstate = sandbox_saved_path(sb, "vmstate");
 	const char *failed = NULL;
 	uint64_t t0 = now_us();
 	OpTiming timing;
@@ -990,7 +1020,7 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 	timing_begin(&timing, "resume");
 	for (i = 0; r >= 0 && i < R_N; i++) {
 		uint64_t ts = now_us();
-		StorageDiskSpec spec = disk_spec(sb);
+		StorageDiskSpec spec = sandbox_disk_spec(sb);
 		free(err);
 		err = NULL;
 		if (aborted(m, sb))
@@ -1007,13 +1037,13 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 				r = step_run_dir(sb, &err);
 				break;
 			case R_UFFD:
-				r = step_uffd(m, sb, &err);
+				r = mem ? step_uffd(m, sb, mem, &err) : -ENOMEM;
 				break;
 			case R_SPAWN:
 				r = step_spawn(m, sb, &err);
 				break;
 			case R_LOAD:
-				r = step_load(sb, &err);
+				r = vmstate ? step_load(sb, vmstate, false, &err) : -ENOMEM;
 				break;
 			case R_GUEST:
 				r = step_wait_guest(m, sb, &err);
@@ -1071,4 +1101,163 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 		return;
 	}
 	op_fail(m, sb, "resume", msg ?: "resume failed", code_of(r));
+}
+
+/* ---- snapshot ---- */
+
+typedef enum SnapStep {
+	T_PAUSE,     /* running: PATCH /vm Paused */
+	T_SNAPSHOT,  /* running: PUT /snapshot/create into the snapshot's directory */
+	T_LINK,      /* paused: its saved state, hard-linked (never written again, see pause) */
+	T_DISK_UP,   /* paused: the disk's device, to read it */
+	T_FLATTEN,   /* base + changes into the snapshot's own sparse image */
+	T_DISK_DOWN, /* paused: the device again */
+	T_RESUME,    /* running: PATCH /vm Resumed */
+	T_COMMIT,    /* sync, record, rename into place */
+} SnapStep;
+
+static int link_saved_state(Sandbox *sb, const char *dir, char **ret_error)
+{
+	static const char *const files[] = {"vmstate", "mem"};
+
+	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
+		_cleanup_free_ char *from = sandbox_saved_path(sb, files[i]), *to = NULL;
+		if (!from || asprintf(&to, "%s/%s", dir, files[i]) < 0)
+			return -ENOMEM;
+		if (link(from, to) < 0)
+			return error_set(ret_error, -errno, "cannot link %s to %s: %m", from, to);
+	}
+	return 0;
+}
+
+void sandbox_op_snapshot(Manager *m, Sandbox *sb)
+{
+	typedef struct {
+		const char *name;
+		SnapStep id;
+	} SnapStepDef;
+	static const SnapStepDef running_steps[] = {
+		{"pause-vm", T_PAUSE},   {"snapshot", T_SNAPSHOT}, {"flatten", T_FLATTEN},
+		{"resume-vm", T_RESUME}, {"commit", T_COMMIT},
+	};
+	static const SnapStepDef paused_steps[] = {
+		{"link-saved-state", T_LINK}, {"disk-up", T_DISK_UP}, {"flatten", T_FLATTEN},
+		{"disk-down", T_DISK_DOWN},   {"commit", T_COMMIT},
+	};
+	_cleanup_free_ char *err = NULL, *tmp = NULL, *vmstate = NULL, *mem = NULL, *rootfs = NULL;
+	StorageDiskSpec spec = sandbox_disk_spec(sb);
+	const char *failed = NULL;
+	uint64_t t0 = now_us();
+	bool vm_paused = false, disk_up = false;
+	int r = 0;
+
+	pthread_mutex_lock(&m->lock);
+	Snapshot *snap = sb->taking;
+	pthread_mutex_unlock(&m->lock);
+	char snap_id[64];
+	snprintf(snap_id, sizeof(snap_id), "%s", snap->id); /* snap may go once it is ready */
+	/* Only a running sandbox has a VMM, and this operation owns it until it ends. */
+	bool running = sb->vm != NULL;
+	const SnapStepDef *steps = running ? running_steps : paused_steps;
+	size_t n = running ? ELEMENTSOF(running_steps) : ELEMENTSOF(paused_steps);
+
+	if (asprintf(&tmp, "%s/tmp-%s", m->snapshots_dir, snap->id) < 0 ||
+	    asprintf(&vmstate, "%s/vmstate", tmp) < 0 || asprintf(&mem, "%s/mem", tmp) < 0 ||
+	    asprintf(&rootfs, "%s/rootfs.ext4", tmp) < 0)
+		r = -ENOMEM;
+	if (r >= 0) {
+		(void)rm_rf(tmp);
+		r = mkdir_p(tmp, 0700);
+		if (r < 0)
+			r = error_set(&err, r, "cannot create %s: %m", tmp);
+	}
+	/* No abort check: DestroySandbox lets a snapshot finish first (node.proto). */
+	for (size_t i = 0; r >= 0 && i < n; i++) {
+		uint64_t ts = now_us();
+		free(err);
+		err = NULL;
+		switch (steps[i].id) {
+		case T_PAUSE:
+			r = fcctl_vm_pause(sb->vm, &err);
+			vm_paused = r >= 0;
+			break;
+		case T_SNAPSHOT:
+			r = fcctl_snapshot_create(sb->vm, vmstate, mem, false, &err);
+			break;
+		case T_LINK:
+			r = link_saved_state(sb, tmp, &err);
+			break;
+		case T_DISK_UP: {
+			_cleanup_free_ char *dev = NULL;
+			r = storage_disk_restore(m->storage, &spec, &dev, &err);
+			disk_up = r >= 0;
+			break;
+		}
+		case T_FLATTEN:
+			r = storage_disk_flatten(m->storage, &spec, rootfs, &err);
+			break;
+		case T_DISK_DOWN:
+			r = storage_disk_remove(m->storage, &spec, &err);
+			disk_up = r < 0;
+			break;
+		case T_RESUME:
+			r = fcctl_vm_resume(sb->vm, &err);
+			vm_paused = r < 0;
+			break;
+		case T_COMMIT:
+			r = snapshot_commit(snap, tmp, &err);
+			break;
+		}
+		log_step(sb, "snapshot", steps[i].name, now_us() - ts, r, err);
+		if (r < 0)
+			failed = steps[i].name;
+	}
+
+	_cleanup_free_ char *msg = NULL;
+	if (r < 0 && asprintf(&msg, "snapshot %s of sandbox %s failed at step %s: %s", snap->id,
+			      sb->id, failed ?: "?", err ?: strerror(-r)) < 0)
+		msg = NULL;
+	/* Whatever the outcome, the sandbox goes on as it was. */
+	_cleanup_free_ char *uerr = NULL;
+	if (vm_paused && fcctl_vm_resume(sb->vm, &uerr) < 0)
+		log_error("sandbox %s: cannot resume its VM after snapshot %s: %s", sb->id, snap_id,
+			  uerr ?: "failed");
+	if (disk_up && storage_disk_remove(m->storage, &spec, &uerr) < 0)
+		log_warning("sandbox %s: cannot take its disk down after snapshot %s: %s", sb->id,
+			    snap_id, uerr ?: "failed");
+	if (r < 0)
+		(void)rm_rf(tmp);
+
+	pthread_mutex_lock(&m->lock);
+	sb->taking = NULL;
+	sb->op = SB_OP_NONE;
+	free(sb->op_error);
+	sb->op_error = NULL;
+	if (r >= 0) {
+		snap->ready = true;
+		sb->op_code = RPC_OK;
+	} else {
+		snapshot_discard_locked(m, snap);
+		sb->op_code = code_of(r);
+		sb->op_error = msg ? strdup(msg) : NULL;
+	}
+	sb->ops_ended++;
+	if (sb->destroy_next) {
+		/* A destroy waited for the snapshot: it goes on now. */
+		sb->destroy_next = false;
+		manager_submit_locked(m, sb, SB_OP_DESTROY);
+	}
+	sandbox_wake_locked(sb);
+	pthread_mutex_unlock(&m->lock);
+	if (r >= 0) {
+		char dur[32];
+		snprintf(dur, sizeof(dur), "%llu", (unsigned long long)(now_us() - t0));
+		log_struct(LOG_INFO, 0,
+			   LOG_FIELDS({"SANDBOX_ID", sb->id}, {"SNAPSHOT_ID", snap_id},
+				      {"OP", "snapshot"}, {"DURATION_US", dur}),
+			   "snapshot %s of sandbox %s taken in %llu ms", snap_id, sb->id,
+			   (unsigned long long)(now_us() - t0) / 1000);
+	} else {
+		log_warning("%s", msg ?: "snapshot failed");
+	}
 }

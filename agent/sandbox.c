@@ -66,6 +66,8 @@ void manager_insert_locked(Manager *m, Sandbox *sb)
 	sb->refs++;
 	if (sb->tmpl)
 		sb->tmpl->sandbox_count++;
+	if (sb->snap)
+		sb->snap->dependents++;
 }
 
 void manager_remove_locked(Manager *m, Sandbox *sb)
@@ -78,6 +80,8 @@ void manager_remove_locked(Manager *m, Sandbox *sb)
 			sb->removed = true;
 			if (sb->tmpl)
 				sb->tmpl->sandbox_count--;
+			if (sb->snap)
+				sb->snap->dependents--;
 			sandbox_wake_locked(sb);
 			sandbox_unref_locked(m, sb);
 			return;
@@ -226,6 +230,9 @@ static void *worker_main(void *p)
 			break;
 		case SB_OP_RESUME:
 			sandbox_op_resume(m, j->sb);
+			break;
+		case SB_OP_SNAPSHOT:
+			sandbox_op_snapshot(m, j->sb);
 			break;
 		default:
 			sandbox_op_destroy(m, j->sb);
@@ -444,12 +451,14 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 	m->buckets = calloc(m->n_buckets, sizeof(Sandbox *));
 	if (!m->buckets || asprintf(&m->templates_dir, "%s/templates", config->state_dir) < 0 ||
 	    asprintf(&m->sandboxes_dir, "%s/sandboxes", config->state_dir) < 0 ||
+	    asprintf(&m->snapshots_dir, "%s/snapshots", config->state_dir) < 0 ||
 	    asprintf(&m->run_sandboxes_dir, "%s/sandboxes", config->run_dir) < 0) {
 		manager_free(m);
 		return -ENOMEM;
 	}
 	if ((r = mkdir_p(m->templates_dir, 0700)) < 0 ||
 	    (r = mkdir_p(m->sandboxes_dir, 0700)) < 0 ||
+	    (r = mkdir_p(m->snapshots_dir, 0700)) < 0 ||
 	    (r = mkdir_p(m->run_sandboxes_dir, 0700)) < 0) {
 		manager_free(m);
 		return error_set(ret_error, r, "cannot create the state directories: %m");
@@ -479,6 +488,11 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 	r = manager_templates_load(m);
 	if (r < 0) {
 		r = error_set(ret_error, r, "cannot load templates: %m");
+		goto fail;
+	}
+	r = manager_snapshots_load(m);
+	if (r < 0) {
+		r = error_set(ret_error, r, "cannot load snapshots: %m");
 		goto fail;
 	}
 
@@ -553,6 +567,10 @@ void manager_free(Manager *m)
 		}
 	free(m->buckets);
 	free_dead_tokens_locked(m);
+	for (size_t i = 0; i < m->n_snapshots; i++)
+		snapshot_free(m->snapshots[i]);
+	free(m->snapshots);
+	free(m->snapshots_dir);
 	for (size_t i = 0; i < m->n_templates; i++)
 		template_free(m->templates[i]);
 	free(m->templates);

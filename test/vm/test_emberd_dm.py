@@ -159,3 +159,75 @@ def test_dm_sandboxes_share_one_base_and_survive_a_restart(tmp_path):
                         os.kill(int(pid), signal.SIGKILL)
                 except OSError:
                     pass
+
+
+def test_dm_pause_resume_snapshot_and_forks(tmp_path):
+    """Over device-mapper: pause removes the dm device only after the VMM has exited (a
+    removal while it runs is refused by the kernel, so a wrong order would fail the pause),
+    resume brings the same CoW back, and the forks of a snapshot share one read-only loop
+    device over its flattened image, each with a fresh CoW of its own."""
+    root = str(tmp_path)
+    a = Agent(root)
+    a.start()
+    try:
+        n = a.stub()
+
+        def create(sid, **src):
+            spec = S.SandboxSpec(memory_mib=128, **src) if "template_id" in src else \
+                S.SandboxSpec(**src)
+            return n.CreateSandbox(S.CreateSandboxRequest(sandbox_id=sid, spec=spec),
+                                   timeout=600)
+        create("src", template_id="demo")
+        assert guest_sh(root, "src", "echo kept > /root/f && sync").returncode == 0
+        # the kernel refuses to remove a dm device its VMM holds open: the order matters
+        r = run("dmsetup", "remove", "ember-src", check=False)
+        assert r.returncode != 0 and "busy" in (r.stderr + r.stdout).lower(), r
+        assert dm_names() == ["ember-src"]
+
+        sb = n.PauseSandbox(S.PauseSandboxRequest(sandbox_id="src"), timeout=600)
+        assert sb.state == S.SANDBOX_STATE_PAUSED, sb
+        names = [s.name for s in sb.last_operation.steps]
+        assert names.index("stop-vmm") < names.index("disk"), names
+        assert dm_names() == []
+        assert loops_under(root) == []  # the CoW loop and the base went with the device
+        sb = n.ResumeSandbox(S.ResumeSandboxRequest(sandbox_id="src"), timeout=600)
+        assert sb.state == S.SANDBOX_STATE_RUNNING
+        assert dm_names() == ["ember-src"]
+        assert guest_sh(root, "src", "cat /root/f").stdout.strip() == b"kept"
+
+        snap = n.CreateSnapshot(S.CreateSnapshotRequest(snapshot_id="snap", sandbox_id="src"),
+                                timeout=600)
+        image = os.path.join(root, "state", "snapshots", "snap", "rootfs.ext4")
+        forks = ["k0", "k1", "k2"]
+        for k in forks:
+            assert create(k, snapshot_id="snap").state == S.SANDBOX_STATE_RUNNING
+        shared = [l for l in loops_under(root) if l[1] == image]
+        assert len(shared) == 1, loops_under(root)
+        assert run("blockdev", "--getro", shared[0][0]).stdout.strip() == "1"
+        major_minor = run("lsblk", "-ndo", "MAJ:MIN", shared[0][0]).stdout.strip()
+        for k in forks:
+            table = run("dmsetup", "table", f"ember-{k}").stdout.split()
+            assert table[2] == "snapshot" and table[3] == major_minor, table
+            cow = os.path.join(root, "state", "sandboxes", k, "cow.img")
+            used = os.stat(cow).st_blocks * 512
+            print(f"fork {k}: CoW uses {used} bytes fresh")
+            assert used <= 1 << 20, used
+            assert guest_sh(root, k, "cat /root/f").stdout.strip() == b"kept"
+        assert snap.dependent_sandbox_count == 0
+        for k in forks + ["src"]:
+            n.DestroySandbox(S.DestroySandboxRequest(sandbox_id=k), timeout=120)
+        n.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="snap"), timeout=60)
+        assert dm_names() == []
+        assert loops_under(root) == []
+        assert os.listdir(os.path.join(root, "state", "snapshots")) == []
+    finally:
+        a.stop()
+        for name in dm_names():
+            run("dmsetup", "remove", "--retry", name, check=False)
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    if os.readlink(f"/proc/{pid}/cwd").startswith(root + "/"):
+                        os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass

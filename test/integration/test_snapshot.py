@@ -1,0 +1,199 @@
+# Snapshots and forks through emberd (fcsim + file backend on the host): CreateSnapshot of a
+# running and of a paused sandbox, sandboxes created from a snapshot (each sees the
+# snapshot's files and only its own later writes), the memory file shared and never copied,
+# DeleteSnapshot refused while forks exist, the errors node.proto lists, and a restart.
+
+import concurrent.futures
+import os
+import signal
+
+import grpc
+
+from conftest import SLOW, processes_under, wait_for
+from test_pause import get, pause, record, resume, steps
+from test_sandbox import S, code_of, create, destroy, guest_exec, leftovers, states, stub, \
+    watch
+
+
+def snapshot(n, snap, sid, labels=None, timeout=120):
+    return n.CreateSnapshot(S.CreateSnapshotRequest(snapshot_id=snap, sandbox_id=sid,
+                                                    labels=labels or {}),
+                            timeout=timeout * SLOW)
+
+
+def fork(n, sid, snap, timeout=120, **kw):
+    s = S.SandboxSpec(snapshot_id=snap, **kw)
+    return n.CreateSandbox(S.CreateSandboxRequest(sandbox_id=sid, spec=s), timeout=timeout * SLOW)
+
+
+def list_snapshots(n, **kw):
+    return [s.id for s in n.ListSnapshots(S.ListSnapshotsRequest(**kw), timeout=10).snapshots]
+
+
+def snapshots_dir(e):
+    d = os.path.join(e.state_dir, "snapshots")
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def test_snapshot_and_twenty_forks(start_emberd):
+    e = start_emberd("[network]\npool_size = 0\n")
+    n = stub(e)
+    src = create(n, "src")
+    assert guest_exec(e, "src", "sh", "-c", "echo base > /root/f && sync").returncode == 0
+    call, events, _ = watch(e)
+    wait_for(lambda: events, 10, "the watch's resync")
+    snap = snapshot(n, "snap1", "src", labels={"team": "a"})
+    assert snap.id == "snap1" and snap.source_sandbox_id == "src"
+    assert snap.template_id == "demo" and snap.memory_mib == 128 and snap.vcpu_count == 1
+    assert snap.firecracker_version == src.firecracker_version
+    d = os.path.join(e.state_dir, "snapshots", "snap1")
+    # real use of the memory file, device state and flattened disk (sparse files), and of
+    # the directory itself
+    assert snap.disk_used_bytes == sum(os.stat(os.path.join(d, f)).st_blocks * 512
+                                       for f in os.listdir(d)) + os.stat(d).st_blocks * 512
+    assert snap.dependent_sandbox_count == 0
+    # the source ran on, unchanged, and no event was emitted for it
+    sb = get(n, "src")
+    assert sb.state == S.SANDBOX_STATE_RUNNING and sb.revision == src.revision
+    assert guest_exec(e, "src", "true").returncode == 0
+    assert states(events, "src") == []
+    # a retry returns it; another source or labels is ALREADY_EXISTS
+    assert snapshot(n, "snap1", "src", labels={"team": "a"}).create_time == snap.create_time
+    assert code_of(lambda: snapshot(n, "snap1", "src"))[0] == grpc.StatusCode.ALREADY_EXISTS
+    assert list_snapshots(n) == ["snap1"]
+    assert list_snapshots(n, label_selector={"team": "a"}) == ["snap1"]
+    assert list_snapshots(n, label_selector={"team": "b"}) == []
+    assert list_snapshots(n, source_sandbox_id="src", template_id="demo") == ["snap1"]
+    assert list_snapshots(n, template_id="other") == []
+    assert sorted(os.listdir(d)) == ["mem", "rootfs.ext4", "snapshot.json", "vmstate"]
+
+    # the source writes on after the snapshot: forks do not see that
+    assert guest_exec(e, "src", "sh", "-c", "echo later > /root/g && sync").returncode == 0
+    ids = [f"f{i}" for i in range(20)]
+    with concurrent.futures.ThreadPoolExecutor(20) as ex:
+        forks = list(ex.map(lambda i: fork(n, i, "snap1"), ids))
+    for f in forks:
+        assert f.state == S.SANDBOX_STATE_RUNNING and f.template_id == "demo"
+        assert f.spec.snapshot_id == "snap1" and f.spec.memory_mib == 128
+        assert steps(f) == ["slot", "disk", "run-dir", "memory-server", "spawn", "load",
+                            "guest-agent"]
+    assert len({f.sandbox_ip for f in forks}) == 20
+    for i in ids:
+        p = guest_exec(e, i, "sh", "-c", f"cat /root/f; test ! -e /root/g; echo {i} > /root/me"
+                                         " && sync")
+        assert p.returncode == 0 and p.stdout == b"base\n", (i, p)
+    for i in ids:
+        assert guest_exec(e, i, "cat", "/root/me").stdout == f"{i}\n".encode()
+    # one memory file for all: each fork's ember-uffd serves the snapshot's own file, and no
+    # fork has a copy of it
+    mem = os.path.join(d, "mem")
+    for i in ids:
+        rec = record(e, i)
+        assert os.readlink(f"/proc/{rec['uffd_pid']}/cwd").endswith(f"/sandboxes/{i}")
+        with open(f"/proc/{rec['uffd_pid']}/cmdline", "rb") as f:
+            assert mem.encode() in f.read().split(b"\0")
+        assert not os.path.exists(os.path.join(e.state_dir, "sandboxes", i, "snapshot"))
+    assert n.GetSnapshot(S.GetSnapshotRequest(snapshot_id="snap1"),
+                         timeout=10).dependent_sandbox_count == 20
+
+    code, details = code_of(lambda: n.DeleteSnapshot(
+        S.DeleteSnapshotRequest(snapshot_id="snap1"), timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "20 sandboxes" in details, details
+    # a fork pauses and resumes over the snapshot's image
+    pause(n, "f0")
+    assert resume(n, "f0").state == S.SANDBOX_STATE_RUNNING
+    assert guest_exec(e, "f0", "cat", "/root/me").stdout == b"f0\n"
+    with concurrent.futures.ThreadPoolExecutor(10) as ex:
+        list(ex.map(lambda i: destroy(n, i), ids))
+    n.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="snap1"), timeout=10)
+    assert code_of(lambda: n.GetSnapshot(S.GetSnapshotRequest(snapshot_id="snap1"),
+                                         timeout=10))[0] == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: n.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="snap1"),
+                                            timeout=10))[0] == grpc.StatusCode.NOT_FOUND
+    destroy(n, "src")
+    assert leftovers(e) == []
+    assert snapshots_dir(e) == []
+
+
+def test_snapshot_of_a_paused_sandbox(start_emberd):
+    e = start_emberd("[network]\npool_size = 0\n")
+    n = stub(e)
+    create(n, "p")
+    guest_exec(e, "p", "sh", "-c", "echo paused > /root/f && sync")
+    before = pause(n, "p")
+    snap = snapshot(n, "ps", "p")
+    assert snap.memory_mib == 128
+    after = get(n, "p")
+    assert after.state == S.SANDBOX_STATE_PAUSED and after.revision == before.revision
+    assert processes_under(os.path.join(e.run_dir, "sandboxes")) == []
+    fork(n, "child", "ps")
+    assert guest_exec(e, "child", "cat", "/root/f").stdout == b"paused\n"
+    # the source resumes from its own saved state, untouched by the snapshot
+    resume(n, "p")
+    assert guest_exec(e, "p", "cat", "/root/f").stdout == b"paused\n"
+    # the snapshot outlives its source
+    destroy(n, "p")
+    fork(n, "child2", "ps")
+    for i in ("child", "child2"):
+        destroy(n, i)
+    n.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="ps"), timeout=10)
+    assert leftovers(e) == []
+    assert snapshots_dir(e) == []
+
+
+def test_snapshot_errors(start_emberd):
+    e = start_emberd("[network]\npool_size = 0\n")
+    n = stub(e)
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: snapshot(n, "Bad", "x"))[0] == bad
+    assert code_of(lambda: snapshot(n, "s", "Bad"))[0] == bad
+    assert code_of(lambda: snapshot(n, "s", "x", labels={"": "v"}))[0] == bad
+    assert code_of(lambda: snapshot(n, "s", "nope"))[0] == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: n.GetSnapshot(S.GetSnapshotRequest(snapshot_id="nope"),
+                                         timeout=10))[0] == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: fork(n, "f", "nope"))[0] == grpc.StatusCode.NOT_FOUND
+    create(n, "a")
+    snapshot(n, "sa", "a")
+    code, details = code_of(lambda: fork(n, "f", "sa", memory_mib=256))
+    assert code == bad and "memory_mib 256 differs" in details, details
+    code, details = code_of(lambda: fork(n, "f", "sa", vcpu_count=2))
+    assert code == bad and "vcpu_count" in details, details
+    # the values the snapshot has are fine, and a retry with 0 is the same spec
+    f = fork(n, "f", "sa", memory_mib=128, vcpu_count=1)
+    assert fork(n, "f", "sa").create_time == f.create_time
+    # a template with snapshots cannot be deleted
+    code, details = code_of(lambda: n.DeleteTemplate(S.DeleteTemplateRequest(template_id="demo"),
+                                                     timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "1 snapshots" in details, details
+    os.kill(record(e, "a")["vmm_pid"], signal.SIGKILL)
+    wait_for(lambda: get(n, "a").state == S.SANDBOX_STATE_FAILED, 10, "FAILED")
+    code, details = code_of(lambda: snapshot(n, "sb", "a"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "FAILED" in details, details
+    for i in ("a", "f"):
+        destroy(n, i)
+    n.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="sa"), timeout=10)
+    assert leftovers(e) == [] and snapshots_dir(e) == []
+
+
+def test_snapshots_and_forks_survive_a_restart(start_emberd, workdir):
+    root = os.path.join(workdir, "node")
+    e = start_emberd("[network]\npool_size = 0\n", root=root)
+    n = stub(e)
+    create(n, "src")
+    guest_exec(e, "src", "sh", "-c", "echo one > /root/f && sync")
+    snapshot(n, "keep", "src")
+    fork(n, "kid", "keep")
+    e.proc.signal(signal.SIGKILL)
+    assert e.proc.wait(30) is not None
+    e2 = start_emberd("[network]\npool_size = 0\n", root=root, hostns=e.hostns)
+    n2 = stub(e2)
+    s = n2.GetSnapshot(S.GetSnapshotRequest(snapshot_id="keep"), timeout=10)
+    assert s.dependent_sandbox_count == 1
+    assert get(n2, "kid").state == S.SANDBOX_STATE_RUNNING
+    assert guest_exec(e2, "kid", "cat", "/root/f").stdout == b"one\n"
+    fork(n2, "kid2", "keep")
+    assert guest_exec(e2, "kid2", "cat", "/root/f").stdout == b"one\n"
+    for i in ("src", "kid", "kid2"):
+        destroy(n2, i)
+    n2.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="keep"), timeout=10)
+    assert leftovers(e2) == [] and snapshots_dir(e2) == []
