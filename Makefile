@@ -74,7 +74,7 @@ endif
 all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
 	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper $(B)/test/fcctl-tool \
 	$(B)/ember-uffd $(B)/test/bench-uffd $(B)/test/fuzz-uffd-handshake-replay $(B)/ember-guest \
-	$(B)/ember-init $(B)/test/guest-tool $(B)/test/lifecycle-direct unit-tests pystubs
+	$(B)/ember-init $(B)/test/guest-tool $(B)/test/lifecycle-direct $(B)/test/emberd-hooks unit-tests pystubs
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
@@ -240,6 +240,21 @@ $(B)/ember-init: $(GUEST_INIT_SRCS) guest/init/init.h common/macro.h
 $(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-set.o $(PROTO_OBJS) \
 		$(B)/libguestclient.a $(B)/libfcctl.a $(B)/libstorage.a \
 		$(B)/libnetns.a $(B)/libcommon.a
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+
+# emberd with crash points (agent/crash-point.h), for the crash-safety tests only: the one
+# object that has them is built again with EMBER_TEST_HOOKS; emberd itself has none.
+HOOK_OBJS := $(B)/obj-hooks/agent/sandbox-ops.o $(B)/obj-hooks/agent/crash-point.o
+$(B)/obj-hooks/%.o: %.c $(B)/proto/.stamp-c $(B)/proto/.stamp-guest-c
+	@mkdir -p $(@D)
+	@echo "  CC       $@ (test hooks)"
+	$(Q)$(CC) $(ALL_CPPFLAGS) -DEMBER_TEST_HOOKS $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+$(B)/test/emberd-hooks: $(B)/obj/agent/main.o $(filter-out $(B)/obj/agent/sandbox-ops.o,$(AGENT_LIB_OBJS)) \
+		$(HOOK_OBJS) $(B)/obj/agent/descriptor-set.o $(PROTO_OBJS) \
+		$(B)/libguestclient.a $(B)/libfcctl.a $(B)/libstorage.a \
+		$(B)/libnetns.a $(B)/libcommon.a
+	@mkdir -p $(@D)
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
 

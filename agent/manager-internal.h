@@ -172,11 +172,12 @@ struct Sandbox {
 	pid_t vmm_pid;
 	FcVm *uffd; /* ember-uffd, while running from saved memory (after a resume) */
 	pid_t uffd_pid;
-	char *device;      /* what the VMM's rootfs link points to */
-	WatchToken *watch; /* (L) the VMM's pidfd is in the event loop */
-	bool slot_user;    /* (L) counted in Manager.n_slot_users */
-	char *run_dir;     /* <run_dir>/sandboxes/<id> */
-	char *data_dir;    /* <state_dir>/sandboxes/<id> */
+	bool resume_loading; /* a resume has sent /snapshot/load: the guest may have run */
+	char *device;        /* what the VMM's rootfs link points to */
+	WatchToken *watch;   /* (L) the VMM's pidfd is in the event loop */
+	bool slot_user;      /* (L) counted in Manager.n_slot_users */
+	char *run_dir;       /* <run_dir>/sandboxes/<id> */
+	char *data_dir;      /* <state_dir>/sandboxes/<id> */
 	char *cow_path;
 	OpTiming last_op; /* (L) */
 

@@ -120,6 +120,73 @@ static void stop_stray_vmm(pid_t pid, const char *binary, const char *id, const 
 	fcctl_vm_free(vm);
 }
 
+/* A pause that a restart interrupted while the VMM still ran: the VM goes on (resumed if the
+ * pause had paused it) and the sandbox is RUNNING again, adopted with its memory server if it
+ * has one. Any failure: < 0 with why, and nothing adopted. */
+static int finish_interrupted_pause(Manager *m, Sandbox *sb, pid_t pid, const char *binary,
+				    const char *uffd_binary, char **ret_why)
+{
+	_cleanup_free_ char *err = NULL, *state = NULL, *version = NULL, *new_dir = NULL;
+	int r = fcctl_vm_adopt(pid, binary, sb->id, sb->run_dir, &sb->vm, &err);
+
+	if (r < 0)
+		return error_set(ret_why, r, "its VMM is gone (%s)", err ?: "?");
+	if (sb->uffd_pid > 0) {
+		r = uffd_binary && uffd_binary[0]
+			    ? fcctl_vm_adopt(sb->uffd_pid, uffd_binary, sb->id, sb->run_dir,
+					     &sb->uffd, &err)
+			    : -ESRCH;
+		if (r < 0) {
+			r = error_set(ret_why, r, "its memory server is gone");
+			goto fail;
+		}
+	}
+	fcctl_vm_set_timeout(sb->vm, 5000);
+	r = fcctl_describe(sb->vm, &state, &version, &err);
+	if (r >= 0 && state && strcmp(state, "Paused") == 0)
+		r = fcctl_vm_resume(sb->vm, &err);
+	if (r < 0) {
+		r = error_set(ret_why, r, "its VM cannot be resumed (%s)", err ?: "?");
+		goto fail;
+	}
+	fcctl_vm_set_timeout(sb->vm, 10000);
+	sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING;
+	if (asprintf(&new_dir, "%s/snapshot.new", sb->data_dir) >= 0)
+		(void)rm_rf(new_dir);
+	(void)m;
+	return 0;
+fail:
+	if (sb->uffd) {
+		fcctl_vm_free(sb->uffd);
+		sb->uffd = NULL;
+	}
+	FcExit ex;
+	(void)fcctl_vm_stop(sb->vm, 5000, &ex);
+	fcctl_vm_free(sb->vm);
+	sb->vm = NULL;
+	return r;
+}
+
+/* An adopted VM must run: a CreateSnapshot that a restart interrupted may have left it paused
+ * inside its VMM. */
+static void ensure_running(Sandbox *sb)
+{
+	_cleanup_free_ char *err = NULL, *state = NULL, *version = NULL;
+
+	fcctl_vm_set_timeout(sb->vm, 5000);
+	if (fcctl_describe(sb->vm, &state, &version, &err) >= 0 && state &&
+	    strcmp(state, "Paused") == 0) {
+		if (fcctl_vm_resume(sb->vm, &err) >= 0)
+			log_info("sandbox %s: its VM was left paused (a snapshot interrupted by a "
+				 "restart): resumed",
+				 sb->id);
+		else
+			log_warning("sandbox %s: its VM is paused and cannot be resumed: %s",
+				    sb->id, err ?: "?");
+	}
+	fcctl_vm_set_timeout(sb->vm, 10000);
+}
+
 /* Processes working in one of our run directories whose sandbox is not kept: a VMM (or
  * helper) that a crash left without a record. */
 static unsigned reclaim_processes(Manager *m, char **keep, size_t n_keep)
@@ -269,6 +336,7 @@ int manager_recover(Manager *m, char **ret_error)
 			}
 			if (r >= 0) {
 				sb->vmm_pid = pid;
+				ensure_running(sb);
 				break;
 			}
 			_cleanup_free_ char *reason = NULL;
@@ -300,21 +368,46 @@ int manager_recover(Manager *m, char **ret_error)
 			break;
 		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSING:
 		case EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RESUMING: {
-			/* Interrupted half-way: what runs is stopped (reclaim below releases the
-			 * rest) and the sandbox is FAILED, its saved state kept. */
-			const char *what =
-				sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSING
-					? "pause"
-					: "resume";
+			/* Interrupted half-way: finished one way or the other, never left half
+			 * done (reclaim below releases what no kept sandbox holds). */
+			bool pausing = sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSING;
+			json_object *lv;
+			bool guest_ran = json_object_object_get_ex(o, "resume_loading", &lv) &&
+					 json_object_get_boolean(lv);
+			_cleanup_free_ char *why = NULL;
+			if (pausing && pid > 0 && binary &&
+			    finish_interrupted_pause(m, sb, pid, binary,
+						     json_get_string(o, "uffd_binary"),
+						     &why) >= 0) {
+				sb->vmm_pid = pid;
+				log_info("sandbox %s: its pause was interrupted by a restart; its "
+					 "VM "
+					 "runs on (RUNNING)",
+					 sb->id);
+				break;
+			}
 			stop_stray_vmm(pid, binary, sb->id, sb->run_dir);
 			stop_stray_vmm(sb->uffd_pid, json_get_string(o, "uffd_binary"), sb->id,
 				       sb->run_dir);
 			sb->vmm_pid = sb->uffd_pid = -1;
+			if (!pausing && !guest_ran) {
+				/* Its guest never ran: the saved state is as the pause left it. */
+				sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED;
+				free(sb->state_reason);
+				sb->state_reason = NULL;
+				log_info("sandbox %s: its resume was interrupted by a restart "
+					 "before "
+					 "its guest ran; it is PAUSED again",
+					 sb->id);
+				break;
+			}
 			free(sb->state_reason);
 			if (asprintf(&sb->state_reason,
-				     "emberd stopped during its %s; its saved state is kept until "
+				     "emberd stopped during its %s%s%s; its saved state is kept "
+				     "until "
 				     "DestroySandbox",
-				     what) < 0)
+				     pausing ? "pause" : "resume, after its guest had started",
+				     why ? ": " : "", why ?: "") < 0)
 				sb->state_reason = NULL;
 			sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED;
 			failed++;

@@ -15,6 +15,7 @@
 #include "common/error.h"
 #include "common/fileio.h"
 #include "common/log.h"
+#include "crash-point.h"
 #include "guest/client/guest-client.h"
 #include "messages.h"
 #include "node-sandbox.h"
@@ -39,6 +40,9 @@ static void log_step(const Sandbox *sb, const char *op, const char *step, uint64
 		     const char *err)
 {
 	char dur[32], errno_s[16];
+
+	if (r >= 0)
+		crash_point(op, step);
 
 	snprintf(dur, sizeof(dur), "%llu", (unsigned long long)us);
 	snprintf(errno_s, sizeof(errno_s), "%d", r < 0 ? -r : 0);
@@ -147,6 +151,8 @@ int sandbox_record_write(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
 	json_object_object_add(o, "cow_path", json_object_new_string(sb->cow_path));
 	json_object_object_add(o, "uffd_pid", json_object_new_int64(sb->uffd_pid));
 	json_object_object_add(o, "uffd_binary", json_object_new_string(m->vmm.uffd ?: ""));
+	if (sb->resume_loading)
+		json_object_object_add(o, "resume_loading", json_object_new_boolean(true));
 	if (sb->last_op.op[0])
 		json_object_object_add(o, "last_operation", op_timing_to_json(&sb->last_op));
 	pthread_mutex_unlock(&m->lock);
@@ -860,6 +866,13 @@ void sandbox_op_pause(Manager *m, Sandbox *sb)
 	if (asprintf(&new_dir, "%s/snapshot.new", sb->data_dir) < 0 ||
 	    asprintf(&vmstate, "%s/vmstate", new_dir) < 0 || asprintf(&mem, "%s/mem", new_dir) < 0)
 		r = -ENOMEM;
+	/* PAUSING on record first: a restart then knows the VM may be paused inside its VMM,
+	 * and puts it back to RUNNING, or makes it FAILED, rather than adopting it as it is. */
+	if (r >= 0 && (r = sandbox_record_write(
+			       m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSING, NULL)) < 0)
+		failed = "record";
+	if (r >= 0)
+		crash_point("pause", "start");
 	for (i = 0; r >= 0 && i < P_N; i++) {
 		uint64_t ts = now_us();
 		free(err);
@@ -885,6 +898,13 @@ void sandbox_op_pause(Manager *m, Sandbox *sb)
 				break;
 			case P_COMMIT:
 				r = commit_saved_state(sb, new_dir, &err);
+				/* PAUSED on record as soon as the saved state is in place: what is
+				 * left (disk, slot, run dir) a restart's reclaim releases too. */
+				if (r >= 0 &&
+				    (r = sandbox_record_write(
+					     m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED,
+					     NULL)) < 0)
+					err = strdup("cannot write the record");
 				break;
 			case P_DISK:
 				r = release_disk(m, sb, &err);
@@ -930,12 +950,15 @@ void sandbox_op_pause(Manager *m, Sandbox *sb)
 		return;
 	}
 	if (i - 1 <= P_SNAPSHOT) {
-		/* The VM can still run: it goes on as it was, and the call fails. */
+		/* The VMM still runs: the VM goes on as it was (resumed if the pause got that
+		 * far), RUNNING on record again, and the call fails. */
 		_cleanup_free_ char *rerr = NULL, *state = NULL, *version = NULL;
-		int k = i - 1 == P_PAUSE && fcctl_describe(sb->vm, &state, &version, &rerr) >= 0 &&
-					state && strcmp(state, "Running") == 0
-				? 0
-				: fcctl_vm_resume(sb->vm, &rerr);
+		int k = fcctl_describe(sb->vm, &state, &version, &rerr);
+		if (k >= 0 && state && strcmp(state, "Paused") == 0)
+			k = fcctl_vm_resume(sb->vm, &rerr);
+		if (k >= 0)
+			k = sandbox_record_write(
+				m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING, NULL);
 		(void)rm_rf(new_dir);
 		if (k >= 0) {
 			log_warning("sandbox %s: %s; it runs on", sb->id, msg ?: "pause failed");
@@ -1018,6 +1041,13 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 	int i, r = 0;
 
 	timing_begin(&timing, "resume");
+	/* RESUMING on record first: a restart then stops what was started and puts the sandbox
+	 * back to PAUSED (or FAILED once its guest may have run, see R_LOAD). */
+	r = sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RESUMING, NULL);
+	if (r < 0)
+		failed = "record";
+	else
+		crash_point("resume", "start");
 	for (i = 0; r >= 0 && i < R_N; i++) {
 		uint64_t ts = now_us();
 		StorageDiskSpec spec = sandbox_disk_spec(sb);
@@ -1043,7 +1073,13 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 				r = step_spawn(m, sb, &err);
 				break;
 			case R_LOAD:
-				r = vmstate ? step_load(sb, vmstate, false, &err) : -ENOMEM;
+				/* From here the guest runs and may write its disk: its saved
+				 * memory no longer matches the disk, and a restart cannot just
+				 * call it PAUSED again. */
+				sb->resume_loading = true;
+				r = sandbox_record_write(m, sb, 0, NULL);
+				if (r >= 0)
+					r = vmstate ? step_load(sb, vmstate, false, &err) : -ENOMEM;
 				break;
 			case R_GUEST:
 				r = step_wait_guest(m, sb, &err);
@@ -1055,6 +1091,7 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 			failed = names[i];
 	}
 	timing_end(m, sb, &timing, t0, failed);
+	sb->resume_loading = false;
 
 	if (r >= 0) {
 		r = sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING,
@@ -1091,9 +1128,12 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 		pthread_mutex_unlock(&m->lock);
 		return;
 	}
-	if (i - 1 == R_SLOT) {
+	if (i - 1 <= R_SLOT) {
 		/* Nothing was touched: it stays PAUSED, and a later resume may find a slot. */
 		log_warning("sandbox %s: %s; it stays PAUSED", sb->id, msg ?: "resume failed");
+		(void)release_slot(m, sb, NULL); /* the admission's count */
+		(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED,
+					   NULL);
 		pthread_mutex_lock(&m->lock);
 		op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED, NULL,
 				 code_of(r), msg);

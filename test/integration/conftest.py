@@ -274,14 +274,16 @@ def cleanup_emberd_root(root):
 
 @pytest.fixture
 def start_emberd(workdir, procs):
-    """start_emberd(config_text="", args=[], wait=True, root=None) -> Emberd
+    """start_emberd(config_text="", args=[], wait=True, root=None, hostns=None, env=None,
+    binary="emberd") -> Emberd (binary: relative to the build dir, e.g. test/emberd-hooks)
 
     emberd runs in a network namespace of the test's own (its slots' namespaces are
     bind-mounted under <root>/netns), so nothing of the machine's root namespace changes."""
     counter = [0]
     roots = []
 
-    def start(config_text="", args=(), wait=True, root=None, hostns=None, env=None):
+    def start(config_text="", args=(), wait=True, root=None, hostns=None, env=None,
+              binary="emberd"):
         counter[0] += 1
         root = root or os.path.join(workdir, f"n{counter[0]}")
         os.makedirs(root, exist_ok=True)
@@ -293,7 +295,7 @@ def start_emberd(workdir, procs):
                 host_netns(hostns)
         conf = write_config(root, f"[network]\nnetns_dir = {root}/netns\n"
                                   "[sandboxes]\nmemory_reserve_mib = 0\n" + config_text)
-        argv = ["nsenter", f"--net={hostns}", os.path.join(BUILD, "emberd"), "--config", conf,
+        argv = ["nsenter", f"--net={hostns}", os.path.join(BUILD, binary), "--config", conf,
                 "--state-dir", os.path.join(root, "state"),
                 "--run-dir", os.path.join(root, "run")] + list(args)
         proc = Proc(argv, os.path.join(root, f"emberd-{len(procs)}.log"), env=env)
