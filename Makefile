@@ -476,6 +476,9 @@ $(B)/test/lifecycle-direct: $(B)/obj/test/bench/lifecycle-direct.o $(B)/libguest
 $(B)/obj/test/bench/lifecycle-direct.o: $(B)/proto/.stamp-guest-c
 bench-lifecycle: all
 	$(PYTHON) test/bench/bench-lifecycle.py --build $(B)
+# pause and resume by step, create from a snapshot against a cold create, 20 forks at once.
+bench-pause: all
+	$(PYTHON) test/bench/bench-pause.py --build $(B) $(BENCH_ARGS)
 
 # emberd and what it runs: fcsim (no KVM here), and the guest binaries and ember-mkrootfs for the
 # demo template.
@@ -563,7 +566,7 @@ install: $(B)/emberd $(B)/ember-uffd $(B)/ember-init $(B)/ember-guest
 clean:
 	rm -rf build
 
-.PHONY: bench-exec bench-lifecycle
+.PHONY: bench-exec bench-lifecycle bench-pause
 .PHONY: all deps run check check-unit check-integration check-vm unit-tests pystubs lint \
 	format install clean bench-rpc bench-storage bench-net bench-uffd fuzz-uffd
 .DELETE_ON_ERROR:

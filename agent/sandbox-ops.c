@@ -469,7 +469,7 @@ static const StepDef fork_steps[] = {
 };
 
 static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error);
-static int step_load(Sandbox *sb, const char *vmstate, bool fork, char **ret_error);
+static int step_load(Manager *m, Sandbox *sb, const char *vmstate, bool fork, char **ret_error);
 
 void sandbox_op_create(Manager *m, Sandbox *sb)
 {
@@ -498,7 +498,7 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 				r = step_uffd(m, sb, sb->snap->mem, &err);
 				break;
 			case S_LOAD:
-				r = step_load(sb, sb->snap->vmstate, true, &err);
+				r = step_load(m, sb, sb->snap->vmstate, true, &err);
 				break;
 			case S_SLOT:
 				r = step_slot(m, sb, &err);
@@ -1000,7 +1000,7 @@ static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error)
 	return 0;
 }
 
-static int step_load(Sandbox *sb, const char *vmstate, bool fork, char **ret_error)
+static int step_load(Manager *m, Sandbox *sb, const char *vmstate, bool fork, char **ret_error)
 {
 	/* Every sandbox has the same names (DESIGN.md §4), so the overrides name what the
 	 * snapshot already holds; they are given for a fork all the same, so that a snapshot
@@ -1016,7 +1016,13 @@ static int step_load(Sandbox *sb, const char *vmstate, bool fork, char **ret_err
 		.vsock_override = fork ? "v.sock" : NULL,
 	};
 
-	return fcctl_snapshot_load(sb->vm, &load, ret_error);
+	/* The load may touch much of the memory before it answers (fcsim checks every page;
+	 * Firecracker's devices restore theirs), each page a fault served by ember-uffd: it gets
+	 * the time a boot gets, not an ordinary API call's. */
+	fcctl_vm_set_timeout(sb->vm, (int)m->config->boot_timeout_s * 1000);
+	int r = fcctl_snapshot_load(sb->vm, &load, ret_error);
+	fcctl_vm_set_timeout(sb->vm, 10000);
+	return r;
 }
 
 void sandbox_op_resume(Manager *m, Sandbox *sb)
@@ -1079,7 +1085,8 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 				sb->resume_loading = true;
 				r = sandbox_record_write(m, sb, 0, NULL);
 				if (r >= 0)
-					r = vmstate ? step_load(sb, vmstate, false, &err) : -ENOMEM;
+					r = vmstate ? step_load(m, sb, vmstate, false, &err)
+						    : -ENOMEM;
 				break;
 			case R_GUEST:
 				r = step_wait_guest(m, sb, &err);

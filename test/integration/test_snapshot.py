@@ -6,6 +6,7 @@
 import concurrent.futures
 import os
 import signal
+import subprocess
 
 import grpc
 
@@ -197,3 +198,26 @@ def test_snapshots_and_forks_survive_a_restart(start_emberd, workdir):
         destroy(n2, i)
     n2.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="keep"), timeout=10)
     assert leftovers(e2) == [] and snapshots_dir(e2) == []
+
+
+def test_snapshot_to_a_full_disk(start_emberd, workdir):
+    """Not enough room in <state_dir>/snapshots (a 64 MiB tmpfs here) for a 128 MiB guest's
+    snapshot: RESOURCE_EXHAUSTED before anything is done, and the sandbox runs on unharmed."""
+    e = start_emberd("[network]\npool_size = 0\n")
+    n = stub(e)
+    create(n, "full")
+    d = os.path.join(e.state_dir, "snapshots")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", d], check=True)
+    try:
+        code, details = code_of(lambda: snapshot(n, "big", "full"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "not enough disk" in details, \
+            details
+        sb = get(n, "full")
+        assert sb.state == S.SANDBOX_STATE_RUNNING
+        assert guest_exec(e, "full", "true").returncode == 0
+        assert os.listdir(d) == []
+        assert list_snapshots(n) == []
+    finally:
+        subprocess.run(["umount", "-l", d], check=True)
+    destroy(n, "full")
+    assert leftovers(e) == []
