@@ -160,7 +160,7 @@ void manager_demo_template(Manager *m)
 		labels.items[0].value = strdup("true");
 		labels.n = 1;
 	}
-	r = manager_template_register(m, DEMO_ID, kernel, image, NULL, "", &labels, &t, &err);
+	r = manager_template_register(m, DEMO_ID, kernel, image, NULL, "", &labels, 0, 0, &t, &err);
 	kv_list_done(&labels);
 	(void)rm_rf(dir);
 	if (r < 0) {

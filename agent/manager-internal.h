@@ -78,11 +78,22 @@ typedef struct TemplateFileInfo {
 	char *source;
 } TemplateFileInfo;
 
+/* A template's boot snapshot (RegisterTemplate's boot_snapshot): <template dir>/boot-snapshot/
+ * {vmstate,mem,rootfs.ext4}, restored by creates of that machine instead of a boot. */
+typedef struct TemplateBoot {
+	bool present;
+	unsigned vcpu_count, memory_mib;
+	char *fc_version;
+	char *vmstate, *mem, *rootfs;
+	uint64_t disk_used;
+} TemplateBoot;
+
 typedef struct Template {
 	char *id;
 	Ember__V1__TemplateState state;
 	char *state_reason;
 	TemplateFileInfo kernel, rootfs, initrd;
+	TemplateBoot boot;
 	char *boot_args;
 	uint64_t rootfs_disk_used;
 	KvList labels;
@@ -129,6 +140,18 @@ typedef enum SbOp {
 	SB_OP_SNAPSHOT, /* CreateSnapshot: the state does not change, no events */
 } SbOp;
 
+enum {
+	OUT_PAUSE,
+	OUT_RESUME,
+	OUT_SNAPSHOT,
+	_OUT_MAX
+};
+typedef struct OpOutcome {
+	uint64_t ended;
+	RpcCode code;
+	char *error;
+} OpOutcome;
+
 /* The steps of the last create, pause or resume (Sandbox.last_operation). */
 #define OP_MAX_STEPS 16
 typedef struct OpTiming {
@@ -157,6 +180,7 @@ struct Sandbox {
 	char *template_id; /* the template it descends from */
 	Template *tmpl;    /* (L) held: counts in tmpl->sandbox_count */
 	Snapshot *snap;    /* created from this snapshot (held: counts in its dependents) */
+	bool boot_restore; /* created from its template's boot snapshot */
 	Snapshot *taking;  /* (L) the snapshot SB_OP_SNAPSHOT makes of it */
 
 	Ember__V1__SandboxState state; /* (L) */
@@ -190,10 +214,10 @@ struct Sandbox {
 	bool destroy_failed; /* the last destroy failed (state FAILED says why) */
 	RpcCode create_code;
 	char *create_error;
-	/* Pause and resume: each one that ends bumps ops_ended and leaves its outcome here. */
-	uint64_t ops_ended;
-	RpcCode op_code;
-	char *op_error;
+	/* The outcome of the last pause, resume and snapshot, one slot each (OUT_*): an
+	 * operation that ends bumps its slot's `ended` and leaves its code there, so that a
+	 * waiter reads its own kind's outcome even if another kind ran since. */
+	OpOutcome outcome[_OUT_MAX];
 	Waiter *waiters;
 
 	unsigned refs; /* (L) registry + every thread holding a pointer */
@@ -295,6 +319,9 @@ void sandbox_op_resume(Manager *m, Sandbox *sb);
 void sandbox_op_snapshot(Manager *m, Sandbox *sb);
 /* Its disk, for the storage module: over the template's rootfs or a snapshot's image. */
 StorageDiskSpec sandbox_disk_spec(const Sandbox *sb);
+/* How long a memory dump or restore of this sandbox may take: 10 s and 50 ms per MiB, at
+ * least [vmm] boot_timeout_s. */
+int sandbox_mem_op_timeout_ms(const Manager *m, const Sandbox *sb);
 /* <data_dir>/snapshot/<name>: the saved state of a paused sandbox. */
 char *sandbox_saved_path(const Sandbox *sb, const char *name);
 /* Releases every runtime resource (VMM, disk device, slot, run dir) the sandbox holds; keeps
@@ -339,9 +366,15 @@ void snapshot_discard_locked(Manager *m, Snapshot *s);
 /* recover.c */
 int manager_recover(Manager *m, char **ret_error);
 
+/* boot_vcpus/boot_mib: take a boot snapshot of that machine (0, 0: none). */
 int manager_template_register(Manager *m, const char *id, const char *kernel, const char *rootfs,
 			      const char *initrd, const char *boot_args, KvList *labels,
-			      Template **ret_existing, char **ret_error);
+			      unsigned boot_vcpus, unsigned boot_mib, Template **ret_existing,
+			      char **ret_error);
+/* sandbox-ops.c: boots template t (its files where they are now) in a sandbox of its own, not
+ * in the registry, and snapshots it into dir/{vmstate,mem,rootfs.ext4}. */
+int template_boot_snapshot(Manager *m, Template *t, const char *dir, unsigned vcpus, unsigned mib,
+			   char **ret_error);
 
 /* Milliseconds of CLOCK_MONOTONIC. */
 uint64_t now_ms(void);

@@ -656,6 +656,12 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	sb->spec = spec;
 	sb->tmpl = t;
 	sb->snap = snap;
+	/* The template's boot snapshot, when it has one of this machine that this node can
+	 * restore: a restore instead of a boot. */
+	sb->boot_restore = !snap && t->boot.present && m->vmm.uffd &&
+			   sb->spec.vcpu_count == t->boot.vcpu_count &&
+			   sb->spec.memory_mib == t->boot.memory_mib &&
+			   strcmp(t->boot.fc_version ?: "", m->vmm.version) == 0;
 	clock_gettime(CLOCK_REALTIME, &sb->create_time);
 	manager_insert_locked(m, sb);
 	sb->slot_user = true;
@@ -810,7 +816,8 @@ static bool not_snapshotting(Sandbox *sb, uint64_t unused)
 /* The pause or resume that was running (or queued) when the waiter joined has ended. */
 static bool op_ended(Sandbox *sb, uint64_t joined_at)
 {
-	return sb->removed || sb->ops_ended > joined_at;
+	/* arg: the outcome slot in the top byte, its count when the waiter joined below */
+	return sb->removed || sb->outcome[joined_at >> 56].ended > (joined_at & ~(0xffull << 56));
 }
 
 /* Free space where the saved state goes: a pause that cannot write its memory file fails
@@ -881,7 +888,8 @@ again:
 				      "sandbox %s is %s; %s needs it %s", id, state_short(st),
 				      call_name, state_short(from));
 	}
-	uint64_t joined_at = sb->ops_ended;
+	const int out = pause ? OUT_PAUSE : OUT_RESUME;
+	uint64_t joined_at = sb->outcome[out].ended;
 	if (sb->state == from) {
 		/* Start it. */
 		const char *refuse = NULL;
@@ -923,14 +931,14 @@ again:
 		sandbox_set_state_locked(m, sb, during, NULL);
 		manager_submit_locked(m, sb, pause ? SB_OP_PAUSE : SB_OP_RESUME);
 	}
-	r = sandbox_wait_locked(m, call, sb, op_ended, joined_at);
+	r = sandbox_wait_locked(m, call, sb, op_ended, (uint64_t)out << 56 | joined_at);
 	if (r >= 0 && sb->removed) {
 		outcome = RPC_ABORTED;
 		if (asprintf(&message, "sandbox %s was destroyed", id) < 0)
 			message = NULL;
-	} else if (r >= 0 && sb->op_code != RPC_OK) {
-		outcome = sb->op_code;
-		message = strdup(sb->op_error ?: "failed");
+	} else if (r >= 0 && sb->outcome[out].code != RPC_OK) {
+		outcome = sb->outcome[out].code;
+		message = strdup(sb->outcome[out].error ?: "failed");
 	}
 	pthread_mutex_unlock(&m->lock);
 	if (r < 0)

@@ -85,6 +85,11 @@ static int sandbox_from_record(Manager *m, const char *id, json_object *o, Sandb
 	sb->tmpl = manager_template_find_locked(m, sb->template_id);
 	if (!sb->tmpl)
 		goto bad;
+	json_object *br;
+	sb->boot_restore =
+		json_object_object_get_ex(o, "boot_restore", &br) && json_object_get_boolean(br);
+	if (sb->boot_restore && !sb->tmpl->boot.present)
+		goto bad;
 	/* Snapshots are loaded first, and one with dependents cannot be deleted. */
 	if (sb->spec.snapshot_id &&
 	    !(sb->snap = manager_snapshot_find_locked(m, sb->spec.snapshot_id)))
@@ -141,7 +146,9 @@ static int finish_interrupted_pause(Manager *m, Sandbox *sb, pid_t pid, const ch
 			goto fail;
 		}
 	}
-	fcctl_vm_set_timeout(sb->vm, 5000);
+	/* A dump the crash interrupted may still be running in the VMM: wait as long as one
+	 * may take. */
+	fcctl_vm_set_timeout(sb->vm, sandbox_mem_op_timeout_ms(m, sb));
 	r = fcctl_describe(sb->vm, &state, &version, &err);
 	if (r >= 0 && state && strcmp(state, "Paused") == 0)
 		r = fcctl_vm_resume(sb->vm, &err);
@@ -153,7 +160,6 @@ static int finish_interrupted_pause(Manager *m, Sandbox *sb, pid_t pid, const ch
 	sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING;
 	if (asprintf(&new_dir, "%s/snapshot.new", sb->data_dir) >= 0)
 		(void)rm_rf(new_dir);
-	(void)m;
 	return 0;
 fail:
 	if (sb->uffd) {
@@ -169,11 +175,11 @@ fail:
 
 /* An adopted VM must run: a CreateSnapshot that a restart interrupted may have left it paused
  * inside its VMM. */
-static void ensure_running(Sandbox *sb)
+static void ensure_running(Manager *m, Sandbox *sb)
 {
 	_cleanup_free_ char *err = NULL, *state = NULL, *version = NULL;
 
-	fcctl_vm_set_timeout(sb->vm, 5000);
+	fcctl_vm_set_timeout(sb->vm, sandbox_mem_op_timeout_ms(m, sb));
 	if (fcctl_describe(sb->vm, &state, &version, &err) >= 0 && state &&
 	    strcmp(state, "Paused") == 0) {
 		if (fcctl_vm_resume(sb->vm, &err) >= 0)
@@ -279,12 +285,21 @@ int manager_recover(Manager *m, char **ret_error)
 		pid_t pid = -1;
 		const char *binary = NULL;
 
-		if (de->d_name[0] == '.')
+		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
 			continue;
 		if (asprintf(&dir, "%s/%s", m->sandboxes_dir, de->d_name) < 0 ||
 		    asprintf(&rec, "%s/sandbox.json", dir) < 0) {
 			drop_loaded(m, loaded, n_loaded);
 			return -ENOMEM;
+		}
+		if (strncmp(de->d_name, ".boot-", 6) == 0) {
+			/* The sandbox of a template's boot snapshot that a crash interrupted:
+			 * reclaim below ends its processes and devices, then it goes. */
+			if (str_list_push(&undone_dirs, dir) < 0) {
+				drop_loaded(m, loaded, n_loaded);
+				return -ENOMEM;
+			}
+			continue;
 		}
 		if (!id_is_valid(de->d_name)) {
 			record_quarantine(m->config, dir, "not a sandbox id");
@@ -336,7 +351,7 @@ int manager_recover(Manager *m, char **ret_error)
 			}
 			if (r >= 0) {
 				sb->vmm_pid = pid;
-				ensure_running(sb);
+				ensure_running(m, sb);
 				break;
 			}
 			_cleanup_free_ char *reason = NULL;

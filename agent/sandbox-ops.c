@@ -5,10 +5,13 @@
  * one. Between steps a flow checks whether DestroySandbox asked it to give up.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -62,6 +65,15 @@ static void log_step(const Sandbox *sb, const char *op, const char *step, uint64
 			   (unsigned long long)us);
 }
 
+/* Has the VMM, or its memory server, exited? Never blocks. */
+static bool vmm_or_uffd_exited(const Sandbox *sb)
+{
+	struct pollfd p[2] = {{.fd = sb->vm ? fcctl_vm_pidfd(sb->vm) : -1, .events = POLLIN},
+			      {.fd = sb->uffd ? fcctl_vm_pidfd(sb->uffd) : -1, .events = POLLIN}};
+
+	return poll(p, 2, 0) > 0;
+}
+
 static void timing_begin(OpTiming *t, const char *op)
 {
 	*t = (OpTiming){};
@@ -95,6 +107,41 @@ static RpcCode code_of(int r)
 	return r == -ECANCELED                                 ? RPC_ABORTED
 	       : r == -ENOSPC || r == -EDQUOT || r == -ENOBUFS ? RPC_RESOURCE_EXHAUSTED
 							       : RPC_INTERNAL;
+}
+
+int sandbox_mem_op_timeout_ms(const Manager *m, const Sandbox *sb)
+{
+	uint64_t t = 10000 + (uint64_t)sb->spec.memory_mib * 50,
+		 boot = (uint64_t)m->config->boot_timeout_s * 1000;
+
+	if (t < boot)
+		t = boot;
+	return t > INT_MAX ? INT_MAX : (int)t;
+}
+
+/* /snapshot/create with the time a memory dump of this size needs. */
+static int snapshot_create_timed(Manager *m, Sandbox *sb, const char *vmstate, const char *mem,
+				 char **ret_error)
+{
+	fcctl_vm_set_timeout(sb->vm, sandbox_mem_op_timeout_ms(m, sb));
+	int r = fcctl_snapshot_create(sb->vm, vmstate, mem, false, ret_error);
+	fcctl_vm_set_timeout(sb->vm, 10000);
+	return r;
+}
+
+/* After a failed pause or snapshot: the VM runs again if its VMM can make it (a call that
+ * timed out may still be finishing in the VMM: the state query waits as long as a dump). */
+static int ensure_vm_running(Manager *m, Sandbox *sb, char **ret_error)
+{
+	_cleanup_free_ char *state = NULL, *version = NULL;
+	int r;
+
+	fcctl_vm_set_timeout(sb->vm, sandbox_mem_op_timeout_ms(m, sb));
+	r = fcctl_describe(sb->vm, &state, &version, ret_error);
+	if (r >= 0 && state && strcmp(state, "Paused") == 0)
+		r = fcctl_vm_resume(sb->vm, ret_error);
+	fcctl_vm_set_timeout(sb->vm, 10000);
+	return r;
 }
 
 char *sandbox_saved_path(const Sandbox *sb, const char *name)
@@ -153,6 +200,8 @@ int sandbox_record_write(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
 	json_object_object_add(o, "uffd_binary", json_object_new_string(m->vmm.uffd ?: ""));
 	if (sb->resume_loading)
 		json_object_object_add(o, "resume_loading", json_object_new_boolean(true));
+	if (sb->boot_restore)
+		json_object_object_add(o, "boot_restore", json_object_new_boolean(true));
 	if (sb->last_op.op[0])
 		json_object_object_add(o, "last_operation", op_timing_to_json(&sb->last_op));
 	pthread_mutex_unlock(&m->lock);
@@ -167,9 +216,10 @@ StorageDiskSpec sandbox_disk_spec(const Sandbox *sb)
 {
 	return (StorageDiskSpec){
 		.id = sb->id,
-		.base_image = sb->snap   ? sb->snap->rootfs
-			      : sb->tmpl ? sb->tmpl->rootfs.path
-					 : NULL,
+		.base_image = sb->snap           ? sb->snap->rootfs
+			      : sb->boot_restore ? sb->tmpl->boot.rootfs
+			      : sb->tmpl         ? sb->tmpl->rootfs.path
+						 : NULL,
 		.cow_path = sb->cow_path,
 		.cow_size = sb->spec.disk_size_mib << 20,
 	};
@@ -473,8 +523,9 @@ static int step_load(Manager *m, Sandbox *sb, const char *vmstate, bool fork, ch
 
 void sandbox_op_create(Manager *m, Sandbox *sb)
 {
-	const StepDef *steps = sb->snap ? fork_steps : cold_steps;
-	size_t n_steps = sb->snap ? ELEMENTSOF(fork_steps) : ELEMENTSOF(cold_steps);
+	bool restore = sb->snap || sb->boot_restore;
+	const StepDef *steps = restore ? fork_steps : cold_steps;
+	size_t n_steps = restore ? ELEMENTSOF(fork_steps) : ELEMENTSOF(cold_steps);
 	_cleanup_free_ char *err = NULL;
 	const char *failed = NULL;
 	uint64_t t0 = now_us();
@@ -495,10 +546,13 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 		else
 			switch (steps[i].id) {
 			case S_UFFD:
-				r = step_uffd(m, sb, sb->snap->mem, &err);
+				r = step_uffd(m, sb, sb->snap ? sb->snap->mem : sb->tmpl->boot.mem,
+					      &err);
 				break;
 			case S_LOAD:
-				r = step_load(m, sb, sb->snap->vmstate, true, &err);
+				r = step_load(m, sb,
+					      sb->snap ? sb->snap->vmstate : sb->tmpl->boot.vmstate,
+					      true, &err);
 				break;
 			case S_SLOT:
 				r = step_slot(m, sb, &err);
@@ -541,7 +595,6 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 		int w = manager_watch_vmm(m, sb);
 		if (w < 0)
 			log_error_errno(w, "sandbox %s: cannot watch its VMM", sb->id);
-		struct pollfd p = {.fd = fcctl_vm_pidfd(sb->vm), .events = POLLIN};
 		pthread_mutex_lock(&m->lock);
 		bool abort = sb->abort;
 		if (!abort) {
@@ -549,7 +602,7 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 				m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING, NULL);
 			create_finish_locked(m, sb, RPC_OK, NULL);
 			/* An exit the loop saw while we still owned the VMM was left to us. */
-			if (poll(&p, 1, 0) > 0)
+			if (vmm_or_uffd_exited(sb))
 				manager_submit_locked(m, sb, SB_OP_REAP);
 		} else {
 			/* Destroyed after its last step: the create still fails with ABORTED
@@ -752,27 +805,38 @@ void sandbox_op_reap(Manager *m, Sandbox *sb)
 
 /* The end of a pause or resume, under the lock: its outcome for the waiters, then the new
  * state, unless a destroy came meanwhile (it goes on from here; the call gets ABORTED). */
+/* Records how an operation of kind `out` ended, for its waiters. (L) */
+static void outcome_set_locked(Sandbox *sb, int out, RpcCode code, const char *message)
+{
+	OpOutcome *o = &sb->outcome[out];
+
+	free(o->error);
+	o->error = message ? strdup(message) : NULL;
+	o->code = code;
+	o->ended++;
+}
+
+/* The end of a pause or resume, under the lock: its outcome for the waiters, then the new
+ * state, unless a destroy came meanwhile (it goes on from here; the call gets ABORTED). */
 static void op_finish_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
 			     const char *reason, RpcCode code, const char *message)
 {
+	int out = sb->op == SB_OP_RESUME ? OUT_RESUME : OUT_PAUSE;
+
 	if (sb->op == SB_OP_RESUME)
 		m->creating_mib -= sb->spec.memory_mib;
 	sb->op = SB_OP_NONE;
-	free(sb->op_error);
-	sb->op_error = NULL;
 	if (sb->destroy_next) {
+		_cleanup_free_ char *msg = NULL;
 		sb->destroy_next = false;
-		sb->op_code = RPC_ABORTED;
-		if (asprintf(&sb->op_error, "sandbox %s was destroyed meanwhile", sb->id) < 0)
-			sb->op_error = NULL;
-		sb->ops_ended++;
+		if (asprintf(&msg, "sandbox %s was destroyed meanwhile", sb->id) < 0)
+			msg = NULL;
+		outcome_set_locked(sb, out, RPC_ABORTED, msg);
 		manager_submit_locked(m, sb, SB_OP_DESTROY);
 		sandbox_wake_locked(sb);
 		return;
 	}
-	sb->op_code = code;
-	sb->op_error = message ? strdup(message) : NULL;
-	sb->ops_ended++;
+	outcome_set_locked(sb, out, code, message);
 	sandbox_set_state_locked(m, sb, state, reason);
 }
 
@@ -796,8 +860,11 @@ static void op_fail(Manager *m, Sandbox *sb, const char *op, const char *message
 	_cleanup_free_ char *rerr = NULL, *reason = NULL;
 	int u = sandbox_release_runtime(m, sb, &rerr);
 
-	if (asprintf(&reason, "%s%s%s; its saved state is kept until DestroySandbox", message,
-		     u < 0 ? "; releasing it failed: " : "", u < 0 ? rerr ?: "?" : "") < 0)
+	_cleanup_free_ char *saved = sandbox_saved_path(sb, "vmstate");
+	bool kept = saved && access(saved, F_OK) == 0;
+	if (asprintf(&reason, "%s%s%s%s", message, u < 0 ? "; releasing it failed: " : "",
+		     u < 0 ? rerr ?: "?" : "",
+		     kept ? "; its saved state is kept until DestroySandbox" : "") < 0)
 		reason = NULL;
 	log_struct(LOG_WARNING, 0,
 		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_FAILED}, {"SANDBOX_ID", sb->id},
@@ -831,12 +898,19 @@ static int commit_saved_state(Sandbox *sb, const char *new_dir, char **ret_error
 		if (r < 0)
 			return error_set(ret_error, r, "cannot sync %s: %m", f);
 	}
-	r = rm_rf(dir);
-	if (r < 0)
-		return error_set(ret_error, r, "cannot remove the old saved state %s: %m", dir);
-	if (rename(new_dir, dir) < 0)
-		return error_set(ret_error, -errno, "cannot rename %s to %s: %m", new_dir, dir);
+	/* Swapped in one step (the old state, if any, ends up in new_dir and goes): at every
+	 * moment there is one complete saved state. */
+	if (renameat2(AT_FDCWD, new_dir, AT_FDCWD, dir, RENAME_EXCHANGE) < 0) {
+		if (errno != ENOENT)
+			return error_set(ret_error, -errno, "cannot swap %s and %s: %m", new_dir,
+					 dir);
+		if (rename(new_dir, dir) < 0)
+			return error_set(ret_error, -errno, "cannot rename %s to %s: %m", new_dir,
+					 dir);
+	}
 	r = fsync_path(sb->data_dir);
+	if (r >= 0)
+		(void)rm_rf(new_dir);
 	if (r < 0)
 		return error_set(ret_error, r, "cannot sync %s: %m", sb->data_dir);
 	return 0;
@@ -890,8 +964,7 @@ void sandbox_op_pause(Manager *m, Sandbox *sb)
 				if (r < 0)
 					r = error_set(&err, r, "cannot create %s: %m", new_dir);
 				else
-					r = fcctl_snapshot_create(sb->vm, vmstate, mem, false,
-								  &err);
+					r = snapshot_create_timed(m, sb, vmstate, mem, &err);
 				break;
 			case P_STOP:
 				r = release_processes(m, sb, &err);
@@ -952,10 +1025,8 @@ void sandbox_op_pause(Manager *m, Sandbox *sb)
 	if (i - 1 <= P_SNAPSHOT) {
 		/* The VMM still runs: the VM goes on as it was (resumed if the pause got that
 		 * far), RUNNING on record again, and the call fails. */
-		_cleanup_free_ char *rerr = NULL, *state = NULL, *version = NULL;
-		int k = fcctl_describe(sb->vm, &state, &version, &rerr);
-		if (k >= 0 && state && strcmp(state, "Paused") == 0)
-			k = fcctl_vm_resume(sb->vm, &rerr);
+		_cleanup_free_ char *rerr = NULL;
+		int k = ensure_vm_running(m, sb, &rerr);
 		if (k >= 0)
 			k = sandbox_record_write(
 				m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING, NULL);
@@ -1019,7 +1090,7 @@ static int step_load(Manager *m, Sandbox *sb, const char *vmstate, bool fork, ch
 	/* The load may touch much of the memory before it answers (fcsim checks every page;
 	 * Firecracker's devices restore theirs), each page a fault served by ember-uffd: it gets
 	 * the time a boot gets, not an ordinary API call's. */
-	fcctl_vm_set_timeout(sb->vm, (int)m->config->boot_timeout_s * 1000);
+	fcctl_vm_set_timeout(sb->vm, sandbox_mem_op_timeout_ms(m, sb));
 	int r = fcctl_snapshot_load(sb->vm, &load, ret_error);
 	fcctl_vm_set_timeout(sb->vm, 10000);
 	return r;
@@ -1110,14 +1181,12 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 		int w = manager_watch_vmm(m, sb);
 		if (w < 0)
 			log_error_errno(w, "sandbox %s: cannot watch its VMM", sb->id);
-		struct pollfd p[2] = {{.fd = fcctl_vm_pidfd(sb->vm), .events = POLLIN},
-				      {.fd = fcctl_vm_pidfd(sb->uffd), .events = POLLIN}};
 		pthread_mutex_lock(&m->lock);
 		bool destroyed = sb->destroy_next;
 		op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING, NULL,
 				 RPC_OK, NULL);
 		/* An exit the loop saw while we still owned the processes was left to us. */
-		if (!destroyed && poll(p, 2, 0) > 0)
+		if (!destroyed && vmm_or_uffd_exited(sb))
 			manager_submit_locked(m, sb, SB_OP_REAP);
 		pthread_mutex_unlock(&m->lock);
 		if (!destroyed)
@@ -1208,7 +1277,7 @@ void sandbox_op_snapshot(Manager *m, Sandbox *sb)
 	const SnapStepDef *steps = running ? running_steps : paused_steps;
 	size_t n = running ? ELEMENTSOF(running_steps) : ELEMENTSOF(paused_steps);
 
-	if (asprintf(&tmp, "%s/tmp-%s", m->snapshots_dir, snap->id) < 0 ||
+	if (asprintf(&tmp, "%s/.tmp-%s", m->snapshots_dir, snap->id) < 0 ||
 	    asprintf(&vmstate, "%s/vmstate", tmp) < 0 || asprintf(&mem, "%s/mem", tmp) < 0 ||
 	    asprintf(&rootfs, "%s/rootfs.ext4", tmp) < 0)
 		r = -ENOMEM;
@@ -1229,7 +1298,7 @@ void sandbox_op_snapshot(Manager *m, Sandbox *sb)
 			vm_paused = r >= 0;
 			break;
 		case T_SNAPSHOT:
-			r = fcctl_snapshot_create(sb->vm, vmstate, mem, false, &err);
+			r = snapshot_create_timed(m, sb, vmstate, mem, &err);
 			break;
 		case T_LINK:
 			r = link_saved_state(sb, tmp, &err);
@@ -1264,11 +1333,16 @@ void sandbox_op_snapshot(Manager *m, Sandbox *sb)
 	if (r < 0 && asprintf(&msg, "snapshot %s of sandbox %s failed at step %s: %s", snap->id,
 			      sb->id, failed ?: "?", err ?: strerror(-r)) < 0)
 		msg = NULL;
-	/* Whatever the outcome, the sandbox goes on as it was. */
+	/* Whatever the outcome, the sandbox goes on as it was: its VM runs (a pause that timed
+	 * out may have happened all the same), or, if it cannot, its VMM is stopped so that the
+	 * exit check below makes it FAILED rather than RUNNING and frozen. */
 	_cleanup_free_ char *uerr = NULL;
-	if (vm_paused && fcctl_vm_resume(sb->vm, &uerr) < 0)
-		log_error("sandbox %s: cannot resume its VM after snapshot %s: %s", sb->id, snap_id,
-			  uerr ?: "failed");
+	if (running && (vm_paused || r < 0) && ensure_vm_running(m, sb, &uerr) < 0) {
+		FcExit ex;
+		log_error("sandbox %s: cannot resume its VM after snapshot %s: %s; stopping it",
+			  sb->id, snap_id, uerr ?: "failed");
+		(void)fcctl_vm_stop(sb->vm, VMM_STOP_TIMEOUT_MS, &ex);
+	}
 	if (disk_up && storage_disk_remove(m->storage, &spec, &uerr) < 0)
 		log_warning("sandbox %s: cannot take its disk down after snapshot %s: %s", sb->id,
 			    snap_id, uerr ?: "failed");
@@ -1278,21 +1352,21 @@ void sandbox_op_snapshot(Manager *m, Sandbox *sb)
 	pthread_mutex_lock(&m->lock);
 	sb->taking = NULL;
 	sb->op = SB_OP_NONE;
-	free(sb->op_error);
-	sb->op_error = NULL;
 	if (r >= 0) {
 		snap->ready = true;
-		sb->op_code = RPC_OK;
+		outcome_set_locked(sb, OUT_SNAPSHOT, RPC_OK, NULL);
 	} else {
 		snapshot_discard_locked(m, snap);
-		sb->op_code = code_of(r);
-		sb->op_error = msg ? strdup(msg) : NULL;
+		outcome_set_locked(sb, OUT_SNAPSHOT, code_of(r), msg);
 	}
-	sb->ops_ended++;
 	if (sb->destroy_next) {
 		/* A destroy waited for the snapshot: it goes on now. */
 		sb->destroy_next = false;
 		manager_submit_locked(m, sb, SB_OP_DESTROY);
+	} else if (running && vmm_or_uffd_exited(sb)) {
+		/* An exit the event loop saw while the snapshot owned the processes was left to
+		 * us (the loop only hands exits of idle sandboxes to the reaper). */
+		manager_submit_locked(m, sb, SB_OP_REAP);
 	}
 	sandbox_wake_locked(sb);
 	pthread_mutex_unlock(&m->lock);
@@ -1307,4 +1381,116 @@ void sandbox_op_snapshot(Manager *m, Sandbox *sb)
 	} else {
 		log_warning("%s", msg ?: "snapshot failed");
 	}
+}
+
+/* ---- a template's boot snapshot ---- */
+
+int template_boot_snapshot(Manager *m, Template *t, const char *dir, unsigned vcpus, unsigned mib,
+			   char **ret_error)
+{
+	enum {
+		B_SLOT,
+		B_DISK,
+		B_RUNDIR,
+		B_SPAWN,
+		B_CONFIGURE,
+		B_BOOT,
+		B_GUEST,
+		B_PAUSE,
+		B_SNAPSHOT,
+		B_FLATTEN,
+		B_N
+	};
+	static const char *const names[B_N] = {"slot",      "disk",   "run-dir",     "spawn",
+					       "configure", "boot",   "guest-agent", "pause-vm",
+					       "snapshot",  "flatten"};
+	_cleanup_free_ char *err = NULL, *vmstate = NULL, *mem = NULL, *rootfs = NULL;
+	uint8_t rnd[8];
+	char id[32];
+	int r = 0;
+
+	/* A sandbox of its own, never in the registry: no scheduler sees it. Its id only names
+	 * its devices, slot and directories; random, so that it meets no sandbox's. Its data
+	 * directory starts with a dot: a restart after a crash removes it (recover.c). */
+	if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
+		return error_set(ret_error, -EIO, "getrandom failed");
+	snprintf(id, sizeof(id), "boot-%02x%02x%02x%02x%02x%02x%02x%02x", rnd[0], rnd[1], rnd[2],
+		 rnd[3], rnd[4], rnd[5], rnd[6], rnd[7]);
+	Sandbox *sb = sandbox_new(id);
+	if (!sb)
+		return -ENOMEM;
+	sb->refs = 1;
+	sb->tmpl = t;
+	sb->spec.vcpu_count = vcpus;
+	sb->spec.memory_mib = mib;
+	sb->spec.disk_size_mib = m->config->default_disk_mib;
+	if (!(sb->template_id = strdup(t->id)) || !(sb->spec.template_id = strdup(t->id)) ||
+	    !(sb->fc_version = strdup(m->vmm.version)) ||
+	    asprintf(&sb->data_dir, "%s/.%s", m->sandboxes_dir, id) < 0 ||
+	    asprintf(&sb->run_dir, "%s/%s", m->run_sandboxes_dir, id) < 0 ||
+	    asprintf(&sb->cow_path, "%s/cow.img", sb->data_dir) < 0 ||
+	    asprintf(&vmstate, "%s/vmstate", dir) < 0 || asprintf(&mem, "%s/mem", dir) < 0 ||
+	    asprintf(&rootfs, "%s/rootfs.ext4", dir) < 0) {
+		sandbox_unref(m, sb);
+		return -ENOMEM;
+	}
+	r = mkdir_p(sb->data_dir, 0700);
+	if (r < 0)
+		r = error_set(&err, r, "cannot create %s: %m", sb->data_dir);
+	int i;
+	for (i = 0; r >= 0 && i < B_N; i++) {
+		uint64_t ts = now_us();
+		StorageDiskSpec spec = sandbox_disk_spec(sb);
+		free(err);
+		err = NULL;
+		switch (i) {
+		case B_SLOT:
+			r = step_slot(m, sb, &err);
+			break;
+		case B_DISK:
+			r = step_disk(m, sb, &err);
+			break;
+		case B_RUNDIR:
+			r = step_run_dir(sb, &err);
+			break;
+		case B_SPAWN:
+			r = step_spawn(m, sb, &err);
+			break;
+		case B_CONFIGURE:
+			r = step_configure(m, sb, &err);
+			break;
+		case B_BOOT:
+			r = fcctl_instance_start(sb->vm, &err);
+			break;
+		case B_GUEST:
+			r = step_wait_guest(m, sb, &err);
+			break;
+		case B_PAUSE:
+			r = fcctl_vm_pause(sb->vm, &err);
+			break;
+		case B_SNAPSHOT:
+			r = snapshot_create_timed(m, sb, vmstate, mem, &err);
+			break;
+		case B_FLATTEN:
+			r = storage_disk_flatten(m->storage, &spec, rootfs, &err);
+			break;
+		}
+		log_step(sb, "template-snapshot", names[i], now_us() - ts, r, err);
+	}
+	_cleanup_free_ char *rerr = NULL;
+	int u = sandbox_release_runtime(m, sb, &rerr);
+	if (u < 0)
+		log_warning("template %s: releasing the sandbox that booted it: %s", t->id,
+			    rerr ?: "failed");
+	(void)rm_rf(sb->data_dir);
+	for (const char *const *f = (const char *const[]){vmstate, mem, rootfs, NULL}; r >= 0 && *f;
+	     f++)
+		if ((r = fsync_path(*f)) < 0)
+			err = strdup("cannot sync the snapshot's files");
+	if (r < 0)
+		r = error_set(ret_error, r, "boot snapshot of template %s failed at step %s: %s",
+			      t->id, i > 0 && i <= B_N ? names[i - 1] : "setup",
+			      err ?: strerror(-r));
+	sandbox_unref(m, sb);
+	return r;
 }

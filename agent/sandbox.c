@@ -112,7 +112,8 @@ static void sandbox_free(Sandbox *sb)
 	free(sb->data_dir);
 	free(sb->cow_path);
 	free(sb->create_error);
-	free(sb->op_error);
+	for (size_t i = 0; i < _OUT_MAX; i++)
+		free(sb->outcome[i].error);
 	free(sb->watch); /* only at manager_free: a watched sandbox holds a reference */
 	if (sb->vm)
 		fcctl_vm_free(sb->vm);
@@ -175,6 +176,39 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 
 	/* Without memory for a job the operation cannot run: the waiters learn it from the
 	 * state, which stays as it is, and the sandbox is marked FAILED with the reason. */
+	if (!j && (op == SB_OP_PAUSE || op == SB_OP_RESUME || op == SB_OP_SNAPSHOT)) {
+		/* Not started: the sandbox stays as it was, its waiters learn why, and what the
+		 * caller counted for it is given back. */
+		int out = op == SB_OP_PAUSE    ? OUT_PAUSE
+			  : op == SB_OP_RESUME ? OUT_RESUME
+					       : OUT_SNAPSHOT;
+		OpOutcome *o = &sb->outcome[out];
+		free(o->error);
+		o->error = strdup("out of memory starting the operation");
+		o->code = RPC_RESOURCE_EXHAUSTED;
+		o->ended++;
+		if (op == SB_OP_RESUME) {
+			m->creating_mib -= sb->spec.memory_mib;
+			if (sb->slot_user) {
+				sb->slot_user = false;
+				m->n_slot_users--;
+			}
+		}
+		if (op == SB_OP_SNAPSHOT && sb->taking) {
+			snapshot_discard_locked(m, sb->taking);
+			sb->taking = NULL;
+		}
+		sb->op = SB_OP_NONE;
+		if (op != SB_OP_SNAPSHOT)
+			sandbox_set_state_locked(
+				m, sb,
+				op == SB_OP_PAUSE ? EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING
+						  : EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED,
+				NULL);
+		else
+			sandbox_wake_locked(sb);
+		return;
+	}
 	if (!j) {
 		/* Whoever waits for this operation learns that it did not run. */
 		if (op == SB_OP_CREATE) {

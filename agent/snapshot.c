@@ -3,12 +3,13 @@
  * The snapshot store: <state_dir>/snapshots/<id>/{rootfs.ext4,vmstate,mem,snapshot.json}, and
  * CreateSnapshot, GetSnapshot, ListSnapshots and DeleteSnapshot.
  *
- * A snapshot is made in tmp-<id>/ next to its final directory (by the sandbox's worker, see
+ * A snapshot is made in .tmp-<id>/ next to its final directory (by the sandbox's worker, see
  * sandbox_op_snapshot()), its record written there last, and the directory renamed into
  * place: a snapshot directory with a record is always complete, and start-up removes the
- * tmp- directories a crash left. Its files are never written again once it is made: every
- * sandbox created from it reads them (the flattened disk through one shared read-only loop
- * device, the memory file through its own ember-uffd), so none is ever copied per sandbox.
+ * .tmp- directories a crash left (ids never start with a dot). Its files are never written again
+ * once it is made: every sandbox created from it reads them (the flattened disk through one shared
+ * read-only loop device, the memory file through its own ember-uffd), so none is ever copied per
+ * sandbox.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -151,7 +152,7 @@ void snapshot_discard_locked(Manager *m, Snapshot *s)
 	_cleanup_free_ char *tmp = NULL;
 
 	snapshot_remove_locked(m, s);
-	if (asprintf(&tmp, "%s/tmp-%s", m->snapshots_dir, s->id) >= 0)
+	if (asprintf(&tmp, "%s/.tmp-%s", m->snapshots_dir, s->id) >= 0)
 		(void)rm_rf(tmp);
 	snapshot_free(s);
 }
@@ -169,12 +170,13 @@ int manager_snapshots_load(Manager *m)
 		json_object *o = NULL;
 		int r;
 
-		if (de->d_name[0] == '.')
+		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
 			continue;
 		if (asprintf(&dir, "%s/%s", m->snapshots_dir, de->d_name) < 0 ||
 		    asprintf(&rec, "%s/" SNAPSHOT_RECORD, dir) < 0)
 			return -ENOMEM;
-		if (strncmp(de->d_name, "tmp-", 4) == 0) {
+		/* Temporaries start with a dot, which no id can: ".tmp-…", ".deleted-…". */
+		if (de->d_name[0] == '.') {
 			/* A snapshot or a deletion the last run did not finish. */
 			log_info("removing unfinished snapshot directory %s", dir);
 			(void)rm_rf(dir);
@@ -239,12 +241,13 @@ int snapshot_commit(Snapshot *s, const char *tmp_dir, char **ret_error)
 	if (rename(tmp_dir, s->dir) < 0)
 		return error_set(ret_error, -errno, "cannot rename %s to %s: %m", tmp_dir, s->dir);
 	parent = strdup(s->dir);
-	if (!parent)
-		return -ENOMEM;
-	*strrchr(parent, '/') = 0;
-	r = fsync_path(parent);
+	if (parent)
+		*strrchr(parent, '/') = 0;
+	/* The snapshot is in place: a failed sync from here is logged, not a failure (which
+	 * would leave a complete snapshot on disk that the registry says does not exist). */
+	r = parent ? fsync_path(parent) : -ENOMEM;
 	if (r < 0)
-		return error_set(ret_error, r, "cannot sync %s: %m", parent);
+		log_warning_errno(r, "snapshot %s: cannot sync %s", s->id, parent);
 	snapshot_usage_refresh(s);
 	return 0;
 }
@@ -298,7 +301,7 @@ static RpcCode snapshot_id_check(RpcCall *call, const char *field, const char *i
 
 static bool snapshot_op_ended(Sandbox *sb, uint64_t joined_at)
 {
-	return sb->removed || sb->ops_ended > joined_at;
+	return sb->removed || sb->outcome[OUT_SNAPSHOT].ended > joined_at;
 }
 
 static bool not_snapshotting(Sandbox *sb, uint64_t unused)
@@ -370,7 +373,7 @@ again:
 			return RPC_CANCELLED;
 		goto again;
 	}
-	uint64_t joined_at = sb->ops_ended;
+	uint64_t joined_at = sb->outcome[OUT_SNAPSHOT].ended;
 	if (!s) {
 		uint64_t need = 0, avail = 0;
 		bool running = sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING,
@@ -431,9 +434,9 @@ again:
 				      req->snapshot_id);
 	}
 	r = sandbox_wait_locked(m, call, sb, snapshot_op_ended, joined_at);
-	if (r >= 0 && sb->op_code != RPC_OK) {
-		outcome = sb->op_code;
-		message = strdup(sb->op_error ?: "snapshot failed");
+	if (r >= 0 && sb->outcome[OUT_SNAPSHOT].code != RPC_OK) {
+		outcome = sb->outcome[OUT_SNAPSHOT].code;
+		message = strdup(sb->outcome[OUT_SNAPSHOT].error ?: "snapshot failed");
 	}
 	s = manager_snapshot_find_locked(m, req->snapshot_id);
 	if (r >= 0 && outcome == RPC_OK && (!s || !s->ready)) {
@@ -534,17 +537,18 @@ RpcCode node_delete_snapshot(RpcCall *call, const ProtobufCMessage *request, Man
 				      "destroy them first",
 				      req->snapshot_id, n);
 	}
-	if (asprintf(&gone, "%s/tmp-deleted-%s", m->snapshots_dir, s->id) < 0) {
+	if (asprintf(&gone, "%s/.deleted-%s", m->snapshots_dir, s->id) < 0) {
 		pthread_mutex_unlock(&m->lock);
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
 	}
-	/* The rename makes the deletion take effect at once (a crash leaves a tmp- directory
+	/* The rename makes the deletion take effect at once (a crash leaves a .deleted- directory
 	 * that start-up removes); the files go after the lock is released. */
 	r = rename(s->dir, gone) < 0 ? -errno : 0;
 	if (r < 0 && r != -ENOENT) {
-		pthread_mutex_unlock(&m->lock);
-		return rpc_call_error(call, RPC_INTERNAL, "cannot remove %s: %s", s->dir,
+		code = rpc_call_error(call, RPC_INTERNAL, "cannot remove %s: %s", s->dir,
 				      strerror(-r));
+		pthread_mutex_unlock(&m->lock);
+		return code;
 	}
 	snapshot_remove_locked(m, s);
 	pthread_mutex_unlock(&m->lock);

@@ -39,7 +39,27 @@ void template_free(Template *t)
 	}
 	free(t->boot_args);
 	kv_list_done(&t->labels);
+	free(t->boot.fc_version);
+	free(t->boot.vmstate);
+	free(t->boot.mem);
+	free(t->boot.rootfs);
 	free(t);
+}
+
+#define BOOT_SNAPSHOT_DIR "boot-snapshot"
+
+/* The boot snapshot's paths, in the template directory `dir`. */
+static int template_boot_paths(TemplateBoot *b, const char *dir)
+{
+	free(b->vmstate);
+	free(b->mem);
+	free(b->rootfs);
+	b->vmstate = b->mem = b->rootfs = NULL;
+	if (asprintf(&b->vmstate, "%s/" BOOT_SNAPSHOT_DIR "/vmstate", dir) < 0 ||
+	    asprintf(&b->mem, "%s/" BOOT_SNAPSHOT_DIR "/mem", dir) < 0 ||
+	    asprintf(&b->rootfs, "%s/" BOOT_SNAPSHOT_DIR "/rootfs.ext4", dir) < 0)
+		return -ENOMEM;
+	return 0;
 }
 DEFINE_POINTER_CLEANUP(Template, template_free)
 
@@ -128,6 +148,14 @@ static json_object *template_to_json(const Template *t)
 	json_object_object_add(o, "boot_args", json_object_new_string(t->boot_args ?: ""));
 	json_object_object_add(o, "labels", kv_list_to_json(&t->labels));
 	json_object_object_add(o, "create_time", timespec_to_json(&t->create_time));
+	if (t->boot.present) {
+		json_object *b = json_object_new_object();
+		json_object_object_add(b, "vcpu_count", json_object_new_int64(t->boot.vcpu_count));
+		json_object_object_add(b, "memory_mib", json_object_new_int64(t->boot.memory_mib));
+		json_object_object_add(b, "firecracker_version",
+				       json_object_new_string(t->boot.fc_version ?: ""));
+		json_object_object_add(o, "boot_snapshot", b);
+	}
 	return o;
 }
 
@@ -157,6 +185,16 @@ static int template_from_json(json_object *o, Template **ret)
 		return r;
 	if (json_object_object_get_ex(o, "create_time", &v))
 		timespec_from_json(v, &t->create_time);
+	if (json_object_object_get_ex(o, "boot_snapshot", &v)) {
+		t->boot.present = true;
+		t->boot.vcpu_count = (unsigned)json_get_u64(v, "vcpu_count");
+		t->boot.memory_mib = (unsigned)json_get_u64(v, "memory_mib");
+		t->boot.fc_version = strdup(json_get_string(v, "firecracker_version") ?: "");
+		if (!t->boot.fc_version)
+			return -ENOMEM;
+		if (!t->boot.vcpu_count || !t->boot.memory_mib)
+			return -EBADMSG;
+	}
 	t->state = EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_READY;
 	*ret = TAKE_PTR(t);
 	return 0;
@@ -168,6 +206,14 @@ static void template_usage_refresh(Template *t)
 
 	if (storage_usage_file(t->rootfs.path, &used) >= 0)
 		t->rootfs_disk_used = used;
+	if (t->boot.present && t->boot.rootfs) {
+		_cleanup_free_ char *dir = strdup(t->boot.rootfs);
+		if (dir) {
+			*strrchr(dir, '/') = 0;
+			if (storage_usage_tree(dir, &used) >= 0)
+				t->boot.disk_used = used;
+		}
+	}
 }
 
 Template *manager_template_find_locked(Manager *m, const char *id)
@@ -218,12 +264,13 @@ int manager_templates_load(Manager *m)
 		Template *t = NULL;
 		int r;
 
-		if (de->d_name[0] == '.')
+		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
 			continue;
 		if (asprintf(&dir, "%s/%s", m->templates_dir, de->d_name) < 0 ||
 		    asprintf(&rec, "%s/" TEMPLATE_RECORD, dir) < 0)
 			return -ENOMEM;
-		if (strncmp(de->d_name, "tmp-", 4) == 0) {
+		/* Temporaries start with a dot, which no id can: ".tmp-…", ".deleted-…". */
+		if (de->d_name[0] == '.') {
 			/* A registration the last run did not finish. */
 			log_info("removing unfinished template registration %s", dir);
 			(void)rm_rf(dir);
@@ -242,6 +289,10 @@ int manager_templates_load(Manager *m)
 			template_free(t);
 			record_quarantine(m->config, dir, err ?: "unreadable");
 			continue;
+		}
+		if (t->boot.present && template_boot_paths(&t->boot, dir) < 0) {
+			template_free(t);
+			return -ENOMEM;
 		}
 		template_usage_refresh(t);
 		r = template_insert_locked(m, t);
@@ -294,6 +345,19 @@ static Ember__V1__Template *template_to_pb(Arena *a, Template *t)
 	p->create_time = timestamp_to_pb(a, &t->create_time);
 	p->sandbox_count = t->sandbox_count;
 	p->snapshot_count = t->snapshot_count;
+	if (t->boot.present) {
+		Ember__V1__TemplateBootSnapshot *b = arena_alloc(a, sizeof(*b));
+		if (!b)
+			return NULL;
+		ember__v1__template_boot_snapshot__init(b);
+		b->vcpu_count = t->boot.vcpu_count;
+		b->memory_mib = t->boot.memory_mib;
+		b->firecracker_version = arena_strdup(a, t->boot.fc_version);
+		b->disk_used_bytes = t->boot.disk_used;
+		if (!b->firecracker_version)
+			return NULL;
+		p->boot_snapshot = b;
+	}
 	if (!p->id || !p->state_reason || !p->boot_args || !p->kernel || !p->rootfs ||
 	    (t->initrd.path && !p->initrd))
 		return NULL;
@@ -367,6 +431,10 @@ static int install_file(const char *src, const char *dir, const char *name, Temp
 
 static bool template_same(const Template *t, const Template *n)
 {
+	if (t->boot.present != n->boot.present ||
+	    (t->boot.present && (t->boot.vcpu_count != n->boot.vcpu_count ||
+				 t->boot.memory_mib != n->boot.memory_mib)))
+		return false;
 	return strcmp(t->kernel.sha256, n->kernel.sha256) == 0 &&
 	       strcmp(t->rootfs.sha256, n->rootfs.sha256) == 0 &&
 	       !!t->initrd.path == !!n->initrd.path &&
@@ -376,7 +444,8 @@ static bool template_same(const Template *t, const Template *n)
 
 int manager_template_register(Manager *m, const char *id, const char *kernel, const char *rootfs,
 			      const char *initrd, const char *boot_args, KvList *labels,
-			      Template **ret_existing, char **ret_error)
+			      unsigned boot_vcpus, unsigned boot_mib, Template **ret_existing,
+			      char **ret_error)
 {
 	_cleanup_(template_freep) Template *t = calloc(1, sizeof(*t));
 	_cleanup_free_ char *tmp = NULL, *final = NULL, *rec = NULL;
@@ -395,7 +464,7 @@ int manager_template_register(Manager *m, const char *id, const char *kernel, co
 	t->state = EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_READY;
 	clock_gettime(CLOCK_REALTIME, &t->create_time);
 
-	if (asprintf(&tmp, "%s/tmp-%s-%d-%lx", m->templates_dir, id, (int)getpid(),
+	if (asprintf(&tmp, "%s/.tmp-%s-%d-%lx", m->templates_dir, id, (int)getpid(),
 		     (unsigned long)pthread_self()) < 0 ||
 	    asprintf(&final, "%s/%s", m->templates_dir, id) < 0 ||
 	    asprintf(&rec, "%s/" TEMPLATE_RECORD, tmp) < 0)
@@ -413,6 +482,30 @@ int manager_template_register(Manager *m, const char *id, const char *kernel, co
 
 	if (storage_usage_file(t->rootfs.path, &t->rootfs_disk_used) < 0)
 		t->rootfs_disk_used = 0;
+	if (boot_mib) {
+		/* Booted from the files where they are now, in the directory that becomes the
+		 * template: the snapshot is part of it from the start, or there is no template. */
+		_cleanup_free_ char *bdir = NULL;
+		if (asprintf(&bdir, "%s/" BOOT_SNAPSHOT_DIR, tmp) < 0) {
+			(void)rm_rf(tmp);
+			return -ENOMEM;
+		}
+		r = mkdir_p(bdir, 0700);
+		if (r >= 0)
+			r = template_boot_snapshot(m, t, bdir, boot_vcpus, boot_mib, ret_error);
+		if (r < 0) {
+			(void)rm_rf(tmp);
+			return r;
+		}
+		t->boot.present = true;
+		t->boot.vcpu_count = boot_vcpus;
+		t->boot.memory_mib = boot_mib;
+		t->boot.fc_version = strdup(m->vmm.version);
+		if (!t->boot.fc_version || template_boot_paths(&t->boot, final) < 0) {
+			(void)rm_rf(tmp);
+			return -ENOMEM;
+		}
+	}
 	/* The record names the final paths: it becomes valid by the rename below. Written (and
 	 * synced) before the lock is taken: only the check and the rename happen under it. */
 	TemplateFileInfo *files[] = {&t->kernel, &t->rootfs, &t->initrd};
@@ -462,6 +555,7 @@ int manager_template_register(Manager *m, const char *id, const char *kernel, co
 		(void)rm_rf(final);
 		return error_set(ret_error, r, "cannot install template %s: %m", id);
 	}
+	template_usage_refresh(t);
 	*ret_existing = TAKE_PTR(t);
 	pthread_mutex_unlock(&m->lock);
 	log_struct(LOG_INFO, 0, LOG_FIELDS({"OP", "register"}, {"TEMPLATE_ID", id}),
@@ -501,12 +595,28 @@ RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, M
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
 				      "boot_args must not set root= or init= (emberd sets them) "
 				      "and must be shorter than 1024 bytes");
+	unsigned boot_vcpus = 0, boot_mib = 0;
+	if (req->boot_snapshot) {
+		boot_vcpus = req->boot_snapshot->vcpu_count ?: 1;
+		boot_mib = req->boot_snapshot->memory_mib ?: 512;
+		if (boot_vcpus > 32 || boot_mib < 128 || boot_mib > 1048576)
+			return rpc_call_error(
+				call, RPC_INVALID_ARGUMENT,
+				"boot_snapshot: vcpu_count %u or memory_mib %u out of "
+				"range (1..32, 128..1048576; 0 takes 1 and 512)",
+				boot_vcpus, boot_mib);
+		if (!m->vmm.uffd)
+			return rpc_call_error(call, RPC_FAILED_PRECONDITION,
+					      "boot_snapshot: ember-uffd, which serves restored "
+					      "memory, is not found on this node ([vmm] uffd_bin)");
+	}
 	code = kv_from_pb(call, "labels", KV_LABELS, req->labels, req->n_labels, &labels);
 	if (code != RPC_OK)
 		return code;
 
 	r = manager_template_register(m, req->template_id, req->kernel_path, req->rootfs_path,
-				      req->initrd_path, req->boot_args, &labels, &t, &err);
+				      req->initrd_path, req->boot_args, &labels, boot_vcpus,
+				      boot_mib, &t, &err);
 	kv_list_done(&labels);
 	if (r == -EEXIST)
 		return rpc_call_error(call, RPC_ALREADY_EXISTS, "%s", err);
@@ -616,11 +726,11 @@ RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Man
 				      req->template_id, sc, nc);
 	}
 	if (asprintf(&dir, "%s/%s", m->templates_dir, t->id) < 0 ||
-	    asprintf(&gone, "%s/tmp-deleted-%s", m->templates_dir, t->id) < 0) {
+	    asprintf(&gone, "%s/.deleted-%s", m->templates_dir, t->id) < 0) {
 		pthread_mutex_unlock(&m->lock);
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
 	}
-	/* The rename makes the deletion take effect at once (a crash leaves a tmp- directory
+	/* The rename makes the deletion take effect at once (a crash leaves a .deleted- directory
 	 * that start-up removes); the files go after the lock is released. */
 	r = rename(dir, gone) < 0 ? -errno : 0;
 	if (r < 0 && r != -ENOENT) {

@@ -221,3 +221,65 @@ def test_snapshot_to_a_full_disk(start_emberd, workdir):
         subprocess.run(["umount", "-l", d], check=True)
     destroy(n, "full")
     assert leftovers(e) == []
+
+
+def test_template_boot_snapshot(start_emberd, workdir):
+    """RegisterTemplate with boot_snapshot boots the template once, in a sandbox no one sees,
+    and keeps its snapshot: creates of that machine restore it, others boot; it survives a
+    restart and goes with DeleteTemplate."""
+    root = os.path.join(workdir, "node")
+    e = start_emberd("[network]\npool_size = 0\n", root=root)
+    n = stub(e)
+    demo = n.GetTemplate(S.GetTemplateRequest(template_id="demo"), timeout=10)
+    req = S.RegisterTemplateRequest(template_id="fast", kernel_path=demo.kernel.path,
+                                    rootfs_path=demo.rootfs.path,
+                                    boot_snapshot=S.TemplateSnapshotSpec(memory_mib=128))
+    _, events, _ = watch(e)
+    wait_for(lambda: events, 10, "the watch's resync")
+    t = n.RegisterTemplate(req, timeout=300)
+    node = n.GetNode(S.GetNodeRequest(), timeout=10)
+    b = t.boot_snapshot
+    assert b.memory_mib == 128 and b.vcpu_count == 1, t
+    assert b.firecracker_version == node.vmm_version and b.disk_used_bytes > 0
+    d = os.path.join(e.state_dir, "templates", "fast", "boot-snapshot")
+    assert sorted(os.listdir(d)) == ["mem", "rootfs.ext4", "vmstate"]
+    # the sandbox that booted it is gone without a trace, and no watcher saw it
+    assert leftovers(e) == []
+    assert [ev for ev in events if ev.WhichOneof("event") != "resync"] == []
+    # a retry returns it; another boot machine is another template
+    assert n.RegisterTemplate(req, timeout=300).create_time == t.create_time
+    other = S.RegisterTemplateRequest(template_id="fast", kernel_path=demo.kernel.path,
+                                      rootfs_path=demo.rootfs.path,
+                                      boot_snapshot=S.TemplateSnapshotSpec(memory_mib=256))
+    assert code_of(lambda: n.RegisterTemplate(other, timeout=300))[0] == \
+        grpc.StatusCode.ALREADY_EXISTS
+
+    quick = create(n, "quick", template="fast")  # 128 MiB: the snapshot's machine
+    assert steps(quick) == ["slot", "disk", "run-dir", "memory-server", "spawn", "load",
+                            "guest-agent"]
+    slow = create(n, "slow", template="fast", memory_mib=256)
+    assert steps(slow) == ["slot", "disk", "run-dir", "spawn", "configure", "boot",
+                           "guest-agent"]
+    for sid in ("quick", "slow"):
+        p = guest_exec(e, sid, "sh", "-c", f"echo {sid} > /root/f && sync && cat /root/f")
+        assert p.returncode == 0 and p.stdout == f"{sid}\n".encode(), p
+    pause(n, "quick")
+    resume(n, "quick")
+    assert guest_exec(e, "quick", "cat", "/root/f").stdout == b"quick\n"
+
+    e.proc.stop()
+    e2 = start_emberd("[network]\npool_size = 0\n", root=root, hostns=e.hostns)
+    n2 = stub(e2)
+    t2 = n2.GetTemplate(S.GetTemplateRequest(template_id="fast"), timeout=10)
+    assert t2.boot_snapshot.memory_mib == 128
+    assert get(n2, "quick").state == S.SANDBOX_STATE_RUNNING
+    assert guest_exec(e2, "quick", "cat", "/root/f").stdout == b"quick\n"
+    assert steps(create(n2, "again", template="fast"))[3] == "memory-server"
+    code, _ = code_of(lambda: n2.DeleteTemplate(S.DeleteTemplateRequest(template_id="fast"),
+                                                timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    for sid in ("quick", "slow", "again"):
+        destroy(n2, sid)
+    n2.DeleteTemplate(S.DeleteTemplateRequest(template_id="fast"), timeout=10)
+    assert not os.path.exists(os.path.join(e2.state_dir, "templates", "fast"))
+    assert leftovers(e2) == []

@@ -35,8 +35,9 @@ def wait_for(pred, timeout, what):
 
 
 class Agent:
-    def __init__(self, root):
+    def __init__(self, root, state=None):
         self.root = root
+        self.state = state or os.path.join(root, "state")
         self.hostns = os.path.join(root, "hostns")
         if not os.path.exists(self.hostns):
             open(self.hostns, "w").close()
@@ -54,7 +55,7 @@ class Agent:
         self.log = open(os.path.join(self.root, "emberd.log"), "ab")
         self.p = subprocess.Popen(
             ["nsenter", f"--net={self.hostns}", os.path.join(BUILD, "emberd"), "--config",
-             self.conf, "--state-dir", os.path.join(self.root, "state"), "--run-dir",
+             self.conf, "--state-dir", self.state, "--run-dir",
              os.path.join(self.root, "run")], stdout=self.log, stderr=self.log)
 
         def up():
