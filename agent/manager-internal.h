@@ -180,12 +180,10 @@ struct Sandbox {
 	char *template_id; /* the template it descends from */
 	Template *tmpl;    /* (L) held: counts in tmpl->sandbox_count */
 	Snapshot *snap;    /* created from this snapshot (held: counts in its dependents) */
-	bool boot_restore; /* created from its template's boot snapshot */
 	Snapshot *taking;  /* (L) the snapshot SB_OP_SNAPSHOT makes of it */
 
-	Ember__V1__SandboxState state; /* (L) */
-	char *state_reason;            /* (L) */
-	uint64_t revision;             /* (L) */
+	char *state_reason; /* (L) */
+	uint64_t revision;  /* (L) */
 	struct timespec create_time, update_time;
 	char *fc_version;
 
@@ -193,17 +191,19 @@ struct Sandbox {
 	NetnsSlot *slot;
 	char *sandbox_ip; /* (L) */
 	FcVm *vm;
-	pid_t vmm_pid;
-	FcVm *uffd; /* ember-uffd, while running from saved memory (after a resume) */
-	pid_t uffd_pid;
-	bool resume_loading; /* a resume has sent /snapshot/load: the guest may have run */
-	char *device;        /* what the VMM's rootfs link points to */
-	WatchToken *watch;   /* (L) the VMM's pidfd is in the event loop */
-	bool slot_user;      /* (L) counted in Manager.n_slot_users */
-	char *run_dir;       /* <run_dir>/sandboxes/<id> */
-	char *data_dir;      /* <state_dir>/sandboxes/<id> */
+	FcVm *uffd;        /* ember-uffd, while running from saved memory (after a resume) */
+	char *device;      /* what the VMM's rootfs link points to */
+	WatchToken *watch; /* (L) the VMM's pidfd is in the event loop */
+	char *run_dir;     /* <run_dir>/sandboxes/<id> */
+	char *data_dir;    /* <state_dir>/sandboxes/<id> */
 	char *cow_path;
 	OpTiming last_op; /* (L) */
+	pid_t vmm_pid;
+	pid_t uffd_pid;
+	Ember__V1__SandboxState state; /* (L) */
+	bool boot_restore;             /* created from its template's boot snapshot */
+	bool resume_loading; /* a resume has sent /snapshot/load: the guest may have run */
+	bool slot_user;      /* (L) counted in Manager.n_slot_users */
 
 	/* Operation state (L). */
 	SbOp op;             /* running (or queued) operation */
@@ -213,14 +213,13 @@ struct Sandbox {
 	bool create_done;    /* the create finished: create_code says how */
 	bool destroy_failed; /* the last destroy failed (state FAILED says why) */
 	RpcCode create_code;
+	unsigned refs; /* (L) registry + every thread holding a pointer */
 	char *create_error;
 	/* The outcome of the last pause, resume and snapshot, one slot each (OUT_*): an
 	 * operation that ends bumps its slot's `ended` and leaves its code there, so that a
 	 * waiter reads its own kind's outcome even if another kind ran since. */
 	OpOutcome outcome[_OUT_MAX];
 	Waiter *waiters;
-
-	unsigned refs; /* (L) registry + every thread holding a pointer */
 	Sandbox *hnext;
 };
 

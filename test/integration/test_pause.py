@@ -5,6 +5,7 @@
 import json
 import os
 import signal
+import subprocess
 
 import grpc
 import pytest
@@ -235,4 +236,31 @@ def test_pause_resume_sizes_and_prefetch(start_emberd, mib, prefetch):
     assert resume(n, "m").state == S.SANDBOX_STATE_RUNNING
     assert guest_exec(e, "m", "cat", "/root/f").stdout == b"sized\n"
     destroy(n, "m")
+    assert leftovers(e) == []
+
+
+def test_pause_that_fails_while_the_vm_runs_leaves_it_running(start_emberd):
+    """The memory file cannot be written (a 1 MiB tmpfs where the pause writes it): the
+    pause fails naming its step, the VM is resumed and the sandbox stays RUNNING, on record
+    too; once there is room, the same sandbox pauses."""
+    e = start_emberd("[network]\npool_size = 0\n")
+    n = stub(e)
+    create(n, "pf")
+    new = os.path.join(e.state_dir, "sandboxes", "pf", "snapshot.new")
+    os.makedirs(new)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", new], check=True)
+    try:
+        code, details = code_of(lambda: pause(n, "pf"))
+        assert code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED), code
+        assert "failed at step snapshot" in details, details
+        sb = get(n, "pf")
+        assert sb.state == S.SANDBOX_STATE_RUNNING, sb
+        assert sb.last_operation.failed_step == "snapshot"
+        assert record(e, "pf")["state"] == "RUNNING"
+        assert guest_exec(e, "pf", "true").returncode == 0  # not left paused
+    finally:
+        subprocess.run(["umount", "-l", new], check=True)
+    assert pause(n, "pf").state == S.SANDBOX_STATE_PAUSED
+    assert resume(n, "pf").state == S.SANDBOX_STATE_RUNNING
+    destroy(n, "pf")
     assert leftovers(e) == []
