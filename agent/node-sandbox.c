@@ -807,7 +807,7 @@ static const char *state_short(Ember__V1__SandboxState s)
 	return v ? v->name + strlen("SANDBOX_STATE_") : "?";
 }
 
-static bool not_snapshotting(Sandbox *sb, uint64_t unused)
+bool sandbox_not_snapshotting(Sandbox *sb, uint64_t unused)
 {
 	(void)unused;
 	return sb->removed || sb->op != SB_OP_SNAPSHOT;
@@ -862,7 +862,7 @@ again:
 	sandbox_ref_locked(sb);
 	if (sb->op == SB_OP_SNAPSHOT) {
 		/* Lifecycle calls wait for a snapshot being taken of the sandbox. */
-		r = sandbox_wait_locked(m, call, sb, not_snapshotting, 0);
+		r = sandbox_wait_locked(m, call, sb, sandbox_not_snapshotting, 0);
 		pthread_mutex_unlock(&m->lock);
 		sandbox_unref(m, sb);
 		if (r < 0)

@@ -47,6 +47,8 @@ RpcCode node_list_sandboxes(RpcCall *call, const ProtobufCMessage *request, Mana
  * client went away) or -ESHUTDOWN (emberd drains). */
 int sandbox_wait_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*done)(Sandbox *, uint64_t),
 			uint64_t arg);
+/* sandbox_wait_locked()'s condition for "no snapshot is being taken of it" (or it is gone). */
+bool sandbox_not_snapshotting(Sandbox *sb, uint64_t unused);
 RpcCode node_create_snapshot(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_get_snapshot(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_list_snapshots(RpcCall *call, const ProtobufCMessage *request, Manager *m);

@@ -521,6 +521,33 @@ static const StepDef fork_steps[] = {
 static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error);
 static int step_load(Manager *m, Sandbox *sb, const char *vmstate, bool fork, char **ret_error);
 
+/* One step of a create (or of a template's boot, which is a create's first steps). */
+static int create_step(Manager *m, Sandbox *sb, CreateStep id, char **ret_error)
+{
+	switch (id) {
+	case S_SLOT:
+		return step_slot(m, sb, ret_error);
+	case S_DISK:
+		return step_disk(m, sb, ret_error);
+	case S_RUNDIR:
+		return step_run_dir(sb, ret_error);
+	case S_UFFD:
+		return step_uffd(m, sb, sb->snap ? sb->snap->mem : sb->tmpl->boot.mem, ret_error);
+	case S_SPAWN:
+		return step_spawn(m, sb, ret_error);
+	case S_CONFIGURE:
+		return step_configure(m, sb, ret_error);
+	case S_BOOT:
+		return fcctl_instance_start(sb->vm, ret_error);
+	case S_LOAD:
+		return step_load(m, sb, sb->snap ? sb->snap->vmstate : sb->tmpl->boot.vmstate, true,
+				 ret_error);
+	case S_GUEST:
+		return step_wait_guest(m, sb, ret_error);
+	}
+	return -EINVAL;
+}
+
 void sandbox_op_create(Manager *m, Sandbox *sb)
 {
 	bool restore = sb->snap || sb->boot_restore;
@@ -544,38 +571,7 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 		if (aborted(m, sb))
 			r = error_set(&err, -ECANCELED, "destroyed while creating");
 		else
-			switch (steps[i].id) {
-			case S_UFFD:
-				r = step_uffd(m, sb, sb->snap ? sb->snap->mem : sb->tmpl->boot.mem,
-					      &err);
-				break;
-			case S_LOAD:
-				r = step_load(m, sb,
-					      sb->snap ? sb->snap->vmstate : sb->tmpl->boot.vmstate,
-					      true, &err);
-				break;
-			case S_SLOT:
-				r = step_slot(m, sb, &err);
-				break;
-			case S_DISK:
-				r = step_disk(m, sb, &err);
-				break;
-			case S_RUNDIR:
-				r = step_run_dir(sb, &err);
-				break;
-			case S_SPAWN:
-				r = step_spawn(m, sb, &err);
-				break;
-			case S_CONFIGURE:
-				r = step_configure(m, sb, &err);
-				break;
-			case S_BOOT:
-				r = fcctl_instance_start(sb->vm, &err);
-				break;
-			case S_GUEST:
-				r = step_wait_guest(m, sb, &err);
-				break;
-			}
+			r = create_step(m, sb, steps[i].id, &err);
 		log_step(sb, "create", steps[i].name, now_us() - ts, r, err);
 		timing_step(&timing, steps[i].name, now_us() - ts);
 		if (r < 0)
@@ -1388,22 +1384,9 @@ void sandbox_op_snapshot(Manager *m, Sandbox *sb)
 int template_boot_snapshot(Manager *m, Template *t, const char *dir, unsigned vcpus, unsigned mib,
 			   char **ret_error)
 {
-	enum {
-		B_SLOT,
-		B_DISK,
-		B_RUNDIR,
-		B_SPAWN,
-		B_CONFIGURE,
-		B_BOOT,
-		B_GUEST,
-		B_PAUSE,
-		B_SNAPSHOT,
-		B_FLATTEN,
-		B_N
-	};
-	static const char *const names[B_N] = {"slot",      "disk",   "run-dir",     "spawn",
-					       "configure", "boot",   "guest-agent", "pause-vm",
-					       "snapshot",  "flatten"};
+	/* A cold create's steps, then the snapshot's own. */
+	static const char *const snap_names[] = {"pause-vm", "snapshot", "flatten"};
+	const size_t n_cold = ELEMENTSOF(cold_steps), n = n_cold + ELEMENTSOF(snap_names);
 	_cleanup_free_ char *err = NULL, *vmstate = NULL, *mem = NULL, *rootfs = NULL;
 	uint8_t rnd[8];
 	char id[32];
@@ -1437,45 +1420,23 @@ int template_boot_snapshot(Manager *m, Template *t, const char *dir, unsigned vc
 	r = mkdir_p(sb->data_dir, 0700);
 	if (r < 0)
 		r = error_set(&err, r, "cannot create %s: %m", sb->data_dir);
-	int i;
-	for (i = 0; r >= 0 && i < B_N; i++) {
+	size_t i;
+	const char *name = "setup";
+	for (i = 0; r >= 0 && i < n; i++) {
 		uint64_t ts = now_us();
 		StorageDiskSpec spec = sandbox_disk_spec(sb);
 		free(err);
 		err = NULL;
-		switch (i) {
-		case B_SLOT:
-			r = step_slot(m, sb, &err);
-			break;
-		case B_DISK:
-			r = step_disk(m, sb, &err);
-			break;
-		case B_RUNDIR:
-			r = step_run_dir(sb, &err);
-			break;
-		case B_SPAWN:
-			r = step_spawn(m, sb, &err);
-			break;
-		case B_CONFIGURE:
-			r = step_configure(m, sb, &err);
-			break;
-		case B_BOOT:
-			r = fcctl_instance_start(sb->vm, &err);
-			break;
-		case B_GUEST:
-			r = step_wait_guest(m, sb, &err);
-			break;
-		case B_PAUSE:
+		name = i < n_cold ? cold_steps[i].name : snap_names[i - n_cold];
+		if (i < n_cold)
+			r = create_step(m, sb, cold_steps[i].id, &err);
+		else if (i == n_cold)
 			r = fcctl_vm_pause(sb->vm, &err);
-			break;
-		case B_SNAPSHOT:
+		else if (i == n_cold + 1)
 			r = snapshot_create_timed(m, sb, vmstate, mem, &err);
-			break;
-		case B_FLATTEN:
+		else
 			r = storage_disk_flatten(m->storage, &spec, rootfs, &err);
-			break;
-		}
-		log_step(sb, "template-snapshot", names[i], now_us() - ts, r, err);
+		log_step(sb, "template-snapshot", name, now_us() - ts, r, err);
 	}
 	_cleanup_free_ char *rerr = NULL;
 	int u = sandbox_release_runtime(m, sb, &rerr);
@@ -1485,12 +1446,13 @@ int template_boot_snapshot(Manager *m, Template *t, const char *dir, unsigned vc
 	(void)rm_rf(sb->data_dir);
 	for (const char *const *f = (const char *const[]){vmstate, mem, rootfs, NULL}; r >= 0 && *f;
 	     f++)
-		if ((r = fsync_path(*f)) < 0)
+		if ((r = fsync_path(*f)) < 0) {
+			name = "sync";
 			err = strdup("cannot sync the snapshot's files");
+		}
 	if (r < 0)
 		r = error_set(ret_error, r, "boot snapshot of template %s failed at step %s: %s",
-			      t->id, i > 0 && i <= B_N ? names[i - 1] : "setup",
-			      err ?: strerror(-r));
+			      t->id, name, err ?: strerror(-r));
 	sandbox_unref(m, sb);
 	return r;
 }

@@ -304,12 +304,6 @@ static bool snapshot_op_ended(Sandbox *sb, uint64_t joined_at)
 	return sb->removed || sb->outcome[OUT_SNAPSHOT].ended > joined_at;
 }
 
-static bool not_snapshotting(Sandbox *sb, uint64_t unused)
-{
-	(void)unused;
-	return sb->removed || sb->op != SB_OP_SNAPSHOT;
-}
-
 /* Free space for a snapshot of sb: its memory file and a flattened disk no bigger than the
  * base plus the changes. */
 static bool room_for_snapshot(const Manager *m, const Sandbox *sb, uint64_t *ret_need_mib,
@@ -366,7 +360,7 @@ again:
 	sandbox_ref_locked(sb);
 	if (!s && sb->op == SB_OP_SNAPSHOT) {
 		/* Lifecycle calls on a sandbox wait for a snapshot being taken of it. */
-		r = sandbox_wait_locked(m, call, sb, not_snapshotting, 0);
+		r = sandbox_wait_locked(m, call, sb, sandbox_not_snapshotting, 0);
 		pthread_mutex_unlock(&m->lock);
 		sandbox_unref(m, sb);
 		if (r < 0)

@@ -318,15 +318,45 @@ static int fork_exec(const char *const *argv, int ns, int wd, int out, const cha
 	return 0;
 }
 
+/* The child just forked (not yet reaped: its pid cannot be reused before the pidfd is taken)
+ * becomes an FcVm once its socket is there. Without a pidfd it could be neither watched nor
+ * stopped safely: killed then. */
+static int adopt_child(pid_t pid, const char *root, const char *sock, int timeout_ms, bool probe,
+		       const char *output_path, FcVm **ret, char **ret_error)
+{
+	int pidfd = pidfd_open_(pid), r;
+	FcVm *vm;
+
+	if (pidfd < 0) {
+		r = error_set(ret_error, -errno, "pidfd_open: %m");
+		kill(pid, SIGKILL);
+		(void)waitpid(pid, NULL, 0);
+		return r;
+	}
+	vm = vm_new(pid, pidfd, true, root, sock);
+	if (!vm) {
+		(void)pidfd_signal(pidfd, SIGKILL);
+		(void)waitpid(pid, NULL, 0);
+		close(pidfd);
+		return -ENOMEM;
+	}
+	r = wait_for_socket(vm, timeout_ms > 0 ? timeout_ms : 10000, probe, output_path, ret_error);
+	if (r < 0) {
+		(void)fcctl_vm_stop(vm, 1000, NULL);
+		fcctl_vm_free(vm);
+		return r;
+	}
+	*ret = vm;
+	return 0;
+}
+
 int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 {
 	_cleanup_close_ int ns = -EBADF, out = -EBADF, wd = -EBADF, root = -EBADF;
-	_cleanup_close_ int pidfd = -EBADF;
 	_cleanup_free_ char *chroot_dir = NULL;
 	char api_sock[PATH_MAX], output_path[PATH_MAX];
 	const char *argv[32];
 	size_t n = 0;
-	FcVm *vm;
 	pid_t pid = -1;
 	int r;
 
@@ -438,42 +468,20 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	if (r < 0)
 		return r;
 
-	/* Our child, not yet reaped: its pid cannot be reused before the pidfd is taken. Without
-	 * a pidfd it could be neither watched nor stopped safely: killed now. */
-	pidfd = pidfd_open_(pid);
-	if (pidfd < 0) {
-		r = error_set(ret_error, -errno, "pidfd_open: %m");
-		kill(pid, SIGKILL);
-		(void)waitpid(pid, NULL, 0);
-		return r;
-	}
-	vm = vm_new(pid, pidfd, true, vmm_root, api_sock);
-	if (!vm) {
-		(void)pidfd_signal(pidfd, SIGKILL);
-		(void)waitpid(pid, NULL, 0);
-		return -ENOMEM;
-	}
-	TAKE_FD(pidfd);
-	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000, true,
-			    output_path, ret_error);
-	if (r < 0) {
-		(void)fcctl_vm_stop(vm, 1000, NULL);
-		fcctl_vm_free(vm);
-		return r;
-	}
-	log_debug("spawned %s (pid %d) in %s", s->binary, (int)pid, s->workdir);
-	*ret = vm;
-	return 0;
+	r = adopt_child(pid, vmm_root, api_sock, s->start_timeout_ms, true, output_path, ret,
+			ret_error);
+	if (r >= 0)
+		log_debug("spawned %s (pid %d) in %s", s->binary, (int)pid, s->workdir);
+	return r;
 }
 
 int fcctl_uffd_spawn(const FcUffdSpawn *s, FcVm **ret, char **ret_error)
 {
-	_cleanup_close_ int out = -EBADF, wd = -EBADF, pidfd = -EBADF;
+	_cleanup_close_ int out = -EBADF, wd = -EBADF;
 	char sock[PATH_MAX], output_path[PATH_MAX];
 	const char *argv[16];
 	size_t n = 0;
 	pid_t pid = -1;
-	FcVm *vm;
 	int r;
 
 	if (!s->binary || !s->id || !s->workdir || s->workdir[0] != '/' || !s->mem_path)
@@ -519,30 +527,11 @@ int fcctl_uffd_spawn(const FcUffdSpawn *s, FcVm **ret, char **ret_error)
 	r = fork_exec(argv, -EBADF, wd, out, NULL, s->workdir, &pid, ret_error);
 	if (r < 0)
 		return r;
-	pidfd = pidfd_open_(pid);
-	if (pidfd < 0) {
-		r = error_set(ret_error, -errno, "pidfd_open: %m");
-		kill(pid, SIGKILL);
-		(void)waitpid(pid, NULL, 0);
-		return r;
-	}
-	vm = vm_new(pid, pidfd, true, s->workdir, sock);
-	if (!vm) {
-		(void)pidfd_signal(pidfd, SIGKILL);
-		(void)waitpid(pid, NULL, 0);
-		return -ENOMEM;
-	}
-	TAKE_FD(pidfd);
-	r = wait_for_socket(vm, s->start_timeout_ms > 0 ? s->start_timeout_ms : 10000, false,
-			    output_path, ret_error);
-	if (r < 0) {
-		(void)fcctl_vm_stop(vm, 1000, NULL);
-		fcctl_vm_free(vm);
-		return r;
-	}
-	log_debug("spawned %s (pid %d) for %s", s->binary, (int)pid, s->mem_path);
-	*ret = vm;
-	return 0;
+	r = adopt_child(pid, s->workdir, sock, s->start_timeout_ms, false, output_path, ret,
+			ret_error);
+	if (r >= 0)
+		log_debug("spawned %s (pid %d) for %s", s->binary, (int)pid, s->mem_path);
+	return r;
 }
 
 int fcctl_vm_adopt(pid_t pid, const char *binary, const char *id, const char *workdir, FcVm **ret,
