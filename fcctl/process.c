@@ -350,6 +350,26 @@ static int adopt_child(pid_t pid, const char *root, const char *sock, int timeou
 	return 0;
 }
 
+/* The file a spawned process writes its stdout and stderr to, in its working directory `wd`,
+ * as an fd above stderr: an agent started with closed stdio gets fd 1 or 2 here, and dup2()
+ * onto itself would keep close-on-exec set and the child's output would be lost. */
+static int open_output(int wd, const char *name, const char *whose, char **ret_error)
+{
+	int out = openat(wd, name, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+
+	if (out < 0)
+		return error_set(ret_error, -errno, "cannot open %s output file: %m", whose);
+	if (out <= STDERR_FILENO) {
+		int moved = fcntl(out, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+		int e = errno;
+		close(out);
+		if (moved < 0)
+			return error_set(ret_error, -e, "fcntl: %m");
+		out = moved;
+	}
+	return out;
+}
+
 int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 {
 	_cleanup_close_ int ns = -EBADF, out = -EBADF, wd = -EBADF, root = -EBADF;
@@ -388,18 +408,9 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 		return error_set(ret_error, -errno, "workdir %s: %m", s->workdir);
 	if (s->netns && (ns = open(s->netns, O_RDONLY | O_CLOEXEC)) < 0)
 		return error_set(ret_error, -errno, "network namespace %s: %m", s->netns);
-	out = openat(wd, s->output ?: "fc.out", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	out = open_output(wd, s->output ?: "fc.out", "the VMM's", ret_error);
 	if (out < 0)
-		return error_set(ret_error, -errno, "cannot open the VMM's output file: %m");
-	/* An agent started with closed stdio gets fd 1 or 2 here: dup2() onto itself would keep
-	 * close-on-exec set and the VMM's output would be lost. */
-	if (out <= STDERR_FILENO) {
-		int moved = fcntl(out, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
-		if (moved < 0)
-			return error_set(ret_error, -errno, "fcntl: %m");
-		close(out);
-		out = moved;
-	}
+		return out;
 	snprintf(output_path, sizeof(output_path), "%s/%s", s->workdir, s->output ?: "fc.out");
 
 	if (chroot_dir) {
@@ -496,16 +507,9 @@ int fcctl_uffd_spawn(const FcUffdSpawn *s, FcVm **ret, char **ret_error)
 	wd = open(s->workdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (wd < 0)
 		return error_set(ret_error, -errno, "workdir %s: %m", s->workdir);
-	out = openat(wd, s->output ?: "uffd.out", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	out = open_output(wd, s->output ?: "uffd.out", "ember-uffd's", ret_error);
 	if (out < 0)
-		return error_set(ret_error, -errno, "cannot open ember-uffd's output file: %m");
-	if (out <= STDERR_FILENO) {
-		int moved = fcntl(out, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
-		if (moved < 0)
-			return error_set(ret_error, -errno, "fcntl: %m");
-		close(out);
-		out = moved;
-	}
+		return out;
 	snprintf(output_path, sizeof(output_path), "%s/%s", s->workdir, s->output ?: "uffd.out");
 	/* ember-uffd refuses a socket path that exists: an old one is ours and stale. */
 	(void)unlink(sock);
