@@ -48,7 +48,10 @@ fi
 echo "agent: second start as pid $$"
 while read -r dev mnt type rest; do echo "agent: mount $mnt $type"; done < /proc/mounts
 ( sleep 1000 & )
-sh -c 'trap "" TERM; exec sleep 1001' &
+sh -c 'trap "" TERM; : > /run/term-ignored; exec sleep 1001' &
+# "ready" only once SIGTERM is ignored: said earlier, a Ctrl-Alt-Del sent at once could reach
+# the shell before its trap (slow under TCG) and no SIGKILL would be needed
+while [ ! -e /run/term-ignored ]; do sleep 0.05; done
 echo "agent: ready"
 exec sleep 1002
 """
