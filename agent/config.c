@@ -140,11 +140,20 @@ static const Key keys[] = {
 	 3600,
 	 NULL},
 	{{"api", "max_concurrent_calls", "256", "a whole number from 1 to 4096",
-	  "Calls handled at once (each holds a worker thread); more get RESOURCE_EXHAUSTED."},
+	  "Unary calls handled at once (each holds a worker thread while it runs); more get "
+	  "RESOURCE_EXHAUSTED. Streams do not count: they have max_concurrent_streams."},
 	 KEY_UINT,
 	 STR(max_concurrent_calls),
 	 1,
 	 4096,
+	 NULL},
+	{{"api", "max_concurrent_streams", "1024", "a whole number from 1 to 16384",
+	  "Streaming calls open at once (Exec, file transfers, watches, reflection); more get "
+	  "RESOURCE_EXHAUSTED. They run on threads of their own, never on the unary calls'."},
+	 KEY_UINT,
+	 STR(max_concurrent_streams),
+	 1,
+	 16384,
 	 NULL},
 	{{"api", "shutdown_grace_s", "15", "a whole number from 0 to 3600",
 	  "On SIGTERM, calls in flight get this many seconds to finish before they are "

@@ -31,6 +31,7 @@ typedef struct Config {
 	unsigned keepalive_timeout_s;
 	unsigned min_ping_interval_s;
 	unsigned max_concurrent_calls;
+	unsigned max_concurrent_streams;
 	unsigned shutdown_grace_s;
 
 	/* [vmm] */

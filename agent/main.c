@@ -328,6 +328,7 @@ static int run(const Config *c)
 		.keepalive_timeout_ms = c->keepalive_timeout_s * 1000,
 		.min_ping_interval_ms = c->min_ping_interval_s * 1000,
 		.max_concurrent_calls = c->max_concurrent_calls,
+		.max_concurrent_streams = c->max_concurrent_streams,
 		.version = EMBER_VERSION,
 	};
 	r = rpc_server_new(&opts, &server);

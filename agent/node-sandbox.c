@@ -357,7 +357,7 @@ static RpcCode cidrs_from_pb(RpcCall *call, const char *what, char *const *items
 	return RPC_OK;
 }
 
-static RpcCode id_check(RpcCall *call, const char *field, const char *id)
+RpcCode node_id_check(RpcCall *call, const char *field, const char *id)
 {
 	if (!id_is_valid(id))
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
@@ -378,8 +378,8 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 	if (!fork && p->source_case != EMBER__V1__SANDBOX_SPEC__SOURCE_TEMPLATE_ID)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
 				      "spec needs a source: template_id or snapshot_id");
-	if ((code = id_check(call, fork ? "spec.snapshot_id" : "spec.template_id",
-			     fork ? p->snapshot_id : p->template_id)) != RPC_OK)
+	if ((code = node_id_check(call, fork ? "spec.snapshot_id" : "spec.template_id",
+				  fork ? p->snapshot_id : p->template_id)) != RPC_OK)
 		return code;
 	if (p->vcpu_count > 32)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
@@ -546,7 +546,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	RpcCode code;
 	int r;
 
-	if ((code = id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK)
+	if ((code = node_id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK)
 		return code;
 	if ((code = spec_from_pb(call, m, req->spec, &spec)) != RPC_OK)
 		return code;
@@ -701,7 +701,7 @@ RpcCode node_get_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager
 	Sandbox *sb;
 	RpcCode code;
 
-	if ((code = id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK)
+	if ((code = node_id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK)
 		return code;
 	pthread_mutex_lock(&m->lock);
 	sb = manager_find_locked(m, req->sandbox_id);
@@ -850,7 +850,7 @@ static RpcCode pause_or_resume(RpcCall *call, Manager *m, const char *id, bool p
 	Sandbox *sb;
 	int r;
 
-	if ((code = id_check(call, "sandbox_id", id)) != RPC_OK)
+	if ((code = node_id_check(call, "sandbox_id", id)) != RPC_OK)
 		return code;
 again:
 	pthread_mutex_lock(&m->lock);
@@ -972,7 +972,7 @@ RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Man
 	RpcCode code;
 	int r;
 
-	if ((code = id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK)
+	if ((code = node_id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK)
 		return code;
 	pthread_mutex_lock(&m->lock);
 	sb = manager_find_locked(m, req->sandbox_id);

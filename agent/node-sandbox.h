@@ -36,6 +36,9 @@ RpcCode kv_from_pb(RpcCall *call, const char *what, KvKind kind, const void *ent
 /* (L) */
 Ember__V1__Sandbox *sandbox_to_pb(Arena *a, Sandbox *sb);
 
+/* INVALID_ARGUMENT naming `field` unless id is a valid id. */
+RpcCode node_id_check(RpcCall *call, const char *field, const char *id);
+RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_get_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_list_templates(RpcCall *call, const ProtobufCMessage *request, Manager *m);

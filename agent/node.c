@@ -295,6 +295,7 @@ MANAGER_CALL(create_snapshot, node_create_snapshot)
 MANAGER_CALL(get_snapshot, node_get_snapshot)
 MANAGER_CALL(list_snapshots, node_list_snapshots)
 MANAGER_CALL(delete_snapshot, node_delete_snapshot)
+MANAGER_CALL(exec, node_exec)
 
 int node_service_register(NodeService *n, RpcServer *s)
 {
@@ -315,6 +316,7 @@ int node_service_register(NodeService *n, RpcServer *s)
 		{"GetSnapshot", get_snapshot},
 		{"ListSnapshots", list_snapshots},
 		{"DeleteSnapshot", delete_snapshot},
+		{"Exec", exec},
 	};
 	return rpc_server_add_service(s, &ember__v1__node__descriptor, handlers,
 				      ELEMENTSOF(handlers), n);

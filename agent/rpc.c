@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -39,6 +40,13 @@
 #define REQUESTS_PER_METHOD    4
 #define WORKER_IDLE_EXIT_SEC   30
 #define STREAM_MAX_QUEUED_MSGS 1024
+/* Stream handlers wait most of their life: a small stack keeps a thousand of them cheap in
+ * address space. ASan's redzones need the default. */
+#if defined(__SANITIZE_ADDRESS__)
+#define STREAM_THREAD_STACK 0
+#else
+#define STREAM_THREAD_STACK (512u << 10)
+#endif
 
 typedef struct Tag Tag;
 struct Tag {
@@ -111,6 +119,9 @@ struct RpcCall {
 	Tag recv_tag;
 	grpc_byte_buffer *recv_buf;
 	bool recv_in_flight, recv_ok, recv_eof;
+	bool recv_ready; /* a receive completed and its result was not taken yet */
+
+	int notify_fd; /* eventfd for rpc_call_notify_fd(), -1 until asked for */
 
 	bool end_on_drain; /* rpc_call_end_on_drain() */
 
@@ -121,6 +132,24 @@ struct RpcCall {
 	RpcCall *prev, *next; /* server->calls */
 	RpcCall *job_next;    /* pool queue */
 };
+
+/* A pool of worker threads: grows on demand up to `max`, idle threads retire. There are two:
+ * unary calls are short and many; streams (Exec, watches, reflection) can stay open for hours
+ * and must never take the threads the unary calls need, so they have a pool and a limit of
+ * their own. */
+typedef struct RpcPool {
+	RpcServer *server;
+	const char *what;       /* "calls", "streams": for messages */
+	const char *config_key; /* the setting that sets max */
+	unsigned max;
+	size_t stack_size;              /* 0: the default */
+	pthread_cond_t cond;            /* work for the workers, or pool stopping */
+	RpcCall *jobs_head, *jobs_tail; /* all under RpcServer.mu */
+	unsigned n_threads, n_idle, n_active;
+	unsigned n_queued; /* jobs no worker has taken yet */
+	pthread_t *exited; /* exited workers awaiting pthread_join; room for max */
+	size_t n_exited;
+} RpcPool;
 
 struct RpcServer {
 	RpcServerOptions opts;
@@ -136,20 +165,14 @@ struct RpcServer {
 	size_t n_services;
 	RequestSlot *slots;
 
-	pthread_mutex_t mu;       /* guards everything below */
-	pthread_cond_t cond;      /* calls, handlers or threads finished; shutdown tag arrived */
-	pthread_cond_t pool_cond; /* work for the workers, or pool stopping */
+	pthread_mutex_t mu;  /* guards everything below */
+	pthread_cond_t cond; /* calls, handlers or threads finished; shutdown tag arrived */
 	_Atomic RpcServerState state; /* read without the lock by rpc_call_wait() */
 	bool shutdown_started, shutdown_done;
 	Tag shutdown_tag;
 	RpcCall *calls; /* every live call, for waking and ending them */
 
-	/* worker pool */
-	RpcCall *jobs_head, *jobs_tail;
-	unsigned n_threads, n_idle, n_active;
-	unsigned n_queued; /* jobs no worker has taken yet */
-	pthread_t *exited; /* exited workers awaiting pthread_join; room for max_concurrent_calls */
-	size_t n_exited;
+	RpcPool unary, streams;
 	bool pool_stopping;
 };
 
@@ -219,6 +242,14 @@ static void grpc_log_to_ember(gpr_log_func_args *a)
 /* ------------------------------------------------------------------------------------------ */
 /* calls */
 
+/* Wakes the handler: whatever it waits for in this call may have changed. Caller holds c->mu. */
+static void call_signal_locked(RpcCall *c)
+{
+	pthread_cond_broadcast(&c->cond);
+	if (c->notify_fd >= 0)
+		(void)eventfd_write(c->notify_fd, 1);
+}
+
 static void call_unref(RpcCall *c)
 {
 	RpcServer *s;
@@ -252,6 +283,7 @@ static void call_unref(RpcCall *c)
 	free(c->status_message);
 	free(c->error_message);
 	free(c->path);
+	safe_close(c->notify_fd);
 	free(c);
 }
 
@@ -277,7 +309,7 @@ static void call_kill_locked(RpcCall *c)
 {
 	c->dead = true;
 	drop_queue_locked(c);
-	pthread_cond_broadcast(&c->cond);
+	call_signal_locked(c);
 }
 
 static void on_send_done(Tag *tag, bool ok);
@@ -371,7 +403,7 @@ static void on_send_done(Tag *tag, bool ok)
 		call_kill_locked(c);
 	else
 		call_pump_locked(c);
-	pthread_cond_broadcast(&c->cond);
+	call_signal_locked(c);
 	pthread_mutex_unlock(&c->mu);
 	call_unref(c);
 }
@@ -385,7 +417,7 @@ static void on_close(Tag *tag, bool ok)
 		log_debug("%s: cancelled (deadline, client cancel or disconnect)", c->path);
 		call_kill_locked(c);
 	}
-	pthread_cond_broadcast(&c->cond);
+	call_signal_locked(c);
 	pthread_mutex_unlock(&c->mu);
 	call_unref(c);
 }
@@ -396,8 +428,9 @@ static void on_recv_done(Tag *tag, bool ok)
 
 	pthread_mutex_lock(&c->mu);
 	c->recv_in_flight = false;
+	c->recv_ready = true;
 	c->recv_ok = ok;
-	pthread_cond_broadcast(&c->cond);
+	call_signal_locked(c);
 	pthread_mutex_unlock(&c->mu);
 	call_unref(c);
 }
@@ -434,6 +467,7 @@ static RpcCall *call_new(RpcServer *s, RpcMethod *m, const char *path, grpc_call
 	c->call = gc;
 	c->deadline = gpr_convert_clock_type(deadline, GPR_CLOCK_MONOTONIC);
 	c->status_slice = grpc_empty_slice();
+	c->notify_fd = -1;
 	atomic_init(&c->ref, 1);
 	pthread_mutex_init(&c->mu, NULL);
 	cond_init_monotonic(&c->cond);
@@ -469,13 +503,13 @@ static int call_watch_close(RpcCall *c)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* worker pool: grows on demand up to max_concurrent_calls threads, idle threads retire */
+/* worker pools */
 
-static void reap_exited_locked(RpcServer *s)
+static void reap_exited_locked(RpcPool *p)
 {
-	for (size_t i = 0; i < s->n_exited; i++)
-		pthread_join(s->exited[i], NULL);
-	s->n_exited = 0;
+	for (size_t i = 0; i < p->n_exited; i++)
+		pthread_join(p->exited[i], NULL);
+	p->n_exited = 0;
 }
 
 static void run_call(RpcCall *c)
@@ -501,87 +535,118 @@ static void run_call(RpcCall *c)
 	call_unref(c);
 }
 
-/* Worker accounting, all under s->mu:
- *   n_threads  workers that exist (started or starting), never above max_concurrent_calls
+/* Worker accounting, per pool, all under RpcServer.mu:
+ *   n_threads  workers that exist (started or starting), never above max
  *   n_idle     workers free to take a job, including ones created but not yet running
  *   n_queued   jobs not yet taken; a job "claims" one idle worker
  *   n_active   calls handed to the pool and not finished (queued + running)
  * A job needs a new thread when every idle worker is already claimed (n_queued >= n_idle). */
-static void *worker_main(void *p)
+static void *worker_main(void *arg)
 {
-	RpcServer *s = p;
+	RpcPool *p = arg;
+	RpcServer *s = p->server;
 
 	pthread_mutex_lock(&s->mu);
 	for (;;) {
-		RpcCall *c = s->jobs_head;
+		RpcCall *c = p->jobs_head;
 		if (c) {
-			s->jobs_head = c->job_next;
-			if (!s->jobs_head)
-				s->jobs_tail = NULL;
-			s->n_queued--;
-			s->n_idle--;
+			p->jobs_head = c->job_next;
+			if (!p->jobs_head)
+				p->jobs_tail = NULL;
+			p->n_queued--;
+			p->n_idle--;
 			pthread_mutex_unlock(&s->mu);
 			run_call(c);
 			pthread_mutex_lock(&s->mu);
-			s->n_idle++;
-			s->n_active--;
+			p->n_idle++;
+			p->n_active--;
 			pthread_cond_broadcast(&s->cond); /* drain waiters */
 			continue;
 		}
 		if (s->pool_stopping)
 			break;
 		struct timespec ts = abs_timeout((int64_t)WORKER_IDLE_EXIT_SEC * 1000);
-		int r = pthread_cond_timedwait(&s->pool_cond, &s->mu, &ts);
-		if (r == ETIMEDOUT && !s->jobs_head && s->n_idle > 1)
+		int r = pthread_cond_timedwait(&p->cond, &s->mu, &ts);
+		if (r == ETIMEDOUT && !p->jobs_head && p->n_idle > 1)
 			break;
 	}
-	/* Retire: the next pool operation (or free) joins us. `exited` has room for
-	 * max_concurrent_calls threads, and at most that many exist between two reaps. */
-	s->n_idle--;
-	s->exited[s->n_exited++] = pthread_self();
-	s->n_threads--;
+	/* Retire: the next pool operation (or free) joins us. `exited` has room for max
+	 * threads, and at most that many exist between two reaps. */
+	p->n_idle--;
+	p->exited[p->n_exited++] = pthread_self();
+	p->n_threads--;
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->mu);
 	return NULL;
 }
 
-/* Hands a call to a worker; -EBUSY when max_concurrent_calls are already running, -EAGAIN when
- * no worker is free and no thread can be started. */
-static int pool_submit(RpcServer *s, RpcCall *c)
+/* Hands a call to a worker; -EBUSY when the pool's limit of calls is already running, -EAGAIN
+ * when no worker is free and no thread can be started. */
+static int pool_submit(RpcPool *p, RpcCall *c)
 {
+	RpcServer *s = p->server;
 	int r = 0;
 
 	pthread_mutex_lock(&s->mu);
-	reap_exited_locked(s);
-	if (s->n_active >= s->opts.max_concurrent_calls || s->pool_stopping) {
+	reap_exited_locked(p);
+	if (p->n_active >= p->max || s->pool_stopping) {
 		r = -EBUSY;
 		goto out;
 	}
 	/* Idle workers already claimed by queued jobs do not count: otherwise a burst of long
 	 * calls (streams) would queue behind each other while the pool believes it has spare
 	 * threads. n_active < max bounds n_threads by max as well. */
-	if (s->n_queued >= s->n_idle) {
+	if (p->n_queued >= p->n_idle) {
+		pthread_attr_t attr;
 		pthread_t t;
-		if (pthread_create(&t, NULL, worker_main, s) != 0) {
+		int e;
+
+		pthread_attr_init(&attr);
+		if (p->stack_size)
+			(void)pthread_attr_setstacksize(&attr, p->stack_size);
+		e = pthread_create(&t, &attr, worker_main, p);
+		pthread_attr_destroy(&attr);
+		if (e != 0) {
 			/* Queueing would make the call wait behind calls that may never end. */
 			r = -EAGAIN;
 			goto out;
 		}
-		s->n_threads++;
-		s->n_idle++;
+		p->n_threads++;
+		p->n_idle++;
 	}
 	c->job_next = NULL;
-	if (s->jobs_tail)
-		s->jobs_tail->job_next = c;
+	if (p->jobs_tail)
+		p->jobs_tail->job_next = c;
 	else
-		s->jobs_head = c;
-	s->jobs_tail = c;
-	s->n_queued++;
-	s->n_active++;
-	pthread_cond_signal(&s->pool_cond);
+		p->jobs_head = c;
+	p->jobs_tail = c;
+	p->n_queued++;
+	p->n_active++;
+	pthread_cond_signal(&p->cond);
 out:
 	pthread_mutex_unlock(&s->mu);
 	return r;
+}
+
+static int pool_init(RpcPool *p, RpcServer *s, const char *what, const char *config_key,
+		     unsigned max, size_t stack_size)
+{
+	*p = (RpcPool){
+		.what = what, .config_key = config_key, .max = max, .stack_size = stack_size};
+	p->exited = calloc(max, sizeof(pthread_t));
+	if (!p->exited)
+		return -ENOMEM;
+	cond_init_monotonic(&p->cond);
+	p->server = s; /* set last: pool_done() knows an initialized pool by it */
+	return 0;
+}
+
+static void pool_done(RpcPool *p)
+{
+	if (!p->server)
+		return;
+	free(p->exited);
+	pthread_cond_destroy(&p->cond);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -708,13 +773,12 @@ static void accept_call(RequestSlot *slot)
 		return;
 	}
 
-	int r = pool_submit(s, c);
+	RpcPool *p = m->client_streaming || m->server_streaming ? &s->streams : &s->unary;
+	int r = pool_submit(p, c);
 	if (r < 0) {
 		if (r == -EBUSY &&
-		    asprintf(&msg,
-			     "emberd is already handling %u calls (api.max_concurrent_calls); "
-			     "retry later",
-			     s->opts.max_concurrent_calls) < 0)
+		    asprintf(&msg, "emberd is already handling %u %s (api.%s); retry later", p->max,
+			     p->what, p->config_key) < 0)
 			msg = NULL;
 		call_finish(c, r == -EBUSY ? RPC_RESOURCE_EXHAUSTED : RPC_UNAVAILABLE,
 			    msg ?: "cannot start a worker thread");
@@ -795,16 +859,21 @@ int rpc_server_new(const RpcServerOptions *opts, RpcServer **ret)
 	s->opts = *opts;
 	if (s->opts.max_concurrent_calls == 0)
 		s->opts.max_concurrent_calls = 256;
+	if (s->opts.max_concurrent_streams == 0)
+		s->opts.max_concurrent_streams = 1024;
 	if (s->opts.stream_high_water_bytes == 0)
 		s->opts.stream_high_water_bytes = 1 << 20;
-	s->exited = calloc(s->opts.max_concurrent_calls, sizeof(pthread_t));
-	if (!s->exited) {
+	if (pool_init(&s->unary, s, "calls", "max_concurrent_calls", s->opts.max_concurrent_calls,
+		      0) < 0 ||
+	    pool_init(&s->streams, s, "streams", "max_concurrent_streams",
+		      s->opts.max_concurrent_streams, STREAM_THREAD_STACK) < 0) {
+		pool_done(&s->unary);
+		pool_done(&s->streams);
 		free(s);
 		return -ENOMEM;
 	}
 	pthread_mutex_init(&s->mu, NULL);
 	cond_init_monotonic(&s->cond);
-	cond_init_monotonic(&s->pool_cond);
 	atomic_store(&s->state, RPC_SERVER_STARTING);
 	s->shutdown_tag.done = on_shutdown;
 	atomic_store(&s->heartbeat_usec, now_usec());
@@ -813,8 +882,8 @@ int rpc_server_new(const RpcServerOptions *opts, RpcServer **ret)
 	if (r < 0) {
 		pthread_mutex_destroy(&s->mu);
 		pthread_cond_destroy(&s->cond);
-		pthread_cond_destroy(&s->pool_cond);
-		free(s->exited);
+		pool_done(&s->unary);
+		pool_done(&s->streams);
 		free(s);
 		return r;
 	}
@@ -1025,7 +1094,7 @@ void rpc_server_wake_all(RpcServer *s)
 	for (RpcCall *c = s->calls; c; c = c->next) {
 		pthread_mutex_lock(&c->mu);
 		c->wake_gen++;
-		pthread_cond_broadcast(&c->cond);
+		call_signal_locked(c);
 		pthread_mutex_unlock(&c->mu);
 	}
 	pthread_mutex_unlock(&s->mu);
@@ -1073,7 +1142,7 @@ int rpc_server_drain_wait(RpcServer *s, int64_t timeout_ms)
 
 	pthread_mutex_lock(&s->mu);
 	/* Done when gRPC has seen every call finish and every handler has returned. */
-	while (!s->shutdown_done || s->n_active > 0)
+	while (!s->shutdown_done || s->unary.n_active > 0 || s->streams.n_active > 0)
 		if (pthread_cond_timedwait(&s->cond, &s->mu, &ts) == ETIMEDOUT) {
 			r = -ETIMEDOUT;
 			break;
@@ -1157,10 +1226,12 @@ void rpc_server_free(RpcServer *s)
 	/* No handler runs any more (n_active == 0): idle workers exit at once. */
 	pthread_mutex_lock(&s->mu);
 	s->pool_stopping = true;
-	pthread_cond_broadcast(&s->pool_cond);
-	while (s->n_threads > 0)
+	pthread_cond_broadcast(&s->unary.cond);
+	pthread_cond_broadcast(&s->streams.cond);
+	while (s->unary.n_threads > 0 || s->streams.n_threads > 0)
 		pthread_cond_wait(&s->cond, &s->mu);
-	reap_exited_locked(s);
+	reap_exited_locked(&s->unary);
+	reap_exited_locked(&s->streams);
 	pthread_mutex_unlock(&s->mu);
 
 	if (s->server)
@@ -1187,11 +1258,11 @@ void rpc_server_free(RpcServer *s)
 		free(s->services[i].name);
 	}
 	free(s->services);
-	free(s->exited);
+	pool_done(&s->unary);
+	pool_done(&s->streams);
 	rpc_desc_index_free(s->desc);
 	pthread_mutex_destroy(&s->mu);
 	pthread_cond_destroy(&s->cond);
-	pthread_cond_destroy(&s->pool_cond);
 	free(s);
 	grpc_shutdown();
 }
@@ -1214,7 +1285,7 @@ const RpcDescIndex *rpc_server_descriptors(RpcServer *s)
 /* ------------------------------------------------------------------------------------------ */
 /* call API */
 
-int rpc_call_send(RpcCall *c, const ProtobufCMessage *msg)
+static int call_send(RpcCall *c, const ProtobufCMessage *msg, bool wait)
 {
 	size_t size = protobuf_c_message_get_packed_size(msg);
 	grpc_slice slice;
@@ -1222,34 +1293,39 @@ int rpc_call_send(RpcCall *c, const ProtobufCMessage *msg)
 
 	if (size > c->server->opts.max_message_bytes)
 		return -EMSGSIZE;
-	item = calloc(1, sizeof(*item));
-	if (!item)
-		return -ENOMEM;
-	slice = grpc_slice_malloc(size);
-	protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
-	item->buf = grpc_raw_byte_buffer_create(&slice, 1);
-	grpc_slice_unref(slice);
-	item->size = size;
 
 	pthread_mutex_lock(&c->mu);
 	if (!c->method->server_streaming && c->reply_sent) {
 		pthread_mutex_unlock(&c->mu);
-		grpc_byte_buffer_destroy(item->buf);
-		free(item);
 		return -EINVAL;
 	}
 	/* Back-pressure: wait for the client to take what is queued. One message always fits so
 	 * that a message larger than the high-water mark still goes out. */
 	while (!c->dead && c->queued_msgs > 0 &&
 	       (c->queued_bytes + size > c->server->opts.stream_high_water_bytes ||
-		c->queued_msgs >= STREAM_MAX_QUEUED_MSGS))
+		c->queued_msgs >= STREAM_MAX_QUEUED_MSGS)) {
+		if (!wait) {
+			pthread_mutex_unlock(&c->mu);
+			return -EAGAIN;
+		}
 		pthread_cond_wait(&c->cond, &c->mu);
+	}
 	if (c->dead) {
 		pthread_mutex_unlock(&c->mu);
-		grpc_byte_buffer_destroy(item->buf);
-		free(item);
 		return -ECANCELED;
 	}
+	/* Packed under the lock: the check above and the queueing below must agree, and
+	 * packing is a copy of what the handler built. */
+	item = calloc(1, sizeof(*item));
+	if (!item) {
+		pthread_mutex_unlock(&c->mu);
+		return -ENOMEM;
+	}
+	slice = grpc_slice_malloc(size);
+	protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
+	item->buf = grpc_raw_byte_buffer_create(&slice, 1);
+	grpc_slice_unref(slice);
+	item->size = size;
 	if (c->queue_tail)
 		c->queue_tail->next = item;
 	else
@@ -1263,7 +1339,17 @@ int rpc_call_send(RpcCall *c, const ProtobufCMessage *msg)
 	return 0;
 }
 
-int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
+int rpc_call_send(RpcCall *c, const ProtobufCMessage *msg)
+{
+	return call_send(c, msg, true);
+}
+
+int rpc_call_send_nowait(RpcCall *c, const ProtobufCMessage *msg)
+{
+	return call_send(c, msg, false);
+}
+
+int rpc_call_recv_nowait(RpcCall *c, ProtobufCMessage **ret)
 {
 	grpc_op recv_op = {.op = GRPC_OP_RECV_MESSAGE};
 	grpc_byte_buffer *buf;
@@ -1275,30 +1361,36 @@ int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
 		return -EINVAL;
 
 	pthread_mutex_lock(&c->mu);
-	if (c->recv_in_flight) { /* one reader per call: gRPC allows one receive at a time */
+	if (c->recv_in_flight) {
 		pthread_mutex_unlock(&c->mu);
-		return -EBUSY;
+		return -EAGAIN;
 	}
-	if (c->recv_eof) {
+	if (!c->recv_ready) {
+		if (c->recv_eof) {
+			pthread_mutex_unlock(&c->mu);
+			return 0;
+		}
+		if (c->dead) {
+			pthread_mutex_unlock(&c->mu);
+			return -ECANCELED;
+		}
+		/* gRPC allows one receive in flight per call: the next starts only once this
+		 * one's result was taken, which is the back-pressure on the client. */
+		recv_op.data.recv_message.recv_message = &c->recv_buf;
+		call_ref(c);
+		c->recv_in_flight = true;
+		if (grpc_call_start_batch(c->call, &recv_op, 1, &c->recv_tag, NULL) !=
+		    GRPC_CALL_OK) {
+			c->recv_in_flight = false;
+			atomic_fetch_sub(&c->ref, 1);
+			pthread_mutex_unlock(&c->mu);
+			return -ECANCELED;
+		}
 		pthread_mutex_unlock(&c->mu);
-		return 0;
+		return -EAGAIN;
 	}
-	if (c->dead) {
-		pthread_mutex_unlock(&c->mu);
-		return -ECANCELED;
-	}
-	recv_op.data.recv_message.recv_message = &c->recv_buf;
-	call_ref(c);
-	c->recv_in_flight = true;
-	if (grpc_call_start_batch(c->call, &recv_op, 1, &c->recv_tag, NULL) != GRPC_CALL_OK) {
-		c->recv_in_flight = false;
-		atomic_fetch_sub(&c->ref, 1);
-		pthread_mutex_unlock(&c->mu);
-		return -ECANCELED;
-	}
-	/* The batch completes on a message, on half-close (NULL buffer) and on cancellation. */
-	while (c->recv_in_flight)
-		pthread_cond_wait(&c->cond, &c->mu);
+	/* The batch completed: on a message, on half-close (NULL buffer) or on cancellation. */
+	c->recv_ready = false;
 	buf = TAKE_PTR(c->recv_buf);
 	ok = c->recv_ok;
 	if (ok && !buf)
@@ -1323,6 +1415,45 @@ int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
 					 GRPC_SLICE_START_PTR(slice));
 	grpc_slice_unref(slice);
 	return *ret ? 1 : -EBADMSG;
+}
+
+int rpc_call_recv(RpcCall *c, ProtobufCMessage **ret)
+{
+	for (;;) {
+		int r = rpc_call_recv_nowait(c, ret);
+		if (r != -EAGAIN)
+			return r;
+		pthread_mutex_lock(&c->mu);
+		while (c->recv_in_flight)
+			pthread_cond_wait(&c->cond, &c->mu);
+		pthread_mutex_unlock(&c->mu);
+	}
+}
+
+int rpc_call_notify_fd(RpcCall *c)
+{
+	int r;
+
+	pthread_mutex_lock(&c->mu);
+	if (c->notify_fd < 0) {
+		c->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+		/* Set when anything may already have happened that the handler waits for. */
+		if (c->notify_fd >= 0)
+			(void)eventfd_write(c->notify_fd, 1);
+	}
+	r = c->notify_fd >= 0 ? c->notify_fd : -errno;
+	pthread_mutex_unlock(&c->mu);
+	return r;
+}
+
+void rpc_call_notify_clear(RpcCall *c)
+{
+	eventfd_t v;
+
+	pthread_mutex_lock(&c->mu);
+	if (c->notify_fd >= 0)
+		(void)eventfd_read(c->notify_fd, &v);
+	pthread_mutex_unlock(&c->mu);
 }
 
 int rpc_call_wait(RpcCall *c, int64_t timeout_ms)
@@ -1370,7 +1501,7 @@ void rpc_call_wake(RpcCall *c)
 {
 	pthread_mutex_lock(&c->mu);
 	c->wake_gen++;
-	pthread_cond_broadcast(&c->cond);
+	call_signal_locked(c);
 	pthread_mutex_unlock(&c->mu);
 }
 

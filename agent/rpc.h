@@ -72,11 +72,14 @@ typedef struct RpcServerOptions {
 	 * service added: the source of streaming kinds and of server reflection. Not copied. */
 	const uint8_t *descriptor_set;
 	size_t descriptor_set_size;
-	size_t max_message_bytes;       /* both directions */
-	unsigned keepalive_time_ms;     /* server pings an idle connection this often */
-	unsigned keepalive_timeout_ms;  /* and closes it when the ping is not answered */
-	unsigned min_ping_interval_ms;  /* clients may ping this often without data */
-	unsigned max_concurrent_calls;  /* above it new calls get RESOURCE_EXHAUSTED */
+	size_t max_message_bytes;      /* both directions */
+	unsigned keepalive_time_ms;    /* server pings an idle connection this often */
+	unsigned keepalive_timeout_ms; /* and closes it when the ping is not answered */
+	unsigned min_ping_interval_ms; /* clients may ping this often without data */
+	unsigned max_concurrent_calls; /* unary calls; above it new ones get RESOURCE_EXHAUSTED */
+	/* Streaming calls (any method with a stream) run on a pool of their own, so that open
+	 * streams never take the threads unary calls need; above it RESOURCE_EXHAUSTED. */
+	unsigned max_concurrent_streams;
 	size_t stream_high_water_bytes; /* queued per call before rpc_call_send() blocks */
 	const char *version;            /* shown in UNIMPLEMENTED messages */
 } RpcServerOptions;
@@ -131,7 +134,21 @@ int rpc_call_send(RpcCall *call, const ProtobufCMessage *msg);
  * -EBADMSG when the bytes do not parse as the method's input type. gRPC core may also report a
  * cancellation as the end of the stream (0); where the difference matters (stdin EOF versus a
  * vanished client), the next rpc_call_send() or rpc_call_is_cancelled() tells. */
-int rpc_call_recv(RpcCall *call, ProtobufCMessage **ret); /* one reader at a time: -EBUSY */
+int rpc_call_recv(RpcCall *call, ProtobufCMessage **ret); /* one reader at a time */
+
+/* For handlers that wait on the call and on fds of their own (Exec: the guest connection) in
+ * one poll loop, on one thread:
+ *   rpc_call_notify_fd()    an eventfd that becomes readable whenever something the handler may
+ *                           wait for happened: a message arrived, queued replies left,
+ *                           cancellation, rpc_call_wake(). Owned by the call.
+ *   rpc_call_notify_clear() resets it; clear first, then try the calls below, then poll.
+ *   rpc_call_send_nowait()  as rpc_call_send(), but -EAGAIN instead of blocking (not queued).
+ *   rpc_call_recv_nowait()  as rpc_call_recv(), but -EAGAIN while the next message is on its
+ *                           way (the first call asks for it: no message is read ahead). */
+int rpc_call_notify_fd(RpcCall *call);
+void rpc_call_notify_clear(RpcCall *call);
+int rpc_call_send_nowait(RpcCall *call, const ProtobufCMessage *msg);
+int rpc_call_recv_nowait(RpcCall *call, ProtobufCMessage **ret);
 
 /* Sleep until rpc_call_wake(), the timeout (-1: none), cancellation (-ECANCELED) or server
  * drain (-ESHUTDOWN). Returns 0 when woken or timed out. */

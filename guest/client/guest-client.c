@@ -31,6 +31,7 @@ struct GuestConn {
 	GuestBuf in, out;
 	int timeout_ms;
 	bool hello_seen, broken;
+	bool refused; /* the last failure was the guest's own Error frame */
 	bool exec_started, exec_over;
 	unsigned guest_protocol;
 	char *guest_version;
@@ -51,6 +52,7 @@ _printf_(2, 3) static void set_error(GuestConn *c, const char *format, ...)
 {
 	va_list ap;
 
+	c->refused = false;
 	va_start(ap, format);
 	(void)vsnprintf(c->error, sizeof(c->error), format, ap);
 	va_end(ap);
@@ -78,7 +80,14 @@ static int guest_error(GuestConn *c, const GuestFrame *f)
 {
 	const Ember__Guest__V1__Error *e = f->error;
 	int r = e->errnum > 0 ? -e->errnum : -EIO;
-	return fail(c, r, "%s", e->message && e->message[0] ? e->message : strerror(-r));
+	r = fail(c, r, "%s", e->message && e->message[0] ? e->message : strerror(-r));
+	c->refused = true;
+	return r;
+}
+
+bool guest_conn_refused(const GuestConn *c)
+{
+	return c->refused;
 }
 
 static int unexpected(GuestConn *c, const GuestFrame *f, const char *expected)

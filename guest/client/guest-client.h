@@ -40,6 +40,9 @@ DEFINE_POINTER_CLEANUP(GuestConn, guest_conn_free);
 void guest_conn_set_timeout(GuestConn *c, int timeout_ms);
 /* Why the last call failed; "" when nothing failed yet. Valid until the next call. */
 const char *guest_conn_error(const GuestConn *c);
+/* Whether the last call failed because the guest answered with an error (no such program, bad
+ * cwd, permission denied: the request's fault), rather than because the connection failed. */
+bool guest_conn_refused(const GuestConn *c);
 
 typedef struct GuestHello {
 	unsigned protocol_version;

@@ -177,21 +177,15 @@ class Emberd:
         return r.port
 
 
-@pytest.fixture
-def workdir():
+def _new_workdir():
     # Short paths: unix socket addresses are limited to 108 bytes.
-    d = tempfile.mkdtemp(prefix="ember-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    return tempfile.mkdtemp(prefix="ember-", dir="/tmp")
 
 
-@pytest.fixture
-def procs():
-    """Daemons started by the test. At teardown the ones still running get SIGTERM, so that
-    they shut down the normal way (and, under SANITIZE=1, LeakSanitizer checks them); one that
-    does not exit in time is killed and fails the test."""
-    started = []
-    yield started
+def _stop_procs(started):
+    """At teardown the daemons still running get SIGTERM, so that they shut down the normal
+    way (and, under SANITIZE=1, LeakSanitizer checks them); one that does not exit in time is
+    killed and fails the test."""
     stuck = []
     for p in started:
         if p.alive():
@@ -201,6 +195,21 @@ def procs():
                 p.wait(10)
                 stuck.append(f"{p.argv[0]} (pid {p.pid}) ignored SIGTERM for 30s")
     assert not stuck, stuck
+
+
+@pytest.fixture
+def workdir():
+    d = _new_workdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def procs():
+    """Daemons started by the test, stopped at teardown (_stop_procs)."""
+    started = []
+    yield started
+    _stop_procs(started)
 
 
 def health_serving(target, service=""):
@@ -272,23 +281,24 @@ def cleanup_emberd_root(root):
         sh("umount", "-l", hostns, check=False)
 
 
-@pytest.fixture
-def start_emberd(workdir, procs):
-    """start_emberd(config_text="", args=[], wait=True, root=None, hostns=None, env=None,
+class EmberdStarter:
+    """start(config_text="", args=[], wait=True, root=None, hostns=None, env=None,
     binary="emberd") -> Emberd (binary: relative to the build dir, e.g. test/emberd-hooks)
 
     emberd runs in a network namespace of the test's own (its slots' namespaces are
     bind-mounted under <root>/netns), so nothing of the machine's root namespace changes."""
-    counter = [0]
-    roots = []
 
-    def start(config_text="", args=(), wait=True, root=None, hostns=None, env=None,
-              binary="emberd"):
-        counter[0] += 1
-        root = root or os.path.join(workdir, f"n{counter[0]}")
+    def __init__(self, workdir, procs):
+        self.workdir, self.procs = workdir, procs
+        self.counter, self.roots, self.emberds = 0, [], []
+
+    def __call__(self, config_text="", args=(), wait=True, root=None, hostns=None, env=None,
+                 binary="emberd"):
+        self.counter += 1
+        root = root or os.path.join(self.workdir, f"n{self.counter}")
         os.makedirs(root, exist_ok=True)
-        if root not in roots:
-            roots.append(root)
+        if root not in self.roots:
+            self.roots.append(root)
         if hostns is None:
             hostns = os.path.join(root, "hostns")
             if not os.path.exists(hostns):
@@ -298,36 +308,52 @@ def start_emberd(workdir, procs):
         argv = ["nsenter", f"--net={hostns}", os.path.join(BUILD, binary), "--config", conf,
                 "--state-dir", os.path.join(root, "state"),
                 "--run-dir", os.path.join(root, "run")] + list(args)
-        proc = Proc(argv, os.path.join(root, f"emberd-{len(procs)}.log"), env=env)
-        procs.append(proc)
+        proc = Proc(argv, os.path.join(root, f"emberd-{len(self.procs)}.log"), env=env)
+        self.procs.append(proc)
         e = Emberd(root, proc, os.path.join(root, "run", "ember.sock"))
         e.hostns = hostns
         if wait:
             wait_for(lambda: not proc.alive() or health_serving(e.target), 30,
                      "emberd to serve")
             assert proc.alive(), f"emberd exited early:\n{proc.log()}"
+        self.emberds.append(e)
         return e
 
-    emberds = []
-    orig = start
+    def close(self):
+        for e in self.emberds:
+            for r in e.relays:
+                r.close()
+        for p in self.procs:
+            if p.argv[0] == "nsenter" and p.alive():
+                p.signal(signal.SIGTERM)
+                if p.wait(30) is None:
+                    p.signal(signal.SIGKILL)
+                    p.wait(10)
+        for root in self.roots:
+            cleanup_emberd_root(root)
 
-    def start_tracked(*a, **kw):
-        e = orig(*a, **kw)
-        emberds.append(e)
-        return e
 
-    yield start_tracked
-    for e in emberds:
-        for r in e.relays:
-            r.close()
-    for p in procs:
-        if p.argv[0] == "nsenter" and p.alive():
-            p.signal(signal.SIGTERM)
-            if p.wait(30) is None:
-                p.signal(signal.SIGKILL)
-                p.wait(10)
-    for root in roots:
-        cleanup_emberd_root(root)
+@pytest.fixture
+def start_emberd(workdir, procs):
+    """An EmberdStarter for one test."""
+    starter = EmberdStarter(workdir, procs)
+    yield starter
+    starter.close()
+
+
+@pytest.fixture(scope="module")
+def start_emberd_module():
+    """An EmberdStarter shared by the tests of one module (for tests that only use sandboxes,
+    where starting an emberd and booting guests per test would cost more than the test)."""
+    d = _new_workdir()
+    started = []
+    starter = EmberdStarter(d, started)
+    try:
+        yield starter
+    finally:
+        starter.close()
+        _stop_procs(started)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -160,6 +160,52 @@ def test_concurrency_limit(start_rpctestd):
         assert stub(ch).Echo(pb.EchoRequest(text="ok"), timeout=5).text == "ok"
 
 
+def test_open_streams_do_not_take_unary_capacity(start_rpctestd):
+    """Streams have their own pool and limit: with more streams open than the unary limit,
+    unary calls and health checks still answer at once; one stream over the stream limit gets
+    RESOURCE_EXHAUSTED naming its setting, and closing one makes room again."""
+    from health.v1 import health_pb2, health_pb2_grpc
+    d = start_rpctestd("--max-calls", 4, "--max-streams", 40)
+    with grpc.insecure_channel(d.target) as ch:
+        gates = [threading.Event() for _ in range(40)]
+
+        def held(gate):  # a request stream that stays open until its gate is set
+            gate.wait(60)
+            return
+            yield  # noqa: unreachable — makes this a generator
+
+        streams = [stub(ch).Bidi(held(g), timeout=60) for g in gates]
+
+        def refused():  # the 41st stream: refused once all 40 reached the server
+            try:
+                list(stub(ch).Bidi(iter([pb.Chunk(seq=1)]), timeout=10))
+                return None
+            except grpc.RpcError as e:
+                return e if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+        e = wait_for(refused, 10, "the stream over the limit to be refused", interval=0.1)
+        assert "max_concurrent_streams" in e.details(), e.details()
+        t = time.monotonic()
+        for _ in range(8):
+            assert stub(ch).Echo(pb.EchoRequest(text="x"), timeout=5).text == "x"
+        hs = health_pb2_grpc.HealthStub(ch)
+        assert hs.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        took = time.monotonic() - t
+        assert took < 2 * SLOW, f"8 unary calls and a health check took {took:.2f}s"
+        gates[0].set()
+        assert list(streams[0]) == []
+        def one_more():
+            try:
+                return [c.seq for c in stub(ch).Bidi(iter([pb.Chunk(seq=7)]), timeout=10)]
+            except grpc.RpcError:
+                return None
+        assert wait_for(one_more, 10, "room for a stream after one closed") == [7]
+        for g in gates:
+            g.set()
+        for s in streams[1:]:
+            assert list(s) == []
+
+
 def test_many_concurrent_streams(start_rpctestd):
     d = start_rpctestd()
     errors = []

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * rpctestd SOCKET [--grace-ms N] [--high-water BYTES] [--max-calls N] [--max-msg BYTES]
+ * rpctestd SOCKET [--grace-ms N] [--high-water BYTES] [--max-calls N] [--max-streams N]
+ *                  [--max-msg BYTES]
  *                  [--serve-after-ms N]
  *
  * The gRPC layer of emberd (agent/rpc*) with the rpctest.Test service: prints "READY" once
@@ -9,6 +10,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -104,26 +106,52 @@ static RpcCode stream(RpcCall *call, const ProtobufCMessage *request, void *user
 	return RPC_OK;
 }
 
+/* Echoes with the non-blocking call API in a poll loop, as Exec does: one message in hand at
+ * most, the next asked for only once it went out (back-pressure both ways). */
 static RpcCode bidi(RpcCall *call, const ProtobufCMessage *request, void *userdata)
 {
+	ProtobufCMessage *held = NULL;
+	RpcCode code = RPC_OK;
+	int fd = rpc_call_notify_fd(call);
+
 	(void)request;
 	(void)userdata;
+	if (fd < 0)
+		return rpc_call_error(call, RPC_INTERNAL, "no notify fd: %s", strerror(-fd));
 	for (;;) {
-		ProtobufCMessage *m = NULL;
-		int r = rpc_call_recv(call, &m);
-		if (r == 0)
-			return RPC_OK;
-		if (r < 0) {
-			atomic_fetch_add(&cancellations_seen, 1);
-			return r == -EBADMSG
-				       ? rpc_call_error(call, RPC_INVALID_ARGUMENT, "bad chunk")
-				       : RPC_CANCELLED;
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		int r;
+
+		rpc_call_notify_clear(call);
+		if (held) {
+			r = rpc_call_send_nowait(call, held);
+			if (r == 0) {
+				protobuf_c_message_free_unpacked(held, NULL);
+				held = NULL;
+			} else if (r != -EAGAIN) {
+				code = RPC_CANCELLED;
+				break;
+			}
 		}
-		r = rpc_call_send(call, m);
-		protobuf_c_message_free_unpacked(m, NULL);
-		if (r < 0)
-			return RPC_CANCELLED;
+		if (!held) {
+			r = rpc_call_recv_nowait(call, &held);
+			if (r == 0)
+				break;
+			if (r < 0 && r != -EAGAIN) {
+				atomic_fetch_add(&cancellations_seen, 1);
+				code = r == -EBADMSG ? rpc_call_error(call, RPC_INVALID_ARGUMENT,
+								      "bad chunk")
+						     : RPC_CANCELLED;
+				break;
+			}
+			if (r > 0)
+				continue; /* try to send it at once */
+		}
+		(void)poll(&p, 1, -1);
 	}
+	if (held)
+		protobuf_c_message_free_unpacked(held, NULL);
+	return code;
 }
 
 static RpcCode fail(RpcCall *call, const ProtobufCMessage *request, void *userdata)
@@ -158,6 +186,7 @@ int main(int argc, char *argv[])
 		{"grace-ms", required_argument, NULL, 'g'},
 		{"high-water", required_argument, NULL, 'w'},
 		{"max-calls", required_argument, NULL, 'c'},
+		{"max-streams", required_argument, NULL, 'S'},
 		{"max-msg", required_argument, NULL, 'm'},
 		{"serve-after-ms", required_argument, NULL, 's'},
 		{},
@@ -187,6 +216,9 @@ int main(int argc, char *argv[])
 			break;
 		case 'c':
 			opts.max_concurrent_calls = (unsigned)atoi(optarg);
+			break;
+		case 'S':
+			opts.max_concurrent_streams = (unsigned)atoi(optarg);
 			break;
 		case 'm':
 			opts.max_message_bytes = (size_t)atol(optarg);

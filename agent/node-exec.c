@@ -1,0 +1,562 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Exec (node.proto): the bidirectional stream, relayed to ember-guest over the sandbox's vsock.
+ *
+ * One thread per call (from the stream pool, never a unary worker), one poll loop over two fds:
+ * the call's notify fd and the guest connection. Back-pressure is by not asking:
+ *   guest -> client: the guest's next frame is read only once the previous output went into
+ *     the call's send queue (bounded by [api] stream high water), so a slow client leaves the
+ *     bytes in the guest's pipes and the process blocks writing;
+ *   client -> guest: the client's next message is asked for only once the guest took the
+ *     previous stdin bytes.
+ * So at most one chunk each way waits in emberd per call, whatever the two ends do.
+ *
+ * The call waits on its sandbox like the lifecycle calls (a Waiter): every state change wakes
+ * it, and a sandbox that is no longer RUNNING ends it with ABORTED and no `exit`. Closing the
+ * guest connection makes ember-guest SIGKILL the process's whole session, which is how
+ * cancellation, ABORTED and errors after `start` kill the process.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "guest/client/guest-client.h"
+#include "node-sandbox.h"
+
+#define EXEC_CHUNK_MAX   (1u << 20) /* node.proto: chunks and stdin messages of at most 1 MiB */
+#define EXEC_CONNECT_MS  5000
+#define EXEC_EVENT_BURST 16 /* guest frames per turn before stdin gets its turn */
+/* A broken guest connection while the sandbox is still RUNNING: how long to wait for the
+ * manager to notice the VMM's exit (ABORTED) before calling the guest unreachable. */
+#define EXEC_SETTLE_MS 1000
+#define DEFAULT_PATH   "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+typedef struct ExecCall {
+	Manager *m;
+	RpcCall *call;
+	Sandbox *sb; /* referenced; `waiter` is on its list */
+	Waiter waiter;
+	GuestConn *g;
+	char *program; /* argv[0], for messages */
+
+	bool want_stdin;  /* ExecStart.stdin */
+	bool stdin_open;  /* the process's stdin is open and we may write it */
+	bool stdin_close; /* close it once `in` is written (close_stdin or half-close) */
+	bool tty;
+	bool client_done; /* the client half-closed: no more requests */
+	uint8_t *in;      /* stdin bytes the guest has not taken yet */
+	size_t in_off, in_len;
+
+	uint8_t *out; /* output the call's send queue had no room for */
+	size_t out_off, out_len;
+	bool out_stderr;
+	bool exited; /* the guest reported the exit; `status` is it */
+	Ember__V1__ExecExit status;
+} ExecCall;
+
+static void exec_call_done(ExecCall *e)
+{
+	Manager *m = e->m;
+
+	if (e->sb) {
+		pthread_mutex_lock(&m->lock);
+		for (Waiter **p = &e->sb->waiters; *p; p = &(*p)->next)
+			if (*p == &e->waiter) {
+				*p = e->waiter.next;
+				break;
+			}
+		pthread_mutex_unlock(&m->lock);
+		sandbox_unref(m, e->sb);
+	}
+	/* Closing the connection kills the process's session in the guest (if it still runs). */
+	guest_conn_free(e->g);
+	free(e->program);
+	free(e->in);
+	free(e->out);
+}
+
+/* The sandbox left RUNNING: what the stream ends with. */
+static RpcCode aborted(ExecCall *e)
+{
+	pthread_mutex_lock(&e->m->lock);
+	Ember__V1__SandboxState st = e->sb->state;
+	pthread_mutex_unlock(&e->m->lock);
+	const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
+		&ember__v1__sandbox_state__descriptor, (int)st);
+	return rpc_call_error(e->call, RPC_ABORTED,
+			      "sandbox %s is %s: the process was ended with it (no exit status)",
+			      e->sb->id, v ? v->name + strlen("SANDBOX_STATE_") : "gone");
+}
+
+static bool sandbox_running(ExecCall *e)
+{
+	pthread_mutex_lock(&e->m->lock);
+	bool running =
+		!e->sb->removed && e->sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING;
+	pthread_mutex_unlock(&e->m->lock);
+	return running;
+}
+
+/* The guest connection failed: ABORTED when that is because the sandbox stopped running (its
+ * VMM exit may reach the manager a moment after the connection broke), else UNAVAILABLE. */
+static RpcCode guest_failed(ExecCall *e, int r)
+{
+	uint64_t deadline = now_ms() + EXEC_SETTLE_MS;
+	int fd = rpc_call_notify_fd(e->call);
+
+	while (sandbox_running(e) && now_ms() < deadline && !rpc_call_is_cancelled(e->call)) {
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		rpc_call_notify_clear(e->call);
+		if (!sandbox_running(e))
+			break;
+		(void)poll(&p, 1, (int)(deadline - now_ms()));
+	}
+	if (!sandbox_running(e))
+		return aborted(e);
+	return rpc_call_error(e->call, RPC_UNAVAILABLE,
+			      "sandbox %s: lost the guest agent during %s: %s (%s)", e->sb->id,
+			      e->program, guest_conn_error(e->g), strerror(-r));
+}
+
+/* Queues output for the client, in pieces of at most 1 MiB. What does not fit in the send
+ * queue is copied aside and waits for the next turn: 0 either way, -ECANCELED. */
+static int deliver(ExecCall *e, bool is_stderr, const uint8_t *data, size_t size)
+{
+	while (size > 0) {
+		Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
+		size_t n = size < EXEC_CHUNK_MAX ? size : EXEC_CHUNK_MAX;
+
+		resp.msg_case = is_stderr ? EMBER__V1__EXEC_RESPONSE__MSG_STDERR_DATA
+					  : EMBER__V1__EXEC_RESPONSE__MSG_STDOUT_DATA;
+		/* stdout_data and stderr_data share the union's storage */
+		resp.stdout_data = (ProtobufCBinaryData){.len = n, .data = (uint8_t *)data};
+		int r = rpc_call_send_nowait(e->call, &resp.base);
+		if (r == -EAGAIN) {
+			if (data != e->out) {
+				uint8_t *copy = malloc(size);
+				if (!copy)
+					return -ENOMEM;
+				memcpy(copy, data, size);
+				free(e->out);
+				e->out = copy;
+				e->out_off = 0;
+			} else {
+				e->out_off = 0;
+			}
+			e->out_len = size;
+			e->out_stderr = is_stderr;
+			return 0;
+		}
+		if (r < 0)
+			return r;
+		data += n;
+		size -= n;
+	}
+	return 0;
+}
+
+/* Sends what deliver() kept: 0 when nothing is left (or it waits for room), -errno. */
+static int flush_out(ExecCall *e)
+{
+	if (e->out_len == 0)
+		return 0;
+	/* deliver() from inside our own buffer: move the rest to its start first */
+	size_t left = e->out_len - e->out_off;
+	memmove(e->out, e->out + e->out_off, left);
+	e->out_len = 0;
+	e->out_off = 0;
+	int r = deliver(e, e->out_stderr, e->out, left);
+	if (r < 0)
+		return r;
+	if (e->out_len == 0) {
+		free(e->out);
+		e->out = NULL;
+	}
+	return 0;
+}
+
+/* Validates ExecStart and fills spec; the strings stay owned by `start` and `env`. */
+static RpcCode start_spec(RpcCall *call, const Ember__V1__ExecStart *start, GuestExecSpec *spec,
+			  KvList *ret_env)
+{
+	const Google__Protobuf__Duration *t = start->timeout;
+	RpcCode code;
+
+	if (start->n_argv == 0)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "start.argv is empty");
+	for (size_t i = 0; i < start->n_argv; i++)
+		if (strlen(start->argv[i]) > 128 * 1024)
+			return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+					      "start.argv[%zu] is longer than 128 KiB", i);
+	if (start->argv[0][0] == '\0')
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "start.argv[0] is empty");
+	if (t && (t->seconds < 0 || t->nanos < 0))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "start.timeout is negative");
+	if (start->cwd && strlen(start->cwd) > PATH_MAX)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "start.cwd is too long");
+	code = kv_from_pb(call, "start.env", KV_ENV, start->env, start->n_env, ret_env);
+	if (code != RPC_OK)
+		return code;
+
+	*spec = (GuestExecSpec){
+		.cwd = start->cwd && start->cwd[0] ? start->cwd : NULL,
+		.set_user = true,
+		.uid = start->uid,
+		.gid = start->gid,
+		.tty = start->tty,
+		.rows = start->rows,
+		.cols = start->cols,
+		.stdin = start->stdin,
+		.env_replace = true,
+	};
+	if (t && (t->seconds > 0 || t->nanos > 0)) {
+		/* Rounded up to whole milliseconds; a limit beyond ~49 days is none in practice */
+		uint64_t ms = (uint64_t)t->seconds * 1000 + ((uint64_t)t->nanos + 999999) / 1000000;
+		spec->timeout_ms = ms > UINT_MAX ? UINT_MAX : (unsigned)ms;
+	}
+	return RPC_OK;
+}
+
+/* The process's environment: the minimal default, the sandbox's spec.env, then start.env,
+ * later entries overriding earlier ones (ember-guest applies them in order). */
+static char **exec_env(const KvList *spec_env, const KvList *start_env, bool tty)
+{
+	size_t n = 0, cap = 2 + spec_env->n + start_env->n + 1;
+	char **env = calloc(cap, sizeof(char *));
+	const KvList *lists[] = {spec_env, start_env};
+
+	if (!env)
+		return NULL;
+	if (!(env[n++] = strdup(DEFAULT_PATH)))
+		goto oom;
+	if (tty && !(env[n++] = strdup("TERM=xterm-256color")))
+		goto oom;
+	for (size_t l = 0; l < ELEMENTSOF(lists); l++)
+		for (size_t i = 0; i < lists[l]->n; i++)
+			if (asprintf(&env[n++], "%s=%s", lists[l]->items[i].key,
+				     lists[l]->items[i].value) < 0) {
+				env[--n] = NULL;
+				goto oom;
+			}
+	return env;
+oom:
+	for (size_t i = 0; i < n; i++)
+		free(env[i]);
+	free(env);
+	return NULL;
+}
+
+static void strv_free(char **v)
+{
+	if (!v)
+		return;
+	for (char **p = v; *p; p++)
+		free(*p);
+	free(v);
+}
+
+/* One client message after `start`. RPC_OK to go on. */
+static RpcCode handle_request(ExecCall *e, Ember__V1__ExecRequest *req)
+{
+	int r = 0;
+
+	switch (req->msg_case) {
+	case EMBER__V1__EXEC_REQUEST__MSG_START:
+		return rpc_call_error(e->call, RPC_INVALID_ARGUMENT,
+				      "a second start: the process is running already");
+	case EMBER__V1__EXEC_REQUEST__MSG_STDIN_DATA:
+		if (!e->want_stdin)
+			return rpc_call_error(e->call, RPC_INVALID_ARGUMENT,
+					      "stdin_data, but start.stdin was false (the "
+					      "process's stdin is /dev/null)");
+		if (!e->stdin_open || e->stdin_close)
+			return rpc_call_error(e->call, RPC_INVALID_ARGUMENT,
+					      "stdin_data after close_stdin");
+		if (req->stdin_data.len > EXEC_CHUNK_MAX)
+			return rpc_call_error(e->call, RPC_INVALID_ARGUMENT,
+					      "stdin_data of %zu bytes: at most 1 MiB per message",
+					      req->stdin_data.len);
+		if (req->stdin_data.len == 0)
+			return RPC_OK;
+		/* Kept until the guest takes it all; the next request waits for that. */
+		e->in = malloc(req->stdin_data.len);
+		if (!e->in)
+			return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+		memcpy(e->in, req->stdin_data.data, req->stdin_data.len);
+		e->in_off = 0;
+		e->in_len = req->stdin_data.len;
+		return RPC_OK;
+	case EMBER__V1__EXEC_REQUEST__MSG_CLOSE_STDIN:
+		/* A repeated close, or one without stdin, changes nothing */
+		if (e->stdin_open)
+			e->stdin_close = true;
+		return RPC_OK;
+	case EMBER__V1__EXEC_REQUEST__MSG_RESIZE:
+		if (req->resize->rows < 1 || req->resize->cols < 1 || req->resize->rows > 65535 ||
+		    req->resize->cols > 65535)
+			return rpc_call_error(e->call, RPC_INVALID_ARGUMENT,
+					      "resize to %u x %u: rows and cols must be 1-65535",
+					      req->resize->rows, req->resize->cols);
+		if (e->tty)
+			r = guest_exec_resize(e->g, req->resize->rows, req->resize->cols);
+		break;
+	case EMBER__V1__EXEC_REQUEST__MSG_SIGNAL:
+		if (req->signal->signal < 1 || req->signal->signal > 64)
+			return rpc_call_error(e->call, RPC_INVALID_ARGUMENT,
+					      "signal %d: Linux signals are 1-64",
+					      req->signal->signal);
+		r = guest_exec_signal(e->g, req->signal->signal);
+		break;
+	default:
+		return rpc_call_error(e->call, RPC_INVALID_ARGUMENT,
+				      "a request with none of start, stdin_data, close_stdin, "
+				      "resize or signal set");
+	}
+	return r < 0 ? guest_failed(e, r) : RPC_OK;
+}
+
+static RpcCode relay(ExecCall *e)
+{
+	int notify = rpc_call_notify_fd(e->call);
+
+	if (notify < 0)
+		return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED, "cannot make an eventfd: %s",
+				      strerror(-notify));
+	for (;;) {
+		int r;
+
+		rpc_call_notify_clear(e->call);
+		if (rpc_call_is_cancelled(e->call))
+			return RPC_CANCELLED;
+		if (!sandbox_running(e))
+			return aborted(e);
+
+		/* client <- guest */
+		if ((r = flush_out(e)) < 0)
+			return r == -ECANCELED
+				       ? RPC_CANCELLED
+				       : rpc_call_error(e->call, RPC_INTERNAL,
+							"cannot queue output: %s", strerror(-r));
+		for (int i = 0; i < EXEC_EVENT_BURST && e->out_len == 0 && !e->exited; i++) {
+			GuestEvent ev;
+			r = guest_exec_next_event(e->g, &ev, 0);
+			if (r == 0)
+				break;
+			if (r < 0)
+				return guest_failed(e, r);
+			if (ev.type == GUEST_EVENT_EXIT) {
+				e->exited = true;
+				e->status.exit_code = ev.signal ? 0 : ev.code;
+				e->status.signal = ev.signal;
+				e->status.timed_out = ev.timed_out;
+				e->status.core_dumped = ev.core_dumped;
+				break;
+			}
+			r = deliver(e, ev.type == GUEST_EVENT_STDERR, ev.data, ev.size);
+			if (r < 0)
+				return r == -ECANCELED ? RPC_CANCELLED
+						       : rpc_call_error(e->call, RPC_INTERNAL,
+									"cannot queue output: %s",
+									strerror(-r));
+		}
+		if (e->exited && e->out_len == 0) {
+			Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
+			resp.msg_case = EMBER__V1__EXEC_RESPONSE__MSG_EXIT;
+			resp.exit = &e->status;
+			r = rpc_call_send_nowait(e->call, &resp.base);
+			if (r == 0)
+				return RPC_OK;
+			if (r != -EAGAIN)
+				return RPC_CANCELLED;
+		}
+
+		/* client -> guest: what waits in the connection's buffer goes first, so that
+		 * stdin that the guest refused earlier (-EAGAIN) is retried after it */
+		if (!e->exited && (r = guest_conn_flush(e->g)) < 0 && r != -EAGAIN)
+			return guest_failed(e, r);
+		if (e->in_len > 0 && !e->exited) {
+			ssize_t n = guest_exec_write_stdin(e->g, e->in + e->in_off,
+							   e->in_len - e->in_off);
+			if (n > 0) {
+				e->in_off += (size_t)n;
+				if (e->in_off == e->in_len) {
+					free(e->in);
+					e->in = NULL;
+					e->in_len = e->in_off = 0;
+				}
+			} else if (n != -EAGAIN) {
+				return guest_failed(e, (int)n);
+			}
+		}
+		if (e->in_len == 0 && e->stdin_close && e->stdin_open && !e->exited) {
+			if ((r = guest_exec_close_stdin(e->g)) < 0)
+				return guest_failed(e, r);
+			e->stdin_open = false;
+		}
+		if (e->in_len == 0 && !e->client_done) {
+			Ember__V1__ExecRequest *req = NULL;
+			r = rpc_call_recv_nowait(e->call, (ProtobufCMessage **)&req);
+			if (r == 0) {
+				/* Half-close: stdin ends, nothing more (the process goes on). */
+				e->client_done = true;
+				if (e->stdin_open)
+					e->stdin_close = true;
+				continue;
+			}
+			if (r == -EBADMSG)
+				return rpc_call_error(
+					e->call, RPC_INVALID_ARGUMENT,
+					"a request that does not parse as ExecRequest");
+			if (r < 0 && r != -EAGAIN)
+				return RPC_CANCELLED;
+			if (r > 0) {
+				RpcCode code = handle_request(e, req);
+				protobuf_c_message_free_unpacked(&req->base, NULL);
+				if (code != RPC_OK)
+					return code;
+				continue;
+			}
+		}
+
+		if (!e->exited && (r = guest_conn_flush(e->g)) < 0 && r != -EAGAIN)
+			return guest_failed(e, r);
+		/* stdin still waiting and the connection's buffer empty: try again now rather
+		 * than wait for an event that would not come */
+		if (e->in_len > 0 && !e->exited && !(guest_conn_poll_events(e->g) & POLLOUT))
+			continue;
+
+		struct pollfd p[2] = {{.fd = notify, .events = POLLIN},
+				      {.fd = guest_conn_fd(e->g)}};
+		short want = guest_conn_poll_events(e->g);
+		/* Output waiting for room in the send queue: the guest's next frame waits too. */
+		if (e->out_len > 0 || e->exited)
+			want &= (short)~POLLIN;
+		p[1].events = want;
+		(void)poll(p, 2, -1);
+	}
+}
+
+RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	_cleanup_free_ char *uds = NULL;
+	_cleanup_free_ char *err = NULL;
+	Ember__V1__ExecRequest *first = NULL;
+	Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
+	Ember__V1__ExecStarted started = EMBER__V1__EXEC_STARTED__INIT;
+	const Ember__V1__ExecStart *start;
+	KvList start_env = {};
+	Sandbox *sb;
+	GuestExecSpec spec;
+	ExecCall e = {.m = m, .call = call, .status = EMBER__V1__EXEC_EXIT__INIT};
+	char **argv = NULL, **env = NULL;
+	pid_t pid;
+	RpcCode code;
+	int r;
+
+	(void)request;
+	r = rpc_call_recv(call, (ProtobufCMessage **)&first);
+	if (r == 0)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "no start message");
+	if (r == -EBADMSG)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "a request that does not parse as ExecRequest");
+	if (r < 0)
+		return RPC_CANCELLED;
+	if (first->msg_case != EMBER__V1__EXEC_REQUEST__MSG_START) {
+		code = rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "the first message must be start");
+		goto out;
+	}
+	start = first->start;
+	if ((code = node_id_check(call, "start.sandbox_id", start->sandbox_id)) != RPC_OK ||
+	    (code = start_spec(call, start, &spec, &start_env)) != RPC_OK)
+		goto out;
+
+	pthread_mutex_lock(&m->lock);
+	sb = manager_find_locked(m, start->sandbox_id);
+	if (!sb) {
+		pthread_mutex_unlock(&m->lock);
+		code = rpc_call_error(call, RPC_NOT_FOUND, "no sandbox %s", start->sandbox_id);
+		goto out;
+	}
+	if (sb->state != EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING) {
+		const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
+			&ember__v1__sandbox_state__descriptor, (int)sb->state);
+		pthread_mutex_unlock(&m->lock);
+		code = rpc_call_error(call, RPC_FAILED_PRECONDITION,
+				      "sandbox %s is %s, not RUNNING", start->sandbox_id,
+				      v ? v->name + strlen("SANDBOX_STATE_") : "?");
+		goto out;
+	}
+	sandbox_ref_locked(sb);
+	e.sb = sb;
+	/* On our stack, and unlinked by exec_call_done() before we return. */
+	e.waiter = (Waiter){.call = call, .next = sb->waiters};
+	sb->waiters = &e.waiter;
+	r = asprintf(&uds, "%s/v.sock", sb->run_dir);
+	pthread_mutex_unlock(&m->lock);
+	if (r < 0) {
+		code = rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+		goto out;
+	}
+
+	argv = calloc(start->n_argv + 1, sizeof(char *));
+	/* A sandbox's spec never changes after its create: read without the lock. */
+	env = exec_env(&sb->spec.env, &start_env, spec.tty);
+	e.program = strdup(start->argv[0]);
+	if (!argv || !env || !e.program) {
+		code = rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+		goto out;
+	}
+	memcpy(argv, start->argv, start->n_argv * sizeof(char *));
+	spec.argv = (const char *const *)argv;
+	spec.env = (const char *const *)env;
+
+	r = guest_conn_open_vsock(uds, GUEST_CLIENT_PORT, EXEC_CONNECT_MS, &e.g, &err);
+	if (r < 0) {
+		code = sandbox_running(&e) ? rpc_call_error(call, RPC_UNAVAILABLE,
+							    "sandbox %s: cannot reach the guest "
+							    "agent: %s",
+							    sb->id, err ?: strerror(-r))
+					   : aborted(&e);
+		goto out;
+	}
+	guest_conn_set_timeout(e.g, EXEC_CONNECT_MS);
+	r = guest_exec_start(e.g, &spec, &pid);
+	if (r < 0) {
+		if (guest_conn_refused(e.g))
+			code = rpc_call_error(call, RPC_FAILED_PRECONDITION,
+					      "cannot start %s in sandbox %s: %s", e.program,
+					      sb->id, guest_conn_error(e.g));
+		else
+			code = guest_failed(&e, r);
+		goto out;
+	}
+	e.tty = spec.tty;
+	e.want_stdin = e.stdin_open = spec.stdin;
+
+	started.pid = (uint32_t)pid;
+	resp.msg_case = EMBER__V1__EXEC_RESPONSE__MSG_STARTED;
+	resp.started = &started;
+	if (rpc_call_send(call, &resp.base) < 0) {
+		code = RPC_CANCELLED;
+		goto out;
+	}
+	code = relay(&e);
+	if (code == RPC_CANCELLED)
+		log_debug("exec %s in %s: cancelled by the client; the process is killed",
+			  e.program, sb->id);
+out:
+	if (first)
+		protobuf_c_message_free_unpacked(&first->base, NULL);
+	exec_call_done(&e);
+	kv_list_done(&start_env);
+	free(argv);
+	strv_free(env);
+	return code;
+}

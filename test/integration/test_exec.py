@@ -1,0 +1,477 @@
+# Exec through emberd's gRPC API (node.proto's Exec): the guest matrix of test_guest.py again,
+# now over the bidi stream, plus what only emberd adds: ABORTED when the sandbox pauses or is
+# destroyed, cancellation, back-pressure through the gRPC send queue, the INVALID_ARGUMENT
+# cases, streams that do not take the unary calls' threads. fcsim and the file backend; one
+# emberd and a few sandboxes shared by the module.
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from conftest import SLOW, SRCDIR, wait_for
+
+from ember.v1 import node_pb2, node_pb2_grpc
+from google.protobuf import duration_pb2
+
+S = node_pb2
+MiB = 1 << 20
+GRPCURL = os.path.join(SRCDIR, "..", "shared", "tools", "grpcurl")
+
+
+def stub(e):
+    return node_pb2_grpc.NodeStub(e.channel(options=[("grpc.max_receive_message_length",
+                                                        64 * MiB)]))
+
+
+def create(n, sid, **kw):
+    s = S.SandboxSpec(template_id="demo", memory_mib=128, **kw)
+    return n.CreateSandbox(S.CreateSandboxRequest(sandbox_id=sid, spec=s), timeout=60 * SLOW)
+
+
+@pytest.fixture(scope="module")
+def node(start_emberd_module):
+    # Fewer unary workers than the 200 streams of test_200_open_streams_leave_unary_calls_alone:
+    # were streams counted against this limit, that test would fail.
+    e = start_emberd_module("[api]\nmax_concurrent_calls = 64\n")
+    n = stub(e)
+    create(n, "ex1", env={"SPEC_ONLY": "spec", "BOTH": "spec"})
+    e.stub = n
+    return e
+
+
+class Exec:
+    """One Exec call: requests go in through a queue (None half-closes), responses are
+    collected by a thread."""
+
+    def __init__(self, n, sid, argv, deadline=120, **start):
+        self.q = queue.Queue()
+        self.q.put(S.ExecRequest(start=S.ExecStart(sandbox_id=sid, argv=argv, **start)))
+        self.call = n.Exec(self._requests(), timeout=deadline * SLOW)
+        self.started = self.exit = None
+        self.out, self.err, self.error, self.chunks = bytearray(), bytearray(), None, []
+        self.done = threading.Event()
+        self.got_started = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _requests(self):
+        while True:
+            r = self.q.get()
+            if r is None:
+                return
+            yield r
+
+    def _read(self):
+        try:
+            for r in self.call:
+                kind = r.WhichOneof("msg")
+                assert self.exit is None, "a message after exit"
+                if kind == "started":
+                    assert self.started is None, "two started"
+                    self.started = r.started
+                    self.got_started.set()
+                elif kind == "stdout_data":
+                    assert self.started is not None
+                    self.out += r.stdout_data
+                    self.chunks.append(len(r.stdout_data))
+                elif kind == "stderr_data":
+                    self.err += r.stderr_data
+                    self.chunks.append(len(r.stderr_data))
+                elif kind == "exit":
+                    self.exit = r.exit
+        except grpc.RpcError as e:
+            self.error = e
+        except AssertionError as e:
+            self.error = e
+        finally:
+            self.got_started.set()
+            self.done.set()
+
+    def send(self, **kw):
+        self.q.put(S.ExecRequest(**kw))
+
+    def stdin(self, data):
+        self.send(stdin_data=data)
+
+    def close(self):
+        self.q.put(None)
+
+    def wait(self, timeout=60):
+        assert self.done.wait(timeout * SLOW), "the Exec call did not end"
+        return self
+
+    def code(self):
+        return self.error.code() if isinstance(self.error, grpc.RpcError) else None
+
+
+def run(n, argv, sid="ex1", stdin=None, **start):
+    e = Exec(n, sid, argv, stdin=stdin is not None, **start)
+    if stdin is not None:
+        for i in range(0, len(stdin), MiB):
+            e.stdin(stdin[i:i + MiB])
+    e.close()
+    return e.wait()
+
+
+def ok(n, argv, **kw):
+    e = run(n, argv, **kw)
+    assert e.error is None and e.exit is not None, (e.error, bytes(e.err))
+    return e
+
+
+def sh(n, script, sid="ex1"):
+    return bytes(ok(n, ["sh", "-c", script], sid=sid).out)
+
+
+def alive_in_guest(n, pid, sid="ex1"):
+    return sh(n, f"kill -0 {pid} 2>/dev/null && echo yes || echo no", sid) == b"yes\n"
+
+
+def test_echo_and_streams(node):
+    n = node.stub
+    e = ok(n, ["echo", "hello", "world"])
+    assert e.started.pid > 0
+    assert bytes(e.out) == b"hello world\n" and bytes(e.err) == b""
+    assert (e.exit.exit_code, e.exit.signal, e.exit.timed_out) == (0, 0, False)
+    e = ok(n, ["sh", "-c", "echo out; echo err >&2; echo out2"])
+    assert bytes(e.out) == b"out\nout2\n" and bytes(e.err) == b"err\n"
+    data = bytes(range(256)) * 64
+    assert bytes(ok(n, ["cat"], stdin=data).out) == data
+
+
+def test_exit_codes_and_signals(node):
+    n = node.stub
+
+    def code(i):
+        e = ok(n, ["sh", "-c", f"exit {i}"])
+        return i, (e.exit.exit_code, e.exit.signal)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        got = dict(ex.map(code, range(256)))
+    assert got == {i: (i, 0) for i in range(256)}
+    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV, signal.SIGUSR1):
+        e = ok(n, ["sh", "-c", f"kill -{int(sig)} $$"])
+        assert (e.exit.exit_code, e.exit.signal) == (0, sig), e.exit
+
+
+def test_user_cwd_env_and_the_sandbox_env(node):
+    n = node.stub
+    out = bytes(ok(n, ["sh", "-c", "id -u; id -g; id -G"], uid=1000, gid=2000).out).split()
+    assert out == [b"1000", b"2000", b"2000"]
+    assert bytes(ok(n, ["pwd"], cwd="/tmp").out) == b"/tmp\n"
+    assert bytes(ok(n, ["pwd"]).out) == b"/\n"
+    # the minimal default, overlaid by the sandbox's spec.env, overlaid by start.env
+    env = bytes(ok(n, ["env"], env={"BOTH": "start", "MINE": "x y"}).out).decode().split("\n")
+    env = sorted(x for x in env if x)
+    assert env == ["BOTH=start", "MINE=x y",
+                   "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                   "SPEC_ONLY=spec"], env
+    env = bytes(ok(n, ["env"], tty=True).out).decode()
+    assert "TERM=xterm-256color" in env and "SPEC_ONLY=spec" in env
+    env = bytes(ok(n, ["env"], tty=True, env={"TERM": "dumb"}).out).decode()
+    assert "TERM=dumb" in env and "xterm" not in env
+
+
+def test_stdout_100mib(node):
+    n = node.stub
+    want = sh(n, "head -c 104857600 /dev/urandom > /tmp/big && sha256sum /tmp/big").split()[0]
+    t = time.monotonic()
+    e = ok(n, ["cat", "/tmp/big"])
+    took = time.monotonic() - t
+    print(f"100 MiB stdout through emberd in {took:.2f} s")
+    assert len(e.out) == 100 * MiB
+    assert hashlib.sha256(e.out).hexdigest().encode() == want
+    assert max(e.chunks) <= MiB
+    sh(n, "rm /tmp/big")
+
+
+def test_stdin_100mib(node):
+    n = node.stub
+    data = os.urandom(100 * MiB)
+    t = time.monotonic()
+    e = ok(n, ["sh", "-c", "sha256sum; echo done >&2"], stdin=data)
+    print(f"100 MiB stdin through emberd in {time.monotonic() - t:.2f} s")
+    assert bytes(e.out).split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert bytes(e.err) == b"done\n"
+
+
+def test_pty_with_resize(node):
+    n = node.stub
+    e = Exec(n, "ex1", ["sh"], tty=True, rows=24, cols=80, stdin=True)
+
+    def until(text):
+        wait_for(lambda: text in bytes(e.out).decode(errors="replace") or e.done.is_set(), 10,
+                 repr(text))
+        assert text in bytes(e.out).decode(errors="replace"), bytes(e.out)
+
+    e.stdin(b"tty; stty size\n")
+    until("24 80")
+    assert b"/dev/pts/" in e.out
+    e.send(resize=S.ExecResize(rows=40, cols=132))
+    e.stdin(b"stty size\n")
+    until("40 132")
+    e.stdin(b"echo to-stderr >&2; exit 7\n")
+    e.wait()
+    assert e.exit.exit_code == 7 and bytes(e.err) == b"", (e.exit, bytes(e.err))
+    assert b"to-stderr" in e.out  # a terminal has one output stream
+    # close_stdin on a pty is the EOF character: cat ends
+    e = Exec(n, "ex1", ["cat"], tty=True, stdin=True)
+    e.stdin(b"abc\n")
+    e.send(close_stdin=S.ExecCloseStdin())
+    e.wait()
+    assert e.exit.exit_code == 0 and bytes(e.out).count(b"abc") == 2, bytes(e.out)
+
+
+def test_half_close_closes_stdin_only(node):
+    n = node.stub
+    # after the half-close the process still runs, and its output and exit still arrive
+    e = Exec(n, "ex1", ["sh", "-c", "cat; sleep 0.5; echo after-eof"], stdin=True)
+    e.stdin(b"in\n")
+    e.close()
+    e.wait()
+    assert e.error is None and bytes(e.out) == b"in\nafter-eof\n"
+
+
+def test_stdin_after_close_and_other_invalid_arguments(node):
+    n = node.stub
+    INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+    def refused(e, want=INVALID):
+        e.wait()
+        assert e.code() == want, (e.error, e.exit)
+        assert e.exit is None
+        return e.error.details()
+
+    # (the process outlives its stdin: it cannot exit before the second stdin_data arrives)
+    e = Exec(n, "ex1", ["sh", "-c", "cat; sleep 100"], stdin=True)
+    e.stdin(b"x")
+    e.send(close_stdin=S.ExecCloseStdin())
+    e.stdin(b"y")
+    assert "after close_stdin" in refused(e)
+    e = Exec(n, "ex1", ["sleep", "100"], stdin=False)
+    e.stdin(b"x")
+    assert "start.stdin was false" in refused(e)
+    e = Exec(n, "ex1", ["sleep", "100"], stdin=True)
+    e.stdin(b"x" * (MiB + 1))
+    assert "at most 1 MiB" in refused(e)
+    e = Exec(n, "ex1", ["sleep", "100"])
+    e.send(start=S.ExecStart(sandbox_id="ex1", argv=["true"]))
+    assert "second start" in refused(e)
+    e = Exec(n, "ex1", ["sleep", "100"])
+    e.send(signal=S.ExecSignal(signal=65))
+    assert "1-64" in refused(e)
+    e = Exec(n, "ex1", ["sleep", "100"])
+    e.send(signal=S.ExecSignal(signal=0))
+    assert "1-64" in refused(e)
+    assert "argv is empty" in refused(Exec(n, "ex1", []))
+    assert "not a variable name" in refused(Exec(n, "ex1", ["true"], env={"1BAD": "x"}))
+    assert "negative" in refused(Exec(n, "ex1", ["true"],
+                                      timeout=duration_pb2.Duration(seconds=-1)))
+    assert "not a valid id" in refused(Exec(n, "Bad_Id", ["true"]))
+    # the first message must be start
+    q = queue.Queue()
+    q.put(S.ExecRequest(stdin_data=b"x"))
+    q.put(None)
+    with pytest.raises(grpc.RpcError) as ei:
+        list(n.Exec(iter(q.get, None), timeout=10 * SLOW))
+    assert ei.value.code() == INVALID and "must be start" in ei.value.details()
+    with pytest.raises(grpc.RpcError) as ei:
+        list(n.Exec(iter([]), timeout=10 * SLOW))
+    assert ei.value.code() == INVALID and "no start" in ei.value.details()
+    # the processes of the refused calls were killed: no sleep 100 is left
+    wait_for(lambda: b"sleep 100" not in sh(n, "ps -eo args 2>/dev/null || "
+                                               "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"),
+             10, "the refused calls' processes to be killed")
+
+
+def test_not_found_and_failed_precondition(node):
+    n = node.stub
+    e = run(n, ["true"], sid="nope")
+    assert e.code() == grpc.StatusCode.NOT_FOUND, e.error
+    e = run(n, ["no-such-program"])
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.error
+    assert "no-such-program" in e.error.details() and e.started is None
+    e = run(n, ["true"], cwd="/nonexistent")
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "chdir" in e.error.details()
+
+
+def test_timeout_reports_timed_out(node):
+    n = node.stub
+    t = time.monotonic()
+    e = ok(n, ["sh", "-c", "echo before; sleep 30 & sleep 30"],
+           timeout=duration_pb2.Duration(nanos=500_000_000))
+    assert time.monotonic() - t < 5 * SLOW
+    assert (e.exit.signal, e.exit.timed_out, bytes(e.out)) == (9, True, b"before\n"), e.exit
+    e = ok(n, ["true"], timeout=duration_pb2.Duration(seconds=5))
+    assert not e.exit.timed_out and e.exit.signal == 0
+
+
+def test_signal_reaches_the_process_group(node):
+    n = node.stub
+    e = Exec(n, "ex1", ["sh", "-c",
+                        'trap "echo got USR1; exit 3" USR1; echo ready; '
+                        'while :; do sleep 0.1; done'])
+    wait_for(lambda: b"ready" in e.out, 10, "ready")
+    e.send(signal=S.ExecSignal(signal=int(signal.SIGUSR1)))
+    e.close()
+    e.wait()
+    assert e.exit.exit_code == 3 and bytes(e.out) == b"ready\ngot USR1\n"
+
+
+def test_cancel_kills_the_process(node):
+    n = node.stub
+    e = Exec(n, "ex1", ["sh", "-c", "sleep 1000 & echo $!; exec sleep 999"])
+    wait_for(lambda: b"\n" in e.out, 10, "the background pid")
+    bg, pid = int(bytes(e.out)), e.started.pid
+    assert alive_in_guest(n, pid) and alive_in_guest(n, bg)
+    e.call.cancel()
+    e.wait()
+    assert e.code() == grpc.StatusCode.CANCELLED
+    wait_for(lambda: not alive_in_guest(n, pid) and not alive_in_guest(n, bg), 10,
+             "the cancelled call's processes to die")
+
+
+def test_daemonized_child_does_not_hold_the_call(node):
+    n = node.stub
+    t = time.monotonic()
+    e = ok(n, ["sh", "-c", "sleep 3 & echo $!"])
+    assert time.monotonic() - t < 2.5 * SLOW
+    assert alive_in_guest(n, int(bytes(e.out)))
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def emberd_pid(e):
+    # the Proc is nsenter, which execs emberd: same pid
+    return e.proc.pid
+
+
+def test_slow_reader_back_pressure(node):
+    """A client that stops reading: the guest process blocks on its pipe (it has not finished
+    after 2 s), emberd's memory stays put, and every byte arrives once the client reads."""
+    n = node.stub
+    sh(n, "rm -f /tmp/done")
+    rss0 = rss_kib(emberd_pid(node))
+    call = n.Exec(iter([S.ExecRequest(start=S.ExecStart(
+        sandbox_id="ex1", argv=["sh", "-c", "head -c 268435456 /dev/zero; touch /tmp/done"]))]),
+        timeout=300 * SLOW)
+    it = iter(call)
+    assert next(it).WhichOneof("msg") == "started"
+    got = len(next(it).stdout_data)
+    time.sleep(2)
+    grown = rss_kib(emberd_pid(node)) - rss0
+    assert sh(n, "test -e /tmp/done && echo done || echo blocked") == b"blocked\n"
+    for r in it:
+        if r.WhichOneof("msg") == "stdout_data":
+            got += len(r.stdout_data)
+        else:
+            assert r.WhichOneof("msg") == "exit" and r.exit.exit_code == 0
+    assert got == 256 * MiB
+    print(f"emberd RSS grew {grown} KiB while 256 MiB waited in the guest")
+    assert grown < 16 * 1024, f"emberd grew {grown} KiB while the client did not read"
+
+
+def test_50_concurrent_execs_across_10_sandboxes(node):
+    n = node.stub
+    ids = [f"cc{i}" for i in range(10)]
+    with concurrent.futures.ThreadPoolExecutor(10) as ex:
+        list(ex.map(lambda s: create(n, s), ids))
+    try:
+        t = time.monotonic()
+        calls = [Exec(n, ids[i % 10], ["sh", "-c", f"sleep 2; echo {i}"]) for i in range(50)]
+        for c in calls:
+            c.close()
+        for c in calls:
+            c.wait()
+        took = time.monotonic() - t
+        assert [c.error for c in calls] == [None] * 50
+        assert [bytes(c.out) for c in calls] == [f"{i}\n".encode() for i in range(50)]
+        assert took < 15 * SLOW, f"50 x sleep 2 took {took:.1f}s: not concurrent"
+    finally:
+        for s in ids:
+            n.DestroySandbox(S.DestroySandboxRequest(sandbox_id=s), timeout=60 * SLOW)
+
+
+def test_200_open_streams_leave_unary_calls_alone(node):
+    n = node.stub
+    calls = [Exec(n, "ex1", ["sleep", "1000"]) for _ in range(200)]
+    try:
+        for c in calls:
+            assert c.got_started.wait(60 * SLOW)
+            assert c.started is not None, c.error
+        t = time.monotonic()
+        n.GetNode(S.GetNodeRequest(), timeout=5)
+        create(n, "while-200")
+        took = time.monotonic() - t
+        print(f"GetNode + CreateSandbox with 200 Exec streams open: {took:.2f} s")
+        assert took < 10 * SLOW
+        n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="while-200"), timeout=60 * SLOW)
+    finally:
+        for c in calls:
+            c.call.cancel()
+        for c in calls:
+            c.wait()
+
+
+@pytest.mark.parametrize("how", ["pause", "destroy"])
+def test_pause_or_destroy_during_exec_aborts_it(node, how):
+    n = node.stub
+    create(n, "ab")
+    e = Exec(n, "ab", ["sh", "-c", "echo up; exec sleep 1000"])
+    wait_for(lambda: b"up" in e.out, 10, "the process")
+    if how == "pause":
+        n.PauseSandbox(S.PauseSandboxRequest(sandbox_id="ab"), timeout=60 * SLOW)
+    else:
+        n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="ab"), timeout=60 * SLOW)
+    e.wait()
+    assert e.code() == grpc.StatusCode.ABORTED, e.error
+    assert e.exit is None
+    want = "PAUS" if how == "pause" else "DESTROY"
+    assert want in e.error.details(), e.error.details()
+    if how == "pause":
+        # not RUNNING: refused before anything starts
+        e = run(n, ["true"], sid="ab")
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "PAUSED" in e.error.details()
+        n.ResumeSandbox(S.ResumeSandboxRequest(sandbox_id="ab"), timeout=60 * SLOW)
+        assert sh(n, "echo back", sid="ab") == b"back\n"
+        n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="ab"), timeout=60 * SLOW)
+
+
+def test_vmm_death_during_exec_aborts_it(node):
+    n = node.stub
+    create(n, "dies")
+    e = Exec(n, "dies", ["sh", "-c", "echo up; exec sleep 1000"])
+    wait_for(lambda: b"up" in e.out, 10, "the process")
+    with open(os.path.join(node.state_dir, "sandboxes", "dies", "sandbox.json")) as f:
+        os.kill(json.load(f)["vmm_pid"], signal.SIGKILL)
+    e.wait()
+    assert e.code() == grpc.StatusCode.ABORTED, e.error
+    assert "FAILED" in e.error.details()
+    n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="dies"), timeout=60 * SLOW)
+
+
+def test_grpcurl_exec_as_the_readme_shows(node):
+    if not os.access(GRPCURL, os.X_OK):
+        pytest.skip("no grpcurl in ../shared/tools")
+    req = '{"start": {"sandbox_id": "ex1", "argv": ["echo", "hello from the guest"]}}'
+    p = subprocess.run([GRPCURL, "-plaintext", "-unix", "-d", req, node.socket,
+                        "ember.v1.Node/Exec"], capture_output=True, text=True,
+                       timeout=60 * SLOW)
+    assert p.returncode == 0, p.stderr
+    assert '"started"' in p.stdout and '"exit"' in p.stdout
+    # bytes are base64 in JSON: "hello from the guest\n"
+    assert "aGVsbG8gZnJvbSB0aGUgZ3Vlc3QK" in p.stdout, p.stdout
