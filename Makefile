@@ -137,7 +137,8 @@ FCSIM_SRCS := fcsim/main.c fcsim/api.c fcsim/vmm.c fcsim/guest.c fcsim/vsock.c f
 AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
 	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c agent/record.c \
 	agent/events.c agent/template.c agent/snapshot.c agent/sandbox.c agent/sandbox-ops.c agent/recover.c \
-	agent/vmm.c agent/demo.c agent/node-sandbox.c agent/node-exec.c
+	agent/vmm.c agent/demo.c agent/node-sandbox.c agent/node-exec.c \
+	agent/node-files.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
 GUEST_INIT_SRCS := guest/init/ember-init.c guest/init/cmdline.c guest/init/net.c
 GUEST_AGENT_SRCS := guest/agent/main.c guest/agent/conn.c guest/agent/exec.c guest/agent/file.c

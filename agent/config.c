@@ -155,6 +155,13 @@ static const Key keys[] = {
 	 1,
 	 16384,
 	 NULL},
+	{{"api", "max_file_mib", "1024", "a whole number from 1 to 1048576",
+	  "The largest file WriteFile writes or ReadFile reads, in MiB."},
+	 KEY_UINT,
+	 STR(max_file_mib),
+	 1,
+	 1048576,
+	 NULL},
 	{{"api", "shutdown_grace_s", "15", "a whole number from 0 to 3600",
 	  "On SIGTERM, calls in flight get this many seconds to finish before they are "
 	  "cancelled. Keep it below systemd's TimeoutStopSec."},

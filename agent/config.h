@@ -32,6 +32,7 @@ typedef struct Config {
 	unsigned min_ping_interval_s;
 	unsigned max_concurrent_calls;
 	unsigned max_concurrent_streams;
+	unsigned max_file_mib;
 	unsigned shutdown_grace_s;
 
 	/* [vmm] */

@@ -29,19 +29,17 @@
 #include "node-sandbox.h"
 
 #define EXEC_CHUNK_MAX   (1u << 20) /* node.proto: chunks and stdin messages of at most 1 MiB */
-#define EXEC_CONNECT_MS  5000
+#define GUEST_CONNECT_MS 5000
 #define EXEC_EVENT_BURST 16 /* guest frames per turn before stdin gets its turn */
 /* A broken guest connection while the sandbox is still RUNNING: how long to wait for the
  * manager to notice the VMM's exit (ABORTED) before calling the guest unreachable. */
-#define EXEC_SETTLE_MS 1000
-#define DEFAULT_PATH   "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#define GUEST_SETTLE_MS 1000
+#define DEFAULT_PATH    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 typedef struct ExecCall {
-	Manager *m;
+	GuestSession s;
 	RpcCall *call;
-	Sandbox *sb; /* referenced; `waiter` is on its list */
-	Waiter waiter;
-	GuestConn *g;
+	GuestConn *g;  /* s.g */
 	char *program; /* argv[0], for messages */
 
 	bool want_stdin;  /* ExecStart.stdin */
@@ -59,69 +57,125 @@ typedef struct ExecCall {
 	Ember__V1__ExecExit status;
 } ExecCall;
 
-static void exec_call_done(ExecCall *e)
-{
-	Manager *m = e->m;
+/* ---- a call's session with a sandbox's guest agent (Exec, WriteFile, ReadFile) ---- */
 
-	if (e->sb) {
+RpcCode guest_session_open(GuestSession *s, Manager *m, RpcCall *call, const char *sandbox_id,
+			   const char *what)
+{
+	_cleanup_free_ char *uds = NULL;
+	_cleanup_free_ char *err = NULL;
+	Sandbox *sb;
+	int r;
+
+	*s = (GuestSession){.m = m, .call = call, .what = what};
+	pthread_mutex_lock(&m->lock);
+	sb = manager_find_locked(m, sandbox_id);
+	if (!sb) {
+		pthread_mutex_unlock(&m->lock);
+		return rpc_call_error(call, RPC_NOT_FOUND, "no sandbox %s", sandbox_id);
+	}
+	if (sb->state != EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING) {
+		const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
+			&ember__v1__sandbox_state__descriptor, (int)sb->state);
+		pthread_mutex_unlock(&m->lock);
+		return rpc_call_error(call, RPC_FAILED_PRECONDITION,
+				      "sandbox %s is %s, not RUNNING", sandbox_id,
+				      v ? v->name + strlen("SANDBOX_STATE_") : "?");
+	}
+	sandbox_ref_locked(sb);
+	s->sb = sb;
+	/* Unlinked by guest_session_close(): every state change of the sandbox wakes the call. */
+	s->waiter = (Waiter){.call = call, .next = sb->waiters};
+	sb->waiters = &s->waiter;
+	r = asprintf(&uds, "%s/v.sock", sb->run_dir);
+	pthread_mutex_unlock(&m->lock);
+	if (r < 0)
+		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
+
+	r = guest_conn_open_vsock(uds, GUEST_CLIENT_PORT, GUEST_CONNECT_MS, &s->g, &err);
+	if (r < 0)
+		return guest_session_running(s)
+			       ? rpc_call_error(call, RPC_UNAVAILABLE,
+						"sandbox %s: cannot reach the guest agent: %s",
+						sandbox_id, err ?: strerror(-r))
+			       : guest_session_aborted(s);
+	guest_conn_set_timeout(s->g, GUEST_CONNECT_MS);
+	return RPC_OK;
+}
+
+void guest_session_close(GuestSession *s)
+{
+	Manager *m = s->m;
+
+	if (s->sb) {
 		pthread_mutex_lock(&m->lock);
-		for (Waiter **p = &e->sb->waiters; *p; p = &(*p)->next)
-			if (*p == &e->waiter) {
-				*p = e->waiter.next;
+		for (Waiter **p = &s->sb->waiters; *p; p = &(*p)->next)
+			if (*p == &s->waiter) {
+				*p = s->waiter.next;
 				break;
 			}
 		pthread_mutex_unlock(&m->lock);
-		sandbox_unref(m, e->sb);
+		sandbox_unref(m, s->sb);
+		s->sb = NULL;
 	}
-	/* Closing the connection kills the process's session in the guest (if it still runs). */
-	guest_conn_free(e->g);
-	free(e->program);
-	free(e->in);
-	free(e->out);
+	/* Closing the connection ends what it was doing in the guest: a process's session is
+	 * SIGKILLed, a file write's temporary file removed. */
+	guest_conn_free(TAKE_PTR(s->g));
 }
 
-/* The sandbox left RUNNING: what the stream ends with. */
-static RpcCode aborted(ExecCall *e)
+RpcCode guest_session_aborted(GuestSession *s)
 {
-	pthread_mutex_lock(&e->m->lock);
-	Ember__V1__SandboxState st = e->sb->state;
-	pthread_mutex_unlock(&e->m->lock);
+	pthread_mutex_lock(&s->m->lock);
+	Ember__V1__SandboxState st = s->sb->state;
+	pthread_mutex_unlock(&s->m->lock);
 	const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
 		&ember__v1__sandbox_state__descriptor, (int)st);
-	return rpc_call_error(e->call, RPC_ABORTED,
-			      "sandbox %s is %s: the process was ended with it (no exit status)",
-			      e->sb->id, v ? v->name + strlen("SANDBOX_STATE_") : "gone");
+	return rpc_call_error(s->call, RPC_ABORTED, "sandbox %s is %s: %s ended with it", s->sb->id,
+			      v ? v->name + strlen("SANDBOX_STATE_") : "gone", s->what);
 }
 
-static bool sandbox_running(ExecCall *e)
+bool guest_session_running(GuestSession *s)
 {
-	pthread_mutex_lock(&e->m->lock);
+	pthread_mutex_lock(&s->m->lock);
 	bool running =
-		!e->sb->removed && e->sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING;
-	pthread_mutex_unlock(&e->m->lock);
+		!s->sb->removed && s->sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING;
+	pthread_mutex_unlock(&s->m->lock);
 	return running;
 }
 
-/* The guest connection failed: ABORTED when that is because the sandbox stopped running (its
- * VMM exit may reach the manager a moment after the connection broke), else UNAVAILABLE. */
-static RpcCode guest_failed(ExecCall *e, int r)
+RpcCode guest_session_failed(GuestSession *s, int r)
 {
-	uint64_t deadline = now_ms() + EXEC_SETTLE_MS;
-	int fd = rpc_call_notify_fd(e->call);
+	uint64_t deadline = now_ms() + GUEST_SETTLE_MS;
+	int fd = rpc_call_notify_fd(s->call);
 
-	while (sandbox_running(e) && now_ms() < deadline && !rpc_call_is_cancelled(e->call)) {
+	if (s->g && guest_conn_refused(s->g)) {
+		/* The guest answered: the request's fault, said in the guest's words. */
+		RpcCode code = r == -ENOENT                                 ? RPC_NOT_FOUND
+			       : r == -EACCES || r == -EPERM || r == -EROFS ? RPC_PERMISSION_DENIED
+			       : r == -ENOSPC || r == -EDQUOT || r == -EFBIG
+				       ? RPC_RESOURCE_EXHAUSTED
+				       : RPC_FAILED_PRECONDITION;
+		return rpc_call_error(s->call, code, "sandbox %s: %s: %s", s->sb->id, s->what,
+				      guest_conn_error(s->g));
+	}
+	/* The connection broke. When that is because the sandbox stopped running, say so (its
+	 * VMM's exit may reach the manager a moment after the connection broke). */
+	while (fd >= 0 && guest_session_running(s) && now_ms() < deadline &&
+	       !rpc_call_is_cancelled(s->call)) {
 		struct pollfd p = {.fd = fd, .events = POLLIN};
-		rpc_call_notify_clear(e->call);
-		if (!sandbox_running(e))
+		rpc_call_notify_clear(s->call);
+		if (!guest_session_running(s))
 			break;
 		(void)poll(&p, 1, (int)(deadline - now_ms()));
 	}
-	if (!sandbox_running(e))
-		return aborted(e);
-	return rpc_call_error(e->call, RPC_UNAVAILABLE,
-			      "sandbox %s: lost the guest agent during %s: %s (%s)", e->sb->id,
-			      e->program, guest_conn_error(e->g), strerror(-r));
+	if (!guest_session_running(s))
+		return guest_session_aborted(s);
+	return rpc_call_error(s->call, RPC_UNAVAILABLE,
+			      "sandbox %s: lost the guest agent during %s: %s", s->sb->id, s->what,
+			      s->g ? guest_conn_error(s->g) : strerror(-r));
 }
+
+/* ---- Exec ---- */
 
 /* Queues output for the client, in pieces of at most 1 MiB. What does not fit in the send
  * queue is copied aside and waits for the next turn: 0 either way, -ECANCELED. */
@@ -317,7 +371,7 @@ static RpcCode handle_request(ExecCall *e, Ember__V1__ExecRequest *req)
 				      "a request with none of start, stdin_data, close_stdin, "
 				      "resize or signal set");
 	}
-	return r < 0 ? guest_failed(e, r) : RPC_OK;
+	return r < 0 ? guest_session_failed(&e->s, r) : RPC_OK;
 }
 
 static RpcCode relay(ExecCall *e)
@@ -333,8 +387,8 @@ static RpcCode relay(ExecCall *e)
 		rpc_call_notify_clear(e->call);
 		if (rpc_call_is_cancelled(e->call))
 			return RPC_CANCELLED;
-		if (!sandbox_running(e))
-			return aborted(e);
+		if (!guest_session_running(&e->s))
+			return guest_session_aborted(&e->s);
 
 		/* client <- guest */
 		if ((r = flush_out(e)) < 0)
@@ -348,7 +402,7 @@ static RpcCode relay(ExecCall *e)
 			if (r == 0)
 				break;
 			if (r < 0)
-				return guest_failed(e, r);
+				return guest_session_failed(&e->s, r);
 			if (ev.type == GUEST_EVENT_EXIT) {
 				e->exited = true;
 				e->status.exit_code = ev.signal ? 0 : ev.code;
@@ -378,7 +432,7 @@ static RpcCode relay(ExecCall *e)
 		/* client -> guest: what waits in the connection's buffer goes first, so that
 		 * stdin that the guest refused earlier (-EAGAIN) is retried after it */
 		if (!e->exited && (r = guest_conn_flush(e->g)) < 0 && r != -EAGAIN)
-			return guest_failed(e, r);
+			return guest_session_failed(&e->s, r);
 		if (e->in_len > 0 && !e->exited) {
 			ssize_t n = guest_exec_write_stdin(e->g, e->in + e->in_off,
 							   e->in_len - e->in_off);
@@ -390,12 +444,12 @@ static RpcCode relay(ExecCall *e)
 					e->in_len = e->in_off = 0;
 				}
 			} else if (n != -EAGAIN) {
-				return guest_failed(e, (int)n);
+				return guest_session_failed(&e->s, (int)n);
 			}
 		}
 		if (e->in_len == 0 && e->stdin_close && e->stdin_open && !e->exited) {
 			if ((r = guest_exec_close_stdin(e->g)) < 0)
-				return guest_failed(e, r);
+				return guest_session_failed(&e->s, r);
 			e->stdin_open = false;
 		}
 		if (e->in_len == 0 && !e->client_done) {
@@ -424,7 +478,7 @@ static RpcCode relay(ExecCall *e)
 		}
 
 		if (!e->exited && (r = guest_conn_flush(e->g)) < 0 && r != -EAGAIN)
-			return guest_failed(e, r);
+			return guest_session_failed(&e->s, r);
 		/* stdin still waiting and the connection's buffer empty: try again now rather
 		 * than wait for an event that would not come */
 		if (e->in_len > 0 && !e->exited && !(guest_conn_poll_events(e->g) & POLLOUT))
@@ -443,16 +497,14 @@ static RpcCode relay(ExecCall *e)
 
 RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 {
-	_cleanup_free_ char *uds = NULL;
-	_cleanup_free_ char *err = NULL;
 	Ember__V1__ExecRequest *first = NULL;
 	Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
 	Ember__V1__ExecStarted started = EMBER__V1__EXEC_STARTED__INIT;
 	const Ember__V1__ExecStart *start;
 	KvList start_env = {};
-	Sandbox *sb;
 	GuestExecSpec spec;
-	ExecCall e = {.m = m, .call = call, .status = EMBER__V1__EXEC_EXIT__INIT};
+	ExecCall e = {.call = call, .status = EMBER__V1__EXEC_EXIT__INIT};
+	_cleanup_free_ char *what = NULL;
 	char **argv = NULL, **env = NULL;
 	pid_t pid;
 	RpcCode code;
@@ -476,65 +528,35 @@ RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 	if ((code = node_id_check(call, "start.sandbox_id", start->sandbox_id)) != RPC_OK ||
 	    (code = start_spec(call, start, &spec, &start_env)) != RPC_OK)
 		goto out;
-
-	pthread_mutex_lock(&m->lock);
-	sb = manager_find_locked(m, start->sandbox_id);
-	if (!sb) {
-		pthread_mutex_unlock(&m->lock);
-		code = rpc_call_error(call, RPC_NOT_FOUND, "no sandbox %s", start->sandbox_id);
-		goto out;
-	}
-	if (sb->state != EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING) {
-		const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
-			&ember__v1__sandbox_state__descriptor, (int)sb->state);
-		pthread_mutex_unlock(&m->lock);
-		code = rpc_call_error(call, RPC_FAILED_PRECONDITION,
-				      "sandbox %s is %s, not RUNNING", start->sandbox_id,
-				      v ? v->name + strlen("SANDBOX_STATE_") : "?");
-		goto out;
-	}
-	sandbox_ref_locked(sb);
-	e.sb = sb;
-	/* On our stack, and unlinked by exec_call_done() before we return. */
-	e.waiter = (Waiter){.call = call, .next = sb->waiters};
-	sb->waiters = &e.waiter;
-	r = asprintf(&uds, "%s/v.sock", sb->run_dir);
-	pthread_mutex_unlock(&m->lock);
-	if (r < 0) {
+	e.program = strdup(start->argv[0]);
+	if (!e.program || asprintf(&what, "the process %.200s", start->argv[0]) < 0) {
+		what = NULL;
 		code = rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
 		goto out;
 	}
+	code = guest_session_open(&e.s, m, call, start->sandbox_id, what);
+	if (code != RPC_OK)
+		goto out;
+	e.g = e.s.g;
 
 	argv = calloc(start->n_argv + 1, sizeof(char *));
 	/* A sandbox's spec never changes after its create: read without the lock. */
-	env = exec_env(&sb->spec.env, &start_env, spec.tty);
-	e.program = strdup(start->argv[0]);
-	if (!argv || !env || !e.program) {
+	env = exec_env(&e.s.sb->spec.env, &start_env, spec.tty);
+	if (!argv || !env) {
 		code = rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
 		goto out;
 	}
 	memcpy(argv, start->argv, start->n_argv * sizeof(char *));
 	spec.argv = (const char *const *)argv;
 	spec.env = (const char *const *)env;
-
-	r = guest_conn_open_vsock(uds, GUEST_CLIENT_PORT, EXEC_CONNECT_MS, &e.g, &err);
-	if (r < 0) {
-		code = sandbox_running(&e) ? rpc_call_error(call, RPC_UNAVAILABLE,
-							    "sandbox %s: cannot reach the guest "
-							    "agent: %s",
-							    sb->id, err ?: strerror(-r))
-					   : aborted(&e);
-		goto out;
-	}
-	guest_conn_set_timeout(e.g, EXEC_CONNECT_MS);
 	r = guest_exec_start(e.g, &spec, &pid);
 	if (r < 0) {
 		if (guest_conn_refused(e.g))
 			code = rpc_call_error(call, RPC_FAILED_PRECONDITION,
 					      "cannot start %s in sandbox %s: %s", e.program,
-					      sb->id, guest_conn_error(e.g));
+					      e.s.sb->id, guest_conn_error(e.g));
 		else
-			code = guest_failed(&e, r);
+			code = guest_session_failed(&e.s, r);
 		goto out;
 	}
 	e.tty = spec.tty;
@@ -550,11 +572,14 @@ RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 	code = relay(&e);
 	if (code == RPC_CANCELLED)
 		log_debug("exec %s in %s: cancelled by the client; the process is killed",
-			  e.program, sb->id);
+			  e.program, e.s.sb->id);
 out:
 	if (first)
 		protobuf_c_message_free_unpacked(&first->base, NULL);
-	exec_call_done(&e);
+	guest_session_close(&e.s);
+	free(e.program);
+	free(e.in);
+	free(e.out);
 	kv_list_done(&start_env);
 	free(argv);
 	strv_free(env);

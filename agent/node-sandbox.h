@@ -38,7 +38,36 @@ Ember__V1__Sandbox *sandbox_to_pb(Arena *a, Sandbox *sb);
 
 /* INVALID_ARGUMENT naming `field` unless id is a valid id. */
 RpcCode node_id_check(RpcCall *call, const char *field, const char *id);
+
+/* A call's session with a RUNNING sandbox's guest agent (node-exec.c; Exec, WriteFile,
+ * ReadFile): the sandbox referenced and its state changes waking the call, the guest
+ * connection open. */
+typedef struct GuestConn GuestConn;
+typedef struct GuestSession {
+	Manager *m;
+	RpcCall *call;
+	Sandbox *sb;
+	Waiter waiter;
+	GuestConn *g;
+	const char *what; /* "the process sh", "writing /etc/x": for messages */
+} GuestSession;
+/* NOT_FOUND, FAILED_PRECONDITION (not RUNNING), UNAVAILABLE (no guest agent), or RPC_OK with
+ * s->g connected (its Hello not yet read). Close it in any case. */
+RpcCode guest_session_open(GuestSession *s, Manager *m, RpcCall *call, const char *sandbox_id,
+			   const char *what);
+void guest_session_close(GuestSession *s);
+bool guest_session_running(GuestSession *s);
+/* ABORTED: the sandbox left RUNNING during the call. */
+RpcCode guest_session_aborted(GuestSession *s);
+/* A guest call failed with r: the guest's refusal mapped to a code (NOT_FOUND for ENOENT,
+ * PERMISSION_DENIED for EACCES, EPERM and EROFS, RESOURCE_EXHAUSTED for a full disk, else
+ * FAILED_PRECONDITION), ABORTED
+ * when the sandbox stopped running, else UNAVAILABLE. */
+RpcCode guest_session_failed(GuestSession *s, int r);
+
 RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_write_file(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_read_file(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_get_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_list_templates(RpcCall *call, const ProtobufCMessage *request, Manager *m);

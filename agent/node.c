@@ -296,6 +296,8 @@ MANAGER_CALL(get_snapshot, node_get_snapshot)
 MANAGER_CALL(list_snapshots, node_list_snapshots)
 MANAGER_CALL(delete_snapshot, node_delete_snapshot)
 MANAGER_CALL(exec, node_exec)
+MANAGER_CALL(write_file, node_write_file)
+MANAGER_CALL(read_file, node_read_file)
 
 int node_service_register(NodeService *n, RpcServer *s)
 {
@@ -317,6 +319,8 @@ int node_service_register(NodeService *n, RpcServer *s)
 		{"ListSnapshots", list_snapshots},
 		{"DeleteSnapshot", delete_snapshot},
 		{"Exec", exec},
+		{"WriteFile", write_file},
+		{"ReadFile", read_file},
 	};
 	return rpc_server_add_service(s, &ember__v1__node__descriptor, handlers,
 				      ELEMENTSOF(handlers), n);

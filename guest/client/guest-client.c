@@ -35,7 +35,12 @@ struct GuestConn {
 	bool exec_started, exec_over;
 	unsigned guest_protocol;
 	char *guest_version;
-	GuestFrame *last; /* the frame the last event's data points into */
+	GuestFrame *last; /* the frame the last event's (or file chunk's) data points into */
+	/* a file transfer in progress (guest_file_*_begin until its end) */
+	bool file_op;
+	uint64_t file_size;     /* bytes sent or received so far */
+	uint64_t file_declared; /* read: the size the guest declared */
+	GuestFrame *file_reply; /* write: the guest's answer, when it came before FileEnd */
 	char error[512];
 };
 
@@ -109,6 +114,7 @@ void guest_conn_free(GuestConn *c)
 	guest_buf_free(&c->in);
 	guest_buf_free(&c->out);
 	guest_frame_free(c->last);
+	guest_frame_free(c->file_reply);
 	free(c->guest_version);
 	free(c);
 }
@@ -553,24 +559,16 @@ static int write_all(int fd, const uint8_t *p, size_t n)
 	return 0;
 }
 
-int guest_file_write(GuestConn *c, const char *path, const GuestFileAttrs *attrs, int fd,
-		     uint64_t *ret_size)
+int guest_file_write_begin(GuestConn *c, const char *path, const GuestFileAttrs *attrs)
 {
 	Ember__Guest__V1__FileWrite fw = EMBER__GUEST__V1__FILE_WRITE__INIT;
 	Ember__Guest__V1__Credentials owner = EMBER__GUEST__V1__CREDENTIALS__INIT;
-	Ember__Guest__V1__Chunk chunk = EMBER__GUEST__V1__CHUNK__INIT;
-	Ember__Guest__V1__FileEnd end = EMBER__GUEST__V1__FILE_END__INIT;
 	GuestFrame f = EMBER__GUEST__V1__FRAME__INIT;
-	_cleanup_(guest_frame_freep) GuestFrame *reply = NULL;
-	_cleanup_free_ uint8_t *buf = NULL;
-	uint64_t size = 0;
-	int r;
 
 	if (c->exec_started)
 		return fail(c, -EBUSY, "the connection runs a process");
-	buf = malloc(GUEST_CHUNK_MAX);
-	if (!buf)
-		return fail(c, -ENOMEM, "out of memory");
+	if (c->file_op)
+		return fail(c, -EBUSY, "a file transfer is in progress on the connection");
 	fw.path = (char *)path;
 	if (attrs && attrs->mode >= 0) {
 		fw.mode = (uint32_t)attrs->mode;
@@ -583,20 +581,105 @@ int guest_file_write(GuestConn *c, const char *path, const GuestFileAttrs *attrs
 	}
 	f.kind_case = EMBER__GUEST__V1__FRAME__KIND_FILE_WRITE;
 	f.file_write = &fw;
+	int r = conn_send_wait(c, &f);
+	if (r < 0)
+		return r;
+	c->file_op = true;
+	c->file_size = 0;
+	return 0;
+}
+
+/* The guest answers a failure of a write (no such directory, disk full) at once, before
+ * FileEnd: collects such an early answer without waiting. */
+static int file_write_early_answer(GuestConn *c)
+{
+	if (c->file_reply)
+		return 0;
+	int r = conn_next(c, 0, &c->file_reply);
+	if (r < 0)
+		return r;
+	if (c->file_reply && c->file_reply->kind_case == EMBER__GUEST__V1__FRAME__KIND_ERROR) {
+		c->file_op = false;
+		r = guest_error(c, c->file_reply);
+		guest_frame_free(TAKE_PTR(c->file_reply));
+		return r;
+	}
+	return 0;
+}
+
+int guest_file_write_data(GuestConn *c, const void *data, size_t size)
+{
+	Ember__Guest__V1__Chunk chunk = EMBER__GUEST__V1__CHUNK__INIT;
+	GuestFrame f = EMBER__GUEST__V1__FRAME__INIT;
+	const uint8_t *p = data;
+	int r;
+
+	if (!c->file_op)
+		return fail(c, -EINVAL, "no file write in progress");
+	f.kind_case = EMBER__GUEST__V1__FRAME__KIND_FILE_DATA;
+	f.file_data = &chunk;
+	while (size > 0) {
+		if ((r = file_write_early_answer(c)) < 0)
+			return r;
+		if (c->file_reply)
+			/* anything else before FileEnd is out of step */
+			return unexpected(c, c->file_reply, "nothing before file_end");
+		chunk.data.data = (uint8_t *)p;
+		chunk.data.len = size < GUEST_CHUNK_MAX ? size : GUEST_CHUNK_MAX;
+		r = conn_send_wait(c, &f);
+		if (r < 0)
+			return r;
+		c->file_size += chunk.data.len;
+		p += chunk.data.len;
+		size -= chunk.data.len;
+	}
+	return 0;
+}
+
+int guest_file_write_end(GuestConn *c, uint64_t *ret_size)
+{
+	Ember__Guest__V1__FileEnd end = EMBER__GUEST__V1__FILE_END__INIT;
+	GuestFrame f = EMBER__GUEST__V1__FRAME__INIT;
+	_cleanup_(guest_frame_freep) GuestFrame *reply = NULL;
+	int r;
+
+	if (!c->file_op)
+		return fail(c, -EINVAL, "no file write in progress");
+	if ((r = file_write_early_answer(c)) < 0)
+		return r;
+	c->file_op = false;
+	/* The guest waits for FileEnd even after an early error, to stay in step. */
+	f.kind_case = EMBER__GUEST__V1__FRAME__KIND_FILE_END;
+	f.file_end = &end;
 	r = conn_send_wait(c, &f);
 	if (r < 0)
 		return r;
+	reply = TAKE_PTR(c->file_reply);
+	if (!reply && (r = conn_wait(c, &reply)) < 0)
+		return r;
+	if (reply->kind_case != EMBER__GUEST__V1__FRAME__KIND_FILE_WRITTEN)
+		return unexpected(c, reply, "file_written");
+	if (reply->file_written->size != c->file_size)
+		return fail(c, -EIO, "guest wrote %llu bytes of %llu",
+			    (unsigned long long)reply->file_written->size,
+			    (unsigned long long)c->file_size);
+	if (ret_size)
+		*ret_size = c->file_size;
+	return 0;
+}
 
-	f.kind_case = EMBER__GUEST__V1__FRAME__KIND_FILE_DATA;
-	f.file_data = &chunk;
+int guest_file_write(GuestConn *c, const char *path, const GuestFileAttrs *attrs, int fd,
+		     uint64_t *ret_size)
+{
+	_cleanup_free_ uint8_t *buf = NULL;
+	int r;
+
+	buf = malloc(GUEST_CHUNK_MAX);
+	if (!buf)
+		return fail(c, -ENOMEM, "out of memory");
+	if ((r = guest_file_write_begin(c, path, attrs)) < 0)
+		return r;
 	for (;;) {
-		/* The guest answers a failure (no such directory, disk full) at once: stop
-		 * sending then, and end with FileEnd, which it waits for to stay in step. */
-		r = conn_next(c, 0, &reply);
-		if (r < 0)
-			return r;
-		if (r > 0)
-			break;
 		ssize_t n = read(fd, buf, GUEST_CHUNK_MAX);
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -607,70 +690,98 @@ int guest_file_write(GuestConn *c, const char *path, const GuestFileAttrs *attrs
 		}
 		if (n == 0)
 			break;
-		chunk.data.data = buf;
-		chunk.data.len = (size_t)n;
-		r = conn_send_wait(c, &f);
-		if (r < 0)
-			return r;
-		size += (uint64_t)n;
-	}
-	f.kind_case = EMBER__GUEST__V1__FRAME__KIND_FILE_END;
-	f.file_end = &end;
-	r = conn_send_wait(c, &f);
-	if (r < 0)
-		return r;
-	if (!reply) {
-		r = conn_wait(c, &reply);
-		if (r < 0)
+		if ((r = guest_file_write_data(c, buf, (size_t)n)) < 0)
 			return r;
 	}
-	if (reply->kind_case != EMBER__GUEST__V1__FRAME__KIND_FILE_WRITTEN)
-		return unexpected(c, reply, "file_written");
-	if (reply->file_written->size != size)
-		return fail(c, -EIO, "guest wrote %llu bytes of %llu",
-			    (unsigned long long)reply->file_written->size,
-			    (unsigned long long)size);
-	if (ret_size)
-		*ret_size = size;
-	return 0;
+	return guest_file_write_end(c, ret_size);
 }
 
-int guest_file_read(GuestConn *c, const char *path, int fd, GuestFileInfo *ret_info,
-		    uint64_t *ret_size)
+int guest_file_read_begin(GuestConn *c, const char *path, GuestFileInfo *ret_info)
 {
 	Ember__Guest__V1__FileRead fr = EMBER__GUEST__V1__FILE_READ__INIT;
 	GuestFrame f = EMBER__GUEST__V1__FRAME__INIT;
 	_cleanup_(guest_frame_freep) GuestFrame *info = NULL;
-	uint64_t size = 0;
 	int r;
 
+	if (c->file_op)
+		return fail(c, -EBUSY, "a file transfer is in progress on the connection");
 	fr.path = (char *)path;
 	f.kind_case = EMBER__GUEST__V1__FRAME__KIND_FILE_READ;
 	f.file_read = &fr;
 	r = request(c, &f, EMBER__GUEST__V1__FRAME__KIND_FILE_INFO, "file_info", &info);
 	if (r < 0)
 		return r;
-	for (;;) {
-		_cleanup_(guest_frame_freep) GuestFrame *d = NULL;
-		r = conn_wait(c, &d);
-		if (r < 0)
-			return r;
-		if (d->kind_case == EMBER__GUEST__V1__FRAME__KIND_FILE_END)
-			break;
-		if (d->kind_case != EMBER__GUEST__V1__FRAME__KIND_FILE_DATA)
-			return unexpected(c, d, "file data");
-		r = write_all(fd, d->file_data->data.data, d->file_data->data.len);
-		if (r < 0)
-			/* The rest is still coming: the stream is no use any more. */
-			return fail_broken(c, r, "cannot write the local file");
-		size += d->file_data->data.len;
-	}
+	c->file_op = true;
+	c->file_size = 0;
+	c->file_declared = info->file_info->size;
 	if (ret_info)
 		*ret_info = (GuestFileInfo){.size = info->file_info->size,
 					    .mode = info->file_info->mode,
 					    .uid = info->file_info->uid,
 					    .gid = info->file_info->gid};
+	return 0;
+}
+
+int guest_file_read_next(GuestConn *c, const uint8_t **ret_data, size_t *ret_size)
+{
+	GuestFrame *d = NULL;
+	int r;
+
+	guest_frame_free(TAKE_PTR(c->last));
+	if (!c->file_op)
+		return fail(c, -EINVAL, "no file read in progress");
+	r = conn_wait(c, &d);
+	if (r < 0)
+		return r;
+	c->last = d;
+	if (d->kind_case == EMBER__GUEST__V1__FRAME__KIND_FILE_END) {
+		c->file_op = false;
+		if (c->file_size != c->file_declared)
+			return fail(c, -ENODATA,
+				    "the guest sent %llu bytes of a file it said has %llu (did it "
+				    "change while it was read?)",
+				    (unsigned long long)c->file_size,
+				    (unsigned long long)c->file_declared);
+		return 0;
+	}
+	if (d->kind_case != EMBER__GUEST__V1__FRAME__KIND_FILE_DATA) {
+		c->file_op = false;
+		return unexpected(c, d, "file data");
+	}
+	/* Never more than declared: the caller sized its limits by the declared size. */
+	if (d->file_data->data.len > c->file_declared - c->file_size) {
+		c->file_op = false;
+		c->broken = true;
+		return fail(c, -EPROTO, "the guest sent more than the %llu bytes it declared",
+			    (unsigned long long)c->file_declared);
+	}
+	c->file_size += d->file_data->data.len;
+	*ret_data = d->file_data->data.data;
+	*ret_size = d->file_data->data.len;
+	return 1;
+}
+
+int guest_file_read(GuestConn *c, const char *path, int fd, GuestFileInfo *ret_info,
+		    uint64_t *ret_size)
+{
+	int r;
+
+	if ((r = guest_file_read_begin(c, path, ret_info)) < 0)
+		return r;
+	for (;;) {
+		const uint8_t *data;
+		size_t n;
+		r = guest_file_read_next(c, &data, &n);
+		if (r < 0)
+			return r;
+		if (r == 0)
+			break;
+		r = write_all(fd, data, n);
+		if (r < 0)
+			/* The rest is still coming: the stream is no use any more. */
+			return fail_broken(c, r, "cannot write the local file");
+	}
 	if (ret_size)
-		*ret_size = size;
+		*ret_size = c->file_size;
 	return 0;
 }

@@ -127,6 +127,13 @@ typedef struct GuestFileAttrs {
  * fsynced, renamed into place. attrs NULL: 0644, root. */
 int guest_file_write(GuestConn *c, const char *path, const GuestFileAttrs *attrs, int fd,
 		     uint64_t *ret_size);
+/* The same in steps, for callers whose data arrives in pieces: begin, data any number of
+ * times (blocking while the guest catches up), end, which commits the file and returns its
+ * size. A refusal (no such directory, a directory at path, disk full) can come from data or
+ * from end; freeing the connection before end leaves the old file as it was. */
+int guest_file_write_begin(GuestConn *c, const char *path, const GuestFileAttrs *attrs);
+int guest_file_write_data(GuestConn *c, const void *data, size_t size);
+int guest_file_write_end(GuestConn *c, uint64_t *ret_size);
 
 typedef struct GuestFileInfo {
 	uint64_t size;
@@ -136,3 +143,8 @@ typedef struct GuestFileInfo {
 /* Copies the guest's regular file path to fd. On a failure part of it may have been written. */
 int guest_file_read(GuestConn *c, const char *path, int fd, GuestFileInfo *ret_info,
 		    uint64_t *ret_size);
+/* The same in steps: begin says the file's size, mode and owner; next gives chunk after
+ * chunk (1, data valid until the next call on the connection), then 0 at the end. The guest
+ * cannot send more than the size it declared (-EPROTO), and fewer is -ENODATA at the end. */
+int guest_file_read_begin(GuestConn *c, const char *path, GuestFileInfo *ret_info);
+int guest_file_read_next(GuestConn *c, const uint8_t **ret_data, size_t *ret_size);

@@ -1,8 +1,8 @@
-# Exec through emberd's gRPC API (node.proto's Exec): the guest matrix of test_guest.py again,
-# now over the bidi stream, plus what only emberd adds: ABORTED when the sandbox pauses or is
-# destroyed, cancellation, back-pressure through the gRPC send queue, the INVALID_ARGUMENT
-# cases, streams that do not take the unary calls' threads. fcsim and the file backend; one
-# emberd and a few sandboxes shared by the module.
+# Exec, WriteFile and ReadFile through emberd's gRPC API (node.proto): the guest matrix of
+# test_guest.py again, now over the streams, plus what only emberd adds: ABORTED when the
+# sandbox pauses or is destroyed, cancellation, back-pressure through the gRPC send queue, the
+# INVALID_ARGUMENT cases, streams that do not take the unary calls' threads, the file size
+# limit. fcsim and the file backend; one emberd and a few sandboxes shared by the module.
 
 import concurrent.futures
 import hashlib
@@ -41,7 +41,7 @@ def create(n, sid, **kw):
 def node(start_emberd_module):
     # Fewer unary workers than the 200 streams of test_200_open_streams_leave_unary_calls_alone:
     # were streams counted against this limit, that test would fail.
-    e = start_emberd_module("[api]\nmax_concurrent_calls = 64\n")
+    e = start_emberd_module("[api]\nmax_concurrent_calls = 64\nmax_file_mib = 64\n")
     n = stub(e)
     create(n, "ex1", env={"SPEC_ONLY": "spec", "BOTH": "spec"})
     e.stub = n
@@ -475,3 +475,129 @@ def test_grpcurl_exec_as_the_readme_shows(node):
     assert '"started"' in p.stdout and '"exit"' in p.stdout
     # bytes are base64 in JSON: "hello from the guest\n"
     assert "aGVsbG8gZnJvbSB0aGUgZ3Vlc3QK" in p.stdout, p.stdout
+
+
+# ---- files ----
+
+def write_file(n, path, data, sid="ex1", mode=0, uid=0, gid=0, chunk=MiB):
+    def reqs():
+        yield S.WriteFileRequest(header=S.WriteFileHeader(sandbox_id=sid, path=path, mode=mode,
+                                                          uid=uid, gid=gid))
+        for i in range(0, len(data), chunk):
+            yield S.WriteFileRequest(data=data[i:i + chunk])
+    return n.WriteFile(reqs(), timeout=120 * SLOW)
+
+
+def read_file(n, path, sid="ex1"):
+    it = iter(n.ReadFile(S.ReadFileRequest(sandbox_id=sid, path=path), timeout=120 * SLOW))
+    first = next(it)
+    assert first.WhichOneof("msg") == "info"
+    data = bytearray()
+    for r in it:
+        assert r.WhichOneof("msg") == "data" and len(r.data) <= MiB
+        data += r.data
+    return first.info, bytes(data)
+
+
+def test_write_and_read_50mib_with_mode_and_owner(node):
+    n = node.stub
+    data = os.urandom(50 * MiB)
+    t = time.monotonic()
+    r = write_file(n, "/tmp/up", data, mode=0o640, uid=1000, gid=1001)
+    print(f"50 MiB WriteFile in {time.monotonic() - t:.2f} s")
+    assert r.size == 50 * MiB
+    out = sh(n, "stat -c '%a %u %g %s' /tmp/up; sha256sum /tmp/up; ls -a /tmp").decode()
+    lines = out.splitlines()
+    assert lines[0] == f"640 1000 1001 {50 * MiB}"
+    assert lines[1].split()[0] == hashlib.sha256(data).hexdigest()
+    assert not [x for x in lines[2:] if ".ember-" in x], "temporary file left behind"
+    t = time.monotonic()
+    info, back = read_file(n, "/tmp/up")
+    print(f"50 MiB ReadFile in {time.monotonic() - t:.2f} s")
+    assert (info.size, info.mode, info.uid, info.gid) == (50 * MiB, 0o640, 1000, 1001)
+    assert hashlib.sha256(back).hexdigest() == hashlib.sha256(data).hexdigest()
+    # mode 0 is 0644, owner root; an empty file is a file
+    write_file(n, "/tmp/empty", b"")
+    info, back = read_file(n, "/tmp/empty")
+    assert (info.size, info.mode, info.uid, back) == (0, 0o644, 0, b"")
+    sh(n, "rm /tmp/up /tmp/empty")
+
+
+def file_error(fn):
+    with pytest.raises(grpc.RpcError) as ei:
+        fn()
+    return ei.value.code(), ei.value.details()
+
+
+def test_file_errors(node):
+    n = node.stub
+    C = grpc.StatusCode
+    code, msg = file_error(lambda: write_file(n, "/no/such/dir/f", b"x"))
+    assert code == C.NOT_FOUND and "/no/such/dir/f" in msg, msg
+    code, msg = file_error(lambda: write_file(n, "/tmp", b"x"))
+    assert code == C.FAILED_PRECONDITION, (code, msg)
+    code, msg = file_error(lambda: write_file(n, "relative", b"x"))
+    assert code == C.INVALID_ARGUMENT and "absolute" in msg
+    code, msg = file_error(lambda: write_file(n, "/tmp/f", b"x", mode=0o10000))
+    assert code == C.INVALID_ARGUMENT and "07777" in msg
+    code, msg = file_error(lambda: write_file(n, "/tmp/f", b"x", sid="nope"))
+    assert code == C.NOT_FOUND and "nope" in msg
+    code, msg = file_error(lambda: read_file(n, "/no/such/file"))
+    assert code == C.NOT_FOUND, (code, msg)
+    code, msg = file_error(lambda: read_file(n, "/tmp"))
+    assert code == C.FAILED_PRECONDITION and "regular file" in msg, msg
+    code, msg = file_error(lambda: read_file(n, "tmp/x"))
+    assert code == C.INVALID_ARGUMENT
+    # permissions: even root in the guest may not create files in /sys
+    code, msg = file_error(lambda: write_file(n, "/sys/f", b"x"))
+    assert code == C.PERMISSION_DENIED, (code, msg)
+    # the first message must be the header, and only once
+    code, msg = file_error(lambda: n.WriteFile(iter([S.WriteFileRequest(data=b"x")]),
+                                               timeout=10 * SLOW))
+    assert code == C.INVALID_ARGUMENT and "header" in msg
+    h = S.WriteFileRequest(header=S.WriteFileHeader(sandbox_id="ex1", path="/tmp/f"))
+    code, msg = file_error(lambda: n.WriteFile(iter([h, h]), timeout=10 * SLOW))
+    assert code == C.INVALID_ARGUMENT and "second header" in msg
+    code, msg = file_error(lambda: write_file(n, "/tmp/f", b"x" * (MiB + 1), chunk=MiB + 1))
+    assert code == C.INVALID_ARGUMENT and "1 MiB" in msg
+    assert sh(n, "ls -a /tmp | grep -c ember- || true") == b"0\n"
+
+
+def test_file_size_limit_and_an_interrupted_write_leaves_the_old_file(node):
+    n = node.stub
+    write_file(n, "/tmp/keep", b"old")
+    # 65 MiB against max_file_mib = 64: refused, the old file stays, no temporary file
+    code, msg = file_error(lambda: write_file(n, "/tmp/keep", b"y" * (65 * MiB)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_file_mib" in msg, msg
+    assert sh(n, "cat /tmp/keep; ls -a /tmp | grep -c ember- || true") == b"old0\n"
+    # a client that goes away mid-write
+    gate = threading.Event()
+
+    def reqs():
+        yield S.WriteFileRequest(header=S.WriteFileHeader(sandbox_id="ex1", path="/tmp/keep"))
+        yield S.WriteFileRequest(data=b"new" * 1000)
+        gate.wait(30)
+
+    f = n.WriteFile.future(reqs(), timeout=60 * SLOW)
+    time.sleep(0.5)
+    f.cancel()
+    gate.set()
+    wait_for(lambda: sh(n, "ls -a /tmp | grep -c ember- || true") == b"0\n", 10,
+             "the temporary file to go")
+    assert sh(n, "cat /tmp/keep") == b"old"
+    # a guest file over the limit is refused before any byte is sent
+    sh(n, "head -c 68157440 /dev/zero > /tmp/big")
+    code, msg = file_error(lambda: read_file(n, "/tmp/big"))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_file_mib" in msg, msg
+    sh(n, "rm /tmp/big /tmp/keep")
+
+
+def test_files_need_a_running_sandbox(node):
+    n = node.stub
+    create(n, "fp")
+    n.PauseSandbox(S.PauseSandboxRequest(sandbox_id="fp"), timeout=60 * SLOW)
+    code, msg = file_error(lambda: write_file(n, "/tmp/f", b"x", sid="fp"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "PAUSED" in msg
+    code, msg = file_error(lambda: read_file(n, "/etc/hostname", sid="fp"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "PAUSED" in msg
+    n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="fp"), timeout=60 * SLOW)
