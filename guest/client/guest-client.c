@@ -144,6 +144,8 @@ int guest_conn_from_fd(int fd, GuestConn **ret)
 	}
 	c->fd = fd;
 	c->timeout_ms = DEFAULT_TIMEOUT_MS;
+	/* The guest is not trusted: nothing it sends may be larger than the protocol needs. */
+	c->in.max_frame = GUEST_FRAME_FROM_GUEST_MAX;
 	flags = fcntl(fd, F_GETFL);
 	if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
 		return negative_errno();
@@ -226,18 +228,40 @@ int guest_conn_flush(GuestConn *c)
 static int conn_next_frame(GuestConn *c, int timeout_ms, bool stop_at_hello, GuestFrame **ret)
 {
 	int64_t deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : -1;
+	bool filled = false;
 
 	if (c->broken)
 		return fail(c, -ENOTCONN, "connection unusable after an earlier error");
 	for (;;) {
 		GuestFrame *f = NULL;
 		int r = guest_buf_next_frame(&c->in, &f);
-		if (r < 0)
-			return fail_broken(c, r, "bad frame from the guest");
+		if (r == -EMSGSIZE) {
+			c->broken = true;
+			return fail(
+				c, r,
+				"the guest announced a frame larger than %zu KiB, the most it may "
+				"send",
+				c->in.max_frame >> 10);
+		}
+		if (r == -ENOBUFS) {
+			c->broken = true;
+			return fail(
+				c, r,
+				"the guest sent a frame that needs far more memory to parse than "
+				"its size justifies");
+		}
+		if (r < 0) {
+			c->broken = true;
+			return fail(c, r, "the guest sent bytes that are not a frame");
+		}
 		if (r > 0) {
 			if (f->kind_case != EMBER__GUEST__V1__FRAME__KIND_HELLO) {
 				*ret = f;
 				return 1;
+			}
+			if (c->hello_seen) {
+				guest_frame_free(f);
+				return fail_broken(c, -EPROTO, "the guest sent a second hello");
 			}
 			c->hello_seen = true;
 			c->guest_protocol = f->hello->protocol_version;
@@ -254,7 +278,12 @@ static int conn_next_frame(GuestConn *c, int timeout_ms, bool stop_at_hello, Gue
 		r = guest_conn_flush(c);
 		if (r < 0 && r != -EAGAIN)
 			return r;
-		r = guest_buf_fill(&c->in, c->fd, GUEST_FRAME_MAX + GUEST_FRAME_HEADER);
+		/* A guest that keeps the socket readable must not keep us past the deadline:
+		 * checked once something was read in this call (timeout 0 still reads). */
+		if (filled && deadline >= 0 && now_ms() >= deadline)
+			return 0;
+		r = guest_buf_fill(&c->in, c->fd, c->in.max_frame + GUEST_FRAME_HEADER);
+		filled = true;
 		if (r > 0)
 			continue;
 		if (r == -ECONNRESET) {

@@ -66,7 +66,31 @@ int guest_frame_append(GuestBuf *out, const GuestFrame *f)
 	return 0;
 }
 
-int guest_frame_parse(const uint8_t *data, size_t size, GuestFrame **ret)
+/* protobuf-c allocator with a budget; frees are plain free(), so that a frame it unpacked is
+ * freed like any other (guest_frame_free()). */
+typedef struct ParseBudget {
+	size_t left;
+	bool exhausted;
+} ParseBudget;
+
+static void *budget_alloc(void *data, size_t size)
+{
+	ParseBudget *b = data;
+	if (size > b->left) {
+		b->exhausted = true;
+		return NULL;
+	}
+	b->left -= size;
+	return malloc(size);
+}
+
+static void budget_free(void *data, void *p)
+{
+	(void)data;
+	free(p);
+}
+
+int guest_frame_parse(const uint8_t *data, size_t size, size_t max, GuestFrame **ret)
 {
 	if (size < GUEST_FRAME_HEADER)
 		return 0;
@@ -74,13 +98,15 @@ int guest_frame_parse(const uint8_t *data, size_t size, GuestFrame **ret)
 		     (uint32_t)data[3];
 	/* Refused on the header alone: a peer announcing 4 GiB must not make us wait for (or
 	 * buffer) it. */
-	if (n > GUEST_FRAME_MAX)
+	if (n > (max ?: GUEST_FRAME_MAX))
 		return -EMSGSIZE;
 	if (size - GUEST_FRAME_HEADER < n)
 		return 0;
-	GuestFrame *f = ember__guest__v1__frame__unpack(NULL, n, data + GUEST_FRAME_HEADER);
+	ParseBudget b = {.left = (size_t)n * GUEST_PARSE_BUDGET_FACTOR + GUEST_PARSE_BUDGET_FLOOR};
+	ProtobufCAllocator a = {.alloc = budget_alloc, .free = budget_free, .allocator_data = &b};
+	GuestFrame *f = ember__guest__v1__frame__unpack(&a, n, data + GUEST_FRAME_HEADER);
 	if (!f)
-		return -EBADMSG;
+		return b.exhausted ? -ENOBUFS : -EBADMSG;
 	*ret = f;
 	return (int)(GUEST_FRAME_HEADER + n);
 }
@@ -110,7 +136,7 @@ int guest_buf_fill(GuestBuf *in, int fd, size_t max)
 
 int guest_buf_next_frame(GuestBuf *in, GuestFrame **ret)
 {
-	int r = guest_frame_parse(in->data + in->off, guest_buf_pending(in), ret);
+	int r = guest_frame_parse(in->data + in->off, guest_buf_pending(in), in->max_frame, ret);
 	if (r <= 0)
 		return r;
 	in->off += (size_t)r;
@@ -173,7 +199,7 @@ int guest_frame_recv(int fd, GuestBuf *in, int timeout_ms, GuestFrame **ret)
 		int r = guest_buf_next_frame(in, ret);
 		if (r != 0)
 			return r < 0 ? r : 0;
-		r = guest_buf_fill(in, fd, GUEST_FRAME_MAX + GUEST_FRAME_HEADER);
+		r = guest_buf_fill(in, fd, (in->max_frame ?: GUEST_FRAME_MAX) + GUEST_FRAME_HEADER);
 		if (r == -ECONNRESET && guest_buf_pending(in) > 0)
 			return -EBADMSG; /* the stream ended inside a frame */
 		if (r == -EAGAIN)

@@ -68,7 +68,7 @@ static void test_round_trip(void **state)
 	total = guest_buf_pending(&b);
 
 	_cleanup_(guest_frame_freep) GuestFrame *f = NULL;
-	r = guest_frame_parse(b.data, total, &f);
+	r = guest_frame_parse(b.data, total, 0, &f);
 	assert_true(r > 0 && (size_t)r < total);
 	assert_int_equal(f->kind_case, EMBER__GUEST__V1__FRAME__KIND_EXEC_START);
 	assert_int_equal(f->exec_start->n_argv, 3);
@@ -84,7 +84,7 @@ static void test_round_trip(void **state)
 	assert_string_equal(guest_frame_kind_name(f), "exec_start");
 
 	_cleanup_(guest_frame_freep) GuestFrame *g = NULL;
-	int r2 = guest_frame_parse(b.data + r, total - (size_t)r, &g);
+	int r2 = guest_frame_parse(b.data + r, total - (size_t)r, 0, &g);
 	assert_int_equal((size_t)r + (size_t)r2, total);
 	assert_int_equal(g->kind_case, EMBER__GUEST__V1__FRAME__KIND_STDOUT_CHUNK);
 	assert_int_equal(g->stdout_chunk->data.len, 6);
@@ -103,7 +103,7 @@ static void test_truncated(void **state)
 			 (uint32_t)b.data[2] << 8 | b.data[3];
 	for (size_t n = 0; n < GUEST_FRAME_HEADER + first; n++) {
 		GuestFrame *f = NULL;
-		assert_int_equal(guest_frame_parse(b.data, n, &f), 0);
+		assert_int_equal(guest_frame_parse(b.data, n, 0, &f), 0);
 		assert_null(f);
 	}
 	guest_buf_free(&b);
@@ -117,12 +117,12 @@ static void test_oversize(void **state)
 
 	/* Refused on the header alone, before any of the body is there. */
 	put_be32(hdr, GUEST_FRAME_MAX + 1);
-	assert_int_equal(guest_frame_parse(hdr, sizeof(hdr), &f), -EMSGSIZE);
+	assert_int_equal(guest_frame_parse(hdr, sizeof(hdr), 0, &f), -EMSGSIZE);
 	put_be32(hdr, UINT32_MAX);
-	assert_int_equal(guest_frame_parse(hdr, sizeof(hdr), &f), -EMSGSIZE);
+	assert_int_equal(guest_frame_parse(hdr, sizeof(hdr), 0, &f), -EMSGSIZE);
 	/* Exactly the maximum is still "need more". */
 	put_be32(hdr, GUEST_FRAME_MAX);
-	assert_int_equal(guest_frame_parse(hdr, sizeof(hdr), &f), 0);
+	assert_int_equal(guest_frame_parse(hdr, sizeof(hdr), 0, &f), 0);
 	assert_null(f);
 
 	/* And nobody can send one. */
@@ -138,6 +138,63 @@ static void test_oversize(void **state)
 	assert_int_equal(guest_frame_append(&b, &out), -EMSGSIZE);
 	assert_int_equal(guest_buf_pending(&b), 0);
 	guest_buf_free(&b);
+}
+
+/* The host's limit for frames from the guest, and the allocation budget of a parse. */
+static void test_guest_limit_and_budget(void **state)
+{
+	_cleanup_free_ uint8_t *buf = NULL;
+	GuestFrame *f = NULL;
+	GuestBuf b = {0};
+	(void)state;
+
+	/* A full data chunk from the guest is within the host's limit... */
+	_cleanup_free_ uint8_t *data = calloc(1, GUEST_CHUNK_MAX);
+	assert_non_null(data);
+	Ember__Guest__V1__Chunk chunk = EMBER__GUEST__V1__CHUNK__INIT;
+	GuestFrame out = EMBER__GUEST__V1__FRAME__INIT;
+	chunk.data.data = data;
+	chunk.data.len = GUEST_CHUNK_MAX;
+	out.kind_case = EMBER__GUEST__V1__FRAME__KIND_STDOUT_CHUNK;
+	out.stdout_chunk = &chunk;
+	assert_int_equal(guest_frame_append(&b, &out), 0);
+	int r = guest_frame_parse(b.data, b.len, GUEST_FRAME_FROM_GUEST_MAX, &f);
+	assert_int_equal(r, (int)b.len);
+	guest_frame_free(f);
+	f = NULL;
+	guest_buf_free(&b);
+
+	/* ... one byte over it is refused on the header alone */
+	uint8_t hdr[GUEST_FRAME_HEADER];
+	put_be32(hdr, GUEST_FRAME_FROM_GUEST_MAX + 1);
+	assert_int_equal(guest_frame_parse(hdr, sizeof(hdr), GUEST_FRAME_FROM_GUEST_MAX, &f),
+			 -EMSGSIZE);
+
+	/* 200 KiB of two-byte unknown fields (field 1000, varint 0): valid protobuf, but
+	 * protobuf-c keeps each one, at many times its size. Refused by the budget. */
+	size_t n = 200u << 10;
+	buf = malloc(GUEST_FRAME_HEADER + n);
+	assert_non_null(buf);
+	put_be32(buf, (uint32_t)n);
+	for (size_t i = 0; i < n; i += 3) {
+		/* tag (1000 << 3 | 0) as a two-byte varint, then the value 0 */
+		buf[GUEST_FRAME_HEADER + i] = 0xc0;
+		if (i + 1 < n)
+			buf[GUEST_FRAME_HEADER + i + 1] = 0x3e;
+		if (i + 2 < n)
+			buf[GUEST_FRAME_HEADER + i + 2] = 0;
+	}
+	n -= n % 3;
+	put_be32(buf, (uint32_t)n);
+	assert_int_equal(
+		guest_frame_parse(buf, GUEST_FRAME_HEADER + n, GUEST_FRAME_FROM_GUEST_MAX, &f),
+		-ENOBUFS);
+	assert_null(f);
+	/* the same few fields in a small frame are fine (the floor) */
+	put_be32(buf, 300);
+	r = guest_frame_parse(buf, GUEST_FRAME_HEADER + 300, GUEST_FRAME_FROM_GUEST_MAX, &f);
+	assert_int_equal(r, GUEST_FRAME_HEADER + 300);
+	guest_frame_free(f);
 }
 
 static void test_garbage(void **state)
@@ -163,7 +220,7 @@ static void test_garbage(void **state)
 		GuestFrame *f = NULL;
 		put_be32(buf, (uint32_t)cases[i].n);
 		memcpy(buf + GUEST_FRAME_HEADER, cases[i].p, cases[i].n);
-		assert_int_equal(guest_frame_parse(buf, GUEST_FRAME_HEADER + cases[i].n, &f),
+		assert_int_equal(guest_frame_parse(buf, GUEST_FRAME_HEADER + cases[i].n, 0, &f),
 				 -EBADMSG);
 		assert_null(f);
 	}
@@ -179,14 +236,14 @@ static void test_unknown_kind(void **state)
 
 	put_be32(buf, 0);
 	_cleanup_(guest_frame_freep) GuestFrame *f = NULL;
-	assert_int_equal(guest_frame_parse(buf, GUEST_FRAME_HEADER, &f), GUEST_FRAME_HEADER);
+	assert_int_equal(guest_frame_parse(buf, GUEST_FRAME_HEADER, 0, &f), GUEST_FRAME_HEADER);
 	assert_int_equal(f->kind_case, EMBER__GUEST__V1__FRAME__KIND__NOT_SET);
 	assert_string_equal(guest_frame_kind_name(f), "unknown");
 
 	put_be32(buf, sizeof(body));
 	memcpy(buf + GUEST_FRAME_HEADER, body, sizeof(body));
 	_cleanup_(guest_frame_freep) GuestFrame *g = NULL;
-	assert_int_equal(guest_frame_parse(buf, GUEST_FRAME_HEADER + sizeof(body), &g),
+	assert_int_equal(guest_frame_parse(buf, GUEST_FRAME_HEADER + sizeof(body), 0, &g),
 			 (int)(GUEST_FRAME_HEADER + sizeof(body)));
 	assert_int_equal(g->kind_case, EMBER__GUEST__V1__FRAME__KIND__NOT_SET);
 }
@@ -252,9 +309,13 @@ static void test_stream(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_round_trip),   cmocka_unit_test(test_truncated),
-		cmocka_unit_test(test_oversize),     cmocka_unit_test(test_garbage),
-		cmocka_unit_test(test_unknown_kind), cmocka_unit_test(test_stream),
+		cmocka_unit_test(test_round_trip),
+		cmocka_unit_test(test_truncated),
+		cmocka_unit_test(test_oversize),
+		cmocka_unit_test(test_garbage),
+		cmocka_unit_test(test_guest_limit_and_budget),
+		cmocka_unit_test(test_unknown_kind),
+		cmocka_unit_test(test_stream),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
