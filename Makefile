@@ -74,7 +74,8 @@ endif
 all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
 	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper $(B)/test/fcctl-tool \
 	$(B)/ember-uffd $(B)/test/bench-uffd $(B)/test/fuzz-uffd-handshake-replay $(B)/ember-guest \
-	$(B)/ember-init $(B)/test/guest-tool $(B)/test/lifecycle-direct $(B)/test/emberd-hooks unit-tests pystubs
+	$(B)/ember-init $(B)/test/guest-tool $(B)/test/lifecycle-direct $(B)/test/emberd-hooks \
+	$(B)/test/hostile-guest unit-tests pystubs
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
@@ -215,6 +216,12 @@ $(B)/obj-guest/guest.pb-c.o: $(B)/proto/ember/v1/guest.pb-c.c
 	@echo "  CC       $@ (static)"
 	$(Q)$(CC) $(GUEST_STATIC_FLAGS) $(GEN_WARNINGS) -c $< -o $@
 $(B)/ember-guest: $(GUEST_STATIC_OBJS)
+	@echo "  LD       $@ (static)"
+	$(Q)$(CC) -static $(LDFLAGS) $^ -lprotobuf-c -o $@
+# hostile-guest: a guest agent that misbehaves on request (test_exec.py)
+$(B)/test/hostile-guest: $(B)/obj-guest/test/guest/hostile-guest.o \
+		$(GUEST_FRAME_SRCS:%.c=$(B)/obj-guest/%.o) $(B)/obj-guest/guest.pb-c.o \
+		$(B)/obj-guest/common/fileio.o
 	@echo "  LD       $@ (static)"
 	$(Q)$(CC) -static $(LDFLAGS) $^ -lprotobuf-c -o $@
 
@@ -519,7 +526,8 @@ LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h storage/*.h netns/*.h f
 TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c test/storage/storage-tool.c \
 	test/fcsim/guest-helper.c test/fcctl/fcctl-tool.c test/bench/bench-uffd.c \
 	test/bench/lifecycle-direct.c \
-	test/net/netns-tool.c test/net/guest-standin.c test/guest/guest-tool.c
+	test/net/netns-tool.c test/net/guest-standin.c test/guest/guest-tool.c \
+	test/guest/hostile-guest.c
 
 lint: $(B)/proto/.stamp-c $(B)/proto/.stamp-guest-c $(B)/test/proto/.stamp-c
 	@echo "  LAYERS   (lower modules include neither agent/ nor generated headers)"
@@ -540,7 +548,7 @@ lint: $(B)/proto/.stamp-c $(B)/proto/.stamp-guest-c $(B)/test/proto/.stamp-c
 		$(ALL_SRCS) test/rpc/rpctestd.c test/storage/storage-tool.c test/net/netns-tool.c \
 		test/net/guest-standin.c test/fcctl/fcctl-tool.c test/bench/bench-uffd.c \
 		test/bench/lifecycle-direct.c \
-		test/fuzz/fuzz-uffd-handshake.c test/guest/guest-tool.c
+		test/fuzz/fuzz-uffd-handshake.c test/guest/guest-tool.c test/guest/hostile-guest.c
 
 format:
 	clang-format -i $(LINT_SRCS)

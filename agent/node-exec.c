@@ -158,6 +158,14 @@ RpcCode guest_session_failed(GuestSession *s, int r)
 		return rpc_call_error(s->call, code, "sandbox %s: %s: %s", s->sb->id, s->what,
 				      guest_conn_error(s->g));
 	}
+	/* The guest broke the protocol (a frame too large or too costly to parse, garbage, a
+	 * second Hello, more file bytes than declared): its fault, said as such. */
+	if (r == -EMSGSIZE || r == -ENOBUFS || r == -EBADMSG || r == -EPROTO)
+		return rpc_call_error(
+			s->call, RPC_UNAVAILABLE,
+			"sandbox %s: the guest agent broke the protocol during %s: %s "
+			"(the connection was closed)",
+			s->sb->id, s->what, s->g ? guest_conn_error(s->g) : strerror(-r));
 	/* The connection broke. When that is because the sandbox stopped running, say so (its
 	 * VMM's exit may reach the manager a moment after the connection broke). */
 	while (fd >= 0 && guest_session_running(s) && now_ms() < deadline &&

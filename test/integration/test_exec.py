@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 
-from conftest import SLOW, SRCDIR, wait_for
+from conftest import BUILD, SLOW, SRCDIR, wait_for
 
 from ember.v1 import node_pb2, node_pb2_grpc
 from google.protobuf import duration_pb2
@@ -25,6 +25,7 @@ from google.protobuf import duration_pb2
 S = node_pb2
 MiB = 1 << 20
 GRPCURL = os.path.join(SRCDIR, "..", "shared", "tools", "grpcurl")
+MKROOTFS = os.path.join(SRCDIR, "guest", "mkrootfs")
 
 
 def stub(e):
@@ -601,3 +602,66 @@ def test_files_need_a_running_sandbox(node):
     code, msg = file_error(lambda: read_file(n, "/etc/hostname", sid="fp"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "PAUSED" in msg
     n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="fp"), timeout=60 * SLOW)
+
+
+# ---- a hostile guest ----
+
+HOSTILE = os.path.join(BUILD, "test", "hostile-guest")
+
+
+def test_a_hostile_guest_agent_gets_clear_errors_and_emberd_stays_healthy(node, tmp_path):
+    """A guest whose agent misbehaves (test/guest/hostile-guest.c) gets a clear error on that
+    call; emberd's memory stays bounded and the other sandboxes are unaffected."""
+    n = node.stub
+    image = str(tmp_path / "hostile.ext4")
+    subprocess.run([MKROOTFS, image, "--init", os.path.join(BUILD, "ember-init"),
+                    "--guest", HOSTILE], check=True, capture_output=True)
+    kernel = str(tmp_path / "k")
+    with open(kernel, "wb") as f:
+        f.write(b"k")
+    n.RegisterTemplate(S.RegisterTemplateRequest(template_id="hostile", kernel_path=kernel,
+                                                 rootfs_path=image), timeout=60)
+    n.CreateSandbox(S.CreateSandboxRequest(
+        sandbox_id="evil", spec=S.SandboxSpec(template_id="hostile", memory_mib=128)),
+        timeout=60 * SLOW)
+    pid = emberd_pid(node)
+    rss0 = rss_kib(pid)
+    try:
+        assert bytes(ok(n, ["sane"], sid="evil").out) == b"ok\n"  # it answers like an agent
+        for mode, want in [("huge-frame", "larger than 256 KiB"),
+                           ("hellos", "second hello"),
+                           ("garbage", "not a frame"),
+                           ("unknown-fields", "more memory to parse")]:
+            t = time.monotonic()
+            e = run(n, [mode], sid="evil")
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, (mode, e.error)
+            assert "broke the protocol" in e.error.details() and want in e.error.details(), \
+                (mode, e.error.details())
+            assert time.monotonic() - t < 10 * SLOW, mode
+            # the other sandbox does not notice
+            assert sh(n, "echo fine") == b"fine\n"
+        # more file bytes than declared, and fewer
+        for path in ("/more", "/fewer"):
+            code, msg = file_error(lambda: read_file(n, path, sid="evil"))
+            assert code == grpc.StatusCode.DATA_LOSS, (path, code, msg)
+        # a flood of output to a client that reads slowly: emberd holds it back
+        call = n.Exec(iter([S.ExecRequest(start=S.ExecStart(sandbox_id="evil",
+                                                             argv=["flood"]))]),
+                      timeout=60 * SLOW)
+        it = iter(call)
+        got = 0
+        for _ in range(20):
+            r = next(it)
+            got += len(r.stdout_data)
+            time.sleep(0.05)
+        time.sleep(1)
+        flood_rss = rss_kib(pid)
+        call.cancel()
+        grown = max(flood_rss, rss_kib(pid)) - rss0
+        print(f"emberd RSS grew {grown} KiB over the hostile guest's calls ({got} bytes read "
+              "of its flood)")
+        assert grown < 32 * 1024, f"emberd grew {grown} KiB"
+        n.GetNode(S.GetNodeRequest(), timeout=5)
+    finally:
+        n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="evil"), timeout=60 * SLOW)
+        n.DeleteTemplate(S.DeleteTemplateRequest(template_id="hostile"), timeout=60 * SLOW)
