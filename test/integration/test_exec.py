@@ -465,9 +465,20 @@ def test_vmm_death_during_exec_aborts_it(node):
     n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="dies"), timeout=60 * SLOW)
 
 
-def test_grpcurl_exec_as_the_readme_shows(node):
+def test_grpcurl_exec_and_files_as_the_readme_shows(node):
     if not os.access(GRPCURL, os.X_OK):
         pytest.skip("no grpcurl in ../shared/tools")
+    from test_quickstart import readme_commands
+    # the README's WriteFile and ReadFile commands, as written, against this node
+    out = {}
+    for c in readme_commands("Files go in and out"):
+        c = c.replace("/run/ember/ember.sock", node.socket).replace('"hello"', '"ex1"')
+        p = subprocess.run(["sh", "-c", GRPCURL + c[len("grpcurl"):]], capture_output=True,
+                           text=True, timeout=60 * SLOW)
+        assert p.returncode == 0, (c, p.stderr)
+        out[c.split("ember.v1.Node/")[1]] = p.stdout
+    assert '"size": "6"' in out["WriteFile"], out
+    assert '"data": "aGVsbG8K"' in out["ReadFile"] and '"mode": 420' in out["ReadFile"], out
     req = '{"start": {"sandbox_id": "ex1", "argv": ["echo", "hello from the guest"]}}'
     p = subprocess.run([GRPCURL, "-plaintext", "-unix", "-d", req, node.socket,
                         "ember.v1.Node/Exec"], capture_output=True, text=True,
@@ -475,7 +486,7 @@ def test_grpcurl_exec_as_the_readme_shows(node):
     assert p.returncode == 0, p.stderr
     assert '"started"' in p.stdout and '"exit"' in p.stdout
     # bytes are base64 in JSON: "hello from the guest\n"
-    assert "aGVsbG8gZnJvbSB0aGUgZ3Vlc3QK" in p.stdout, p.stdout
+    assert '"stdoutData": "aGVsbG8gZnJvbSB0aGUgZ3Vlc3QK"' in p.stdout, p.stdout
 
 
 # ---- files ----

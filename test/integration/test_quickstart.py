@@ -88,6 +88,9 @@ def test_readme_quick_start_on_a_fresh_clone():
         assert '"state": "SANDBOX_STATE_PAUSED"' in by["PauseSandbox"].stdout
         assert '"state": "SANDBOX_STATE_RUNNING"' in by["ResumeSandbox"].stdout
         assert '"lastOperation"' in by["ResumeSandbox"].stdout
+        assert '"started"' in by["Exec"].stdout and '"exit"' in by["Exec"].stdout
+        assert '"stdoutData": "aGVsbG8gZnJvbSB0aGUgZ3Vlc3QK"' in by["Exec"].stdout, \
+            by["Exec"].stdout
         assert '"resync"' in by["WatchSandboxes"].stdout
         assert '"found": true' in by["DestroySandbox"].stdout
     finally:
