@@ -71,7 +71,7 @@ else
 Q := @
 endif
 
-all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/storage-tool \
+all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/exec-bench $(B)/test/storage-tool \
 	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper $(B)/test/fcctl-tool \
 	$(B)/ember-uffd $(B)/test/bench-uffd $(B)/test/fuzz-uffd-handshake-replay $(B)/ember-guest \
 	$(B)/ember-init $(B)/test/guest-tool $(B)/test/lifecycle-direct $(B)/test/emberd-hooks \
@@ -344,6 +344,12 @@ $(B)/test/rpc-bench: test/bench/rpc-bench.c $(B)/proto/.stamp-c $(PROTO_OBJS)
 	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) $< $(PROTO_OBJS) $(ALL_LDFLAGS) \
 		$(PKG_LIBS) -lm -o $@
 
+$(B)/test/exec-bench: test/bench/exec-bench.c $(B)/proto/.stamp-c $(PROTO_OBJS)
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(WARNINGS) $< $(PROTO_OBJS) $(ALL_LDFLAGS) \
+		$(PKG_LIBS) -o $@
+
 $(B)/obj/test/storage/%.o: test/storage/%.c
 	@mkdir -p $(@D)
 	@echo "  CC       $@"
@@ -523,7 +529,7 @@ deps:
 LINT_SRCS := $(ALL_SRCS) $(wildcard common/*.h agent/*.h storage/*.h netns/*.h fcsim/*.h \
 	fcctl/*.h guest/*/*.h test/guest/*.c test/unit/*.c test/fuzz/*.c \
 	test/rpc/*.c test/bench/*.c test/storage/*.c test/net/*.c test/fcsim/*.c test/fcctl/*.c)
-TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c test/storage/storage-tool.c \
+TIDY_SRCS := $(ALL_SRCS) test/rpc/rpctestd.c test/bench/rpc-bench.c test/bench/exec-bench.c test/storage/storage-tool.c \
 	test/fcsim/guest-helper.c test/fcctl/fcctl-tool.c test/bench/bench-uffd.c \
 	test/bench/lifecycle-direct.c \
 	test/net/netns-tool.c test/net/guest-standin.c test/guest/guest-tool.c \

@@ -31,6 +31,8 @@
 #define EXEC_CHUNK_MAX   (1u << 20) /* node.proto: chunks and stdin messages of at most 1 MiB */
 #define GUEST_CONNECT_MS 5000
 #define EXEC_EVENT_BURST 16 /* guest frames per turn before stdin gets its turn */
+/* Output gathered into one message: at most this much (plus one guest chunk) per call. */
+#define EXEC_GATHER_MAX (512u << 10)
 /* A broken guest connection while the sandbox is still RUNNING: how long to wait for the
  * manager to notice the VMM's exit (ABORTED) before calling the guest unreachable. */
 #define GUEST_SETTLE_MS 1000
@@ -50,8 +52,8 @@ typedef struct ExecCall {
 	uint8_t *in;      /* stdin bytes the guest has not taken yet */
 	size_t in_off, in_len;
 
-	uint8_t *out; /* output the call's send queue had no room for */
-	size_t out_off, out_len;
+	uint8_t *out; /* output gathered for the client, out[out_off..out_len) not yet queued */
+	size_t out_off, out_len, out_cap;
 	bool out_stderr;
 	bool exited; /* the guest reported the exit; `status` is it */
 	Ember__V1__ExecExit status;
@@ -136,6 +138,8 @@ RpcCode guest_session_aborted(GuestSession *s)
 
 bool guest_session_running(GuestSession *s)
 {
+	if (!s->sb)
+		return false;
 	pthread_mutex_lock(&s->m->lock);
 	bool running =
 		!s->sb->removed && s->sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING;
@@ -185,61 +189,88 @@ RpcCode guest_session_failed(GuestSession *s, int r)
 
 /* ---- Exec ---- */
 
-/* Queues output for the client, in pieces of at most 1 MiB. What does not fit in the send
- * queue is copied aside and waits for the next turn: 0 either way, -ECANCELED. */
-static int deliver(ExecCall *e, bool is_stderr, const uint8_t *data, size_t size)
+/* Sends the gathered output (e->out[out_off..out_len)) in pieces of at most 1 MiB, as far as
+ * the send queue takes them: 0 (all out, or the rest waits for room), -ECANCELED, -ENOMEM. */
+static int flush_out(ExecCall *e)
 {
-	while (size > 0) {
+	while (e->out_off < e->out_len) {
 		Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
-		size_t n = size < EXEC_CHUNK_MAX ? size : EXEC_CHUNK_MAX;
+		size_t n = e->out_len - e->out_off;
 
-		resp.msg_case = is_stderr ? EMBER__V1__EXEC_RESPONSE__MSG_STDERR_DATA
-					  : EMBER__V1__EXEC_RESPONSE__MSG_STDOUT_DATA;
+		if (n > EXEC_CHUNK_MAX)
+			n = EXEC_CHUNK_MAX;
+		resp.msg_case = e->out_stderr ? EMBER__V1__EXEC_RESPONSE__MSG_STDERR_DATA
+					      : EMBER__V1__EXEC_RESPONSE__MSG_STDOUT_DATA;
 		/* stdout_data and stderr_data share the union's storage */
-		resp.stdout_data = (ProtobufCBinaryData){.len = n, .data = (uint8_t *)data};
+		resp.stdout_data = (ProtobufCBinaryData){.len = n, .data = e->out + e->out_off};
 		int r = rpc_call_send_nowait(e->call, &resp.base);
-		if (r == -EAGAIN) {
-			if (data != e->out) {
-				uint8_t *copy = malloc(size);
-				if (!copy)
-					return -ENOMEM;
-				memcpy(copy, data, size);
-				free(e->out);
-				e->out = copy;
-				e->out_off = 0;
-			} else {
-				e->out_off = 0;
-			}
-			e->out_len = size;
-			e->out_stderr = is_stderr;
+		if (r == -EAGAIN)
 			return 0;
-		}
 		if (r < 0)
 			return r;
-		data += n;
-		size -= n;
+		e->out_off += n;
 	}
+	e->out_off = e->out_len = 0;
 	return 0;
 }
 
-/* Sends what deliver() kept: 0 when nothing is left (or it waits for room), -errno. */
-static int flush_out(ExecCall *e)
+/* Takes the guest's events that are already here: output of one stream is gathered into
+ * e->out, up to EXEC_GATHER_MAX (a guest chunk is at most 128 KiB; fewer, larger messages are
+ * what makes the gRPC side fast, and nothing waits for more to come). Stops at a change of
+ * stream, at the exit (taken only once the output before it is out) or when nothing more is
+ * there. *ret_more: it stopped while events may be waiting in the connection's buffer, where
+ * polling its fd would not see them. RPC_OK, or the code to end the call with. */
+static RpcCode gather_output(ExecCall *e, bool *ret_more)
 {
-	if (e->out_len == 0)
-		return 0;
-	/* deliver() from inside our own buffer: move the rest to its start first */
-	size_t left = e->out_len - e->out_off;
-	memmove(e->out, e->out + e->out_off, left);
-	e->out_len = 0;
-	e->out_off = 0;
-	int r = deliver(e, e->out_stderr, e->out, left);
-	if (r < 0)
-		return r;
-	if (e->out_len == 0) {
-		free(e->out);
-		e->out = NULL;
+	*ret_more = false;
+	for (int i = 0; !e->exited; i++) {
+		GuestEventType type;
+		GuestEvent ev;
+		size_t size;
+		int r;
+
+		r = guest_exec_peek_event(e->g, &type, &size);
+		if (r == 0)
+			break;
+		if (r < 0)
+			return guest_session_failed(&e->s, r);
+		bool data = type == GUEST_EVENT_STDOUT || type == GUEST_EVENT_STDERR;
+		if (i == EXEC_EVENT_BURST ||
+		    (e->out_len > 0 && (!data || (type == GUEST_EVENT_STDERR) != e->out_stderr ||
+					e->out_len + size > EXEC_GATHER_MAX))) {
+			*ret_more = true; /* what is gathered goes first */
+			break;
+		}
+		r = guest_exec_next_event(e->g, &ev, 0);
+		if (r == 0)
+			break;
+		if (r < 0)
+			return guest_session_failed(&e->s, r);
+		if (ev.type == GUEST_EVENT_EXIT) {
+			e->exited = true;
+			e->status.exit_code = ev.signal ? 0 : ev.code;
+			e->status.signal = ev.signal;
+			e->status.timed_out = ev.timed_out;
+			e->status.core_dumped = ev.core_dumped;
+			break;
+		}
+		if (e->out_len + ev.size > e->out_cap) {
+			/* kept for the life of the call: a busy stream reuses it */
+			size_t cap = e->out_len + ev.size;
+			if (cap < EXEC_GATHER_MAX)
+				cap = EXEC_GATHER_MAX;
+			uint8_t *n = realloc(e->out, cap);
+			if (!n)
+				return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED,
+						      "out of memory for output");
+			e->out = n;
+			e->out_cap = cap;
+		}
+		memcpy(e->out + e->out_len, ev.data, ev.size);
+		e->out_len += ev.size;
+		e->out_stderr = ev.type == GUEST_EVENT_STDERR;
 	}
-	return 0;
+	return RPC_OK;
 }
 
 /* Validates ExecStart and fills spec; the strings stay owned by `start` and `env`. */
@@ -252,7 +283,7 @@ static RpcCode start_spec(RpcCall *call, const Ember__V1__ExecStart *start, Gues
 	if (start->n_argv == 0)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "start.argv is empty");
 	for (size_t i = 0; i < start->n_argv; i++)
-		if (strlen(start->argv[i]) > 128 * 1024)
+		if (strlen(start->argv[i]) > ((size_t)128 << 10))
 			return rpc_call_error(call, RPC_INVALID_ARGUMENT,
 					      "start.argv[%zu] is longer than 128 KiB", i);
 	if (start->argv[0][0] == '\0')
@@ -398,29 +429,18 @@ static RpcCode relay(ExecCall *e)
 		if (!guest_session_running(&e->s))
 			return guest_session_aborted(&e->s);
 
-		/* client <- guest */
+		/* client <- guest: what waits goes first; only then is more taken */
 		if ((r = flush_out(e)) < 0)
 			return r == -ECANCELED
 				       ? RPC_CANCELLED
 				       : rpc_call_error(e->call, RPC_INTERNAL,
 							"cannot queue output: %s", strerror(-r));
-		for (int i = 0; i < EXEC_EVENT_BURST && e->out_len == 0 && !e->exited; i++) {
-			GuestEvent ev;
-			r = guest_exec_next_event(e->g, &ev, 0);
-			if (r == 0)
-				break;
-			if (r < 0)
-				return guest_session_failed(&e->s, r);
-			if (ev.type == GUEST_EVENT_EXIT) {
-				e->exited = true;
-				e->status.exit_code = ev.signal ? 0 : ev.code;
-				e->status.signal = ev.signal;
-				e->status.timed_out = ev.timed_out;
-				e->status.core_dumped = ev.core_dumped;
-				break;
-			}
-			r = deliver(e, ev.type == GUEST_EVENT_STDERR, ev.data, ev.size);
-			if (r < 0)
+		bool more = false;
+		if (e->out_len == 0) {
+			RpcCode code = gather_output(e, &more);
+			if (code != RPC_OK)
+				return code;
+			if ((r = flush_out(e)) < 0)
 				return r == -ECANCELED ? RPC_CANCELLED
 						       : rpc_call_error(e->call, RPC_INTERNAL,
 									"cannot queue output: %s",
@@ -487,9 +507,12 @@ static RpcCode relay(ExecCall *e)
 
 		if (!e->exited && (r = guest_conn_flush(e->g)) < 0 && r != -EAGAIN)
 			return guest_session_failed(&e->s, r);
-		/* stdin still waiting and the connection's buffer empty: try again now rather
-		 * than wait for an event that would not come */
+		/* stdin still waiting and the connection's buffer empty, or guest events already
+		 * read and the send queue has room: go on now rather than wait for an event
+		 * that would not come */
 		if (e->in_len > 0 && !e->exited && !(guest_conn_poll_events(e->g) & POLLOUT))
+			continue;
+		if (more && e->out_len == 0)
 			continue;
 
 		struct pollfd p[2] = {{.fd = notify, .events = POLLIN},
@@ -510,7 +533,7 @@ RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 	Ember__V1__ExecStarted started = EMBER__V1__EXEC_STARTED__INIT;
 	const Ember__V1__ExecStart *start;
 	KvList start_env = {};
-	GuestExecSpec spec;
+	GuestExecSpec spec = {};
 	ExecCall e = {.call = call, .status = EMBER__V1__EXEC_EXIT__INIT};
 	_cleanup_free_ char *what = NULL;
 	char **argv = NULL, **env = NULL;
@@ -543,7 +566,7 @@ RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 		goto out;
 	}
 	code = guest_session_open(&e.s, m, call, start->sandbox_id, what);
-	if (code != RPC_OK)
+	if (code != RPC_OK || !e.s.sb)
 		goto out;
 	e.g = e.s.g;
 

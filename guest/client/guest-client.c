@@ -35,7 +35,8 @@ struct GuestConn {
 	bool exec_started, exec_over;
 	unsigned guest_protocol;
 	char *guest_version;
-	GuestFrame *last; /* the frame the last event's (or file chunk's) data points into */
+	GuestFrame *last;   /* the frame the last event's (or file chunk's) data points into */
+	GuestFrame *peeked; /* the next event, when guest_exec_peek_event() read it */
 	/* a file transfer in progress (guest_file_*_begin until its end) */
 	bool file_op;
 	uint64_t file_size;     /* bytes sent or received so far */
@@ -114,6 +115,7 @@ void guest_conn_free(GuestConn *c)
 	guest_buf_free(&c->in);
 	guest_buf_free(&c->out);
 	guest_frame_free(c->last);
+	guest_frame_free(c->peeked);
 	guest_frame_free(c->file_reply);
 	free(c->guest_version);
 	free(c);
@@ -463,6 +465,37 @@ int guest_exec_start(GuestConn *c, const GuestExecSpec *spec, pid_t *ret_pid)
 	return 0;
 }
 
+int guest_exec_peek_event(GuestConn *c, GuestEventType *ret_type, size_t *ret_size)
+{
+	if (!c->exec_started || c->exec_over)
+		return fail(c, -ECHILD, "no process runs on this connection");
+	if (!c->peeked) {
+		int r = conn_next(c, 0, &c->peeked);
+		if (r <= 0)
+			return r;
+	}
+	switch (c->peeked->kind_case) {
+	case EMBER__GUEST__V1__FRAME__KIND_STDOUT_CHUNK:
+		*ret_type = GUEST_EVENT_STDOUT;
+		*ret_size = c->peeked->stdout_chunk->data.len;
+		break;
+	case EMBER__GUEST__V1__FRAME__KIND_STDERR_CHUNK:
+		*ret_type = GUEST_EVENT_STDERR;
+		*ret_size = c->peeked->stderr_chunk->data.len;
+		break;
+	case EMBER__GUEST__V1__FRAME__KIND_EXEC_EXIT:
+		*ret_type = GUEST_EVENT_EXIT;
+		*ret_size = 0;
+		break;
+	default:
+		/* guest_exec_next_event() says what is wrong with it */
+		*ret_type = _GUEST_EVENT_INVALID;
+		*ret_size = 0;
+		break;
+	}
+	return 1;
+}
+
 int guest_exec_next_event(GuestConn *c, GuestEvent *ret, int timeout_ms)
 {
 	GuestFrame *f = NULL;
@@ -471,8 +504,9 @@ int guest_exec_next_event(GuestConn *c, GuestEvent *ret, int timeout_ms)
 	guest_frame_free(TAKE_PTR(c->last));
 	if (!c->exec_started || c->exec_over)
 		return fail(c, -ECHILD, "no process runs on this connection");
-	r = conn_next(c, timeout_ms, &f);
-	if (r <= 0)
+	if (c->peeked)
+		f = TAKE_PTR(c->peeked);
+	else if ((r = conn_next(c, timeout_ms, &f)) <= 0)
 		return r;
 	c->last = f;
 	switch (f->kind_case) {

@@ -99,6 +99,12 @@ typedef struct GuestEvent {
  * in order per stream, and EXIT last, once all output has been delivered. */
 int guest_exec_next_event(GuestConn *c, GuestEvent *ret, int timeout_ms);
 
+/* Which event comes next, and how many bytes of output it carries, without taking it and
+ * without waiting: 1 when one has arrived (the next guest_exec_next_event() returns it), 0
+ * when none has. _GUEST_EVENT_INVALID: a frame that is no event (next_event says why). For
+ * callers that gather consecutive output into larger pieces. */
+int guest_exec_peek_event(GuestConn *c, GuestEventType *ret_type, size_t *ret_size);
+
 /* Queues stdin for the process and sends what the socket takes. Returns how many bytes were
  * taken (> 0), or -EAGAIN while earlier stdin still waits for the guest, which reads it only
  * as fast as the process does: wait for guest_conn_poll_events() and try again. */

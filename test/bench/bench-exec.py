@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""make bench-exec: guest exec round trip and stdout throughput, fcsim vsock vs. direct.
+"""make bench-exec: guest exec round trip and stdout throughput: fcsim vsock, direct, emberd.
 
 Boots a busybox guest under fcsim with ember-guest as its agent (the image test_guest.py
 builds) and measures, with build/test/guest-tool:
@@ -7,8 +7,15 @@ builds) and measures, with build/test/guest-tool:
   - stdout throughput of `dd if=/dev/zero bs=1M count=MIB` (MiB/s).
 In the same run, an ember-guest started directly on this host (--unix) is measured the same
 way, running the same static busybox applets (a PATH of symlinks), so the ratio is the cost of
-fcsim's hybrid vsock path (CONNECT handshake, relay thread, container) and nothing else. These
-machines are shared and noisy: compare figures within one run.
+fcsim's hybrid vsock path (CONNECT handshake, relay thread, container) and nothing else.
+A third row goes through emberd's gRPC API: an emberd (fcsim, file backend, in a network
+namespace of its own) with one sandbox of the demo template, and Exec calls from
+build/test/exec-bench (a plain gRPC core client) over its unix socket, compared with the first
+row (guest-tool, the guest client library straight to the same kind of fcsim vsock). These machines are shared and noisy: compare figures
+within one run.
+
+--slow-reader MIB[:RATE] instead reads MIB of stdout at RATE MiB/s (default 1) through emberd and
+samples emberd's RSS every second: its memory must stay flat while the guest process blocks.
 """
 
 import argparse
@@ -38,18 +45,114 @@ def measure(tool, target, n, mib, rounds):
     return p50, p99, best
 
 
+def emberd_row(tool, n_execs, mib, rounds):
+    """p50, p99 (us) of Exec `true` and the best stdout MiB/s through emberd's gRPC API, from
+    build/test/exec-bench (a plain gRPC core client, as guest-tool is a plain C client)."""
+    from conftest import EmberdStarter, _new_workdir, _stop_procs
+    from ember.v1 import node_pb2 as S, node_pb2_grpc
+
+    d = _new_workdir()
+    procs = []
+    st = EmberdStarter(d, procs)
+    try:
+        e = st()
+        n = node_pb2_grpc.NodeStub(e.channel())
+        n.CreateSandbox(S.CreateSandboxRequest(
+            sandbox_id="bench", spec=S.SandboxSpec(template_id="demo", memory_mib=256)),
+            timeout=120)
+        target = [e.target, "bench"]
+        true_line = run_tool(tool, target, "true", str(n_execs))
+        m = re.search(r"p50=(\d+) us p99=(\d+) us", true_line)
+        best = 0.0
+        for _ in range(rounds):
+            m2 = re.search(r"= ([\d.]+) MiB/s", run_tool(tool, target, "cat", str(mib)))
+            best = max(best, float(m2.group(1)))
+        return int(m.group(1)), int(m.group(2)), best
+    finally:
+        st.close()
+        _stop_procs(procs)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def slow_reader(mib, rate):
+    """Reads `mib` MiB of a guest process's stdout through emberd at `rate` MiB/s, sampling
+    emberd's RSS once a second."""
+    import time
+
+    from conftest import EmberdStarter, _new_workdir, _stop_procs
+    from ember.v1 import node_pb2 as S, node_pb2_grpc
+
+    d = _new_workdir()
+    procs = []
+    st = EmberdStarter(d, procs)
+    try:
+        e = st()
+        n = node_pb2_grpc.NodeStub(e.channel())
+        n.CreateSandbox(S.CreateSandboxRequest(
+            sandbox_id="slow", spec=S.SandboxSpec(template_id="demo", memory_mib=256)),
+            timeout=120)
+        pid = e.proc.pid
+        rss0 = rss_kib(pid)
+        samples = []
+        call = n.Exec(iter([S.ExecRequest(start=S.ExecStart(
+            sandbox_id="slow", argv=["dd", "if=/dev/zero", "bs=65536",
+                                     f"count={mib * 16}"]))]), timeout=mib / rate * 3 + 600)
+        t0 = time.monotonic()
+        got = 0
+        next_sample = t0
+        for r in call:
+            if r.WhichOneof("msg") == "stdout_data":
+                got += len(r.stdout_data)
+            # hold the pace: sleep until the bytes read so far are due
+            due = t0 + got / (rate * (1 << 20))
+            now = time.monotonic()
+            if now >= next_sample:
+                samples.append(rss_kib(pid))
+                next_sample = now + 1
+                if len(samples) % 60 == 0:
+                    print(f"  {got >> 20} MiB read after {now - t0:.0f} s, emberd RSS "
+                          f"{samples[-1]} KiB", flush=True)
+            if due > now:
+                time.sleep(due - now)
+        took = time.monotonic() - t0
+        print(f"read {got >> 20} MiB through emberd at {got / took / (1 << 20):.2f} MiB/s in "
+              f"{took:.0f} s; emberd RSS before {rss0} KiB, during: min {min(samples)} "
+              f"max {max(samples)} KiB (+{max(samples) - rss0} KiB), {len(samples)} samples")
+    finally:
+        st.close()
+        _stop_procs(procs)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
     ap.add_argument("--execs", type=int, default=int(os.environ.get("BENCH_EXECS", 1000)))
     ap.add_argument("--mib", type=int, default=int(os.environ.get("BENCH_MIB", 1024)))
     ap.add_argument("--rounds", type=int, default=3, help="throughput runs; the best counts")
+    ap.add_argument("--slow-reader", metavar="MIB[:RATE]",
+                    default=os.environ.get("BENCH_SLOW_READER"))
     args = ap.parse_args()
     build = os.path.abspath(args.build)
     os.environ["EMBER_BUILD"] = build
     here = os.path.dirname(os.path.abspath(__file__))
+    os.environ.setdefault("EMBER_SRCDIR", os.path.abspath(os.path.join(here, "..", "..")))
     sys.path.insert(0, os.path.join(here, "..", "integration"))
+    sys.path.insert(0, os.path.join(build, "py"))
     from test_guest import start_guest  # noqa: E402
+
+    if args.slow_reader:
+        mib, _, rate = args.slow_reader.partition(":")
+        slow_reader(int(mib), float(rate or 1))
+        return
 
     tool = os.path.join(build, "test", "guest-tool")
     agent = os.path.join(build, "ember-guest")
@@ -75,11 +178,16 @@ def main():
               f"{args.rounds}), guest-tool as the client")
         s = measure(tool, sim, args.execs, args.mib, args.rounds)
         d = measure(tool, uds, args.execs, args.mib, args.rounds)
-        print(f"{'':24} {'p50 us':>8} {'p99 us':>8} {'MiB/s':>9}")
-        print(f"{'fcsim vsock (v.sock)':24} {s[0]:8} {s[1]:8} {s[2]:9.1f}")
-        print(f"{'direct unix socket':24} {d[0]:8} {d[1]:8} {d[2]:9.1f}")
-        print(f"{'ratio fcsim/direct':24} {s[0] / d[0]:8.2f} {s[1] / d[1]:8.2f} "
+        g = emberd_row(os.path.join(build, "test", "exec-bench"), args.execs, args.mib,
+                       args.rounds)
+        print(f"{'':28} {'p50 us':>8} {'p99 us':>8} {'MiB/s':>9}")
+        print(f"{'fcsim vsock (v.sock)':28} {s[0]:8} {s[1]:8} {s[2]:9.1f}")
+        print(f"{'direct unix socket':28} {d[0]:8} {d[1]:8} {d[2]:9.1f}")
+        print(f"{'emberd gRPC Exec (fcsim)':28} {g[0]:8} {g[1]:8} {g[2]:9.1f}")
+        print(f"{'ratio fcsim/direct':28} {s[0] / d[0]:8.2f} {s[1] / d[1]:8.2f} "
               f"{s[2] / d[2]:9.2f}")
+        print(f"{'ratio emberd/fcsim vsock':28} {g[0] / s[0]:8.2f} {g[1] / s[1]:8.2f} "
+              f"{g[2] / s[2]:9.2f}   (targets: p50 <= 1.5, MiB/s >= 0.80)")
     finally:
         if direct and direct.poll() is None:
             direct.terminate()
