@@ -214,20 +214,46 @@ static int flush_out(ExecCall *e)
 	return 0;
 }
 
-/* Takes the guest's events that are already here: output of one stream is gathered into
- * e->out, up to EXEC_GATHER_MAX (a guest chunk is at most 128 KiB; fewer, larger messages are
- * what makes the gRPC side fast, and nothing waits for more to come). Stops at a change of
+/* Appends data to e->out, growing it (it is kept for the life of the call: a busy stream
+ * reuses it). */
+static int out_append(ExecCall *e, const uint8_t *data, size_t size, bool is_stderr)
+{
+	if (e->out_len + size > e->out_cap) {
+		size_t cap = e->out_len + size;
+		if (cap < EXEC_GATHER_MAX)
+			cap = EXEC_GATHER_MAX;
+		uint8_t *n = realloc(e->out, cap);
+		if (!n)
+			return -ENOMEM;
+		e->out = n;
+		e->out_cap = cap;
+	}
+	memcpy(e->out + e->out_len, data, size);
+	e->out_len += size;
+	e->out_stderr = is_stderr;
+	return 0;
+}
+
+/* Takes the guest's events that are already here: output of one stream is gathered into one
+ * message of up to EXEC_GATHER_MAX (fewer, larger messages are what makes the gRPC side fast;
+ * nothing waits for more to come). A single chunk goes out straight from the guest's frame,
+ * without a copy; only gathering and a full send queue copy into e->out. Stops at a change of
  * stream, at the exit (taken only once the output before it is out) or when nothing more is
  * there. *ret_more: it stopped while events may be waiting in the connection's buffer, where
  * polling its fd would not see them. RPC_OK, or the code to end the call with. */
 static RpcCode gather_output(ExecCall *e, bool *ret_more)
 {
+	/* the last event's data, still in the connection's frame (valid until its next event) */
+	const uint8_t *held = NULL;
+	size_t held_size = 0;
+	bool held_stderr = false;
+	int r;
+
 	*ret_more = false;
 	for (int i = 0; !e->exited; i++) {
 		GuestEventType type;
 		GuestEvent ev;
 		size_t size;
-		int r;
 
 		r = guest_exec_peek_event(e->g, &type, &size);
 		if (r == 0)
@@ -235,11 +261,21 @@ static RpcCode gather_output(ExecCall *e, bool *ret_more)
 		if (r < 0)
 			return guest_session_failed(&e->s, r);
 		bool data = type == GUEST_EVENT_STDOUT || type == GUEST_EVENT_STDERR;
+		size_t have = e->out_len + held_size;
+		bool have_stderr = held ? held_stderr : e->out_stderr;
 		if (i == EXEC_EVENT_BURST ||
-		    (e->out_len > 0 && (!data || (type == GUEST_EVENT_STDERR) != e->out_stderr ||
-					e->out_len + size > EXEC_GATHER_MAX))) {
+		    (have > 0 && (!data || (type == GUEST_EVENT_STDERR) != have_stderr ||
+				  have + size > EXEC_GATHER_MAX))) {
 			*ret_more = true; /* what is gathered goes first */
 			break;
+		}
+		if (held) {
+			/* the next event frees the frame `held` points into */
+			if (out_append(e, held, held_size, held_stderr) < 0)
+				return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED,
+						      "out of memory for output");
+			held = NULL;
+			held_size = 0;
 		}
 		r = guest_exec_next_event(e->g, &ev, 0);
 		if (r == 0)
@@ -254,21 +290,37 @@ static RpcCode gather_output(ExecCall *e, bool *ret_more)
 			e->status.core_dumped = ev.core_dumped;
 			break;
 		}
-		if (e->out_len + ev.size > e->out_cap) {
-			/* kept for the life of the call: a busy stream reuses it */
-			size_t cap = e->out_len + ev.size;
-			if (cap < EXEC_GATHER_MAX)
-				cap = EXEC_GATHER_MAX;
-			uint8_t *n = realloc(e->out, cap);
-			if (!n)
+		if (e->out_len == 0) {
+			held = ev.data;
+			held_size = ev.size;
+			held_stderr = ev.type == GUEST_EVENT_STDERR;
+		} else if (out_append(e, ev.data, ev.size, ev.type == GUEST_EVENT_STDERR) < 0) {
+			return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED,
+					      "out of memory for output");
+		}
+	}
+	while (held && held_size > 0) {
+		Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
+		size_t n = held_size < EXEC_CHUNK_MAX ? held_size : EXEC_CHUNK_MAX;
+
+		resp.msg_case = held_stderr ? EMBER__V1__EXEC_RESPONSE__MSG_STDERR_DATA
+					    : EMBER__V1__EXEC_RESPONSE__MSG_STDOUT_DATA;
+		resp.stdout_data = (ProtobufCBinaryData){.len = n, .data = (uint8_t *)held};
+		r = rpc_call_send_nowait(e->call, &resp.base);
+		if (r == -EAGAIN) {
+			/* no room: it waits in e->out (empty: `held` is only set then) */
+			if (out_append(e, held, held_size, held_stderr) < 0)
 				return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED,
 						      "out of memory for output");
-			e->out = n;
-			e->out_cap = cap;
+			break;
 		}
-		memcpy(e->out + e->out_len, ev.data, ev.size);
-		e->out_len += ev.size;
-		e->out_stderr = ev.type == GUEST_EVENT_STDERR;
+		if (r < 0)
+			return r == -ECANCELED
+				       ? RPC_CANCELLED
+				       : rpc_call_error(e->call, RPC_INTERNAL,
+							"cannot queue output: %s", strerror(-r));
+		held += n;
+		held_size -= n;
 	}
 	return RPC_OK;
 }

@@ -121,7 +121,8 @@ struct RpcCall {
 	bool recv_in_flight, recv_ok, recv_eof;
 	bool recv_ready; /* a receive completed and its result was not taken yet */
 
-	int notify_fd; /* eventfd for rpc_call_notify_fd(), -1 until asked for */
+	int notify_fd;     /* eventfd for rpc_call_notify_fd(), -1 until asked for */
+	bool send_refused; /* rpc_call_send_nowait() said -EAGAIN: room is news to it */
 
 	bool end_on_drain; /* rpc_call_end_on_drain() */
 
@@ -403,7 +404,15 @@ static void on_send_done(Tag *tag, bool ok)
 		call_kill_locked(c);
 	else
 		call_pump_locked(c);
-	call_signal_locked(c);
+	/* Blocked senders wait on the condition; a poll-loop handler is woken through its
+	 * notify fd only when it was refused room (or the call died): a send that simply
+	 * completed is nothing it waits for, and waking it for each would cost a context
+	 * switch per message. */
+	pthread_cond_broadcast(&c->cond);
+	if (c->notify_fd >= 0 && c->send_refused) {
+		c->send_refused = false;
+		(void)eventfd_write(c->notify_fd, 1);
+	}
 	pthread_mutex_unlock(&c->mu);
 	call_unref(c);
 }
@@ -1305,6 +1314,7 @@ static int call_send(RpcCall *c, const ProtobufCMessage *msg, bool wait)
 	       (c->queued_bytes + size > c->server->opts.stream_high_water_bytes ||
 		c->queued_msgs >= STREAM_MAX_QUEUED_MSGS)) {
 		if (!wait) {
+			c->send_refused = true;
 			pthread_mutex_unlock(&c->mu);
 			return -EAGAIN;
 		}
