@@ -40,6 +40,7 @@
 #define REQUESTS_PER_METHOD    4
 #define WORKER_IDLE_EXIT_SEC   30
 #define STREAM_MAX_QUEUED_MSGS 1024
+#define STREAM_RECV_WINDOW     (1 << 20)
 /* Stream handlers wait most of their life: a small stack keeps a thousand of them cheap in
  * address space. ASan's redzones need the default. */
 #if defined(__SANITIZE_ADDRESS__)
@@ -917,6 +918,12 @@ int rpc_server_new(const RpcServerOptions *opts, RpcServer **ret)
 		 * GOAWAY too_many_pings (trap 7). */
 		INT_ARG(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
 			(int)s->opts.min_ping_interval_ms),
+		/* What a client may send on a stream before emberd reads it is what emberd
+		 * buffers for that stream. gRPC's BDP probing grows that window to many MiB per
+		 * stream (8 MiB measured with a process that did not read its stdin); a fixed
+		 * window keeps it at STREAM_RECV_WINDOW, which still fills a local link. */
+		INT_ARG(GRPC_ARG_HTTP2_BDP_PROBE, 0),
+		INT_ARG(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, STREAM_RECV_WINDOW),
 	};
 #undef INT_ARG
 	grpc_channel_args cargs = {.num_args = ELEMENTSOF(args), .args = args};

@@ -118,7 +118,6 @@ def test_not_yet_implemented_rpcs_say_so(start_emberd):
         stub = node_pb2_grpc.NodeStub(ch)
         calls = [
             lambda: list(stub.PullTemplate(node_pb2.PullTemplateRequest(), timeout=5)),
-            lambda: list(stub.Exec(iter([node_pb2.ExecRequest()]), timeout=5)),
         ]
         for call in calls:
             with pytest.raises(grpc.RpcError) as ei:

@@ -386,6 +386,40 @@ def test_slow_reader_back_pressure(node):
     assert grown < 16 * 1024, f"emberd grew {grown} KiB while the client did not read"
 
 
+def test_stdin_back_pressure(node):
+    """A process that does not read its stdin for a while: emberd takes the client's next
+    message only once the guest took the last, so the client's sends stall (nothing piles up
+    in emberd), and every byte arrives once the process reads."""
+    n = node.stub
+    pulled = []
+    gate = threading.Event()
+
+    def reqs():
+        yield S.ExecRequest(start=S.ExecStart(sandbox_id="ex1", stdin=True, argv=[
+            "sh", "-c", "sleep 2; wc -c"]))
+        for _ in range(64):
+            pulled.append(1)
+            yield S.ExecRequest(stdin_data=b"x" * MiB)
+        gate.wait(60)  # half-close only once the test looked
+
+    rss0 = rss_kib(emberd_pid(node))
+    call = n.Exec(reqs(), timeout=120 * SLOW)
+    out = []
+    t = threading.Thread(target=lambda: out.extend(call), daemon=True)
+    t.start()
+    time.sleep(1.2)
+    taken, grown = len(pulled), rss_kib(emberd_pid(node)) - rss0
+    gate.set()
+    t.join(60 * SLOW)
+    print(f"{taken} MiB of stdin taken from the client while the process slept; emberd RSS "
+          f"grew {grown} KiB")
+    assert taken < 48, f"{taken} MiB taken while nobody read them"
+    assert grown < 16 * 1024, grown
+    data = b"".join(r.stdout_data for r in out if r.WhichOneof("msg") == "stdout_data")
+    assert data.strip() == str(64 * MiB).encode()
+    assert out[-1].WhichOneof("msg") == "exit" and out[-1].exit.exit_code == 0
+
+
 def test_50_concurrent_execs_across_10_sandboxes(node):
     n = node.stub
     ids = [f"cc{i}" for i in range(10)]
