@@ -8,6 +8,8 @@
  *   events.c       revisions and the bounded event log behind WatchSandboxes
  *   recover.c      start-up: records, adoption of live VMMs, reclaim of leftovers
  *   node-sandbox.c the protobuf mapping and the gRPC handlers
+ *   node-exec.c    Exec, and the guest session Exec, WriteFile and ReadFile share
+ *   node-files.c   WriteFile and ReadFile
  *
  * Locking: one manager mutex (Manager.lock) guards the registries and every Sandbox and
  * Template field marked (L). It is never held across slow work (process start, disk, network,
