@@ -436,9 +436,11 @@ check-integration: all
 # VM-only tests (device-mapper, later systemd): one boot for all of them. emberd's network
 # slots need veth, tun and nftables with NAT in the VM's kernel.
 VM_MODULES := loop,dm-mod,dm-snapshot,ext4,veth,tun,nf_tables,nft_chain_nat,nft_nat,nft_ct,nft_masq
+# 4 GiB: test_emberd_dm.py runs 20 forks of a 128 MiB guest, whose memory ember-uffd fills.
 check-vm: all
 	@rm -f $(B)/asan.* $(B)/ubsan.*
-	$(PYTEST_ENV) test/vm/run --timeout 1200 --modules $(VM_MODULES) -- $(PYTHON) -m pytest -q -p no:cacheprovider \
+	$(PYTEST_ENV) test/vm/run --timeout 1200 --mem 4096 --modules $(VM_MODULES) -- \
+		$(PYTHON) -m pytest -q -p no:cacheprovider \
 		--color=no test/vm $(PYTEST_ARGS)
 	@if ls $(B)/asan.* $(B)/ubsan.* >/dev/null 2>&1; then \
 		echo "sanitizer reports:"; cat $(B)/asan.* $(B)/ubsan.* 2>/dev/null; exit 1; fi
