@@ -33,6 +33,11 @@
 #define EXEC_EVENT_BURST 16 /* guest frames per turn before stdin gets its turn */
 /* Output gathered into one message: at most this much (plus one guest chunk) per call. */
 #define EXEC_GATHER_MAX (512u << 10)
+/* Frames for the guest (stdin, signals, resizes) queued before the client's next request
+ * waits: what the guest does not read must not pile up in emberd. */
+#define EXEC_CONTROL_QUEUE_MAX (256u << 10)
+#define EXEC_ARG_MAX           ((size_t)128 << 10) /* one argument (Linux's MAX_ARG_STRLEN) */
+#define EXEC_ARGS_TOTAL_MAX    ((size_t)2 << 20)   /* argv and env together */
 /* A broken guest connection while the sandbox is still RUNNING: how long to wait for the
  * manager to notice the VMM's exit (ABORTED) before calling the guest unreachable. */
 #define GUEST_SETTLE_MS 1000
@@ -48,8 +53,9 @@ typedef struct ExecCall {
 	bool stdin_open;  /* the process's stdin is open and we may write it */
 	bool stdin_close; /* close it once `in` is written (close_stdin or half-close) */
 	bool tty;
-	bool client_done; /* the client half-closed: no more requests */
-	uint8_t *in;      /* stdin bytes the guest has not taken yet */
+	bool client_done;  /* the client half-closed: no more requests */
+	bool write_closed; /* the guest stopped reading: nothing more is sent to it */
+	uint8_t *in;       /* stdin bytes the guest has not taken yet */
 	size_t in_off, in_len;
 
 	uint8_t *out; /* output gathered for the client, out[out_off..out_len) not yet queued */
@@ -149,42 +155,56 @@ bool guest_session_running(GuestSession *s)
 
 RpcCode guest_session_failed(GuestSession *s, int r)
 {
-	uint64_t deadline = now_ms() + GUEST_SETTLE_MS;
-	int fd = rpc_call_notify_fd(s->call);
+	const char *why = s->g ? guest_conn_error(s->g) : strerror(-r);
 
-	if (s->g && guest_conn_refused(s->g)) {
-		/* The guest answered: the request's fault, said in the guest's words. */
+	/* our own failures first: they say nothing about the guest */
+	if (r == -ENOMEM)
+		return rpc_call_error(s->call, RPC_RESOURCE_EXHAUSTED, "sandbox %s: %s: %s",
+				      s->sb->id, s->what, why);
+	if (r == -E2BIG)
+		return rpc_call_error(s->call, RPC_INVALID_ARGUMENT, "sandbox %s: %s: %s",
+				      s->sb->id, s->what, why);
+	bool refused = s->g && guest_conn_refused(s->g);
+	if (refused && !s->streaming) {
+		/* The guest answered the request: the request's fault, in the guest's words. */
 		RpcCode code = r == -ENOENT                                 ? RPC_NOT_FOUND
 			       : r == -EACCES || r == -EPERM || r == -EROFS ? RPC_PERMISSION_DENIED
 			       : r == -ENOSPC || r == -EDQUOT || r == -EFBIG
 				       ? RPC_RESOURCE_EXHAUSTED
 				       : RPC_FAILED_PRECONDITION;
-		return rpc_call_error(s->call, code, "sandbox %s: %s: %s", s->sb->id, s->what,
-				      guest_conn_error(s->g));
+		return rpc_call_error(s->call, code, "sandbox %s: %s: %s", s->sb->id, s->what, why);
 	}
+	if (!guest_session_running(s))
+		return guest_session_aborted(s);
 	/* The guest broke the protocol (a frame too large or too costly to parse, garbage, a
-	 * second Hello, more file bytes than declared): its fault, said as such. */
-	if (r == -EMSGSIZE || r == -ENOBUFS || r == -EBADMSG || r == -EPROTO)
+	 * second Hello, an error in the middle of a stream, more file bytes than declared):
+	 * its fault, said as such. */
+	if (refused || r == -EMSGSIZE || r == -ENOBUFS || r == -EBADMSG || r == -EPROTO ||
+	    r == -EOVERFLOW)
 		return rpc_call_error(
 			s->call, RPC_UNAVAILABLE,
 			"sandbox %s: the guest agent broke the protocol during %s: %s "
 			"(the connection was closed)",
-			s->sb->id, s->what, s->g ? guest_conn_error(s->g) : strerror(-r));
+			s->sb->id, s->what, why);
 	/* The connection broke. When that is because the sandbox stopped running, say so (its
 	 * VMM's exit may reach the manager a moment after the connection broke). */
-	while (fd >= 0 && guest_session_running(s) && now_ms() < deadline &&
-	       !rpc_call_is_cancelled(s->call)) {
+	int fd = rpc_call_notify_fd(s->call);
+	int64_t deadline = (int64_t)now_ms() + GUEST_SETTLE_MS;
+	for (;;) {
+		int64_t left = deadline - (int64_t)now_ms();
+		if (fd < 0 || left <= 0 || rpc_call_is_cancelled(s->call))
+			break;
 		struct pollfd p = {.fd = fd, .events = POLLIN};
-		rpc_call_notify_clear(s->call);
+		(void)rpc_call_notify_clear(s->call);
 		if (!guest_session_running(s))
 			break;
-		(void)poll(&p, 1, (int)(deadline - now_ms()));
+		(void)poll(&p, 1, (int)left);
 	}
 	if (!guest_session_running(s))
 		return guest_session_aborted(s);
 	return rpc_call_error(s->call, RPC_UNAVAILABLE,
 			      "sandbox %s: lost the guest agent during %s: %s", s->sb->id, s->what,
-			      s->g ? guest_conn_error(s->g) : strerror(-r));
+			      why);
 }
 
 /* ---- Exec ---- */
@@ -332,21 +352,41 @@ static RpcCode start_spec(RpcCall *call, const Ember__V1__ExecStart *start, Gues
 	const Google__Protobuf__Duration *t = start->timeout;
 	RpcCode code;
 
+	size_t total = 0;
+
 	if (start->n_argv == 0)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "start.argv is empty");
-	for (size_t i = 0; i < start->n_argv; i++)
-		if (strlen(start->argv[i]) > ((size_t)128 << 10))
+	for (size_t i = 0; i < start->n_argv; i++) {
+		size_t len = strlen(start->argv[i]);
+		if (len > EXEC_ARG_MAX)
 			return rpc_call_error(call, RPC_INVALID_ARGUMENT,
 					      "start.argv[%zu] is longer than 128 KiB", i);
+		total += len + 1;
+	}
 	if (start->argv[0][0] == '\0')
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "start.argv[0] is empty");
 	if (t && (t->seconds < 0 || t->nanos < 0))
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "start.timeout is negative");
-	if (start->cwd && strlen(start->cwd) > PATH_MAX)
+	if (t && t->nanos > 999999999)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "start.timeout.nanos is above 999999999");
+	if (start->rows > 65535 || start->cols > 65535)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "start.rows and start.cols are at most 65535");
+	if (start->cwd && strlen(start->cwd) >= PATH_MAX)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "start.cwd is too long");
 	code = kv_from_pb(call, "start.env", KV_ENV, start->env, start->n_env, ret_env);
 	if (code != RPC_OK)
 		return code;
+	for (size_t i = 0; i < ret_env->n; i++)
+		total += strlen(ret_env->items[i].key) + strlen(ret_env->items[i].value) + 2;
+	/* Linux's own limit on what execve takes is about this (a quarter of an 8 MiB stack) */
+	if (total > EXEC_ARGS_TOTAL_MAX) {
+		kv_list_done(ret_env);
+		return rpc_call_error(
+			call, RPC_INVALID_ARGUMENT,
+			"start.argv and start.env add up to %zu bytes, more than 2 MiB", total);
+	}
 
 	*spec = (GuestExecSpec){
 		.cwd = start->cwd && start->cwd[0] ? start->cwd : NULL,
@@ -361,7 +401,10 @@ static RpcCode start_spec(RpcCall *call, const Ember__V1__ExecStart *start, Gues
 	};
 	if (t && (t->seconds > 0 || t->nanos > 0)) {
 		/* Rounded up to whole milliseconds; a limit beyond ~49 days is none in practice */
-		uint64_t ms = (uint64_t)t->seconds * 1000 + ((uint64_t)t->nanos + 999999) / 1000000;
+		uint64_t ms = (uint64_t)t->seconds > UINT_MAX / 1000
+				      ? UINT_MAX
+				      : (uint64_t)t->seconds * 1000 +
+						((uint64_t)t->nanos + 999999) / 1000000;
 		spec->timeout_ms = ms > UINT_MAX ? UINT_MAX : (unsigned)ms;
 	}
 	return RPC_OK;
@@ -405,6 +448,28 @@ static void strv_free(char **v)
 	free(v);
 }
 
+/* The guest stopped reading (-EPIPE from a write): the process is on its way out, its last
+ * output and exit may still come. Nothing more goes to it. */
+static void guest_write_closed(ExecCall *e)
+{
+	e->write_closed = true;
+	e->stdin_open = false;
+	free(e->in);
+	e->in = NULL;
+	e->in_len = e->in_off = 0;
+}
+
+/* What a failed write to the guest means: 0 to go on (the guest stopped reading; its
+ * output is read to the end), or the code to end the call with. */
+static RpcCode write_failed(ExecCall *e, int r)
+{
+	if (r == -EPIPE) {
+		guest_write_closed(e);
+		return RPC_OK;
+	}
+	return guest_session_failed(&e->s, r);
+}
+
 /* One client message after `start`. RPC_OK to go on. */
 static RpcCode handle_request(ExecCall *e, Ember__V1__ExecRequest *req)
 {
@@ -442,13 +507,15 @@ static RpcCode handle_request(ExecCall *e, Ember__V1__ExecRequest *req)
 			e->stdin_close = true;
 		return RPC_OK;
 	case EMBER__V1__EXEC_REQUEST__MSG_RESIZE:
+		/* node.proto: ignored without a tty (clients forward window changes blindly) */
+		if (!e->tty)
+			return RPC_OK;
 		if (req->resize->rows < 1 || req->resize->cols < 1 || req->resize->rows > 65535 ||
 		    req->resize->cols > 65535)
 			return rpc_call_error(e->call, RPC_INVALID_ARGUMENT,
 					      "resize to %u x %u: rows and cols must be 1-65535",
 					      req->resize->rows, req->resize->cols);
-		if (e->tty)
-			r = guest_exec_resize(e->g, req->resize->rows, req->resize->cols);
+		r = guest_exec_resize(e->g, req->resize->rows, req->resize->cols);
 		break;
 	case EMBER__V1__EXEC_REQUEST__MSG_SIGNAL:
 		if (req->signal->signal < 1 || req->signal->signal > 64)
@@ -462,12 +529,21 @@ static RpcCode handle_request(ExecCall *e, Ember__V1__ExecRequest *req)
 				      "a request with none of start, stdin_data, close_stdin, "
 				      "resize or signal set");
 	}
-	return r < 0 ? guest_session_failed(&e->s, r) : RPC_OK;
+	return r < 0 ? write_failed(e, r) : RPC_OK;
+}
+
+static RpcCode queue_failed(ExecCall *e, int r)
+{
+	return r == -ECANCELED ? RPC_CANCELLED
+			       : rpc_call_error(e->call, RPC_INTERNAL, "cannot queue output: %s",
+						strerror(-r));
 }
 
 static RpcCode relay(ExecCall *e)
 {
 	int notify = rpc_call_notify_fd(e->call);
+	bool check_state = true;
+	RpcCode code;
 
 	if (notify < 0)
 		return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED, "cannot make an eventfd: %s",
@@ -475,28 +551,25 @@ static RpcCode relay(ExecCall *e)
 	for (;;) {
 		int r;
 
-		rpc_call_notify_clear(e->call);
+		/* The sandbox's state changes wake the call through its notify fd (a Waiter):
+		 * the manager's lock is taken only then, not on every turn. */
+		if (rpc_call_notify_clear(e->call))
+			check_state = true;
 		if (rpc_call_is_cancelled(e->call))
 			return RPC_CANCELLED;
-		if (!guest_session_running(&e->s))
+		if (check_state && !guest_session_running(&e->s))
 			return guest_session_aborted(&e->s);
+		check_state = false;
 
 		/* client <- guest: what waits goes first; only then is more taken */
 		if ((r = flush_out(e)) < 0)
-			return r == -ECANCELED
-				       ? RPC_CANCELLED
-				       : rpc_call_error(e->call, RPC_INTERNAL,
-							"cannot queue output: %s", strerror(-r));
+			return queue_failed(e, r);
 		bool more = false;
 		if (e->out_len == 0) {
-			RpcCode code = gather_output(e, &more);
-			if (code != RPC_OK)
+			if ((code = gather_output(e, &more)) != RPC_OK)
 				return code;
 			if ((r = flush_out(e)) < 0)
-				return r == -ECANCELED ? RPC_CANCELLED
-						       : rpc_call_error(e->call, RPC_INTERNAL,
-									"cannot queue output: %s",
-									strerror(-r));
+				return queue_failed(e, r);
 		}
 		if (e->exited && e->out_len == 0) {
 			Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
@@ -506,14 +579,18 @@ static RpcCode relay(ExecCall *e)
 			if (r == 0)
 				return RPC_OK;
 			if (r != -EAGAIN)
-				return RPC_CANCELLED;
+				return queue_failed(e, r);
 		}
 
-		/* client -> guest: what waits in the connection's buffer goes first, so that
-		 * stdin that the guest refused earlier (-EAGAIN) is retried after it */
-		if (!e->exited && (r = guest_conn_flush(e->g)) < 0 && r != -EAGAIN)
-			return guest_session_failed(&e->s, r);
-		if (e->in_len > 0 && !e->exited) {
+		/* client -> guest, while the process runs: what waits in the connection's
+		 * buffer goes first, so that stdin the guest refused earlier (-EAGAIN) is
+		 * retried after it */
+		bool writing = !e->exited && !e->write_closed;
+		if (writing && (r = guest_conn_flush(e->g)) < 0 && r != -EAGAIN &&
+		    (code = write_failed(e, r)) != RPC_OK)
+			return code;
+		writing = !e->exited && !e->write_closed;
+		if (writing && e->in_len > 0) {
 			ssize_t n = guest_exec_write_stdin(e->g, e->in + e->in_off,
 							   e->in_len - e->in_off);
 			if (n > 0) {
@@ -523,16 +600,22 @@ static RpcCode relay(ExecCall *e)
 					e->in = NULL;
 					e->in_len = e->in_off = 0;
 				}
-			} else if (n != -EAGAIN) {
-				return guest_session_failed(&e->s, (int)n);
+			} else if (n != -EAGAIN && (code = write_failed(e, (int)n)) != RPC_OK) {
+				return code;
 			}
 		}
-		if (e->in_len == 0 && e->stdin_close && e->stdin_open && !e->exited) {
-			if ((r = guest_exec_close_stdin(e->g)) < 0)
-				return guest_session_failed(&e->s, r);
+		writing = !e->exited && !e->write_closed;
+		if (writing && e->in_len == 0 && e->stdin_close && e->stdin_open) {
+			if ((r = guest_exec_close_stdin(e->g)) < 0 &&
+			    (code = write_failed(e, r)) != RPC_OK)
+				return code;
 			e->stdin_open = false;
 		}
-		if (e->in_len == 0 && !e->client_done) {
+		/* The client's next request only once the guest took what came before (stdin
+		 * and control frames both: a flood of signals must not pile up here either),
+		 * and none after the exit: nothing could be done with it. */
+		if (e->in_len == 0 && !e->client_done && !e->exited &&
+		    guest_conn_pending_out(e->g) < EXEC_CONTROL_QUEUE_MAX) {
 			Ember__V1__ExecRequest *req = NULL;
 			r = rpc_call_recv_nowait(e->call, (ProtobufCMessage **)&req);
 			if (r == 0) {
@@ -549,7 +632,7 @@ static RpcCode relay(ExecCall *e)
 			if (r < 0 && r != -EAGAIN)
 				return RPC_CANCELLED;
 			if (r > 0) {
-				RpcCode code = handle_request(e, req);
+				code = handle_request(e, req);
 				protobuf_c_message_free_unpacked(&req->base, NULL);
 				if (code != RPC_OK)
 					return code;
@@ -557,23 +640,29 @@ static RpcCode relay(ExecCall *e)
 			}
 		}
 
-		if (!e->exited && (r = guest_conn_flush(e->g)) < 0 && r != -EAGAIN)
-			return guest_session_failed(&e->s, r);
+		writing = !e->exited && !e->write_closed;
+		if (writing && (r = guest_conn_flush(e->g)) < 0 && r != -EAGAIN &&
+		    (code = write_failed(e, r)) != RPC_OK)
+			return code;
+		writing = !e->exited && !e->write_closed;
 		/* stdin still waiting and the connection's buffer empty, or guest events already
 		 * read and the send queue has room: go on now rather than wait for an event
 		 * that would not come */
-		if (e->in_len > 0 && !e->exited && !(guest_conn_poll_events(e->g) & POLLOUT))
+		if (writing && e->in_len > 0 && !(guest_conn_poll_events(e->g) & POLLOUT))
 			continue;
 		if (more && e->out_len == 0)
 			continue;
 
-		struct pollfd p[2] = {{.fd = notify, .events = POLLIN},
-				      {.fd = guest_conn_fd(e->g)}};
+		/* The guest's fd only when its readiness is something to act on: poll reports
+		 * a closed peer (POLLHUP) whatever is asked, and would return at once for ever
+		 * while output waits for the client or the exit is already in hand. */
 		short want = guest_conn_poll_events(e->g);
-		/* Output waiting for room in the send queue: the guest's next frame waits too. */
 		if (e->out_len > 0 || e->exited)
 			want &= (short)~POLLIN;
-		p[1].events = want;
+		if (!writing)
+			want &= (short)~POLLOUT;
+		struct pollfd p[2] = {{.fd = notify, .events = POLLIN},
+				      {.fd = want ? guest_conn_fd(e->g) : -1, .events = want}};
 		(void)poll(p, 2, -1);
 	}
 }
@@ -644,6 +733,7 @@ RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 	}
 	e.tty = spec.tty;
 	e.want_stdin = e.stdin_open = spec.stdin;
+	e.s.streaming = true;
 
 	started.pid = (uint32_t)pid;
 	resp.msg_case = EMBER__V1__EXEC_RESPONSE__MSG_STARTED;

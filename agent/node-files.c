@@ -21,16 +21,18 @@
 #include "guest/client/guest-client.h"
 #include "node-sandbox.h"
 
-#define FILE_CHUNK_MAX (1u << 20) /* node.proto: data chunks of at most 1 MiB */
+#define FILE_CHUNK_MAX         (1u << 20) /* node.proto: data chunks of at most 1 MiB */
+#define FILE_STEP_TIMEOUT_MS   30000      /* for the guest to take or send one chunk */
+#define FILE_SYNC_BYTES_PER_MS 10000      /* 10 MB/s: the slowest disk fsync waits for */
 
 static RpcCode path_check(RpcCall *call, const char *path)
 {
 	if (!path || path[0] != '/')
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
 				      "path \"%.200s\" is not an absolute path", path ?: "");
-	if (strlen(path) > PATH_MAX)
+	if (strlen(path) >= PATH_MAX)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "path is longer than %d bytes",
-				      PATH_MAX);
+				      PATH_MAX - 1);
 	return RPC_OK;
 }
 
@@ -79,6 +81,9 @@ RpcCode node_write_file(RpcCall *call, const ProtobufCMessage *request, Manager 
 	}
 	if ((code = guest_session_open(&s, m, call, h->sandbox_id, what)) != RPC_OK)
 		goto out;
+	/* Each chunk goes to the guest's page cache: it should take it at once, but a guest
+	 * writing back a lot may be slow to, and that is no reason to give up. */
+	guest_conn_set_timeout(s.g, FILE_STEP_TIMEOUT_MS);
 	GuestFileAttrs attrs = {.mode = h->mode ? (int)h->mode : 0644,
 				.set_owner = true,
 				.uid = h->uid,
@@ -144,6 +149,10 @@ RpcCode node_write_file(RpcCall *call, const ProtobufCMessage *request, Manager 
 		code = RPC_CANCELLED;
 		goto out;
 	}
+	/* The guest fsyncs the whole file before it answers: time for that, at a slow disk's
+	 * pace. Were the wait cut short, the call would fail while the guest may still
+	 * rename the file into place. */
+	guest_conn_set_timeout(s.g, FILE_STEP_TIMEOUT_MS + (int)(size / FILE_SYNC_BYTES_PER_MS));
 	if ((r = guest_file_write_end(s.g, &resp.size)) < 0) {
 		code = guest_session_failed(&s, r);
 		goto out;
@@ -177,6 +186,7 @@ RpcCode node_read_file(RpcCall *call, const ProtobufCMessage *request, Manager *
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
 	if ((code = guest_session_open(&s, m, call, req->sandbox_id, what)) != RPC_OK)
 		goto out;
+	guest_conn_set_timeout(s.g, FILE_STEP_TIMEOUT_MS);
 	if ((r = guest_file_read_begin(s.g, req->path, &info)) < 0) {
 		code = guest_session_failed(&s, r);
 		goto out;
@@ -202,11 +212,15 @@ RpcCode node_read_file(RpcCall *call, const ProtobufCMessage *request, Manager *
 		const uint8_t *data;
 		size_t n;
 
+		if (rpc_call_is_cancelled(call)) {
+			code = RPC_CANCELLED;
+			goto out;
+		}
 		r = guest_file_read_next(s.g, &data, &n);
 		if (r == 0)
 			break;
-		/* the guest sent more or fewer bytes than it declared, or garbage */
-		if ((r == -EPROTO || r == -ENODATA) && !guest_conn_refused(s.g)) {
+		/* the guest sent more or fewer bytes than it declared */
+		if ((r == -EOVERFLOW || r == -ENODATA) && !guest_conn_refused(s.g)) {
 			code = rpc_call_error(call, RPC_DATA_LOSS, "sandbox %s: %s", s.sb->id,
 					      guest_conn_error(s.g));
 			goto out;

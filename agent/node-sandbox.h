@@ -50,6 +50,9 @@ typedef struct GuestSession {
 	Waiter waiter;
 	GuestConn *g;
 	const char *what; /* "the process sh", "writing /etc/x": for messages */
+	/* The guest accepted the request and a stream runs (Exec after its start): an Error
+	 * from the guest is then a protocol break, not the request's fault. */
+	bool streaming;
 } GuestSession;
 /* NOT_FOUND, FAILED_PRECONDITION (not RUNNING), UNAVAILABLE (no guest agent), or RPC_OK with
  * s->g connected (its Hello not yet read). Close it in any case. */
@@ -59,10 +62,12 @@ void guest_session_close(GuestSession *s);
 bool guest_session_running(GuestSession *s);
 /* ABORTED: the sandbox left RUNNING during the call. */
 RpcCode guest_session_aborted(GuestSession *s);
-/* A guest call failed with r: the guest's refusal mapped to a code (NOT_FOUND for ENOENT,
+/* A guest call failed with r: RESOURCE_EXHAUSTED or INVALID_ARGUMENT for our own -ENOMEM and
+ * -E2BIG; the guest's refusal of a request mapped to a code (NOT_FOUND for ENOENT,
  * PERMISSION_DENIED for EACCES, EPERM and EROFS, RESOURCE_EXHAUSTED for a full disk, else
- * FAILED_PRECONDITION), ABORTED
- * when the sandbox stopped running, else UNAVAILABLE. */
+ * FAILED_PRECONDITION); ABORTED when the sandbox stopped running; UNAVAILABLE when the guest
+ * broke the protocol or the connection was lost (after a short wait for the sandbox's state,
+ * which a VMM's exit reaches a moment after the connection broke). */
 RpcCode guest_session_failed(GuestSession *s, int r);
 
 RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m);

@@ -1331,18 +1331,24 @@ static int call_send(RpcCall *c, const ProtobufCMessage *msg, bool wait)
 		pthread_mutex_unlock(&c->mu);
 		return -ECANCELED;
 	}
-	/* Packed under the lock: the check above and the queueing below must agree, and
-	 * packing is a copy of what the handler built. */
+	/* Packed outside the lock, which the poller takes for every completion of this call:
+	 * the room found above stays (only the call's one sender adds to the queue). */
+	pthread_mutex_unlock(&c->mu);
 	item = calloc(1, sizeof(*item));
-	if (!item) {
-		pthread_mutex_unlock(&c->mu);
+	if (!item)
 		return -ENOMEM;
-	}
 	slice = grpc_slice_malloc(size);
 	protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
 	item->buf = grpc_raw_byte_buffer_create(&slice, 1);
 	grpc_slice_unref(slice);
 	item->size = size;
+	pthread_mutex_lock(&c->mu);
+	if (c->dead) {
+		pthread_mutex_unlock(&c->mu);
+		grpc_byte_buffer_destroy(item->buf);
+		free(item);
+		return -ECANCELED;
+	}
 	if (c->queue_tail)
 		c->queue_tail->next = item;
 	else
@@ -1463,14 +1469,15 @@ int rpc_call_notify_fd(RpcCall *c)
 	return r;
 }
 
-void rpc_call_notify_clear(RpcCall *c)
+bool rpc_call_notify_clear(RpcCall *c)
 {
-	eventfd_t v;
+	eventfd_t v = 0;
 
 	pthread_mutex_lock(&c->mu);
-	if (c->notify_fd >= 0)
-		(void)eventfd_read(c->notify_fd, &v);
+	if (c->notify_fd >= 0 && eventfd_read(c->notify_fd, &v) < 0)
+		v = 0;
 	pthread_mutex_unlock(&c->mu);
+	return v > 0;
 }
 
 int rpc_call_wait(RpcCall *c, int64_t timeout_ms)

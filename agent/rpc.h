@@ -134,19 +134,22 @@ int rpc_call_send(RpcCall *call, const ProtobufCMessage *msg);
  * -EBADMSG when the bytes do not parse as the method's input type. gRPC core may also report a
  * cancellation as the end of the stream (0); where the difference matters (stdin EOF versus a
  * vanished client), the next rpc_call_send() or rpc_call_is_cancelled() tells. */
-int rpc_call_recv(RpcCall *call, ProtobufCMessage **ret); /* one reader at a time */
+/* One reader at a time (not checked: two would each take some of the messages). */
+int rpc_call_recv(RpcCall *call, ProtobufCMessage **ret);
 
 /* For handlers that wait on the call and on fds of their own (Exec: the guest connection) in
  * one poll loop, on one thread:
  *   rpc_call_notify_fd()    an eventfd that becomes readable whenever something the handler may
- *                           wait for happened: a message arrived, queued replies left,
- *                           cancellation, rpc_call_wake(). Owned by the call.
- *   rpc_call_notify_clear() resets it; clear first, then try the calls below, then poll.
+ *                           wait for happened: a message arrived, room in the send queue after
+ *                           rpc_call_send_nowait() was refused it, cancellation,
+ *                           rpc_call_wake(). Owned by the call; readable at first.
+ *   rpc_call_notify_clear() resets it, saying whether it was set; clear first, then try the
+ *                           calls below, then poll.
  *   rpc_call_send_nowait()  as rpc_call_send(), but -EAGAIN instead of blocking (not queued).
  *   rpc_call_recv_nowait()  as rpc_call_recv(), but -EAGAIN while the next message is on its
  *                           way (the first call asks for it: no message is read ahead). */
 int rpc_call_notify_fd(RpcCall *call);
-void rpc_call_notify_clear(RpcCall *call);
+bool rpc_call_notify_clear(RpcCall *call);
 int rpc_call_send_nowait(RpcCall *call, const ProtobufCMessage *msg);
 int rpc_call_recv_nowait(RpcCall *call, ProtobufCMessage **ret);
 

@@ -31,7 +31,8 @@ struct GuestConn {
 	GuestBuf in, out;
 	int timeout_ms;
 	bool hello_seen, broken;
-	bool refused; /* the last failure was the guest's own Error frame */
+	bool refused;      /* the last failure was the guest's own Error frame */
+	bool write_closed; /* the guest stopped reading: sends fail with -EPIPE, reads go on */
 	bool exec_started, exec_over;
 	unsigned guest_protocol;
 	char *guest_version;
@@ -124,6 +125,11 @@ void guest_conn_free(GuestConn *c)
 static int queue(GuestConn *c, const GuestFrame *f)
 {
 	int r = guest_frame_append(&c->out, f);
+	/* Ours, not the guest's: a request too large for the protocol (-E2BIG, so that it is
+	 * not mistaken for a frame too large from the guest). */
+	if (r == -EMSGSIZE)
+		return fail(c, -E2BIG, "a %s frame larger than the guest protocol's %u MiB",
+			    guest_frame_kind_name(f), GUEST_FRAME_MAX >> 20);
 	if (r < 0)
 		return fail(c, r, "cannot queue a %s frame: %s", guest_frame_kind_name(f),
 			    strerror(-r));
@@ -218,10 +224,27 @@ short guest_conn_poll_events(const GuestConn *c)
 
 int guest_conn_flush(GuestConn *c)
 {
+	if (c->write_closed) {
+		c->out.off = c->out.len = 0;
+		return -EPIPE;
+	}
 	int r = guest_buf_flush(&c->out, c->fd);
+	if (r == -EPIPE || r == -ECONNRESET) {
+		/* The guest stopped reading (it is closing the connection): what we would send
+		 * is dropped, but what it sent before is still to be read, such as the exit of
+		 * the process. Reads go on until its end of the stream. */
+		c->write_closed = true;
+		c->out.off = c->out.len = 0;
+		return fail(c, -EPIPE, "the guest closed the connection for writing");
+	}
 	if (r < 0 && r != -EAGAIN)
 		return fail_broken(c, r, "cannot send to the guest");
 	return r;
+}
+
+size_t guest_conn_pending_out(const GuestConn *c)
+{
+	return guest_buf_pending(&c->out);
 }
 
 /* The next frame that is not the guest's Hello: 1 and *ret; 0 when none came within
@@ -278,7 +301,7 @@ static int conn_next_frame(GuestConn *c, int timeout_ms, bool stop_at_hello, Gue
 		}
 
 		r = guest_conn_flush(c);
-		if (r < 0 && r != -EAGAIN)
+		if (r < 0 && r != -EAGAIN && r != -EPIPE)
 			return r;
 		/* A guest that keeps the socket readable must not keep us past the deadline:
 		 * checked once something was read in this call (timeout 0 still reads). */
@@ -289,9 +312,11 @@ static int conn_next_frame(GuestConn *c, int timeout_ms, bool stop_at_hello, Gue
 		if (r > 0)
 			continue;
 		if (r == -ECONNRESET) {
+			/* In the middle of a frame too: a connection that ends is a connection
+			 * lost (a VMM that died while output flowed), not a malformed frame. */
 			c->broken = true;
-			return fail(c, guest_buf_pending(&c->in) ? -EBADMSG : -ECONNRESET,
-				    "the guest closed the connection");
+			return fail(c, -ECONNRESET, "the guest closed the connection%s",
+				    guest_buf_pending(&c->in) ? " in the middle of a frame" : "");
 		}
 		if (r != -EAGAIN)
 			return fail_broken(c, r, "cannot read from the guest");
@@ -538,6 +563,8 @@ static int exec_control(GuestConn *c, GuestFrame *f)
 {
 	if (!c->exec_started || c->exec_over)
 		return fail(c, -ECHILD, "no process runs on this connection");
+	if (c->write_closed)
+		return fail(c, -EPIPE, "the guest closed the connection for writing");
 	int r = queue(c, f);
 	if (r < 0)
 		return r;
@@ -723,7 +750,7 @@ int guest_file_write_end(GuestConn *c, uint64_t *ret_size)
 	if (reply->kind_case != EMBER__GUEST__V1__FRAME__KIND_FILE_WRITTEN)
 		return unexpected(c, reply, "file_written");
 	if (reply->file_written->size != c->file_size)
-		return fail(c, -EIO, "guest wrote %llu bytes of %llu",
+		return fail(c, -EPROTO, "the guest says it wrote %llu bytes of %llu",
 			    (unsigned long long)reply->file_written->size,
 			    (unsigned long long)c->file_size);
 	if (ret_size)
@@ -815,8 +842,14 @@ int guest_file_read_next(GuestConn *c, const uint8_t **ret_data, size_t *ret_siz
 	if (d->file_data->data.len > c->file_declared - c->file_size) {
 		c->file_op = false;
 		c->broken = true;
-		return fail(c, -EPROTO, "the guest sent more than the %llu bytes it declared",
+		return fail(c, -EOVERFLOW, "the guest sent more than the %llu bytes it declared",
 			    (unsigned long long)c->file_declared);
+	}
+	/* An empty chunk carries nothing; endless ones would keep the reader busy for ever. */
+	if (d->file_data->data.len == 0) {
+		c->file_op = false;
+		c->broken = true;
+		return fail(c, -EPROTO, "the guest sent an empty file chunk");
 	}
 	c->file_size += d->file_data->data.len;
 	*ret_data = d->file_data->data.data;

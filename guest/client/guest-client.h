@@ -118,8 +118,12 @@ int guest_exec_signal(GuestConn *c, int sig);
  * call guest_conn_flush() when it is writable and guest_exec_next_event(…, 0) when readable. */
 int guest_conn_fd(const GuestConn *c);
 short guest_conn_poll_events(const GuestConn *c);
-/* Sends queued frames without waiting: 0 when all went out, -EAGAIN when some are left. */
+/* Sends queued frames without waiting: 0 when all went out, -EAGAIN when some are left,
+ * -EPIPE once the guest stopped reading (the connection's reads go on: what the guest sent
+ * before, such as a process's exit, can still be read). */
 int guest_conn_flush(GuestConn *c);
+/* Bytes queued for the guest and not sent yet. */
+size_t guest_conn_pending_out(const GuestConn *c);
 
 /* ---- files ---- */
 
@@ -151,6 +155,7 @@ int guest_file_read(GuestConn *c, const char *path, int fd, GuestFileInfo *ret_i
 		    uint64_t *ret_size);
 /* The same in steps: begin says the file's size, mode and owner; next gives chunk after
  * chunk (1, data valid until the next call on the connection), then 0 at the end. The guest
- * cannot send more than the size it declared (-EPROTO), and fewer is -ENODATA at the end. */
+ * cannot send more than the size it declared (-EOVERFLOW), fewer is -ENODATA at the end, an
+ * empty chunk -EPROTO. */
 int guest_file_read_begin(GuestConn *c, const char *path, GuestFileInfo *ret_info);
 int guest_file_read_next(GuestConn *c, const uint8_t **ret_data, size_t *ret_size);

@@ -10,10 +10,14 @@
  *     garbage             frames whose bodies are no protobuf, without end
  *     unknown-fields      a 200 KiB frame of two-byte unknown fields
  *     flood               128 KiB stdout chunks, without end (never exits)
+ *     error               an Error frame (ENOENT) in the middle of the process's stream
+ *     burst-close         128 KiB stdout chunks until emberd stops reading, then it hangs up
+ *                         (a closed connection with output still buffered in emberd)
  *     (anything else)     "ok\n" on stdout, then exit 0
  *   FileRead path
  *     /more               declares 10 bytes, sends 100
  *     /fewer              declares 100 bytes, sends 10
+ *     /empty              declares 10 bytes, then sends empty chunks without end
  *
  * Listens like ember-guest: /run/vsock/1024.sock under fcsim (EMBER_SIM=1), else vsock port
  * 1024. One child process per connection.
@@ -119,6 +123,23 @@ static void misbehave_exec(int fd, GuestBuf *in, GuestBuf *out, const char *mode
 		}
 		(void)write_all(fd, b, 4 + n);
 		free(b);
+	} else if (strcmp(mode, "error") == 0) {
+		stdout_chunk(fd, out, "partial\n", 8);
+		(void)guest_send_error(fd, out, ENOENT, "no such thing", TIMEOUT_MS);
+	} else if (strcmp(mode, "burst-close") == 0) {
+		static uint8_t data[GUEST_CHUNK_MAX];
+		Ember__Guest__V1__Chunk c = EMBER__GUEST__V1__CHUNK__INIT;
+		GuestFrame f = EMBER__GUEST__V1__FRAME__INIT;
+		memset(data, 'b', sizeof(data));
+		c.data.data = data;
+		c.data.len = sizeof(data);
+		f.kind_case = EMBER__GUEST__V1__FRAME__KIND_STDOUT_CHUNK;
+		f.stdout_chunk = &c;
+		/* until the socket stays full for 300 ms: emberd has stopped reading */
+		for (int i = 0; i < 512; i++)
+			if (guest_frame_send(fd, out, &f, 300) < 0)
+				break;
+		_exit(0);
 	} else if (strcmp(mode, "flood") == 0) {
 		static uint8_t data[GUEST_CHUNK_MAX];
 		memset(data, 'f', sizeof(data));
@@ -149,6 +170,20 @@ static void misbehave_read(int fd, GuestBuf *out, const char *path)
 	GuestFrame f = EMBER__GUEST__V1__FRAME__INIT;
 	static uint8_t data[100];
 	bool more = strcmp(path, "/more") == 0;
+
+	if (strcmp(path, "/empty") == 0) {
+		info.size = 10;
+		f.kind_case = EMBER__GUEST__V1__FRAME__KIND_FILE_INFO;
+		f.file_info = &info;
+		(void)send_frame(fd, out, &f);
+		c.data.data = data;
+		c.data.len = 0;
+		f.kind_case = EMBER__GUEST__V1__FRAME__KIND_FILE_DATA;
+		f.file_data = &c;
+		while (send_frame(fd, out, &f) >= 0)
+			;
+		return;
+	}
 
 	info.size = more ? 10 : 100;
 	info.mode = 0644;
