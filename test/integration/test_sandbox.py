@@ -106,6 +106,10 @@ def watch(e, since=0, timeout=60):
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
+    # A watch from 0 starts with a resync: once it is here, the watcher is registered and
+    # sees every later change (a create started earlier would otherwise be missed).
+    if since == 0:
+        wait_for(lambda: got or not t.is_alive(), 10, "the watch's first event")
     return call, got, t
 
 
