@@ -493,8 +493,12 @@ $(B)/obj/test/bench/lifecycle-direct.o: $(B)/proto/.stamp-guest-c
 bench-lifecycle: all
 	$(PYTHON) test/bench/bench-lifecycle.py --build $(B)
 # pause and resume by step, create from a snapshot against a cold create, 20 forks at once.
+# On the host (fcsim, file backend), then the 20 forks again in the VM over device-mapper, the
+# backend whose fork disk is a fresh snapshot CoW.
 bench-pause: all
 	$(PYTHON) test/bench/bench-pause.py --build $(B) $(BENCH_ARGS)
+	test/vm/run --mem 4096 --modules $(VM_MODULES) -- \
+		$(PYTHON) test/bench/bench-pause.py --build $(B) --forks-only
 
 # emberd and what it runs: fcsim (no KVM here), and the guest binaries and ember-mkrootfs for the
 # demo template.
