@@ -5,11 +5,12 @@
  * One thread per call (from the stream pool, never a unary worker), one poll loop over two fds:
  * the call's notify fd and the guest connection. Back-pressure is by not asking:
  *   guest -> client: the guest's next frame is read only once the previous output went into
- *     the call's send queue (bounded by [api] stream high water), so a slow client leaves the
- *     bytes in the guest's pipes and the process blocks writing;
+ *     the call's send queue (1 MiB, the gRPC layer's stream high-water mark), so a slow client
+ *     leaves the bytes in the guest's pipes and the process blocks writing;
  *   client -> guest: the client's next message is asked for only once the guest took the
- *     previous stdin bytes.
- * So at most one chunk each way waits in emberd per call, whatever the two ends do.
+ *     previous stdin bytes (and no more than 256 KiB of frames wait for it).
+ * So besides the send queue, at most one gathered message (512 KiB and a chunk) and one stdin
+ * message wait in emberd per call, whatever the two ends do.
  *
  * The call waits on its sandbox like the lifecycle calls (a Waiter): every state change wakes
  * it, and a sandbox that is no longer RUNNING ends it with ABORTED and no `exit`. Closing the
