@@ -19,6 +19,7 @@ samples emberd's RSS every second: its memory must stay flat while the guest pro
 """
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -45,9 +46,10 @@ def measure(tool, target, n, mib, rounds):
     return p50, p99, best
 
 
-def emberd_row(tool, n_execs, mib, rounds):
-    """p50, p99 (us) of Exec `true` and the best stdout MiB/s through emberd's gRPC API, from
-    build/test/exec-bench (a plain gRPC core client, as guest-tool is a plain C client)."""
+@contextlib.contextmanager
+def emberd_sandbox(sid):
+    """An emberd (fcsim, file backend, a network namespace of its own) with one 256 MiB
+    sandbox of the demo template: yields (Emberd, Node stub); everything goes at the end."""
     from conftest import EmberdStarter, _new_workdir, _stop_procs
     from ember.v1 import node_pb2 as S, node_pb2_grpc
 
@@ -58,8 +60,19 @@ def emberd_row(tool, n_execs, mib, rounds):
         e = st()
         n = node_pb2_grpc.NodeStub(e.channel())
         n.CreateSandbox(S.CreateSandboxRequest(
-            sandbox_id="bench", spec=S.SandboxSpec(template_id="demo", memory_mib=256)),
+            sandbox_id=sid, spec=S.SandboxSpec(template_id="demo", memory_mib=256)),
             timeout=120)
+        yield e, n
+    finally:
+        st.close()
+        _stop_procs(procs)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def emberd_row(tool, n_execs, mib, rounds):
+    """p50, p99 (us) of Exec `true` and the best stdout MiB/s through emberd's gRPC API, from
+    build/test/exec-bench (a plain gRPC core client, as guest-tool is a plain C client)."""
+    with emberd_sandbox("bench") as (e, _):
         target = [e.target, "bench"]
         true_line = run_tool(tool, target, "true", str(n_execs))
         m = re.search(r"p50=(\d+) us p99=(\d+) us", true_line)
@@ -68,18 +81,6 @@ def emberd_row(tool, n_execs, mib, rounds):
             m2 = re.search(r"= ([\d.]+) MiB/s", run_tool(tool, target, "cat", str(mib)))
             best = max(best, float(m2.group(1)))
         return int(m.group(1)), int(m.group(2)), best
-    finally:
-        st.close()
-        _stop_procs(procs)
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def slow_reader(mib, rate):
@@ -87,18 +88,10 @@ def slow_reader(mib, rate):
     emberd's RSS once a second."""
     import time
 
-    from conftest import EmberdStarter, _new_workdir, _stop_procs
-    from ember.v1 import node_pb2 as S, node_pb2_grpc
+    from conftest import rss_kib
+    from ember.v1 import node_pb2 as S
 
-    d = _new_workdir()
-    procs = []
-    st = EmberdStarter(d, procs)
-    try:
-        e = st()
-        n = node_pb2_grpc.NodeStub(e.channel())
-        n.CreateSandbox(S.CreateSandboxRequest(
-            sandbox_id="slow", spec=S.SandboxSpec(template_id="demo", memory_mib=256)),
-            timeout=120)
+    with emberd_sandbox("slow") as (e, n):
         pid = e.proc.pid
         rss0 = rss_kib(pid)
         samples = []
@@ -126,10 +119,6 @@ def slow_reader(mib, rate):
         print(f"read {got >> 20} MiB through emberd at {got / took / (1 << 20):.2f} MiB/s in "
               f"{took:.0f} s; emberd RSS before {rss0} KiB, during: min {min(samples)} "
               f"max {max(samples)} KiB (+{max(samples) - rss0} KiB), {len(samples)} samples")
-    finally:
-        st.close()
-        _stop_procs(procs)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def main():

@@ -37,6 +37,15 @@ def wait_for(pred, timeout, what, interval=0.02):
     raise AssertionError(f"timed out after {timeout * SLOW:.1f}s waiting for {what}")
 
 
+def rss_kib(pid):
+    """A process's resident memory, KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 class Proc:
     """A daemon started by a test; its stderr goes to a file the test can read."""
 

@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 
-from conftest import BUILD, SLOW, SRCDIR, wait_for
+from conftest import BUILD, SLOW, SRCDIR, rss_kib, wait_for
 
 from ember.v1 import node_pb2, node_pb2_grpc
 from google.protobuf import duration_pb2
@@ -373,14 +373,6 @@ def cpu_s(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def emberd_pid(e):

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from conftest import SLOW, wait_for
+from conftest import SLOW, rss_kib, wait_for
 
 import rpctest_pb2 as pb
 import rpctest_pb2_grpc as pbg
@@ -22,14 +22,6 @@ def stub(ch):
 def stats(target):
     with grpc.insecure_channel(target) as ch:
         return stub(ch).Stats(pb.StatsRequest(), timeout=10)
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def test_deadline_visible_to_handler(start_rpctestd):
