@@ -9,8 +9,9 @@
  *     leaves the bytes in the guest's pipes and the process blocks writing;
  *   client -> guest: the client's next message is asked for only once the guest took the
  *     previous stdin bytes (and no more than 256 KiB of frames wait for it).
- * So besides the send queue, at most one gathered message (512 KiB and a chunk) and one stdin
- * message wait in emberd per call, whatever the two ends do.
+ * So besides the send queue, at most one gathered message (1 MiB) and one stdin message wait
+ * in emberd per call, whatever the two ends do. Output is not copied on its way: the guest's
+ * chunks go to gRPC in the buffers they were read into (rpc_call_send_pieces_nowait()).
  *
  * The call waits on its sandbox like the lifecycle calls (a Waiter): every state change wakes
  * it, and a sandbox that is no longer RUNNING ends it with ABORTED and no `exit`. Closing the
@@ -32,8 +33,13 @@
 #define EXEC_CHUNK_MAX   (1u << 20) /* node.proto: chunks and stdin messages of at most 1 MiB */
 #define GUEST_CONNECT_MS 5000
 #define EXEC_EVENT_BURST 16 /* guest frames per turn before stdin gets its turn */
-/* Output gathered into one message: at most this much (plus one guest chunk) per call. */
-#define EXEC_GATHER_MAX (512u << 10)
+/* Output gathered into one message: at most an API chunk (gathering stops short of it); one
+ * message per send-queue's worth is what makes the gRPC side cheapest. */
+#define EXEC_GATHER_MAX EXEC_CHUNK_MAX
+#define EXEC_OUT_PIECES 32 /* guest chunks in one message (tiny ones come one by one) */
+_Static_assert(EXEC_OUT_PIECES <= RPC_PIECES_MAX, "a message's pieces");
+/* a first chunk is taken whatever its size: the guest's largest frame, too, is within a chunk */
+_Static_assert(GUEST_EVENT_DATA_MAX <= EXEC_CHUNK_MAX, "a guest chunk fits in an API chunk");
 /* Frames for the guest (stdin, signals, resizes) queued before the client's next request
  * waits: what the guest does not read must not pile up in emberd. */
 #define EXEC_CONTROL_QUEUE_MAX (256u << 10)
@@ -59,8 +65,10 @@ typedef struct ExecCall {
 	uint8_t *in;       /* stdin bytes the guest has not taken yet */
 	size_t in_off, in_len;
 
-	uint8_t *out; /* output gathered for the client, out[out_off..out_len) not yet queued */
-	size_t out_off, out_len, out_cap;
+	/* Output gathered for the client and not queued yet: the guest's chunks themselves,
+	 * one message's worth (out_size bytes of stdout or of stderr). */
+	RpcPiece out[EXEC_OUT_PIECES];
+	size_t n_out, out_size;
 	bool out_stderr;
 	bool exited; /* the guest reported the exit; `status` is it */
 	Ember__V1__ExecExit status;
@@ -210,64 +218,60 @@ RpcCode guest_session_failed(GuestSession *s, int r)
 
 /* ---- Exec ---- */
 
-/* Sends the gathered output (e->out[out_off..out_len)) in pieces of at most 1 MiB, as far as
- * the send queue takes them: 0 (all out, or the rest waits for room), -ECANCELED, -ENOMEM. */
+/* The start of an ExecResponse whose stdout_data or stderr_data holds `size` bytes: the
+ * field's tag and length, as protobuf encodes a bytes field (wire type 2). What follows it is
+ * the data itself, so that output is sent without being packed (copied) once more. */
+static size_t out_head(uint8_t head[16], bool is_stderr, size_t size)
+{
+	const ProtobufCFieldDescriptor *f = protobuf_c_message_descriptor_get_field_by_name(
+		&ember__v1__exec_response__descriptor, is_stderr ? "stderr_data" : "stdout_data");
+	uint64_t v[2] = {(uint64_t)f->id << 3 | 2, size};
+	size_t n = 0;
+
+	for (size_t i = 0; i < 2; i++) {
+		while (v[i] >= 0x80) {
+			head[n++] = (uint8_t)(v[i] | 0x80);
+			v[i] >>= 7;
+		}
+		head[n++] = (uint8_t)v[i];
+	}
+	return n;
+}
+
+/* Sends the gathered output as one message if the send queue has room: 0 (out, or it waits
+ * for room), -ECANCELED, -ENOMEM. */
 static int flush_out(ExecCall *e)
 {
-	while (e->out_off < e->out_len) {
-		Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
-		size_t n = e->out_len - e->out_off;
+	uint8_t head[16];
+	int r;
 
-		if (n > EXEC_CHUNK_MAX)
-			n = EXEC_CHUNK_MAX;
-		resp.msg_case = e->out_stderr ? EMBER__V1__EXEC_RESPONSE__MSG_STDERR_DATA
-					      : EMBER__V1__EXEC_RESPONSE__MSG_STDOUT_DATA;
-		/* stdout_data and stderr_data share the union's storage */
-		resp.stdout_data = (ProtobufCBinaryData){.len = n, .data = e->out + e->out_off};
-		int r = rpc_call_send_nowait(e->call, &resp.base);
-		if (r == -EAGAIN)
-			return 0;
-		if (r < 0)
-			return r;
-		e->out_off += n;
-	}
-	e->out_off = e->out_len = 0;
+	if (e->n_out == 0)
+		return 0;
+	r = rpc_call_send_pieces_nowait(e->call, head, out_head(head, e->out_stderr, e->out_size),
+					e->out, e->n_out);
+	if (r == -EAGAIN)
+		return 0;
+	if (r < 0)
+		return r;
+	e->n_out = e->out_size = 0;
 	return 0;
 }
 
-/* Appends data to e->out, growing it (it is kept for the life of the call: a busy stream
- * reuses it). */
-static int out_append(ExecCall *e, const uint8_t *data, size_t size, bool is_stderr)
+static void out_free(ExecCall *e)
 {
-	if (e->out_len + size > e->out_cap) {
-		size_t cap = e->out_len + size;
-		if (cap < EXEC_GATHER_MAX)
-			cap = EXEC_GATHER_MAX;
-		uint8_t *n = realloc(e->out, cap);
-		if (!n)
-			return -ENOMEM;
-		e->out = n;
-		e->out_cap = cap;
-	}
-	memcpy(e->out + e->out_len, data, size);
-	e->out_len += size;
-	e->out_stderr = is_stderr;
-	return 0;
+	for (size_t i = 0; i < e->n_out; i++)
+		free(e->out[i].data);
+	e->n_out = e->out_size = 0;
 }
 
 /* Takes the guest's events that are already here: output of one stream is gathered into one
  * message of up to EXEC_GATHER_MAX (fewer, larger messages are what makes the gRPC side fast;
- * nothing waits for more to come). A single chunk goes out straight from the guest's frame,
- * without a copy; only gathering and a full send queue copy into e->out. Stops at a change of
+ * nothing waits for more to come), in the buffers the chunks arrived in. Stops at a change of
  * stream, at the exit (taken only once the output before it is out) or when nothing more is
  * there. *ret_more: it stopped while events may be waiting in the connection's buffer, where
  * polling its fd would not see them. RPC_OK, or the code to end the call with. */
 static RpcCode gather_output(ExecCall *e, bool *ret_more)
 {
-	/* the last event's data, still in the connection's frame (valid until its next event) */
-	const uint8_t *held = NULL;
-	size_t held_size = 0;
-	bool held_stderr = false;
 	int r;
 
 	*ret_more = false;
@@ -282,21 +286,12 @@ static RpcCode gather_output(ExecCall *e, bool *ret_more)
 		if (r < 0)
 			return guest_session_failed(&e->s, r);
 		bool data = type == GUEST_EVENT_STDOUT || type == GUEST_EVENT_STDERR;
-		size_t have = e->out_len + held_size;
-		bool have_stderr = held ? held_stderr : e->out_stderr;
 		if (i == EXEC_EVENT_BURST ||
-		    (have > 0 && (!data || (type == GUEST_EVENT_STDERR) != have_stderr ||
-				  have + size > EXEC_GATHER_MAX))) {
+		    (e->n_out > 0 &&
+		     (!data || (type == GUEST_EVENT_STDERR) != e->out_stderr ||
+		      e->out_size + size > EXEC_GATHER_MAX || e->n_out == EXEC_OUT_PIECES))) {
 			*ret_more = true; /* what is gathered goes first */
 			break;
-		}
-		if (held) {
-			/* the next event frees the frame `held` points into */
-			if (out_append(e, held, held_size, held_stderr) < 0)
-				return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED,
-						      "out of memory for output");
-			held = NULL;
-			held_size = 0;
 		}
 		r = guest_exec_next_event(e->g, &ev, 0);
 		if (r == 0)
@@ -311,37 +306,12 @@ static RpcCode gather_output(ExecCall *e, bool *ret_more)
 			e->status.core_dumped = ev.core_dumped;
 			break;
 		}
-		if (e->out_len == 0) {
-			held = ev.data;
-			held_size = ev.size;
-			held_stderr = ev.type == GUEST_EVENT_STDERR;
-		} else if (out_append(e, ev.data, ev.size, ev.type == GUEST_EVENT_STDERR) < 0) {
-			return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED,
-					      "out of memory for output");
-		}
-	}
-	while (held && held_size > 0) {
-		Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
-		size_t n = held_size < EXEC_CHUNK_MAX ? held_size : EXEC_CHUNK_MAX;
-
-		resp.msg_case = held_stderr ? EMBER__V1__EXEC_RESPONSE__MSG_STDERR_DATA
-					    : EMBER__V1__EXEC_RESPONSE__MSG_STDOUT_DATA;
-		resp.stdout_data = (ProtobufCBinaryData){.len = n, .data = (uint8_t *)held};
-		r = rpc_call_send_nowait(e->call, &resp.base);
-		if (r == -EAGAIN) {
-			/* no room: it waits in e->out (empty: `held` is only set then) */
-			if (out_append(e, held, held_size, held_stderr) < 0)
-				return rpc_call_error(e->call, RPC_RESOURCE_EXHAUSTED,
-						      "out of memory for output");
-			break;
-		}
-		if (r < 0)
-			return r == -ECANCELED
-				       ? RPC_CANCELLED
-				       : rpc_call_error(e->call, RPC_INTERNAL,
-							"cannot queue output: %s", strerror(-r));
-		held += n;
-		held_size -= n;
+		if (ev.size == 0)
+			continue; /* an empty chunk: nothing to send */
+		e->out[e->n_out++] =
+			(RpcPiece){.data = guest_exec_take_data(e->g), .size = ev.size};
+		e->out_size += ev.size;
+		e->out_stderr = ev.type == GUEST_EVENT_STDERR;
 	}
 	return RPC_OK;
 }
@@ -566,13 +536,13 @@ static RpcCode relay(ExecCall *e)
 		if ((r = flush_out(e)) < 0)
 			return queue_failed(e, r);
 		bool more = false;
-		if (e->out_len == 0) {
+		if (e->n_out == 0) {
 			if ((code = gather_output(e, &more)) != RPC_OK)
 				return code;
 			if ((r = flush_out(e)) < 0)
 				return queue_failed(e, r);
 		}
-		if (e->exited && e->out_len == 0) {
+		if (e->exited && e->n_out == 0) {
 			Ember__V1__ExecResponse resp = EMBER__V1__EXEC_RESPONSE__INIT;
 			resp.msg_case = EMBER__V1__EXEC_RESPONSE__MSG_EXIT;
 			resp.exit = &e->status;
@@ -651,14 +621,14 @@ static RpcCode relay(ExecCall *e)
 		 * that would not come */
 		if (writing && e->in_len > 0 && !(guest_conn_poll_events(e->g) & POLLOUT))
 			continue;
-		if (more && e->out_len == 0)
+		if (more && e->n_out == 0)
 			continue;
 
 		/* The guest's fd only when its readiness is something to act on: poll reports
 		 * a closed peer (POLLHUP) whatever is asked, and would return at once for ever
 		 * while output waits for the client or the exit is already in hand. */
 		short want = guest_conn_poll_events(e->g);
-		if (e->out_len > 0 || e->exited)
+		if (e->n_out > 0 || e->exited)
 			want &= (short)~POLLIN;
 		if (!writing)
 			want &= (short)~POLLOUT;
@@ -753,7 +723,7 @@ out:
 	guest_session_close(&e.s);
 	free(e.program);
 	free(e.in);
-	free(e.out);
+	out_free(&e);
 	kv_list_done(&start_env);
 	free(argv);
 	strv_free(env);

@@ -1301,12 +1301,11 @@ const RpcDescIndex *rpc_server_descriptors(RpcServer *s)
 /* ------------------------------------------------------------------------------------------ */
 /* call API */
 
-static int call_send(RpcCall *c, const ProtobufCMessage *msg, bool wait)
+/* Waits (or, without `wait`, -EAGAIN) until the call's send queue has room for a message of
+ * `size` bytes: 0, -EINVAL (a second reply of a unary call), -ECANCELED. The room found stays
+ * until call_enqueue(): only the call's one sender adds to the queue. */
+static int call_reserve(RpcCall *c, size_t size, bool wait)
 {
-	size_t size = protobuf_c_message_get_packed_size(msg);
-	grpc_slice slice;
-	SendItem *item;
-
 	if (size > c->server->opts.max_message_bytes)
 		return -EMSGSIZE;
 
@@ -1327,20 +1326,22 @@ static int call_send(RpcCall *c, const ProtobufCMessage *msg, bool wait)
 		}
 		pthread_cond_wait(&c->cond, &c->mu);
 	}
-	if (c->dead) {
-		pthread_mutex_unlock(&c->mu);
-		return -ECANCELED;
-	}
-	/* Packed outside the lock, which the poller takes for every completion of this call:
-	 * the room found above stays (only the call's one sender adds to the queue). */
+	bool dead = c->dead;
 	pthread_mutex_unlock(&c->mu);
-	item = calloc(1, sizeof(*item));
-	if (!item)
+	return dead ? -ECANCELED : 0;
+}
+
+/* Queues a message made after call_reserve() (outside the lock, which the poller takes for
+ * every completion of this call). Takes buf in every case: 0 or -ECANCELED. */
+static int call_enqueue(RpcCall *c, grpc_byte_buffer *buf, size_t size)
+{
+	SendItem *item = calloc(1, sizeof(*item));
+
+	if (!item) {
+		grpc_byte_buffer_destroy(buf);
 		return -ENOMEM;
-	slice = grpc_slice_malloc(size);
-	protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
-	item->buf = grpc_raw_byte_buffer_create(&slice, 1);
-	grpc_slice_unref(slice);
+	}
+	item->buf = buf;
 	item->size = size;
 	pthread_mutex_lock(&c->mu);
 	if (c->dead) {
@@ -1360,6 +1361,56 @@ static int call_send(RpcCall *c, const ProtobufCMessage *msg, bool wait)
 	call_pump_locked(c);
 	pthread_mutex_unlock(&c->mu);
 	return 0;
+}
+
+static int call_send(RpcCall *c, const ProtobufCMessage *msg, bool wait)
+{
+	size_t size = protobuf_c_message_get_packed_size(msg);
+	grpc_byte_buffer *buf;
+	grpc_slice slice;
+	int r;
+
+	r = call_reserve(c, size, wait);
+	if (r < 0)
+		return r;
+	slice = grpc_slice_malloc(size);
+	protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
+	buf = grpc_raw_byte_buffer_create(&slice, 1);
+	grpc_slice_unref(slice);
+	return call_enqueue(c, buf, size);
+}
+
+static void piece_free(void *p)
+{
+	free(p);
+}
+
+int rpc_call_send_pieces_nowait(RpcCall *c, const void *head, size_t head_size, RpcPiece *pieces,
+				size_t n)
+{
+	grpc_slice slices[1 + RPC_PIECES_MAX];
+	grpc_byte_buffer *buf;
+	size_t size = head_size;
+	int r;
+
+	if (n > RPC_PIECES_MAX || (head_size == 0 && n == 0))
+		return -EINVAL;
+	for (size_t i = 0; i < n; i++)
+		size += pieces[i].size;
+	r = call_reserve(c, size, false);
+	if (r < 0)
+		return r;
+	/* The pieces become slices that own their memory: gRPC writes them to the socket as
+	 * they are, and frees each once it is sent. */
+	slices[0] = grpc_slice_from_copied_buffer(head, head_size);
+	for (size_t i = 0; i < n; i++) {
+		slices[1 + i] = grpc_slice_new(pieces[i].data, pieces[i].size, piece_free);
+		pieces[i] = (RpcPiece){0};
+	}
+	buf = grpc_raw_byte_buffer_create(slices, 1 + n);
+	for (size_t i = 0; i <= n; i++)
+		grpc_slice_unref(slices[i]);
+	return call_enqueue(c, buf, size);
 }
 
 int rpc_call_send(RpcCall *c, const ProtobufCMessage *msg)

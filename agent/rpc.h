@@ -151,6 +151,19 @@ int rpc_call_recv(RpcCall *call, ProtobufCMessage **ret);
 int rpc_call_notify_fd(RpcCall *call);
 bool rpc_call_notify_clear(RpcCall *call);
 int rpc_call_send_nowait(RpcCall *call, const ProtobufCMessage *msg);
+
+/* rpc_call_send_nowait() for a message the handler serialized itself: `head` (copied), then
+ * each piece's bytes, sent as they are without a copy (Exec's output goes out in the very
+ * buffers the guest's chunks arrived in). Pieces are malloc()ed; those the call took are
+ * cleared (it free()s them once sent, or on failure), the caller keeps the rest: all of them on
+ * -EAGAIN and on errors found before anything was queued, none on 0. At most RPC_PIECES_MAX. */
+#define RPC_PIECES_MAX 64
+typedef struct RpcPiece {
+	void *data;
+	size_t size;
+} RpcPiece;
+int rpc_call_send_pieces_nowait(RpcCall *call, const void *head, size_t head_size, RpcPiece *pieces,
+				size_t n);
 int rpc_call_recv_nowait(RpcCall *call, ProtobufCMessage **ret);
 
 /* Sleep until rpc_call_wake(), the timeout (-1: none), cancellation (-ECANCELED) or server

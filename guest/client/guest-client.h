@@ -85,6 +85,9 @@ typedef enum GuestEventType {
 	_GUEST_EVENT_INVALID = -EINVAL,
 } GuestEventType;
 
+/* The most output one event carries: the frames the host takes from the guest are no larger. */
+#define GUEST_EVENT_DATA_MAX (256u << 10)
+
 typedef struct GuestEvent {
 	GuestEventType type;
 	const uint8_t *data; /* STDOUT, STDERR: valid until the next call on the connection */
@@ -98,6 +101,11 @@ typedef struct GuestEvent {
  * queued frames meanwhile. Returns 1 with *ret filled, 0 when none came in time. Output comes
  * in order per stream, and EXIT last, once all output has been delivered. */
 int guest_exec_next_event(GuestConn *c, GuestEvent *ret, int timeout_ms);
+
+/* Takes over the last STDOUT/STDERR event's data (ev.data): it then stays valid until the
+ * caller free()s it, so output can be passed on without a copy. NULL for an empty chunk or
+ * any other event. */
+void *guest_exec_take_data(GuestConn *c);
 
 /* Which event comes next, and how many bytes of output it carries, without taking it and
  * without waiting: 1 when one has arrived (the next guest_exec_next_event() returns it), 0

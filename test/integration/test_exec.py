@@ -195,6 +195,22 @@ def test_stdout_100mib(node):
     sh(n, "rm /tmp/big")
 
 
+def test_output_sizes_around_the_length_encodings(node):
+    """emberd writes each output message's field header itself (the bytes go out in the guest's
+    own buffers, not packed by protobuf-c): lengths whose varint takes 1, 2, 3 bytes, and
+    gathered messages at the 1 MiB chunk limit, must all parse as the same bytes."""
+    n = node.stub
+    for size in (1, 127, 128, 16383, 16384, 131072, 131073, MiB - 1, MiB, MiB + 1, 3 * MiB + 7):
+        want = sh(n, f"head -c {size} /dev/urandom > /tmp/o && sha256sum < /tmp/o").split()[0]
+        for argv, stream in ((["cat", "/tmp/o"], "out"), (["sh", "-c", "cat /tmp/o >&2"], "err")):
+            e = ok(n, argv)
+            got = bytes(getattr(e, stream))
+            assert len(got) == size, (argv, size, len(got))
+            assert hashlib.sha256(got).hexdigest().encode() == want, (argv, size)
+            assert max(e.chunks) <= MiB
+    sh(n, "rm /tmp/o")
+
+
 def test_stdin_100mib(node):
     n = node.stub
     data = os.urandom(100 * MiB)
