@@ -74,6 +74,16 @@ RpcCode node_write_file(RpcCall *call, const ProtobufCMessage *request, Manager 
 				      h->mode);
 		goto out;
 	}
+	/* known before anything is written: a size past the limit fails at once */
+	bool sized = h->has_size_case == EMBER__V1__WRITE_FILE_HEADER__HAS_SIZE_SIZE;
+	uint64_t want = h->size;
+	if (sized && want > max_file_bytes(m)) {
+		code = rpc_call_error(call, RPC_RESOURCE_EXHAUSTED,
+				      "header.size %" PRIu64 " is larger than %u MiB ([api] "
+				      "max_file_mib); nothing was written",
+				      want, m->config->max_file_mib);
+		goto out;
+	}
 	if (asprintf(&what, "writing %.300s", h->path) < 0) {
 		what = NULL;
 		code = rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
@@ -125,6 +135,13 @@ RpcCode node_write_file(RpcCall *call, const ProtobufCMessage *request, Manager 
 				req->data.len);
 			goto out;
 		}
+		if (sized && size + req->data.len > want) {
+			code = rpc_call_error(call, RPC_INVALID_ARGUMENT,
+					      "more than the %" PRIu64 " bytes of header.size; "
+					      "nothing was written",
+					      want);
+			goto out;
+		}
 		if (size + req->data.len > max_file_bytes(m)) {
 			code = rpc_call_error(
 				call, RPC_RESOURCE_EXHAUSTED,
@@ -147,6 +164,15 @@ RpcCode node_write_file(RpcCall *call, const ProtobufCMessage *request, Manager 
 	}
 	if (rpc_call_is_cancelled(call)) {
 		code = RPC_CANCELLED;
+		goto out;
+	}
+	/* A cancellation that came as the end of the stream is caught here when the client gave
+	 * the size (not above: is_cancelled() may not know it yet). */
+	if (sized && size != want) {
+		code = rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "the stream ended after %" PRIu64 " of the %" PRIu64
+				      " bytes of header.size; nothing was written",
+				      size, want);
 		goto out;
 	}
 	/* The guest fsyncs the whole file before it answers: time for that, at a slow disk's

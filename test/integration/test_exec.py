@@ -563,10 +563,12 @@ def test_grpcurl_exec_and_files_as_the_readme_shows(node):
 
 # ---- files ----
 
-def write_file(n, path, data, sid="ex1", mode=0, uid=0, gid=0, chunk=MiB):
+def write_file(n, path, data, sid="ex1", mode=0, uid=0, gid=0, chunk=MiB, size=None):
     def reqs():
-        yield S.WriteFileRequest(header=S.WriteFileHeader(sandbox_id=sid, path=path, mode=mode,
-                                                          uid=uid, gid=gid))
+        h = S.WriteFileHeader(sandbox_id=sid, path=path, mode=mode, uid=uid, gid=gid)
+        if size is not None:
+            h.size = size
+        yield S.WriteFileRequest(header=h)
         for i in range(0, len(data), chunk):
             yield S.WriteFileRequest(data=data[i:i + chunk])
     return n.WriteFile(reqs(), timeout=120 * SLOW)
@@ -674,6 +676,29 @@ def test_file_size_limit_and_an_interrupted_write_leaves_the_old_file(node):
     code, msg = file_error(lambda: read_file(n, "/tmp/big"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_file_mib" in msg, msg
     sh(n, "rm /tmp/big /tmp/keep")
+
+
+def test_a_write_with_a_size_commits_only_that_many_bytes(node):
+    """header.size: the end of the stream after fewer bytes (what a cancellation can look like
+    to the server) or more bytes than announced leave the old file."""
+    n = node.stub
+    C = grpc.StatusCode
+    write_file(n, "/tmp/sized", b"old")
+    code, msg = file_error(lambda: write_file(n, "/tmp/sized", b"x" * 1000, size=3000))
+    assert code == C.INVALID_ARGUMENT and "1000 of the 3000" in msg, msg
+    code, msg = file_error(lambda: write_file(n, "/tmp/sized", b"x" * 3001, size=3000,
+                                              chunk=1000))
+    assert code == C.INVALID_ARGUMENT and "more than the 3000" in msg, msg
+    code, msg = file_error(lambda: write_file(n, "/tmp/sized", b"", size=65 * MiB))
+    assert code == C.RESOURCE_EXHAUSTED and "max_file_mib" in msg, msg
+    assert sh(n, "cat /tmp/sized; ls -a /tmp | grep -c ember- || true") == b"old0\n"
+    assert write_file(n, "/tmp/sized", b"y" * 3000, size=3000, chunk=1000).size == 3000
+    assert sh(n, "wc -c < /tmp/sized").strip() == b"3000"
+    # a size of 0 is a size: an empty file, and nothing more
+    code, msg = file_error(lambda: write_file(n, "/tmp/sized", b"z", size=0))
+    assert code == C.INVALID_ARGUMENT, msg
+    assert write_file(n, "/tmp/sized", b"", size=0).size == 0
+    sh(n, "rm /tmp/sized")
 
 
 def test_files_need_a_running_sandbox(node):
