@@ -348,14 +348,20 @@ def test_timeout_reports_timed_out(node):
 
 def test_signal_reaches_the_process_group(node):
     n = node.stub
+    # the shell and a child it started (same group: no job control) both get it
+    child = ('sh -c \'trap "echo child got USR1; exit 0" USR1; echo child ready; '
+             'while :; do sleep 0.1; done\' &')
     e = Exec(n, "ex1", ["sh", "-c",
-                        'trap "echo got USR1; exit 3" USR1; echo ready; '
+                        child + ' trap "wait; echo got USR1; exit 3" USR1; echo ready; '
                         'while :; do sleep 0.1; done'])
-    wait_for(lambda: b"ready" in e.out, 10, "ready")
+    wait_for(lambda: b"ready" in e.out and b"child ready" in e.out, 10, "ready")
     e.send(signal=S.ExecSignal(signal=int(signal.SIGUSR1)))
     e.close()
     e.wait()
-    assert e.exit.exit_code == 3 and bytes(e.out) == b"ready\ngot USR1\n"
+    assert e.exit.exit_code == 3, e.exit
+    assert sorted(bytes(e.out).splitlines()) == [b"child got USR1", b"child ready",
+                                                 b"got USR1", b"ready"], bytes(e.out)
+    assert bytes(e.out).endswith(b"got USR1\n")
 
 
 def test_cancel_kills_the_process(node):
