@@ -336,6 +336,23 @@ static const Key keys[] = {
 	 1048576,
 	 NULL},
 
+	{{"sandboxes", "default_lifetime_s", "0", "a whole number of seconds from 0 to 315360000",
+	  "The end time of a sandbox created without one (SandboxSpec.end_time): its create "
+	  "time plus this. 0: such a sandbox has no end time."},
+	 KEY_UINT,
+	 STR(default_lifetime_s),
+	 0,
+	 315360000,
+	 NULL},
+	{{"sandboxes", "max_lifetime_s", "0", "a whole number of seconds from 0 to 315360000",
+	  "Caps every sandbox's end time at its create time plus this, whatever the create "
+	  "asked for. 0: no cap."},
+	 KEY_UINT,
+	 STR(max_lifetime_s),
+	 0,
+	 315360000,
+	 NULL},
+
 	{{"templates", "demo", "true", "true or false",
 	  "Register the built-in `demo` template (a busybox userland with ember-init and "
 	  "ember-guest, made with ember-mkrootfs) on first start, so that a new node can run a "

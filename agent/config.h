@@ -62,6 +62,8 @@ typedef struct Config {
 	unsigned memory_reserve_mib;
 	unsigned worker_threads;
 	unsigned event_log_size;
+	unsigned default_lifetime_s; /* 0: no end time unless a create gives one */
+	unsigned max_lifetime_s;     /* 0: no cap */
 
 	/* [templates] */
 	bool demo_template;

@@ -61,6 +61,8 @@ typedef struct SbSpec {
 	StrList deny_cidrs;
 	KvList labels;
 	KvList env;
+	struct timespec end_time;          /* {0, 0}: none (create time and limits applied) */
+	Ember__V1__ExpiryAction on_expiry; /* DESTROY or PAUSE, never UNSPECIFIED */
 } SbSpec;
 
 void kv_list_done(KvList *l);
@@ -68,6 +70,7 @@ void str_list_done(StrList *l);
 void sb_spec_done(SbSpec *s);
 bool sb_spec_equal(const SbSpec *a, const SbSpec *b);
 bool kv_list_equal(const KvList *a, const KvList *b);
+bool str_list_equal(const StrList *a, const StrList *b);
 /* True when every selector entry is in labels with the same value. */
 bool kv_list_matches(const KvList *labels, const KvList *selector);
 
@@ -140,6 +143,7 @@ typedef enum SbOp {
 	SB_OP_PAUSE,
 	SB_OP_RESUME,
 	SB_OP_SNAPSHOT, /* CreateSnapshot: the state does not change, no events */
+	SB_OP_UPDATE,   /* UpdateSandbox, while it changes the slot's policy and the record */
 } SbOp;
 
 enum {
@@ -223,6 +227,10 @@ struct Sandbox {
 	OpOutcome outcome[_OUT_MAX];
 	Waiter *waiters;
 	Sandbox *hnext;
+	/* End time (expiry.c), all (L). */
+	size_t expiry_index;   /* place in Manager.expiry; SIZE_MAX when not there */
+	int64_t expiry_due_ms; /* when the timer looks at it next: the end time, or a retry */
+	char *op_reason;       /* state_reason of the state the operation ends in (expiry) */
 };
 
 /* ---- events ---- */
@@ -293,6 +301,12 @@ struct Manager {
 	WatchToken *dead_tokens; /* (L) unwatched, freed by the loop thread */
 	pthread_t loop_thread;
 	bool loop_started;
+
+	/* end times (expiry.c): a binary heap by Sandbox.expiry_due_ms (L), and the timerfd,
+	 * in the event loop, armed for the earliest */
+	Sandbox **expiry;
+	size_t n_expiry, cap_expiry;
+	int timer_fd;
 };
 
 /* sandbox.c */
@@ -311,6 +325,19 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op);
 int manager_watch_vmm(Manager *m, Sandbox *sb);
 void manager_unwatch_vmm(Manager *m, Sandbox *sb);
 
+/* expiry.c: sandboxes' end times. Every change of a sandbox's end time, and its removal,
+ * goes through expiry_update_locked() (removal: expiry_remove_locked()). */
+int expiry_init(Manager *m);
+void expiry_done(Manager *m);
+void expiry_update_locked(Manager *m, Sandbox *sb);
+void expiry_remove_locked(Manager *m, Sandbox *sb);
+/* The timerfd fired: acts on every sandbox whose time came (loop thread). */
+void expiry_fire(Manager *m);
+bool sb_spec_has_end(const SbSpec *s);
+bool sb_spec_ended(const SbSpec *s); /* it has an end time, and it passed */
+/* "2026-12-06T21:00:00Z" */
+void timespec_format(const struct timespec *ts, char *buf, size_t size);
+
 /* sandbox-ops.c */
 void sandbox_op_create(Manager *m, Sandbox *sb);
 void sandbox_op_destroy(Manager *m, Sandbox *sb);
@@ -318,6 +345,8 @@ void sandbox_op_reap(Manager *m, Sandbox *sb);
 void sandbox_op_pause(Manager *m, Sandbox *sb);
 void sandbox_op_resume(Manager *m, Sandbox *sb);
 void sandbox_op_snapshot(Manager *m, Sandbox *sb);
+/* Has the VMM, or its memory server, exited? Never blocks. */
+bool vmm_or_uffd_exited(const Sandbox *sb);
 /* Its disk, for the storage module: over the template's rootfs or a snapshot's image. */
 StorageDiskSpec sandbox_disk_spec(const Sandbox *sb);
 /* How long a memory dump or restore of this sandbox may take: 10 s and 50 ms per MiB, at

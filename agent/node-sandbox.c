@@ -17,6 +17,9 @@
 #include "common/log.h"
 #include "node-sandbox.h"
 
+/* The latest end time taken (2200-01-01): records keep times as int64 nanoseconds. */
+#define END_TIME_MAX_S 7258118400LL
+
 /* ---- arena ---- */
 
 struct Arena {
@@ -147,6 +150,9 @@ static Ember__V1__SandboxSpec *spec_to_pb(Arena *a, const SbSpec *s)
 		     &p->n_env) < 0)
 		return NULL;
 	p->network = net;
+	if (sb_spec_has_end(s) && !(p->end_time = timestamp_to_pb(a, &s->end_time)))
+		return NULL;
+	p->on_expiry = s->on_expiry;
 	return p;
 }
 
@@ -397,6 +403,21 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 				      "spec.disk_size_mib %llu is above this node's limit of %u "
 				      "([storage] max_disk_mib)",
 				      (unsigned long long)p->disk_size_mib, c->max_disk_mib);
+	if (p->end_time && (p->end_time->seconds <= 0 || p->end_time->seconds > END_TIME_MAX_S ||
+			    p->end_time->nanos < 0 || p->end_time->nanos > 999999999))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "spec.end_time is out of range (after 1970, before 2200)");
+	if (p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_UNSPECIFIED &&
+	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY &&
+	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "spec.on_expiry %d is unknown",
+				      (int)p->on_expiry);
+	if (p->end_time)
+		s.end_time = (struct timespec){.tv_sec = (time_t)p->end_time->seconds,
+					       .tv_nsec = p->end_time->nanos};
+	s.on_expiry = p->on_expiry == EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
+			      ? EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
+			      : EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY;
 	if (fork)
 		s.snapshot_id = strdup(p->snapshot_id);
 	else
@@ -427,6 +448,27 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 	}
 	*ret = s;
 	return RPC_OK;
+}
+
+/* The end time a create applies: the one asked for, else [sandboxes] default_lifetime_s after
+ * the create; capped at max_lifetime_s after it. Relative to the sandbox's create time, so
+ * that a retry of the create resolves to the same end time and joins it. */
+static void end_time_resolve(const Config *c, SbSpec *s, const struct timespec *created)
+{
+	bool set = sb_spec_has_end(s);
+
+	if (!set && c->default_lifetime_s) {
+		s->end_time = *created;
+		s->end_time.tv_sec += c->default_lifetime_s;
+		set = true;
+	}
+	if (c->max_lifetime_s) {
+		struct timespec cap = *created;
+		cap.tv_sec += c->max_lifetime_s;
+		if (!set || s->end_time.tv_sec > cap.tv_sec ||
+		    (s->end_time.tv_sec == cap.tv_sec && s->end_time.tv_nsec > cap.tv_nsec))
+			s->end_time = cap;
+	}
 }
 
 /* ---- waiting ---- */
@@ -585,6 +627,10 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 		spec.memory_mib = snap->memory_mib;
 	}
 	sb = manager_find_locked(m, req->sandbox_id);
+	struct timespec now;
+	clock_gettime(CLOCK_REALTIME, &now);
+	bool asked_end = sb_spec_has_end(&spec);
+	end_time_resolve(m->config, &spec, sb ? &sb->create_time : &now);
 	if (sb) {
 		if (!sb_spec_equal(&sb->spec, &spec)) {
 			pthread_mutex_unlock(&m->lock);
@@ -597,6 +643,13 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 		goto join;
 	}
 
+	if (asked_end &&
+	    (spec.end_time.tv_sec < now.tv_sec ||
+	     (spec.end_time.tv_sec == now.tv_sec && spec.end_time.tv_nsec <= now.tv_nsec))) {
+		pthread_mutex_unlock(&m->lock);
+		sb_spec_done(&spec);
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "spec.end_time has passed");
+	}
 	if (snap && strcmp(snap->fc_version, m->vmm.version) != 0) {
 		pthread_mutex_unlock(&m->lock);
 		code = rpc_call_error(
@@ -662,8 +715,9 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 			   sb->spec.vcpu_count == t->boot.vcpu_count &&
 			   sb->spec.memory_mib == t->boot.memory_mib &&
 			   strcmp(t->boot.fc_version ?: "", m->vmm.version) == 0;
-	clock_gettime(CLOCK_REALTIME, &sb->create_time);
+	sb->create_time = now;
 	manager_insert_locked(m, sb);
+	expiry_update_locked(m, sb);
 	sb->slot_user = true;
 	m->n_slot_users++;
 	m->creating_mib += spec.memory_mib;
@@ -810,7 +864,7 @@ static const char *state_short(Ember__V1__SandboxState s)
 bool sandbox_not_snapshotting(Sandbox *sb, uint64_t unused)
 {
 	(void)unused;
-	return sb->removed || sb->op != SB_OP_SNAPSHOT;
+	return sb->removed || (sb->op != SB_OP_SNAPSHOT && sb->op != SB_OP_UPDATE);
 }
 
 /* The pause or resume that was running (or queued) when the waiter joined has ended. */
@@ -822,7 +876,7 @@ static bool op_ended(Sandbox *sb, uint64_t joined_at)
 
 /* Free space where the saved state goes: a pause that cannot write its memory file fails
  * before the VM is even paused. */
-static bool room_for_saved_state(const Sandbox *sb, uint64_t *ret_free_mib)
+bool sandbox_room_for_saved_state(const Sandbox *sb, uint64_t *ret_free_mib)
 {
 	struct statvfs v;
 
@@ -860,8 +914,8 @@ again:
 		return rpc_call_error(call, RPC_NOT_FOUND, "no sandbox %s", id);
 	}
 	sandbox_ref_locked(sb);
-	if (sb->op == SB_OP_SNAPSHOT) {
-		/* Lifecycle calls wait for a snapshot being taken of the sandbox. */
+	if (sb->op == SB_OP_SNAPSHOT || sb->op == SB_OP_UPDATE) {
+		/* Lifecycle calls wait for a snapshot being taken of the sandbox, or an update. */
 		r = sandbox_wait_locked(m, call, sb, sandbox_not_snapshotting, 0);
 		pthread_mutex_unlock(&m->lock);
 		sandbox_unref(m, sb);
@@ -898,6 +952,14 @@ again:
 		if (!m->vmm.uffd) {
 			refuse = "ember-uffd, which serves the memory of resumed sandboxes, is not "
 				 "found on this node (set [vmm] uffd_bin)";
+		} else if (!pause && sb_spec_ended(&sb->spec)) {
+			char when[32];
+			timespec_format(&sb->spec.end_time, when, sizeof(when));
+			snprintf(why, sizeof(why),
+				 "its end time %s has passed (spec.end_time); give it a later one "
+				 "first",
+				 when);
+			refuse = why;
 		} else if (!pause && strcmp(sb->fc_version ?: "", m->vmm.version) != 0) {
 			snprintf(
 				why, sizeof(why),
@@ -905,7 +967,7 @@ again:
 				"resumes only with the same version",
 				sb->fc_version ?: "?", m->vmm.version);
 			refuse = why;
-		} else if (pause && !room_for_saved_state(sb, &free_mib)) {
+		} else if (pause && !sandbox_room_for_saved_state(sb, &free_mib)) {
 			snprintf(
 				why, sizeof(why),
 				"not enough disk for its memory file: %u MiB needed, %llu MiB free "
@@ -1004,6 +1066,299 @@ RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Man
 		return rpc_call_error(call, RPC_INTERNAL, "sandbox %s: %s; retry DestroySandbox",
 				      req->sandbox_id, failure);
 	return rpc_call_send(call, &resp.base) < 0 ? RPC_CANCELLED : RPC_OK;
+}
+
+/* ---- UpdateSandbox ---- */
+
+enum {
+	UPD_END = 1 << 0,
+	UPD_EXPIRY = 1 << 1,
+	UPD_LABELS = 1 << 2,
+	UPD_NETWORK = 1 << 3,
+};
+
+/* update_mask's paths: what they change, or why they cannot. */
+static RpcCode update_paths(RpcCall *call, const Google__Protobuf__FieldMask *mask, unsigned *ret)
+{
+	static const struct {
+		const char *path;
+		unsigned bit;
+		const char *fixed; /* why it cannot change */
+	} paths[] = {
+		{"end_time", UPD_END, NULL},
+		{"on_expiry", UPD_EXPIRY, NULL},
+		{"labels", UPD_LABELS, NULL},
+		{"network", UPD_NETWORK, NULL},
+		{"template_id", 0, "a sandbox's source is what its disk and memory came from"},
+		{"snapshot_id", 0, "a sandbox's source is what its disk and memory came from"},
+		{"vcpu_count", 0,
+		 "the machine's shape is fixed while it runs and in its saved state"},
+		{"memory_mib", 0,
+		 "the machine's shape is fixed while it runs and in its saved state"},
+		{"disk_size_mib", 0, "the copy-on-write allowance is set when its disk is made"},
+		{"env", 0, "it is fixed at create; ExecStart.env sets an Exec's own"},
+	};
+	unsigned what = 0;
+
+	if (!mask || mask->n_paths == 0)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "update_mask names no field (end_time, on_expiry, labels, "
+				      "network)");
+	for (size_t i = 0; i < mask->n_paths; i++) {
+		size_t k = 0;
+		while (k < ELEMENTSOF(paths) && strcmp(paths[k].path, mask->paths[i]) != 0)
+			k++;
+		if (k == ELEMENTSOF(paths))
+			return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+					      "update_mask: \"%.64s\" is not a field UpdateSandbox "
+					      "changes (end_time, on_expiry, labels, network)",
+					      mask->paths[i]);
+		if (paths[k].fixed)
+			return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+					      "update_mask: %s cannot change: %s", paths[k].path,
+					      paths[k].fixed);
+		what |= paths[k].bit;
+	}
+	*ret = what;
+	return RPC_OK;
+}
+
+static bool timespec_equal(const struct timespec *a, const struct timespec *b)
+{
+	return a->tv_sec == b->tv_sec && a->tv_nsec == b->tv_nsec;
+}
+
+static bool op_none(Sandbox *sb, uint64_t unused)
+{
+	(void)unused;
+	return sb->removed || sb->op == SB_OP_NONE;
+}
+
+/* The operation's end: a destroy or a reap that waited for it goes on. (L) */
+static void update_end_locked(Manager *m, Sandbox *sb)
+{
+	sb->op = SB_OP_NONE;
+	if (sb->destroy_next) {
+		sb->destroy_next = false;
+		manager_submit_locked(m, sb, SB_OP_DESTROY);
+	} else if (sb->vm && vmm_or_uffd_exited(sb)) {
+		/* the event loop leaves an exit during an operation to the operation */
+		manager_submit_locked(m, sb, SB_OP_REAP);
+	}
+	sandbox_wake_locked(sb);
+}
+
+static NetnsPolicy spec_policy(const SbSpec *s)
+{
+	return (NetnsPolicy){
+		.internet = s->allow_internet,
+		.allow = (const char *const *)s->allow_cidrs.items,
+		.n_allow = s->allow_cidrs.n,
+		.deny = (const char *const *)s->deny_cidrs.items,
+		.n_deny = s->deny_cidrs.n,
+	};
+}
+
+RpcCode node_update_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m)
+{
+	const Ember__V1__UpdateSandboxRequest *req = (const void *)request;
+	Ember__V1__SandboxSpec empty = EMBER__V1__SANDBOX_SPEC__INIT;
+	const Ember__V1__SandboxSpec *p = req->spec ?: &empty;
+	const Config *c = m->config;
+	/* The new values of the fields named; swapped with the sandbox's (and then freed). */
+	SbSpec nu = {};
+	_cleanup_free_ char *err = NULL;
+	unsigned what = 0;
+	RpcCode code;
+	Sandbox *sb;
+	int r;
+
+	if ((code = node_id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK ||
+	    (code = update_paths(call, req->update_mask, &what)) != RPC_OK)
+		return code;
+	if ((what & UPD_END) && p->end_time &&
+	    (p->end_time->seconds <= 0 || p->end_time->seconds > END_TIME_MAX_S ||
+	     p->end_time->nanos < 0 || p->end_time->nanos > 999999999))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "spec.end_time is out of range (after 1970, before 2200)");
+	if ((what & UPD_EXPIRY) &&
+	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_UNSPECIFIED &&
+	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY &&
+	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "spec.on_expiry %d is unknown",
+				      (int)p->on_expiry);
+	if ((what & UPD_END) && p->end_time)
+		nu.end_time = (struct timespec){.tv_sec = (time_t)p->end_time->seconds,
+						.tv_nsec = p->end_time->nanos};
+	nu.on_expiry = p->on_expiry == EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
+			       ? EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
+			       : EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY;
+	if ((what & UPD_LABELS) && (code = kv_from_pb(call, "spec.labels", KV_LABELS, p->labels,
+						      p->n_labels, &nu.labels)) != RPC_OK)
+		return code;
+	if (what & UPD_NETWORK) {
+		/* unset: the node's default, as on a create */
+		nu.allow_internet =
+			p->network ? p->network->allow_internet : c->default_allow_internet;
+		if (p->network &&
+		    ((code = cidrs_from_pb(call, "spec.network.allow_cidrs",
+					   p->network->allow_cidrs, p->network->n_allow_cidrs,
+					   &nu.allow_cidrs)) != RPC_OK ||
+		     (code = cidrs_from_pb(call, "spec.network.deny_cidrs", p->network->deny_cidrs,
+					   p->network->n_deny_cidrs, &nu.deny_cidrs)) != RPC_OK)) {
+			sb_spec_done(&nu);
+			return code;
+		}
+	}
+
+again:
+	pthread_mutex_lock(&m->lock);
+	sb = manager_find_locked(m, req->sandbox_id);
+	if (!sb) {
+		pthread_mutex_unlock(&m->lock);
+		sb_spec_done(&nu);
+		return rpc_call_error(call, RPC_NOT_FOUND, "no sandbox %s", req->sandbox_id);
+	}
+	sandbox_ref_locked(sb);
+	if (sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYING ||
+	    sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYED) {
+		pthread_mutex_unlock(&m->lock);
+		sandbox_unref(m, sb);
+		sb_spec_done(&nu);
+		return rpc_call_error(call, RPC_FAILED_PRECONDITION,
+				      "sandbox %s is being destroyed", req->sandbox_id);
+	}
+	if (sb->op != SB_OP_NONE) {
+		/* a create, pause, resume, snapshot or another update: after it */
+		r = sandbox_wait_locked(m, call, sb, op_none, 0);
+		pthread_mutex_unlock(&m->lock);
+		sandbox_unref(m, sb);
+		if (r < 0) {
+			sb_spec_done(&nu);
+			return RPC_CANCELLED;
+		}
+		goto again;
+	}
+	/* The end time as a create would apply it: capped at max_lifetime_s after the create
+	 * (no default here: none asked for is none). */
+	if (what & UPD_END && c->max_lifetime_s) {
+		struct timespec cap = sb->create_time;
+		cap.tv_sec += c->max_lifetime_s;
+		if (!sb_spec_has_end(&nu) || nu.end_time.tv_sec > cap.tv_sec ||
+		    (nu.end_time.tv_sec == cap.tv_sec && nu.end_time.tv_nsec > cap.tv_nsec))
+			nu.end_time = cap;
+	}
+	bool net_changed =
+		(what & UPD_NETWORK) && (nu.allow_internet != sb->spec.allow_internet ||
+					 !str_list_equal(&nu.allow_cidrs, &sb->spec.allow_cidrs) ||
+					 !str_list_equal(&nu.deny_cidrs, &sb->spec.deny_cidrs));
+	bool changed = net_changed ||
+		       ((what & UPD_END) && !timespec_equal(&nu.end_time, &sb->spec.end_time)) ||
+		       ((what & UPD_EXPIRY) && nu.on_expiry != sb->spec.on_expiry) ||
+		       ((what & UPD_LABELS) && !kv_list_equal(&nu.labels, &sb->spec.labels));
+	if (!changed) {
+		/* the same update again: nothing to do, no event */
+		pthread_mutex_unlock(&m->lock);
+		sb_spec_done(&nu);
+		code = send_sandbox(call, m, sb);
+		sandbox_unref(m, sb);
+		return code;
+	}
+	/* An operation of its own while the slot and the record change: others wait for it
+	 * (a destroy or a reap meanwhile goes on after it). */
+	sb->op = SB_OP_UPDATE;
+	NetnsSlot *slot = net_changed && sb->slot ? netns_slot_ref(sb->slot) : NULL;
+	pthread_mutex_unlock(&m->lock);
+
+	r = 0;
+	if (slot) {
+		NetnsPolicy policy = spec_policy(&nu);
+		r = netns_slot_set_policy(m->pool, slot, &policy, &err);
+		if (r == -ENOENT)
+			r = 0; /* released meanwhile (its VMM died): the spec is what counts */
+	}
+
+	/* Swap the new values in; `nu` then holds the old ones, for a rollback. */
+	pthread_mutex_lock(&m->lock);
+	if (r >= 0) {
+		if (what & UPD_END) {
+			struct timespec t = sb->spec.end_time;
+			sb->spec.end_time = nu.end_time;
+			nu.end_time = t;
+		}
+		if (what & UPD_EXPIRY) {
+			Ember__V1__ExpiryAction a = sb->spec.on_expiry;
+			sb->spec.on_expiry = nu.on_expiry;
+			nu.on_expiry = a;
+		}
+		if (what & UPD_LABELS) {
+			KvList l = sb->spec.labels;
+			sb->spec.labels = nu.labels;
+			nu.labels = l;
+		}
+		if (what & UPD_NETWORK) {
+			bool i = sb->spec.allow_internet;
+			StrList a = sb->spec.allow_cidrs, d = sb->spec.deny_cidrs;
+			sb->spec.allow_internet = nu.allow_internet;
+			sb->spec.allow_cidrs = nu.allow_cidrs;
+			sb->spec.deny_cidrs = nu.deny_cidrs;
+			nu.allow_internet = i;
+			nu.allow_cidrs = a;
+			nu.deny_cidrs = d;
+		}
+	}
+	pthread_mutex_unlock(&m->lock);
+	if (r >= 0 && (r = sandbox_record_write(m, sb, 0, NULL)) < 0) {
+		/* Not persisted: all of it goes back, the slot's policy too. */
+		_cleanup_free_ char *rerr = NULL;
+		if (asprintf(&err, "cannot write its record: %s", strerror(-r)) < 0)
+			err = NULL;
+		pthread_mutex_lock(&m->lock);
+		if (what & UPD_END)
+			sb->spec.end_time = nu.end_time;
+		if (what & UPD_EXPIRY)
+			sb->spec.on_expiry = nu.on_expiry;
+		if (what & UPD_LABELS) {
+			KvList l = sb->spec.labels;
+			sb->spec.labels = nu.labels;
+			nu.labels = l;
+		}
+		if (what & UPD_NETWORK) {
+			StrList a = sb->spec.allow_cidrs, d = sb->spec.deny_cidrs;
+			sb->spec.allow_internet = nu.allow_internet;
+			sb->spec.allow_cidrs = nu.allow_cidrs;
+			sb->spec.deny_cidrs = nu.deny_cidrs;
+			nu.allow_cidrs = a;
+			nu.deny_cidrs = d;
+		}
+		pthread_mutex_unlock(&m->lock);
+		NetnsPolicy old = spec_policy(&sb->spec);
+		if (slot && netns_slot_set_policy(m->pool, slot, &old, &rerr) < 0 && rerr)
+			log_error("sandbox %s: cannot restore its egress policy: %s", sb->id, rerr);
+	}
+	if (slot)
+		netns_slot_unref(slot);
+
+	pthread_mutex_lock(&m->lock);
+	if (r >= 0) {
+		/* one `changed` event for the whole update, and the timer moved */
+		sandbox_set_state_locked(m, sb, sb->state, sb->state_reason);
+		expiry_update_locked(m, sb);
+	}
+	update_end_locked(m, sb);
+	pthread_mutex_unlock(&m->lock);
+	sb_spec_done(&nu);
+	if (r < 0) {
+		code = rpc_call_error(call, RPC_INTERNAL, "sandbox %s: nothing changed: %s",
+				      req->sandbox_id, err ?: strerror(-r));
+	} else {
+		log_info("sandbox %s updated (%s%s%s%s)", sb->id, what & UPD_END ? " end_time" : "",
+			 what & UPD_EXPIRY ? " on_expiry" : "", what & UPD_LABELS ? " labels" : "",
+			 what & UPD_NETWORK ? " network" : "");
+		code = send_sandbox(call, m, sb);
+	}
+	sandbox_unref(m, sb);
+	return code;
 }
 
 static RpcCode send_resync(RpcCall *call, Manager *m, uint64_t *since)

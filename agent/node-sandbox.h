@@ -36,6 +36,10 @@ RpcCode kv_from_pb(RpcCall *call, const char *what, KvKind kind, const void *ent
 /* (L) */
 Ember__V1__Sandbox *sandbox_to_pb(Arena *a, Sandbox *sb);
 
+/* Free space where a pause writes the saved state: enough for the memory file and a margin?
+ * *ret_free_mib: what is free. */
+bool sandbox_room_for_saved_state(const Sandbox *sb, uint64_t *ret_free_mib);
+
 /* INVALID_ARGUMENT naming `field` unless id is a valid id. */
 RpcCode node_id_check(RpcCall *call, const char *field, const char *id);
 
@@ -84,7 +88,8 @@ RpcCode node_list_sandboxes(RpcCall *call, const ProtobufCMessage *request, Mana
  * client went away) or -ESHUTDOWN (emberd drains). */
 int sandbox_wait_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*done)(Sandbox *, uint64_t),
 			uint64_t arg);
-/* sandbox_wait_locked()'s condition for "no snapshot is being taken of it" (or it is gone). */
+/* sandbox_wait_locked()'s condition for "no snapshot is being taken of it and no update runs"
+ * (or it is gone). */
 bool sandbox_not_snapshotting(Sandbox *sb, uint64_t unused);
 RpcCode node_create_snapshot(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_get_snapshot(RpcCall *call, const ProtobufCMessage *request, Manager *m);
@@ -93,4 +98,5 @@ RpcCode node_delete_snapshot(RpcCall *call, const ProtobufCMessage *request, Man
 RpcCode node_pause_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_resume_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_destroy_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_update_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_watch_sandboxes(RpcCall *call, const ProtobufCMessage *request, Manager *m);

@@ -290,6 +290,7 @@ MANAGER_CALL(list_sandboxes, node_list_sandboxes)
 MANAGER_CALL(pause_sandbox, node_pause_sandbox)
 MANAGER_CALL(resume_sandbox, node_resume_sandbox)
 MANAGER_CALL(destroy_sandbox, node_destroy_sandbox)
+MANAGER_CALL(update_sandbox, node_update_sandbox)
 MANAGER_CALL(watch_sandboxes, node_watch_sandboxes)
 MANAGER_CALL(create_snapshot, node_create_snapshot)
 MANAGER_CALL(get_snapshot, node_get_snapshot)
@@ -313,6 +314,7 @@ int node_service_register(NodeService *n, RpcServer *s)
 		{"PauseSandbox", pause_sandbox},
 		{"ResumeSandbox", resume_sandbox},
 		{"DestroySandbox", destroy_sandbox},
+		{"UpdateSandbox", update_sandbox},
 		{"WatchSandboxes", watch_sandboxes},
 		{"CreateSnapshot", create_snapshot},
 		{"GetSnapshot", get_snapshot},

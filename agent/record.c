@@ -237,6 +237,13 @@ json_object *sb_spec_to_json(const SbSpec *s)
 	json_object_object_add(o, "network", net);
 	json_object_object_add(o, "labels", kv_list_to_json(&s->labels));
 	json_object_object_add(o, "env", kv_list_to_json(&s->env));
+	if (sb_spec_has_end(s))
+		json_object_object_add(o, "end_time", timespec_to_json(&s->end_time));
+	json_object_object_add(
+		o, "on_expiry",
+		json_object_new_string(s->on_expiry == EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
+					       ? "pause"
+					       : "destroy"));
 	return o;
 }
 
@@ -276,6 +283,14 @@ int sb_spec_from_json(json_object *o, SbSpec *ret)
 		sb_spec_done(&s);
 		return r;
 	}
+	json_object *end = NULL;
+	if (json_object_object_get_ex(o, "end_time", &end))
+		timespec_from_json(end, &s.end_time);
+	/* records from before end times: no end, destroy */
+	const char *expiry = json_get_string(o, "on_expiry");
+	s.on_expiry = expiry && strcmp(expiry, "pause") == 0
+			      ? EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
+			      : EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY;
 	if (!!s.template_id == !!s.snapshot_id) {
 		sb_spec_done(&s);
 		return -EBADMSG;
@@ -331,7 +346,7 @@ bool kv_list_equal(const KvList *a, const KvList *b)
 	return true;
 }
 
-static bool str_list_equal(const StrList *a, const StrList *b)
+bool str_list_equal(const StrList *a, const StrList *b)
 {
 	if (a->n != b->n)
 		return false;
@@ -348,7 +363,9 @@ bool sb_spec_equal(const SbSpec *a, const SbSpec *b)
 	       a->disk_size_mib == b->disk_size_mib && a->allow_internet == b->allow_internet &&
 	       str_list_equal(&a->allow_cidrs, &b->allow_cidrs) &&
 	       str_list_equal(&a->deny_cidrs, &b->deny_cidrs) &&
-	       kv_list_equal(&a->labels, &b->labels) && kv_list_equal(&a->env, &b->env);
+	       kv_list_equal(&a->labels, &b->labels) && kv_list_equal(&a->env, &b->env) &&
+	       a->end_time.tv_sec == b->end_time.tv_sec &&
+	       a->end_time.tv_nsec == b->end_time.tv_nsec && a->on_expiry == b->on_expiry;
 }
 
 bool kv_list_matches(const KvList *labels, const KvList *selector)

@@ -568,6 +568,8 @@ int manager_recover(Manager *m, char **ret_error)
 		manager_insert_locked(m, sb);
 		/* Revisions move on from the last run's: record where each sandbox stands. */
 		sandbox_set_state_locked(m, sb, sb->state, sb->state_reason);
+		/* an end time that passed meanwhile fires once the event loop runs */
+		expiry_update_locked(m, sb);
 	}
 	pthread_mutex_unlock(&m->lock);
 	for (size_t i = 0; i < n_loaded; i++) {

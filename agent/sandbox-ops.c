@@ -65,8 +65,7 @@ static void log_step(const Sandbox *sb, const char *op, const char *step, uint64
 			   (unsigned long long)us);
 }
 
-/* Has the VMM, or its memory server, exited? Never blocks. */
-static bool vmm_or_uffd_exited(const Sandbox *sb)
+bool vmm_or_uffd_exited(const Sandbox *sb)
 {
 	struct pollfd p[2] = {{.fd = sb->vm ? fcctl_vm_pidfd(sb->vm) : -1, .events = POLLIN},
 			      {.fd = sb->uffd ? fcctl_vm_pidfd(sb->uffd) : -1, .events = POLLIN}};
@@ -822,6 +821,8 @@ static void op_finish_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState st
 	if (sb->op == SB_OP_RESUME)
 		m->creating_mib -= sb->spec.memory_mib;
 	sb->op = SB_OP_NONE;
+	/* the reason was for this operation's end (an expiry's pause): used below or not */
+	_cleanup_free_ char *op_reason = TAKE_PTR(sb->op_reason);
 	if (sb->destroy_next) {
 		_cleanup_free_ char *msg = NULL;
 		sb->destroy_next = false;
@@ -994,12 +995,14 @@ void sandbox_op_pause(Manager *m, Sandbox *sb)
 
 	if (r >= 0) {
 		/* PAUSED goes on record first: a crash now must not lose a finished pause. */
+		/* An expiry's pause ends PAUSED with its reason (sb->op_reason, which nothing
+		 * changes while the operation runs). */
 		r = sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED,
-					 NULL);
+					 sb->op_reason);
 		if (r >= 0) {
 			pthread_mutex_lock(&m->lock);
 			op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED,
-					 NULL, RPC_OK, NULL);
+					 sb->op_reason, RPC_OK, NULL);
 			pthread_mutex_unlock(&m->lock);
 			log_op_done(sb, "pause", EMBER_MESSAGE_SANDBOX_PAUSED, t0);
 			return;

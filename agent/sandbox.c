@@ -78,6 +78,7 @@ void manager_remove_locked(Manager *m, Sandbox *sb)
 			sb->hnext = NULL;
 			m->n_sandboxes--;
 			sb->removed = true;
+			expiry_remove_locked(m, sb);
 			if (sb->tmpl)
 				sb->tmpl->sandbox_count--;
 			if (sb->snap)
@@ -97,6 +98,7 @@ Sandbox *sandbox_new(const char *id)
 	snprintf(sb->id, sizeof(sb->id), "%s", id);
 	sb->vmm_pid = -1;
 	sb->uffd_pid = -1;
+	sb->expiry_index = SIZE_MAX;
 	return sb;
 }
 
@@ -112,6 +114,7 @@ static void sandbox_free(Sandbox *sb)
 	free(sb->data_dir);
 	free(sb->cow_path);
 	free(sb->create_error);
+	free(sb->op_reason);
 	for (size_t i = 0; i < _OUT_MAX; i++)
 		free(sb->outcome[i].error);
 	free(sb->watch); /* only at manager_free: a watched sandbox holds a reference */
@@ -199,6 +202,8 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 			sb->taking = NULL;
 		}
 		sb->op = SB_OP_NONE;
+		free(sb->op_reason);
+		sb->op_reason = NULL;
 		if (op != SB_OP_SNAPSHOT)
 			sandbox_set_state_locked(
 				m, sb,
@@ -385,7 +390,10 @@ static void *loop_main(void *p)
 		for (int i = 0; i < n; i++) {
 			if (evs[i].data.ptr == NULL)
 				return NULL; /* the stop eventfd */
-			vmm_exited(m, evs[i].data.ptr);
+			if (evs[i].data.ptr == &m->timer_fd)
+				expiry_fire(m);
+			else
+				vmm_exited(m, evs[i].data.ptr);
 		}
 	}
 }
@@ -478,7 +486,7 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 	if (!m)
 		return -ENOMEM;
 	m->config = config;
-	m->epoll_fd = m->stop_fd = -1;
+	m->epoll_fd = m->stop_fd = m->timer_fd = -1;
 	pthread_mutex_init(&m->lock, NULL);
 	pthread_cond_init(&m->jobs_cond, NULL);
 	m->n_buckets = 64;
@@ -539,6 +547,13 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 	struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
 	if (epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, m->stop_fd, &ev) < 0) {
 		r = error_set(ret_error, -errno, "epoll_ctl: %m");
+		goto fail;
+	}
+	/* end times: the timer's events carry the address of its fd */
+	struct epoll_event tev = {.events = EPOLLIN, .data.ptr = &m->timer_fd};
+	if ((r = expiry_init(m)) < 0 ||
+	    epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, m->timer_fd, &tev) < 0) {
+		r = error_set(ret_error, r < 0 ? r : -errno, "end-time timer: %m");
 		goto fail;
 	}
 
@@ -614,6 +629,7 @@ void manager_free(Manager *m)
 		storage_free(m->storage);
 	events_free(m->events);
 	vmm_info_done(&m->vmm);
+	expiry_done(m);
 	safe_close(m->epoll_fd);
 	safe_close(m->stop_fd);
 	free(m->netns_state);

@@ -358,7 +358,7 @@ again:
 		return rpc_call_error(call, RPC_NOT_FOUND, "no sandbox %s", req->sandbox_id);
 	}
 	sandbox_ref_locked(sb);
-	if (!s && sb->op == SB_OP_SNAPSHOT) {
+	if (!s && (sb->op == SB_OP_SNAPSHOT || sb->op == SB_OP_UPDATE)) {
 		/* Lifecycle calls on a sandbox wait for a snapshot being taken of it. */
 		r = sandbox_wait_locked(m, call, sb, sandbox_not_snapshotting, 0);
 		pthread_mutex_unlock(&m->lock);
