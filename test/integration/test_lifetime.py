@@ -266,3 +266,60 @@ def test_grpcurl_update_as_the_readme_shows(start_emberd):
     assert sb.spec.end_time.ToJsonString() == "2030-01-01T00:00:00Z"
     assert sb.spec.on_expiry == S.EXPIRY_ACTION_PAUSE
     destroy(n, "hello")
+
+
+def test_a_live_egress_change_is_seen_from_inside_the_guest(start_emberd, workdir):
+    """UpdateSandbox's network policy reaches a RUNNING sandbox's slot at once: a probe from
+    inside the guest, through the slot and the node's uplink, to an "internet" namespace (the
+    layout of test_netns.py)."""
+    from conftest import SRCDIR, host_netns
+    from test_exec import ok
+    root = os.path.join(workdir, "node")
+    os.makedirs(root)
+    hostns = host_netns(os.path.join(root, "hostns"))
+    inet = host_netns(os.path.join(root, "inetns"))
+    srv = None
+    try:
+        def ns(path, *argv):
+            subprocess.run(["nsenter", f"--net={path}", *argv], check=True)
+        # the uplink: host uplink0 203.0.113.1 <-> "internet" eth0 203.0.113.2
+        ns(hostns, "ip", "link", "add", "uplink0", "type", "veth", "peer", "name", "eth0",
+           "netns", inet)
+        ns(hostns, "ip", "addr", "add", "203.0.113.1/24", "dev", "uplink0")
+        ns(hostns, "ip", "link", "set", "uplink0", "up")
+        ns(hostns, "ip", "route", "add", "default", "via", "203.0.113.2")
+        ns(inet, "ip", "addr", "add", "203.0.113.2/24", "dev", "eth0")
+        ns(inet, "ip", "link", "set", "eth0", "up")
+        srv = subprocess.Popen(["nsenter", f"--net={inet}", "/usr/bin/python3",
+                                os.path.join(SRCDIR, "test", "net", "probe.py"),
+                                "whoami-server", "8080"], stdout=subprocess.PIPE, text=True)
+        assert srv.stdout.readline().strip() == "READY"
+
+        e = start_emberd("[network]\npool_size = 0\nuplink = uplink0\n", root=root,
+                         hostns=hostns)
+        n = stub(e)
+        create(n, "eg")  # the node's default: nothing outbound
+
+        def ask():
+            # what the "internet" server answers: the address it saw (the uplink's, masqueraded)
+            e_ = ok(n, ["sh", "-c", "nc -w 2 203.0.113.2 8080 </dev/null || true"], sid="eg")
+            return bytes(e_.out).strip()
+
+        assert ask() == b""
+        update(n, "eg", ["network"], network=S.NetworkPolicy(allow_internet=True))
+        assert ask() == b"203.0.113.1"
+        update(n, "eg", ["network"], network=S.NetworkPolicy(
+            allow_internet=True, deny_cidrs=["203.0.113.0/24"]))
+        assert ask() == b""
+        update(n, "eg", ["network"], network=S.NetworkPolicy(allow_cidrs=["203.0.113.2"]))
+        assert ask() == b"203.0.113.1"
+        # a pause and a resume keep the policy (it is in the spec, applied to the new slot)
+        n.PauseSandbox(S.PauseSandboxRequest(sandbox_id="eg"), timeout=60 * SLOW)
+        n.ResumeSandbox(S.ResumeSandboxRequest(sandbox_id="eg"), timeout=60 * SLOW)
+        assert ask() == b"203.0.113.1"
+        destroy(n, "eg")
+    finally:
+        if srv:
+            srv.kill()
+            srv.wait()
+        subprocess.run(["umount", "-l", inet], capture_output=True)
