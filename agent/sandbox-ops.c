@@ -434,6 +434,55 @@ static int step_configure(Manager *m, Sandbox *sb, char **ret_error)
 	return 0;
 }
 
+/* The last lines the guest printed on its console (what the VMM wrote to fc.out), for the
+ * message of a create whose guest did not come up: the unwind removes the file itself.
+ * ": the console's last lines:\n..." with control characters and invalid bytes shown as '?',
+ * or NULL when there is nothing. */
+#define CONSOLE_TAIL_BYTES 1536
+#define CONSOLE_TAIL_LINES 12
+static char *console_tail(const Sandbox *sb)
+{
+	_cleanup_free_ char *path = NULL;
+	_cleanup_close_ int fd = -EBADF;
+	char buf[CONSOLE_TAIL_BYTES + 1];
+	struct stat st;
+
+	if (asprintf(&path, "%s/fc.out", sb->run_dir) < 0)
+		return NULL;
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0 || fstat(fd, &st) < 0 || st.st_size == 0)
+		return NULL;
+	off_t from = st.st_size > CONSOLE_TAIL_BYTES ? st.st_size - CONSOLE_TAIL_BYTES : 0;
+	ssize_t n = pread(fd, buf, CONSOLE_TAIL_BYTES, from);
+	if (n <= 0)
+		return NULL;
+	/* whole lines only, the last CONSOLE_TAIL_LINES of them */
+	size_t start = 0, end = (size_t)n;
+	while (end > 0 && (buf[end - 1] == '\n' || buf[end - 1] == '\r'))
+		end--;
+	if (from > 0)
+		while (start < end && buf[start++] != '\n')
+			;
+	unsigned lines = 0;
+	for (size_t i = end; i > start; i--)
+		if (buf[i - 1] == '\n' && ++lines == CONSOLE_TAIL_LINES) {
+			start = i;
+			break;
+		}
+	if (start >= end)
+		return NULL;
+	for (size_t i = start; i < end; i++) {
+		unsigned char ch = (unsigned char)buf[i];
+		if ((ch < 0x20 && ch != '\n' && ch != '\t') || ch >= 0x7f)
+			buf[i] = '?';
+	}
+	buf[end] = '\0';
+	char *out = NULL;
+	if (asprintf(&out, "; the console's last lines:\n%s", buf + start) < 0)
+		return NULL;
+	return out;
+}
+
 static int step_wait_guest(Manager *m, Sandbox *sb, char **ret_error)
 {
 	_cleanup_free_ char *uds = NULL;
@@ -450,10 +499,11 @@ static int step_wait_guest(Manager *m, Sandbox *sb, char **ret_error)
 
 		if (aborted(m, sb))
 			return error_set(ret_error, -ECANCELED, "destroyed while booting");
-		if (poll(&p, 1, 0) > 0)
-			return error_set(ret_error, -ECHILD,
-					 "the VMM exited during boot (its console is in %s/fc.out)",
-					 sb->run_dir);
+		if (poll(&p, 1, 0) > 0) {
+			_cleanup_free_ char *tail = console_tail(sb);
+			return error_set(ret_error, -ECHILD, "the VMM exited during boot%s",
+					 tail ?: " (its console is empty)");
+		}
 		r = guest_conn_open_vsock(uds, GUEST_CLIENT_PORT, 1000, &c, &err);
 		if (r >= 0) {
 			guest_conn_set_timeout(c, 2000);
@@ -464,13 +514,14 @@ static int step_wait_guest(Manager *m, Sandbox *sb, char **ret_error)
 				return 0;
 			}
 		}
-		if (now_ms() >= deadline)
+		if (now_ms() >= deadline) {
+			_cleanup_free_ char *tail = console_tail(sb);
 			return error_set(ret_error, -ETIMEDOUT,
-					 "the guest agent did not answer within %u s (last: %s; "
-					 "console in %s/fc.out)",
+					 "the guest agent did not answer within %u s (last: %s)%s",
 					 m->config->boot_timeout_s,
 					 c ? guest_conn_error(c) : (err ?: strerror(-r)),
-					 sb->run_dir);
+					 tail ?: " (its console is empty)");
+		}
 		/* Nothing to wait on: the agent's socket appears inside the guest. Short naps,
 		 * only while this one sandbox boots. */
 		(void)poll(&p, 1, 50);

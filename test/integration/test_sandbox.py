@@ -317,6 +317,8 @@ def test_failure_at_each_step_leaves_nothing(start_emberd, workdir):
     silent_template(n, workdir)
     c, msg = code_of(lambda: create(n, "s1", template="silent"))
     assert c == grpc.StatusCode.INTERNAL and "guest-agent" in msg and "3 s" in msg, msg
+    # the console's last lines say how far the guest came (its file goes with the unwind)
+    assert "console's last lines:\n" in msg and "ember-init: started" in msg, msg
     assert leftovers(e) == []
 
     # the kernel is gone (someone removed it under the node)
