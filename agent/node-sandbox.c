@@ -957,7 +957,7 @@ again:
 			timespec_format(&sb->spec.end_time, when, sizeof(when));
 			snprintf(why, sizeof(why),
 				 "its end time %s has passed (spec.end_time); give it a later one "
-				 "first",
+				 "with UpdateSandbox first",
 				 when);
 			refuse = why;
 		} else if (!pause && strcmp(sb->fc_version ?: "", m->vmm.version) != 0) {
