@@ -139,13 +139,12 @@ void expiry_remove_locked(Manager *m, Sandbox *sb)
 /* Puts sb in the heap to be looked at at due_ms (it may be there already). */
 static void schedule_locked(Manager *m, Sandbox *sb, int64_t due_ms)
 {
-	Sandbox *first = m->n_expiry ? m->expiry[0] : NULL;
-	int64_t first_due = first ? first->expiry_due_ms : 0;
+	const Sandbox *first = m->n_expiry ? m->expiry[0] : NULL;
 
 	if (sb->expiry_index == SIZE_MAX) {
 		if (m->n_expiry == m->cap_expiry) {
 			size_t cap = m->cap_expiry ? 2 * m->cap_expiry : 64;
-			Sandbox **n = realloc(m->expiry, cap * sizeof(*n));
+			Sandbox **n = realloc(m->expiry, cap * sizeof(Sandbox *));
 			if (!n) {
 				log_error("sandbox %s: out of memory for its end-time timer; it "
 					  "will not expire",
@@ -163,7 +162,8 @@ static void schedule_locked(Manager *m, Sandbox *sb, int64_t due_ms)
 		sift_up(m, sb->expiry_index);
 		sift_down(m, sb->expiry_index);
 	}
-	if (m->expiry[0] != first || m->expiry[0]->expiry_due_ms != first_due)
+	/* the earliest changed only if sb is it now, or was it before */
+	if (sb->expiry_index == 0 || first == sb)
 		arm_locked(m);
 }
 

@@ -20,10 +20,11 @@
 #include "common/macro.h"
 #include "google/protobuf/descriptor.pb-c.h"
 
-#define NODE_PROTO      "ember/v1/node.proto"
-#define HEALTH_PROTO    "grpc/health/v1/health.proto"
-#define TIMESTAMP_PROTO "google/protobuf/timestamp.proto"
-#define DURATION_PROTO  "google/protobuf/duration.proto"
+#define NODE_PROTO       "ember/v1/node.proto"
+#define HEALTH_PROTO     "grpc/health/v1/health.proto"
+#define TIMESTAMP_PROTO  "google/protobuf/timestamp.proto"
+#define DURATION_PROTO   "google/protobuf/duration.proto"
+#define FIELD_MASK_PROTO "google/protobuf/field_mask.proto"
 
 static int group_setup(void **state)
 {
@@ -50,8 +51,8 @@ static void test_index_new(void **state)
 	assert_int_equal(rpc_desc_index_new(ember_descriptor_set, ember_descriptor_set_size, &idx),
 			 0);
 	assert_non_null(idx);
-	/* node.proto, its two well-known imports, health, reflection v1 and v1alpha. */
-	assert_int_equal(idx->n_files, 6);
+	/* node.proto, its three well-known imports, health, reflection v1 and v1alpha. */
+	assert_int_equal(idx->n_files, 7);
 	assert_true(idx->n_symbols > 0);
 	assert_true(idx->n_methods > 0);
 	rpc_desc_index_free(idx);
@@ -64,6 +65,7 @@ static void test_find_file(void **state)
 		NODE_PROTO,
 		TIMESTAMP_PROTO,
 		DURATION_PROTO,
+		FIELD_MASK_PROTO,
 		HEALTH_PROTO,
 		"grpc/reflection/v1/reflection.proto",
 		"grpc/reflection/v1alpha/reflection.proto",
@@ -96,7 +98,7 @@ static void test_file_data(void **state)
 	assert_non_null(fd);
 	assert_string_equal(fd->name, NODE_PROTO);
 	assert_string_equal(fd->package, "ember.v1");
-	assert_int_equal(fd->n_dependency, 2);
+	assert_int_equal(fd->n_dependency, 3);
 	assert_int_equal(fd->n_service, 1);
 	assert_string_equal(fd->service[0]->name, "Node");
 	for (size_t i = 0; i < fd->service[0]->n_method; i++) {
@@ -254,14 +256,15 @@ static void test_closure_node(void **state)
 	int n;
 
 	assert_non_null(node);
-	assert_int_equal(node->n_deps, 2);
+	assert_int_equal(node->n_deps, 3);
 	n = rpc_desc_closure(idx, node, &files);
-	assert_int_equal(n, 3);
+	assert_int_equal(n, 4);
 	assert_non_null(files);
 	assert_ptr_equal(files[0], node);
 	assert_int_equal(count_in(files, (size_t)n, NODE_PROTO), 1);
 	assert_int_equal(count_in(files, (size_t)n, TIMESTAMP_PROTO), 1);
 	assert_int_equal(count_in(files, (size_t)n, DURATION_PROTO), 1);
+	assert_int_equal(count_in(files, (size_t)n, FIELD_MASK_PROTO), 1);
 	assert_closure_complete(idx, files, (size_t)n);
 }
 
