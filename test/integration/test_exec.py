@@ -662,11 +662,15 @@ def test_file_size_limit_and_an_interrupted_write_leaves_the_old_file(node):
     code, msg = file_error(lambda: write_file(n, "/tmp/keep", b"y" * (65 * MiB)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_file_mib" in msg, msg
     assert sh(n, "cat /tmp/keep; ls -a /tmp | grep -c ember- || true") == b"old0\n"
-    # a client that goes away mid-write
+    # a client that goes away mid-write. It sets header.size, as node.proto asks of a write
+    # that may be cancelled: gRPC can report the cancellation to emberd as an ordinary end of
+    # the stream, and a write without a size then commits what arrived (this test, without
+    # the size, failed that way once).
     gate = threading.Event()
 
     def reqs():
-        yield S.WriteFileRequest(header=S.WriteFileHeader(sandbox_id="ex1", path="/tmp/keep"))
+        yield S.WriteFileRequest(header=S.WriteFileHeader(sandbox_id="ex1", path="/tmp/keep",
+                                                          size=3000 * 10))
         yield S.WriteFileRequest(data=b"new" * 1000)
         gate.wait(30)
 
