@@ -223,9 +223,10 @@ RpcCode guest_session_failed(GuestSession *s, int r)
  * the data itself, so that output is sent without being packed (copied) once more. */
 static size_t out_head(uint8_t head[16], bool is_stderr, size_t size)
 {
-	const ProtobufCFieldDescriptor *f = protobuf_c_message_descriptor_get_field_by_name(
-		&ember__v1__exec_response__descriptor, is_stderr ? "stderr_data" : "stdout_data");
-	uint64_t v[2] = {(uint64_t)f->id << 3 | 2, size};
+	/* protobuf-c numbers a oneof's cases by their field numbers */
+	uint64_t field = is_stderr ? EMBER__V1__EXEC_RESPONSE__MSG_STDERR_DATA
+				   : EMBER__V1__EXEC_RESPONSE__MSG_STDOUT_DATA;
+	uint64_t v[2] = {field << 3 | 2, size}; /* wire type 2: length-delimited */
 	size_t n = 0;
 
 	for (size_t i = 0; i < 2; i++) {
