@@ -71,6 +71,8 @@ void sb_spec_done(SbSpec *s);
 bool sb_spec_equal(const SbSpec *a, const SbSpec *b);
 bool kv_list_equal(const KvList *a, const KvList *b);
 bool str_list_equal(const StrList *a, const StrList *b);
+/* The slot's egress policy for it; points into s. */
+NetnsPolicy sb_spec_policy(const SbSpec *s);
 /* True when every selector entry is in labels with the same value. */
 bool kv_list_matches(const KvList *labels, const KvList *selector);
 

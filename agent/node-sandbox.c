@@ -372,6 +372,27 @@ RpcCode node_id_check(RpcCall *call, const char *field, const char *id)
 	return RPC_OK;
 }
 
+/* spec.end_time and spec.on_expiry, checked, into s (on_expiry UNSPECIFIED is DESTROY). */
+static RpcCode expiry_from_pb(RpcCall *call, const Ember__V1__SandboxSpec *p, SbSpec *s)
+{
+	if (p->end_time && (p->end_time->seconds <= 0 || p->end_time->seconds > END_TIME_MAX_S ||
+			    p->end_time->nanos < 0 || p->end_time->nanos > 999999999))
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "spec.end_time is out of range (after 1970, before 2200)");
+	if (p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_UNSPECIFIED &&
+	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY &&
+	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "spec.on_expiry %d is unknown",
+				      (int)p->on_expiry);
+	s->end_time = p->end_time ? (struct timespec){.tv_sec = (time_t)p->end_time->seconds,
+						      .tv_nsec = p->end_time->nanos}
+				  : (struct timespec){};
+	s->on_expiry = p->on_expiry == EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
+			       ? EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
+			       : EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY;
+	return RPC_OK;
+}
+
 static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxSpec *p, SbSpec *ret)
 {
 	const Config *c = m->config;
@@ -403,21 +424,8 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 				      "spec.disk_size_mib %llu is above this node's limit of %u "
 				      "([storage] max_disk_mib)",
 				      (unsigned long long)p->disk_size_mib, c->max_disk_mib);
-	if (p->end_time && (p->end_time->seconds <= 0 || p->end_time->seconds > END_TIME_MAX_S ||
-			    p->end_time->nanos < 0 || p->end_time->nanos > 999999999))
-		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
-				      "spec.end_time is out of range (after 1970, before 2200)");
-	if (p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_UNSPECIFIED &&
-	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY &&
-	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE)
-		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "spec.on_expiry %d is unknown",
-				      (int)p->on_expiry);
-	if (p->end_time)
-		s.end_time = (struct timespec){.tv_sec = (time_t)p->end_time->seconds,
-					       .tv_nsec = p->end_time->nanos};
-	s.on_expiry = p->on_expiry == EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
-			      ? EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
-			      : EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY;
+	if ((code = expiry_from_pb(call, p, &s)) != RPC_OK)
+		return code;
 	if (fork)
 		s.snapshot_id = strdup(p->snapshot_id);
 	else
@@ -450,14 +458,16 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 	return RPC_OK;
 }
 
-/* The end time a create applies: the one asked for, else [sandboxes] default_lifetime_s after
- * the create; capped at max_lifetime_s after it. Relative to the sandbox's create time, so
- * that a retry of the create resolves to the same end time and joins it. */
-static void end_time_resolve(const Config *c, SbSpec *s, const struct timespec *created)
+/* The end time a create applies: the one asked for, else (with `use_default`)
+ * [sandboxes] default_lifetime_s after the create; capped at max_lifetime_s after it. Relative
+ * to the sandbox's create time, so that a retry of the create resolves to the same end time
+ * and joins it. UpdateSandbox applies the cap alone: an end time cleared is none. */
+static void end_time_resolve(const Config *c, SbSpec *s, const struct timespec *created,
+			     bool use_default)
 {
 	bool set = sb_spec_has_end(s);
 
-	if (!set && c->default_lifetime_s) {
+	if (!set && use_default && c->default_lifetime_s) {
 		s->end_time = *created;
 		s->end_time.tv_sec += c->default_lifetime_s;
 		set = true;
@@ -630,7 +640,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	struct timespec now;
 	clock_gettime(CLOCK_REALTIME, &now);
 	bool asked_end = sb_spec_has_end(&spec);
-	end_time_resolve(m->config, &spec, sb ? &sb->create_time : &now);
+	end_time_resolve(m->config, &spec, sb ? &sb->create_time : &now, true);
 	if (sb) {
 		if (!sb_spec_equal(&sb->spec, &spec)) {
 			pthread_mutex_unlock(&m->lock);
@@ -1148,15 +1158,28 @@ static void update_end_locked(Manager *m, Sandbox *sb)
 	sandbox_wake_locked(sb);
 }
 
-static NetnsPolicy spec_policy(const SbSpec *s)
+/* Exchanges the parts of two specs that `what` (UPD_*) names: UpdateSandbox swaps the new
+ * values in, and the same call again puts the old ones back. */
+static void spec_swap_parts(SbSpec *a, SbSpec *b, unsigned what)
 {
-	return (NetnsPolicy){
-		.internet = s->allow_internet,
-		.allow = (const char *const *)s->allow_cidrs.items,
-		.n_allow = s->allow_cidrs.n,
-		.deny = (const char *const *)s->deny_cidrs.items,
-		.n_deny = s->deny_cidrs.n,
-	};
+#define SWAP(field)                                                                            \
+	do {                                                                                   \
+		__typeof__(a->field) t_ = a->field;                                            \
+		a->field = b->field;                                                           \
+		b->field = t_;                                                                 \
+	} while (0)
+	if (what & UPD_END)
+		SWAP(end_time);
+	if (what & UPD_EXPIRY)
+		SWAP(on_expiry);
+	if (what & UPD_LABELS)
+		SWAP(labels);
+	if (what & UPD_NETWORK) {
+		SWAP(allow_internet);
+		SWAP(allow_cidrs);
+		SWAP(deny_cidrs);
+	}
+#undef SWAP
 }
 
 RpcCode node_update_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m)
@@ -1176,23 +1199,8 @@ RpcCode node_update_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	if ((code = node_id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK ||
 	    (code = update_paths(call, req->update_mask, &what)) != RPC_OK)
 		return code;
-	if ((what & UPD_END) && p->end_time &&
-	    (p->end_time->seconds <= 0 || p->end_time->seconds > END_TIME_MAX_S ||
-	     p->end_time->nanos < 0 || p->end_time->nanos > 999999999))
-		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
-				      "spec.end_time is out of range (after 1970, before 2200)");
-	if ((what & UPD_EXPIRY) &&
-	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_UNSPECIFIED &&
-	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY &&
-	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE)
-		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "spec.on_expiry %d is unknown",
-				      (int)p->on_expiry);
-	if ((what & UPD_END) && p->end_time)
-		nu.end_time = (struct timespec){.tv_sec = (time_t)p->end_time->seconds,
-						.tv_nsec = p->end_time->nanos};
-	nu.on_expiry = p->on_expiry == EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
-			       ? EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE
-			       : EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY;
+	if ((what & (UPD_END | UPD_EXPIRY)) && (code = expiry_from_pb(call, p, &nu)) != RPC_OK)
+		return code;
 	if ((what & UPD_LABELS) && (code = kv_from_pb(call, "spec.labels", KV_LABELS, p->labels,
 						      p->n_labels, &nu.labels)) != RPC_OK)
 		return code;
@@ -1239,15 +1247,8 @@ again:
 		}
 		goto again;
 	}
-	/* The end time as a create would apply it: capped at max_lifetime_s after the create
-	 * (no default here: none asked for is none). */
-	if (what & UPD_END && c->max_lifetime_s) {
-		struct timespec cap = sb->create_time;
-		cap.tv_sec += c->max_lifetime_s;
-		if (!sb_spec_has_end(&nu) || nu.end_time.tv_sec > cap.tv_sec ||
-		    (nu.end_time.tv_sec == cap.tv_sec && nu.end_time.tv_nsec > cap.tv_nsec))
-			nu.end_time = cap;
-	}
+	if (what & UPD_END)
+		end_time_resolve(c, &nu, &sb->create_time, false);
 	bool net_changed =
 		(what & UPD_NETWORK) && (nu.allow_internet != sb->spec.allow_internet ||
 					 !str_list_equal(&nu.allow_cidrs, &sb->spec.allow_cidrs) ||
@@ -1272,67 +1273,27 @@ again:
 
 	r = 0;
 	if (slot) {
-		NetnsPolicy policy = spec_policy(&nu);
+		NetnsPolicy policy = sb_spec_policy(&nu);
 		r = netns_slot_set_policy(m->pool, slot, &policy, &err);
 		if (r == -ENOENT)
 			r = 0; /* released meanwhile (its VMM died): the spec is what counts */
 	}
 
 	/* Swap the new values in; `nu` then holds the old ones, for a rollback. */
-	pthread_mutex_lock(&m->lock);
 	if (r >= 0) {
-		if (what & UPD_END) {
-			struct timespec t = sb->spec.end_time;
-			sb->spec.end_time = nu.end_time;
-			nu.end_time = t;
-		}
-		if (what & UPD_EXPIRY) {
-			Ember__V1__ExpiryAction a = sb->spec.on_expiry;
-			sb->spec.on_expiry = nu.on_expiry;
-			nu.on_expiry = a;
-		}
-		if (what & UPD_LABELS) {
-			KvList l = sb->spec.labels;
-			sb->spec.labels = nu.labels;
-			nu.labels = l;
-		}
-		if (what & UPD_NETWORK) {
-			bool i = sb->spec.allow_internet;
-			StrList a = sb->spec.allow_cidrs, d = sb->spec.deny_cidrs;
-			sb->spec.allow_internet = nu.allow_internet;
-			sb->spec.allow_cidrs = nu.allow_cidrs;
-			sb->spec.deny_cidrs = nu.deny_cidrs;
-			nu.allow_internet = i;
-			nu.allow_cidrs = a;
-			nu.deny_cidrs = d;
-		}
+		pthread_mutex_lock(&m->lock);
+		spec_swap_parts(&sb->spec, &nu, what);
+		pthread_mutex_unlock(&m->lock);
 	}
-	pthread_mutex_unlock(&m->lock);
 	if (r >= 0 && (r = sandbox_record_write(m, sb, 0, NULL)) < 0) {
 		/* Not persisted: all of it goes back, the slot's policy too. */
 		_cleanup_free_ char *rerr = NULL;
 		if (asprintf(&err, "cannot write its record: %s", strerror(-r)) < 0)
 			err = NULL;
 		pthread_mutex_lock(&m->lock);
-		if (what & UPD_END)
-			sb->spec.end_time = nu.end_time;
-		if (what & UPD_EXPIRY)
-			sb->spec.on_expiry = nu.on_expiry;
-		if (what & UPD_LABELS) {
-			KvList l = sb->spec.labels;
-			sb->spec.labels = nu.labels;
-			nu.labels = l;
-		}
-		if (what & UPD_NETWORK) {
-			StrList a = sb->spec.allow_cidrs, d = sb->spec.deny_cidrs;
-			sb->spec.allow_internet = nu.allow_internet;
-			sb->spec.allow_cidrs = nu.allow_cidrs;
-			sb->spec.deny_cidrs = nu.deny_cidrs;
-			nu.allow_cidrs = a;
-			nu.deny_cidrs = d;
-		}
+		spec_swap_parts(&sb->spec, &nu, what);
 		pthread_mutex_unlock(&m->lock);
-		NetnsPolicy old = spec_policy(&sb->spec);
+		NetnsPolicy old = sb_spec_policy(&sb->spec);
 		if (slot && netns_slot_set_policy(m->pool, slot, &old, &rerr) < 0 && rerr)
 			log_error("sandbox %s: cannot restore its egress policy: %s", sb->id, rerr);
 	}

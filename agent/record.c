@@ -368,6 +368,17 @@ bool sb_spec_equal(const SbSpec *a, const SbSpec *b)
 	       a->end_time.tv_nsec == b->end_time.tv_nsec && a->on_expiry == b->on_expiry;
 }
 
+NetnsPolicy sb_spec_policy(const SbSpec *s)
+{
+	return (NetnsPolicy){
+		.internet = s->allow_internet,
+		.allow = (const char *const *)s->allow_cidrs.items,
+		.n_allow = s->allow_cidrs.n,
+		.deny = (const char *const *)s->deny_cidrs.items,
+		.n_deny = s->deny_cidrs.n,
+	};
+}
+
 bool kv_list_matches(const KvList *labels, const KvList *selector)
 {
 	for (size_t i = 0; i < selector->n; i++) {

@@ -345,13 +345,7 @@ static int sandbox_remove_files(Sandbox *sb, char **ret_error)
 
 static int step_slot(Manager *m, Sandbox *sb, char **ret_error)
 {
-	NetnsPolicy policy = {
-		.internet = sb->spec.allow_internet,
-		.allow = (const char *const *)sb->spec.allow_cidrs.items,
-		.n_allow = sb->spec.allow_cidrs.n,
-		.deny = (const char *const *)sb->spec.deny_cidrs.items,
-		.n_deny = sb->spec.deny_cidrs.n,
-	};
+	NetnsPolicy policy = sb_spec_policy(&sb->spec);
 	int r = netns_slot_acquire(m->pool, sb->id, &policy, &sb->slot, ret_error);
 
 	if (r < 0)
