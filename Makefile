@@ -140,7 +140,7 @@ AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
 	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c agent/record.c \
 	agent/events.c agent/template.c agent/snapshot.c agent/sandbox.c agent/sandbox-ops.c agent/recover.c \
 	agent/vmm.c agent/demo.c agent/node-sandbox.c agent/node-exec.c \
-	agent/node-files.c agent/expiry.c
+	agent/node-files.c agent/expiry.c agent/console.c agent/node-console.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
 GUEST_INIT_SRCS := guest/init/ember-init.c guest/init/cmdline.c guest/init/net.c
 GUEST_AGENT_SRCS := guest/agent/main.c guest/agent/conn.c guest/agent/exec.c guest/agent/file.c
@@ -279,7 +279,7 @@ $(B)/ember-uffd: $(B)/obj/fcctl/ember-uffd.o $(UFFD_OBJ) $(B)/libcommon.a
 
 UNIT_TESTS := test-config test-id test-rpc-descriptors test-fileio test-storage test-netns \
 	test-fcsim-schema test-fcsim-memory test-uffd test-guest-frame \
-	test-init-cmdline test-expiry
+	test-init-cmdline test-expiry test-console
 UNIT_BINS := $(UNIT_TESTS:%=$(B)/test/unit/%)
 
 $(B)/obj/test/unit/%.o: test/unit/%.c $(B)/proto/.stamp-c
@@ -307,6 +307,9 @@ $(B)/test/unit/test-guest-frame: $(B)/obj/test/unit/test-guest-frame.o \
 $(B)/test/unit/test-expiry: $(B)/obj/test/unit/test-expiry.o $(B)/obj/agent/expiry.o \
 	$(B)/libcommon.a
 $(B)/obj/test/unit/test-expiry.o: $(B)/proto/.stamp-guest-c
+$(B)/test/unit/test-console: $(B)/obj/test/unit/test-console.o $(B)/obj/agent/console.o \
+	$(B)/libcommon.a
+$(B)/obj/test/unit/test-console.o: $(B)/proto/.stamp-guest-c
 $(UNIT_BINS):
 	@mkdir -p $(@D)
 	@echo "  LD       $@"

@@ -352,6 +352,14 @@ static const Key keys[] = {
 	 0,
 	 315360000,
 	 NULL},
+	{{"sandboxes", "console_kib", "512", "a whole number from 16 to 1048576",
+	  "Each sandbox's serial console log (run_dir/sandboxes/<id>/console.log, read with "
+	  "ReadConsole) keeps the last this many KiB, up to an eighth more between trims."},
+	 KEY_UINT,
+	 STR(console_kib),
+	 16,
+	 1048576,
+	 NULL},
 
 	{{"templates", "demo", "true", "true or false",
 	  "Register the built-in `demo` template (a busybox userland with ember-init and "

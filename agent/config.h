@@ -64,6 +64,7 @@ typedef struct Config {
 	unsigned event_log_size;
 	unsigned default_lifetime_s; /* 0: no end time unless a create gives one */
 	unsigned max_lifetime_s;     /* 0: no cap */
+	unsigned console_kib;        /* the console log's size */
 
 	/* [templates] */
 	bool demo_template;

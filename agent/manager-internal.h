@@ -233,6 +233,9 @@ struct Sandbox {
 	size_t expiry_index;   /* place in Manager.expiry; SIZE_MAX when not there */
 	int64_t expiry_due_ms; /* when the timer looks at it next: the end time, or a retry */
 	char *op_reason;       /* state_reason of the state the operation ends in (expiry) */
+	/* Console (console.c), (L). */
+	int console_wd;       /* its inotify watch while its VMM lives, else -1 */
+	bool console_pending; /* in the event loop's batch of changed consoles */
 };
 
 /* ---- events ---- */
@@ -258,6 +261,11 @@ int events_watch_add(Events *e, RpcCall *call);
 void events_watch_remove(Events *e, RpcCall *call);
 
 /* ---- the manager ---- */
+
+typedef struct ConsoleWatch {
+	int wd;
+	Sandbox *sb;
+} ConsoleWatch;
 
 typedef struct Job Job;
 struct Job {
@@ -309,6 +317,13 @@ struct Manager {
 	Sandbox **expiry;
 	size_t n_expiry, cap_expiry;
 	int timer_fd;
+
+	/* consoles (console.c): the inotify fd, in the event loop (EPOLLONESHOT, back in it at
+	 * console_rearm_ms, loop thread only), and its watches sorted by descriptor (L) */
+	int console_fd;
+	uint64_t console_rearm_ms;
+	ConsoleWatch *consoles;
+	size_t n_consoles, cap_consoles;
 };
 
 /* sandbox.c */
@@ -322,6 +337,10 @@ Sandbox *sandbox_new(const char *id);
 /* Changes state (and reason), records an event and wakes the waiters. (L) */
 void sandbox_set_state_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
 			      const char *reason);
+/* A call woken by every change of sb (sandbox_wake_locked): added, and removed before the
+ * waiter's memory goes. (L) */
+void sandbox_waiter_add_locked(Sandbox *sb, Waiter *w, RpcCall *call);
+void sandbox_waiter_remove_locked(Sandbox *sb, Waiter *w);
 void sandbox_wake_locked(Sandbox *sb);
 void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op);
 int manager_watch_vmm(Manager *m, Sandbox *sb);
@@ -340,7 +359,32 @@ bool sb_spec_ended(const SbSpec *s); /* it has an end time, and it passed */
 /* "2026-12-06T21:00:00Z" */
 void timespec_format(const struct timespec *ts, char *buf, size_t size);
 
+/* console.c: each sandbox's serial console log, <run dir>/console.log */
+#define CONSOLE_FILE "console.log"
+int console_init(Manager *m);
+void console_done(Manager *m);
+/* Its VMM was started or adopted: its console's changes are watched (trim, followers). */
+void console_watch(Manager *m, Sandbox *sb);
+void console_unwatch(Manager *m, Sandbox *sb); /* its VMM is gone */
+void console_events(Manager *m);               /* loop thread: the inotify fd is readable */
+/* Loop thread: puts the inotify fd back in epoll when its time came; the milliseconds until
+ * then, or -1 when nothing is pending. */
+int console_rearm(Manager *m);
+char *console_path(const Sandbox *sb);
+char *console_tail(const Sandbox *sb); /* for a failed create's message */
+/* The log file: punches out what is older than the last `keep` bytes once it holds more than
+ * keep + keep/8 (1: trimmed, 0: nothing to do, -errno); where the kept bytes start; where
+ * the last `lines` lines of [from, size) start; reads at *pos, dropping (and counting in
+ * *ret_skipped) what is a hole: bytes read, 0 at the end, -EAGAIN when all of it was. */
+int console_trim(int fd, uint64_t keep);
+uint64_t console_kept_start(int fd, uint64_t size);
+uint64_t console_tail_start(int fd, uint64_t from, uint64_t size, unsigned lines);
+ssize_t console_read(int fd, uint64_t *pos, void *buf, size_t size, uint64_t *ret_skipped);
+
 /* sandbox-ops.c */
+/* Empties a sandbox's run directory, but for its console log when keep_console; without it
+ * removes the directory. */
+int run_dir_clear(const char *dir, bool keep_console);
 void sandbox_op_create(Manager *m, Sandbox *sb);
 void sandbox_op_destroy(Manager *m, Sandbox *sb);
 void sandbox_op_reap(Manager *m, Sandbox *sb);

@@ -102,8 +102,7 @@ RpcCode guest_session_open(GuestSession *s, Manager *m, RpcCall *call, const cha
 	sandbox_ref_locked(sb);
 	s->sb = sb;
 	/* Unlinked by guest_session_close(): every state change of the sandbox wakes the call. */
-	s->waiter = (Waiter){.call = call, .next = sb->waiters};
-	sb->waiters = &s->waiter;
+	sandbox_waiter_add_locked(sb, &s->waiter, call);
 	r = asprintf(&uds, "%s/v.sock", sb->run_dir);
 	pthread_mutex_unlock(&m->lock);
 	if (r < 0)
@@ -126,11 +125,7 @@ void guest_session_close(GuestSession *s)
 
 	if (s->sb) {
 		pthread_mutex_lock(&m->lock);
-		for (Waiter **p = &s->sb->waiters; *p; p = &(*p)->next)
-			if (*p == &s->waiter) {
-				*p = s->waiter.next;
-				break;
-			}
+		sandbox_waiter_remove_locked(s->sb, &s->waiter);
 		pthread_mutex_unlock(&m->lock);
 		sandbox_unref(m, s->sb);
 		s->sb = NULL;

@@ -488,12 +488,11 @@ static void end_time_resolve(const Config *c, SbSpec *s, const struct timespec *
 int sandbox_wait_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*done)(Sandbox *, uint64_t),
 			uint64_t arg)
 {
-	Waiter w = {.call = call, .next = sb->waiters};
+	Waiter w;
 	int r = 0;
 
 	/* On our stack, and unlinked below before we return. */
-	// cppcheck-suppress autoVariables
-	sb->waiters = &w;
+	sandbox_waiter_add_locked(sb, &w, call);
 	while (!done(sb, arg)) {
 		pthread_mutex_unlock(&m->lock);
 		r = rpc_call_wait(call, -1);
@@ -509,11 +508,7 @@ int sandbox_wait_locked(Manager *m, RpcCall *call, Sandbox *sb, bool (*done)(San
 		if (r < 0)
 			break;
 	}
-	for (Waiter **p = &sb->waiters; *p; p = &(*p)->next)
-		if (*p == &w) {
-			*p = w.next;
-			break;
-		}
+	sandbox_waiter_remove_locked(sb, &w);
 	return done(sb, arg) ? 0 : r;
 }
 

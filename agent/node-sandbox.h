@@ -77,6 +77,7 @@ RpcCode guest_session_failed(GuestSession *s, int r);
 RpcCode node_exec(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_write_file(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_read_file(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_read_console(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_get_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_list_templates(RpcCall *call, const ProtobufCMessage *request, Manager *m);

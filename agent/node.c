@@ -299,6 +299,7 @@ MANAGER_CALL(delete_snapshot, node_delete_snapshot)
 MANAGER_CALL(exec, node_exec)
 MANAGER_CALL(write_file, node_write_file)
 MANAGER_CALL(read_file, node_read_file)
+MANAGER_CALL(read_console, node_read_console)
 
 int node_service_register(NodeService *n, RpcServer *s)
 {
@@ -323,6 +324,7 @@ int node_service_register(NodeService *n, RpcServer *s)
 		{"Exec", exec},
 		{"WriteFile", write_file},
 		{"ReadFile", read_file},
+		{"ReadConsole", read_console},
 	};
 	return rpc_server_add_service(s, &ember__v1__node__descriptor, handlers,
 				      ELEMENTSOF(handlers), n);

@@ -549,15 +549,18 @@ int manager_recover(Manager *m, char **ret_error)
 	_cleanup_(closedirp) DIR *rd = opendir(m->run_sandboxes_dir);
 	unsigned dirs = 0;
 	while (rd && (de = readdir(rd))) {
-		bool kept = false;
+		bool kept = false, known = false;
 		if (de->d_name[0] == '.')
 			continue;
 		for (size_t i = 0; i < n_keep && !kept; i++)
 			kept = strcmp(keep[i], de->d_name) == 0;
+		for (size_t i = 0; i < n_loaded && !kept && !known; i++)
+			known = strcmp(loaded[i]->id, de->d_name) == 0;
 		if (!kept) {
+			/* a sandbox without a VMM keeps its console log, as it would have */
 			_cleanup_free_ char *p = NULL;
 			if (asprintf(&p, "%s/%s", m->run_sandboxes_dir, de->d_name) >= 0 &&
-			    rm_rf(p) >= 0)
+			    run_dir_clear(p, known) >= 0)
 				dirs++;
 		}
 	}
@@ -577,6 +580,8 @@ int manager_recover(Manager *m, char **ret_error)
 		(void)sandbox_record_write(m, sb, 0, NULL);
 		if (sb->vm && (r = manager_watch_vmm(m, sb)) < 0)
 			log_error_errno(r, "sandbox %s: cannot watch its VMM", sb->id);
+		if (sb->vm)
+			console_watch(m, sb);
 	}
 
 	log_struct(

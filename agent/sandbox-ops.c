@@ -232,6 +232,7 @@ static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 
 	if (sb->vm) {
 		manager_unwatch_vmm(m, sb);
+		console_unwatch(m, sb);
 		k = fcctl_vm_stop(sb->vm, VMM_STOP_TIMEOUT_MS, &ex);
 		if (k < 0) {
 			/* Keep it: a later destroy tries again, and the pid stays known. Nothing
@@ -297,12 +298,24 @@ static int release_slot(Manager *m, Sandbox *sb, char **ret_error)
 	return k;
 }
 
+int run_dir_clear(const char *dir, bool keep_console)
+{
+	if (!keep_console)
+		return rm_rf(dir);
+	_cleanup_close_ int fd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : -errno;
+	return rm_rf_at_except(fd, CONSOLE_FILE);
+}
+
+/* What the VMM and its memory server used goes; the console log stays while the sandbox does
+ * (a FAILED sandbox's console says why, a paused one's goes on after a resume). */
 static int release_run_dir(Sandbox *sb, char **ret_error)
 {
-	int k = sb->run_dir ? rm_rf(sb->run_dir) : 0;
+	int k = sb->run_dir ? run_dir_clear(sb->run_dir, true) : 0;
 
 	if (k < 0)
-		return error_set(ret_error, k, "cannot remove %s: %m", sb->run_dir);
+		return error_set(ret_error, k, "cannot clear %s: %m", sb->run_dir);
 	return 0;
 }
 
@@ -331,13 +344,15 @@ int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error)
 	return k3;
 }
 
-/* Removes what is left once the runtime is gone: the CoW file and the record. */
+/* Removes what is left once the runtime is gone: the CoW file, the record, the console. */
 static int sandbox_remove_files(Sandbox *sb, char **ret_error)
 {
 	int r = rm_rf(sb->data_dir);
 
 	if (r < 0)
 		return error_set(ret_error, r, "cannot remove %s: %m", sb->data_dir);
+	if ((r = rm_rf(sb->run_dir)) < 0)
+		return error_set(ret_error, r, "cannot remove %s: %m", sb->run_dir);
 	return 0;
 }
 
@@ -366,12 +381,13 @@ static int step_disk(Manager *m, Sandbox *sb, char **ret_error)
 	return storage_disk_create(m->storage, &spec, &sb->device, ret_error);
 }
 
-static int step_run_dir(Sandbox *sb, char **ret_error)
+/* A resume keeps the console log the sandbox had (a create's run dir is new). */
+static int step_run_dir(Sandbox *sb, bool keep_console, char **ret_error)
 {
 	_cleanup_free_ char *link = NULL;
 	int r;
 
-	(void)rm_rf(sb->run_dir);
+	(void)run_dir_clear(sb->run_dir, keep_console);
 	r = mkdir_p(sb->run_dir, 0700);
 	if (r < 0)
 		return error_set(ret_error, r, "cannot create %s: %m", sb->run_dir);
@@ -390,7 +406,7 @@ static int step_spawn(Manager *m, Sandbox *sb, char **ret_error)
 		.id = sb->id,
 		.workdir = sb->run_dir,
 		.netns = netns_slot_path(sb->slot),
-		.output = "fc.out",
+		.output = CONSOLE_FILE,
 		.stale = stale,
 		.jailer = m->vmm.jailer,
 	};
@@ -399,6 +415,7 @@ static int step_spawn(Manager *m, Sandbox *sb, char **ret_error)
 	if (r < 0)
 		return r;
 	sb->vmm_pid = fcctl_vm_pid(sb->vm);
+	console_watch(m, sb);
 	/* The pid goes on record before the VMM is given anything to do: a restart finds and
 	 * ends (or adopts) it whatever happens next. */
 	return sandbox_record_write(m, sb, 0, NULL);
@@ -426,55 +443,6 @@ static int step_configure(Manager *m, Sandbox *sb, char **ret_error)
 		return r;
 	(void)m;
 	return 0;
-}
-
-/* The last lines the guest printed on its console (what the VMM wrote to fc.out), for the
- * message of a create whose guest did not come up: the unwind removes the file itself.
- * ": the console's last lines:\n..." with control characters and invalid bytes shown as '?',
- * or NULL when there is nothing. */
-#define CONSOLE_TAIL_BYTES 1536
-#define CONSOLE_TAIL_LINES 12
-static char *console_tail(const Sandbox *sb)
-{
-	_cleanup_free_ char *path = NULL;
-	_cleanup_close_ int fd = -EBADF;
-	char buf[CONSOLE_TAIL_BYTES + 1];
-	struct stat st;
-
-	if (asprintf(&path, "%s/fc.out", sb->run_dir) < 0)
-		return NULL;
-	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd < 0 || fstat(fd, &st) < 0 || st.st_size == 0)
-		return NULL;
-	off_t from = st.st_size > CONSOLE_TAIL_BYTES ? st.st_size - CONSOLE_TAIL_BYTES : 0;
-	ssize_t n = pread(fd, buf, CONSOLE_TAIL_BYTES, from);
-	if (n <= 0)
-		return NULL;
-	/* whole lines only, the last CONSOLE_TAIL_LINES of them */
-	size_t start = 0, end = (size_t)n;
-	while (end > 0 && (buf[end - 1] == '\n' || buf[end - 1] == '\r'))
-		end--;
-	if (from > 0)
-		while (start < end && buf[start++] != '\n')
-			;
-	unsigned lines = 0;
-	for (size_t i = end; i > start; i--)
-		if (buf[i - 1] == '\n' && ++lines == CONSOLE_TAIL_LINES) {
-			start = i;
-			break;
-		}
-	if (start >= end)
-		return NULL;
-	for (size_t i = start; i < end; i++) {
-		unsigned char ch = (unsigned char)buf[i];
-		if ((ch < 0x20 && ch != '\n' && ch != '\t') || ch >= 0x7f)
-			buf[i] = '?';
-	}
-	buf[end] = '\0';
-	char *out = NULL;
-	if (asprintf(&out, "; the console's last lines:\n%s", buf + start) < 0)
-		return NULL;
-	return out;
 }
 
 static int step_wait_guest(Manager *m, Sandbox *sb, char **ret_error)
@@ -574,7 +542,7 @@ static int create_step(Manager *m, Sandbox *sb, CreateStep id, char **ret_error)
 	case S_DISK:
 		return step_disk(m, sb, ret_error);
 	case S_RUNDIR:
-		return step_run_dir(sb, ret_error);
+		return step_run_dir(sb, false, ret_error);
 	case S_UFFD:
 		return step_uffd(m, sb, sb->snap ? sb->snap->mem : sb->tmpl->boot.mem, ret_error);
 	case S_SPAWN:
@@ -1185,7 +1153,7 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 				r = storage_disk_restore(m->storage, &spec, &sb->device, &err);
 				break;
 			case R_RUNDIR:
-				r = step_run_dir(sb, &err);
+				r = step_run_dir(sb, true, &err);
 				break;
 			case R_UFFD:
 				r = mem ? step_uffd(m, sb, mem, &err) : -ENOMEM;
@@ -1492,6 +1460,7 @@ int template_boot_snapshot(Manager *m, Template *t, const char *dir, unsigned vc
 		log_warning("template %s: releasing the sandbox that booted it: %s", t->id,
 			    rerr ?: "failed");
 	(void)rm_rf(sb->data_dir);
+	(void)rm_rf(sb->run_dir);
 	for (const char *const *f = (const char *const[]){vmstate, mem, rootfs, NULL}; r >= 0 && *f;
 	     f++)
 		if ((r = fsync_path(*f)) < 0) {

@@ -99,6 +99,7 @@ Sandbox *sandbox_new(const char *id)
 	sb->vmm_pid = -1;
 	sb->uffd_pid = -1;
 	sb->expiry_index = SIZE_MAX;
+	sb->console_wd = -1;
 	return sb;
 }
 
@@ -142,6 +143,21 @@ void sandbox_unref(Manager *m, Sandbox *sb)
 	pthread_mutex_lock(&m->lock);
 	sandbox_unref_locked(m, sb);
 	pthread_mutex_unlock(&m->lock);
+}
+
+void sandbox_waiter_add_locked(Sandbox *sb, Waiter *w, RpcCall *call)
+{
+	*w = (Waiter){.call = call, .next = sb->waiters};
+	sb->waiters = w;
+}
+
+void sandbox_waiter_remove_locked(Sandbox *sb, Waiter *w)
+{
+	for (Waiter **p = &sb->waiters; *p; p = &(*p)->next)
+		if (*p == w) {
+			*p = w->next;
+			return;
+		}
 }
 
 void sandbox_wake_locked(Sandbox *sb)
@@ -379,7 +395,7 @@ static void *loop_main(void *p)
 		pthread_mutex_lock(&m->lock);
 		free_dead_tokens_locked(m);
 		pthread_mutex_unlock(&m->lock);
-		int n = epoll_wait(m->epoll_fd, evs, ELEMENTSOF(evs), -1);
+		int n = epoll_wait(m->epoll_fd, evs, ELEMENTSOF(evs), console_rearm(m));
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
@@ -392,6 +408,8 @@ static void *loop_main(void *p)
 				return NULL; /* the stop eventfd */
 			if (evs[i].data.ptr == &m->timer_fd)
 				expiry_fire(m);
+			else if (evs[i].data.ptr == &m->console_fd)
+				console_events(m);
 			else
 				vmm_exited(m, evs[i].data.ptr);
 		}
@@ -486,7 +504,7 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 	if (!m)
 		return -ENOMEM;
 	m->config = config;
-	m->epoll_fd = m->stop_fd = m->timer_fd = -1;
+	m->epoll_fd = m->stop_fd = m->timer_fd = m->console_fd = -1;
 	pthread_mutex_init(&m->lock, NULL);
 	pthread_cond_init(&m->jobs_cond, NULL);
 	m->n_buckets = 64;
@@ -554,6 +572,11 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 	if ((r = expiry_init(m)) < 0 ||
 	    epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, m->timer_fd, &tev) < 0) {
 		r = error_set(ret_error, r < 0 ? r : -errno, "end-time timer: %m");
+		goto fail;
+	}
+	/* before the recovery, which watches the consoles of the VMMs it adopts */
+	if ((r = console_init(m)) < 0) {
+		r = error_set(ret_error, r, "inotify for the consoles: %m");
 		goto fail;
 	}
 
@@ -630,6 +653,7 @@ void manager_free(Manager *m)
 	events_free(m->events);
 	vmm_info_done(&m->vmm);
 	expiry_done(m);
+	console_done(m);
 	safe_close(m->epoll_fd);
 	safe_close(m->stop_fd);
 	free(m->netns_state);

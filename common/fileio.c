@@ -159,6 +159,11 @@ int mkdir_p(const char *path, mode_t mode)
 
 int rm_rf_at(int dir_fd)
 {
+	return rm_rf_at_except(dir_fd, NULL);
+}
+
+int rm_rf_at_except(int dir_fd, const char *keep)
+{
 	int fd = fcntl(dir_fd, F_DUPFD_CLOEXEC, 3);
 	DIR *d;
 	struct dirent *de;
@@ -181,7 +186,8 @@ int rm_rf_at(int dir_fd)
 	rewinddir(d);
 	while ((errno = 0, de = readdir(d))) {
 		struct stat st;
-		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0 ||
+		    (keep && strcmp(de->d_name, keep) == 0))
 			continue;
 		if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
 			r = -errno;

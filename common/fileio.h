@@ -32,6 +32,8 @@ int mkdir_p(const char *path, mode_t mode);
 /* Removes everything inside the directory dir_fd (which stays, as does dir_fd), without
  * following symbolic links; -EXDEV at a directory of another file system. */
 int rm_rf_at(int dir_fd);
+/* The same, but for the entry named `keep` (NULL: none) directly inside dir_fd. */
+int rm_rf_at_except(int dir_fd, const char *keep);
 /* rm -rf path, on the same terms; a path that is not there is fine. */
 int rm_rf(const char *path);
 

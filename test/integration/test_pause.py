@@ -54,10 +54,10 @@ def test_pause_and_resume_keep_disk_and_memory(start_emberd):
                          "run-dir"]
     assert sb.last_operation.op == "pause" and sb.last_operation.failed_step == ""
     assert sb.last_operation.total_us >= sum(s.duration_us for s in sb.last_operation.steps)
-    # a paused sandbox holds no process, no slot, only its files
+    # a paused sandbox holds no process, no slot, only its files (and its console log)
     assert not os.path.exists(f"/proc/{vmm}")
     assert processes_under(os.path.join(e.run_dir, "sandboxes")) == []
-    assert not os.path.exists(os.path.join(e.run_dir, "sandboxes", "p1"))
+    assert os.listdir(os.path.join(e.run_dir, "sandboxes", "p1")) == ["console.log"]
     saved = os.path.join(e.state_dir, "sandboxes", "p1", "snapshot")
     assert sorted(os.listdir(saved)) == ["mem", "vmstate"]
     assert os.path.getsize(os.path.join(saved, "mem")) == 128 << 20

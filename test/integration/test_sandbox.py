@@ -401,7 +401,7 @@ def test_destroy_during_create_aborts_it(start_emberd, workdir):
 
     t = threading.Thread(target=creator)
     t.start()
-    wait_for(lambda: os.path.exists(os.path.join(e.run_dir, "sandboxes", "slow", "fc.out")),
+    wait_for(lambda: os.path.exists(os.path.join(e.run_dir, "sandboxes", "slow", "console.log")),
              30, "the VMM of the create")
     t0 = time.monotonic()
     assert destroy(n, "slow").found
@@ -516,7 +516,7 @@ def test_restart_adopts_running_sandboxes(start_emberd, workdir, how):
         before = {s.id: s for s in ex.map(lambda i: create(n, i), ids)}
     pids = {}
     for i in ids:
-        with open(os.path.join(e.run_dir, "sandboxes", i, "fc.out")):
+        with open(os.path.join(e.run_dir, "sandboxes", i, "console.log")):
             pass
         pids[i] = [p for p in processes_under(os.path.join(e.run_dir, "sandboxes", i))]
         assert pids[i], i
