@@ -205,3 +205,41 @@ def test_kept_through_pause_failure_and_restart(start_emberd, workdir):
     destroy(n, "k")
     assert f.ended.wait(30 * SLOW) and f.error is None, f.error
     assert leftovers(e) == []
+
+
+def test_grpcurl_read_console_as_the_readme_shows(start_emberd):
+    import base64
+    import re
+    import subprocess
+
+    import pytest
+
+    from conftest import SRCDIR
+    from test_quickstart import readme_commands
+    grpcurl = os.path.join(SRCDIR, "..", "shared", "tools", "grpcurl")
+    if not os.access(grpcurl, os.X_OK):
+        pytest.skip("no grpcurl in ../shared/tools")
+    e = start_emberd("[network]\npool_size = 0\n")
+    n = stub(e)
+    create(n, "hello")
+    (cmd,) = readme_commands("Each sandbox's serial console")
+    # it follows until stopped: stopped here once the guest's words came through
+    p = subprocess.Popen(["sh", "-c", grpcurl + cmd[len("grpcurl"):].replace(
+        "/run/ember/ember.sock", e.socket)], stdout=subprocess.PIPE, text=True)
+    text, seen = "", ""
+    try:
+        time.sleep(1)
+        say(e, "hello", "seen through grpcurl")
+        deadline = time.monotonic() + 30 * SLOW
+        while "seen through grpcurl" not in seen and time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            text += line
+            seen = "".join(base64.b64decode(d).decode(errors="replace")
+                           for d in re.findall(r'"data": "([^"]*)"', text))
+        assert "seen through grpcurl" in seen, (seen[-2000:], text[-500:])
+    finally:
+        p.kill()
+        p.wait()
+    destroy(n, "hello")
