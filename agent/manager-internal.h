@@ -63,6 +63,7 @@ typedef struct SbSpec {
 	KvList env;
 	struct timespec end_time;          /* {0, 0}: none (create time and limits applied) */
 	Ember__V1__ExpiryAction on_expiry; /* DESTROY or PAUSE, never UNSPECIFIED */
+	bool huge_pages;                   /* guest memory in 2 MiB pages */
 } SbSpec;
 
 void kv_list_done(KvList *l);
@@ -131,6 +132,7 @@ typedef struct Snapshot {
 	uint64_t disk_used;  /* sampled when it is made or loaded */
 	bool ready;          /* (L) false while CreateSnapshot makes it: invisible to Get/List */
 	unsigned dependents; /* (L) sandboxes created from it, in any state */
+	bool huge_pages;     /* its memory was in 2 MiB pages */
 } Snapshot;
 
 void snapshot_free(Snapshot *s);
@@ -291,7 +293,9 @@ struct Manager {
 	size_t n_buckets;
 	size_t n_sandboxes;
 	unsigned n_slot_users; /* sandboxes holding a network slot or about to take one */
-	uint64_t creating_mib; /* memory of creates in flight: admission counts it */
+	/* memory of creates and resumes in flight (manager_promise_locked): admission counts it;
+	 * huge-page sandboxes' apart, from the hugetlb pool */
+	uint64_t creating_mib, creating_huge_mib;
 	Template **templates;
 	size_t n_templates;
 	Snapshot **snapshots; /* sorted by id */
@@ -343,6 +347,9 @@ void sandbox_waiter_add_locked(Sandbox *sb, Waiter *w, RpcCall *call);
 void sandbox_waiter_remove_locked(Sandbox *sb, Waiter *w);
 void sandbox_wake_locked(Sandbox *sb);
 void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op);
+/* A create or resume admitted (take) or ended: the memory it is about to take counts in
+ * admission until then. (L) */
+void manager_promise_locked(Manager *m, const SbSpec *s, bool take);
 int manager_watch_vmm(Manager *m, Sandbox *sb);
 void manager_unwatch_vmm(Manager *m, Sandbox *sb);
 

@@ -16,6 +16,7 @@
 #include "common/id.h"
 #include "common/log.h"
 #include "node-sandbox.h"
+#include "probe.h"
 
 /* The latest end time taken (2200-01-01): records keep times as int64 nanoseconds. */
 #define END_TIME_MAX_S 7258118400LL
@@ -153,6 +154,7 @@ static Ember__V1__SandboxSpec *spec_to_pb(Arena *a, const SbSpec *s)
 	if (sb_spec_has_end(s) && !(p->end_time = timestamp_to_pb(a, &s->end_time)))
 		return NULL;
 	p->on_expiry = s->on_expiry;
+	p->huge_pages = s->huge_pages;
 	return p;
 }
 
@@ -436,6 +438,14 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 	s.vcpu_count = fork ? p->vcpu_count : p->vcpu_count ?: 1;
 	s.memory_mib = fork ? p->memory_mib : p->memory_mib ?: 512;
 	s.disk_size_mib = p->disk_size_mib ?: c->default_disk_mib;
+	s.huge_pages = p->huge_pages;
+	if (s.huge_pages && s.memory_mib % 2) {
+		sb_spec_done(&s);
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "spec.memory_mib %u is not a multiple of 2: huge_pages backs "
+				      "memory with 2 MiB pages",
+				      p->memory_mib);
+	}
 	if (p->network) {
 		s.allow_internet = p->network->allow_internet;
 		if ((code = cidrs_from_pb(call, "spec.network.allow_cidrs", p->network->allow_cidrs,
@@ -542,21 +552,10 @@ static RpcCode send_sandbox(RpcCall *call, Manager *m, Sandbox *sb)
 
 /* ---- handlers ---- */
 
-static uint64_t mem_available_mib(void)
-{
-	_cleanup_fclose_ FILE *f = fopen("/proc/meminfo", "re");
-	char line[256];
-	unsigned long long kb;
-
-	while (f && fgets(line, sizeof(line), f))
-		if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
-			return kb / 1024;
-	return UINT64_MAX;
-}
-
-/* Admission of a create (new_sandbox) or a resume: NULL when the node has room, else why not
- * (in why). Creates and resumes in flight have not touched their memory yet: they count. */
-static const char *admission_locked(Manager *m, uint64_t avail, unsigned memory_mib,
+/* Admission of a create (new_sandbox) or a resume of `s`: NULL when the node has room, else
+ * why not (in why). Creates and resumes in flight have not touched their memory yet: they
+ * count. */
+static const char *admission_locked(Manager *m, const HostMemory *mem, const SbSpec *s,
 				    bool new_sandbox, char *why, size_t size)
 {
 	const Config *c = m->config;
@@ -573,13 +572,26 @@ static const char *admission_locked(Manager *m, uint64_t avail, unsigned memory_
 		snprintf(why, size, "all %u network slots are in use", ps.max_slots);
 		return why;
 	}
-	if (avail < (uint64_t)c->memory_reserve_mib + m->creating_mib + memory_mib) {
+	uint64_t huge_free_mib = mem->huge_free >> 20, avail_mib = mem->available >> 20;
+
+	if (s->huge_pages && huge_free_mib < m->creating_huge_mib + s->memory_mib) {
+		snprintf(why, size,
+			 "not enough huge pages: the host's pool (vm.nr_hugepages) has %llu 2 MiB "
+			 "pages free, %llu are promised to creates and resumes in flight, and %u "
+			 "are needed (memory_mib %u)",
+			 (unsigned long long)huge_free_mib / 2,
+			 (unsigned long long)m->creating_huge_mib / 2, s->memory_mib / 2,
+			 s->memory_mib);
+		return why;
+	}
+	if (!s->huge_pages &&
+	    avail_mib < (uint64_t)c->memory_reserve_mib + m->creating_mib + s->memory_mib) {
 		snprintf(why, size,
 			 "not enough memory: %llu MiB available, %llu MiB promised to creates and "
 			 "resumes in flight, %u MiB asked and %u MiB kept in reserve ([sandboxes] "
 			 "memory_reserve_mib)",
-			 (unsigned long long)avail, (unsigned long long)m->creating_mib, memory_mib,
-			 c->memory_reserve_mib);
+			 (unsigned long long)avail_mib, (unsigned long long)m->creating_mib,
+			 s->memory_mib, c->memory_reserve_mib);
 		return why;
 	}
 	return NULL;
@@ -599,7 +611,8 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 		return code;
 
 	/* Read before taking the lock: /proc is slow enough to matter under load. */
-	uint64_t avail = mem_available_mib();
+	HostMemory mem;
+	probe_memory(&mem);
 
 	pthread_mutex_lock(&m->lock);
 	Snapshot *snap = NULL;
@@ -628,8 +641,18 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 			sb_spec_done(&spec);
 			return code;
 		}
+		if (spec.huge_pages && !snap->huge_pages) {
+			pthread_mutex_unlock(&m->lock);
+			code = rpc_call_error(call, RPC_INVALID_ARGUMENT,
+					      "spec.huge_pages: snapshot %s's memory is not in huge "
+					      "pages, and a sandbox created from it has its memory",
+					      spec.snapshot_id);
+			sb_spec_done(&spec);
+			return code;
+		}
 		spec.vcpu_count = snap->vcpu_count;
 		spec.memory_mib = snap->memory_mib;
+		spec.huge_pages = snap->huge_pages;
 	}
 	sb = manager_find_locked(m, req->sandbox_id);
 	struct timespec now;
@@ -689,7 +712,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	}
 	/* Admission, before any work: a refused create leaves no trace. */
 	char why[256];
-	const char *full = admission_locked(m, avail, spec.memory_mib, true, why, sizeof(why));
+	const char *full = admission_locked(m, &mem, &spec, true, why, sizeof(why));
 	if (full) {
 		pthread_mutex_unlock(&m->lock);
 		sb_spec_done(&spec);
@@ -716,7 +739,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	sb->snap = snap;
 	/* The template's boot snapshot, when it has one of this machine that this node can
 	 * restore: a restore instead of a boot. */
-	sb->boot_restore = !snap && t->boot.present && m->vmm.uffd &&
+	sb->boot_restore = !snap && t->boot.present && m->vmm.uffd && !sb->spec.huge_pages &&
 			   sb->spec.vcpu_count == t->boot.vcpu_count &&
 			   sb->spec.memory_mib == t->boot.memory_mib &&
 			   strcmp(t->boot.fc_version ?: "", m->vmm.version) == 0;
@@ -725,7 +748,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	expiry_update_locked(m, sb);
 	sb->slot_user = true;
 	m->n_slot_users++;
-	m->creating_mib += spec.memory_mib;
+	manager_promise_locked(m, &spec, true);
 	sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_CREATING, NULL);
 	manager_submit_locked(m, sb, SB_OP_CREATE);
 
@@ -904,13 +927,17 @@ static RpcCode pause_or_resume(RpcCall *call, Manager *m, const char *id, bool p
 			   : EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING;
 	const char *call_name = pause ? "PauseSandbox" : "ResumeSandbox";
 	_cleanup_free_ char *message = NULL;
-	uint64_t avail = pause ? 0 : mem_available_mib(), free_mib = 0;
+	HostMemory mem = {};
+	uint64_t free_mib = 0;
 	RpcCode code, outcome = RPC_OK;
 	Sandbox *sb;
 	int r;
 
 	if ((code = node_id_check(call, "sandbox_id", id)) != RPC_OK)
 		return code;
+	/* Read before taking the lock: /proc is slow enough to matter under load. */
+	if (!pause)
+		probe_memory(&mem);
 again:
 	pthread_mutex_lock(&m->lock);
 	sb = manager_find_locked(m, id);
@@ -980,8 +1007,8 @@ again:
 				sb->spec.memory_mib, (unsigned long long)free_mib, sb->data_dir);
 			refuse = why;
 			refuse_code = RPC_RESOURCE_EXHAUSTED;
-		} else if (!pause && (refuse = admission_locked(m, avail, sb->spec.memory_mib,
-								false, why, sizeof(why)))) {
+		} else if (!pause && (refuse = admission_locked(m, &mem, &sb->spec, false, why,
+								sizeof(why)))) {
 			refuse_code = RPC_RESOURCE_EXHAUSTED;
 		}
 		if (refuse) {
@@ -993,7 +1020,7 @@ again:
 		if (!pause) {
 			sb->slot_user = true;
 			m->n_slot_users++;
-			m->creating_mib += sb->spec.memory_mib;
+			manager_promise_locked(m, &sb->spec, true);
 		}
 		sandbox_set_state_locked(m, sb, during, NULL);
 		manager_submit_locked(m, sb, pause ? SB_OP_PAUSE : SB_OP_RESUME);
@@ -1100,6 +1127,8 @@ static RpcCode update_paths(RpcCall *call, const Google__Protobuf__FieldMask *ma
 		 "the machine's shape is fixed while it runs and in its saved state"},
 		{"memory_mib", 0,
 		 "the machine's shape is fixed while it runs and in its saved state"},
+		{"huge_pages", 0,
+		 "the machine's memory is fixed while it runs and in its saved state"},
 		{"disk_size_mib", 0, "the copy-on-write allowance is set when its disk is made"},
 		{"env", 0, "it is fixed at create; ExecStart.env sets an Exec's own"},
 	};

@@ -147,22 +147,6 @@ static void probes_refresh(NodeService *n, ProbeResult out[4])
 	pthread_mutex_unlock(&n->probe_lock);
 }
 
-/* MemTotal and MemAvailable from /proc/meminfo, in bytes. */
-static void read_meminfo(uint64_t *total, uint64_t *available)
-{
-	_cleanup_fclose_ FILE *f = fopen("/proc/meminfo", "re");
-	char line[256];
-	unsigned long long kb;
-
-	*total = *available = 0;
-	while (f && fgets(line, sizeof(line), f)) {
-		if (sscanf(line, "MemTotal: %llu kB", &kb) == 1)
-			*total = kb * 1024;
-		else if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
-			*available = kb * 1024;
-	}
-}
-
 void node_service_probe(NodeService *n)
 {
 	static const char *const names[] = {"kvm", "device-mapper", "userfaultfd", "firecracker"};
@@ -217,7 +201,12 @@ static RpcCode get_node(RpcCall *call, const ProtobufCMessage *request, void *us
 	info.agent_version = (char *)EMBER_VERSION;
 	info.kernel_release = uts.release;
 	info.cpu_count = cpus > 0 ? (uint32_t)cpus : 0;
-	read_meminfo(&info.memory_total_bytes, &info.memory_available_bytes);
+	HostMemory mem;
+	probe_memory(&mem);
+	info.memory_total_bytes = mem.total;
+	info.memory_available_bytes = mem.available;
+	info.huge_pages_total_bytes = mem.huge_total;
+	info.huge_pages_free_bytes = mem.huge_free;
 	info.state_dir = n->config->state_dir;
 	if (statvfs(n->config->state_dir, &vfs) == 0) {
 		info.disk_total_bytes = (uint64_t)vfs.f_blocks * vfs.f_frsize;

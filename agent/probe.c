@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
+#include "common/fileio.h"
 #include "common/macro.h"
 
 static void set(ProbeResult *r, bool available, const char *version, const char *format, ...)
@@ -351,4 +352,33 @@ void probe_firecracker(const char *bin, ProbeResult *ret)
 		return;
 	}
 	set(ret, true, version, "%s: %s", path, line);
+}
+
+static uint64_t read_u64_file(const char *path)
+{
+	_cleanup_fclose_ FILE *f = fopen(path, "re");
+	unsigned long long v;
+
+	return f && fscanf(f, "%llu", &v) == 1 ? v : 0;
+}
+
+void probe_memory(HostMemory *ret)
+{
+	_cleanup_fclose_ FILE *f = fopen("/proc/meminfo", "re");
+	char line[256];
+	unsigned long long kb;
+
+#define HUGE_2M "/sys/kernel/mm/hugepages/hugepages-2048kB/"
+	*ret = (HostMemory){};
+	while (f && fgets(line, sizeof(line), f)) {
+		if (sscanf(line, "MemTotal: %llu kB", &kb) == 1)
+			ret->total = kb * 1024;
+		else if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
+			ret->available = kb * 1024;
+	}
+	uint64_t free = read_u64_file(HUGE_2M "free_hugepages"),
+		 resv = read_u64_file(HUGE_2M "resv_hugepages");
+	ret->huge_total = read_u64_file(HUGE_2M "nr_hugepages") << 21;
+	ret->huge_free = free > resv ? (free - resv) << 21 : 0;
+#undef HUGE_2M
 }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stdint.h>
 
 typedef struct ProbeResult {
 	bool available;
@@ -29,6 +30,16 @@ void probe_firecracker(const char *bin, ProbeResult *ret);
  * its output), with a sentence in *ret_error. */
 int probe_firecracker_version(const char *binary, int timeout_ms, char **ret_version,
 			      char **ret_error);
+
+/* The host's memory, in bytes: MemTotal and MemAvailable, and the pool of 2 MiB huge pages
+ * (vm.nr_hugepages) with what is free in it and not reserved by a mapping (Firecracker maps
+ * huge pages MAP_NORESERVE and takes them as the guest touches them, fcsim reserves them at
+ * the mapping: free minus reserved is what is left either way). */
+typedef struct HostMemory {
+	uint64_t total, available;
+	uint64_t huge_total, huge_free;
+} HostMemory;
+void probe_memory(HostMemory *ret);
 
 /* Resolves a program name through PATH (or checks an absolute path): 0 and *ret_path
  * (malloc'ed), or -ENOENT / -EACCES. */

@@ -231,6 +231,8 @@ json_object *sb_spec_to_json(const SbSpec *s)
 	json_object_object_add(o, "vcpu_count", json_object_new_int64(s->vcpu_count));
 	json_object_object_add(o, "memory_mib", json_object_new_int64(s->memory_mib));
 	json_object_object_add(o, "disk_size_mib", json_object_new_uint64(s->disk_size_mib));
+	if (s->huge_pages)
+		json_object_object_add(o, "huge_pages", json_object_new_boolean(true));
 	json_object_object_add(net, "allow_internet", json_object_new_boolean(s->allow_internet));
 	json_object_object_add(net, "allow_cidrs", str_list_to_json(&s->allow_cidrs));
 	json_object_object_add(net, "deny_cidrs", str_list_to_json(&s->deny_cidrs));
@@ -263,6 +265,8 @@ int sb_spec_from_json(json_object *o, SbSpec *ret)
 	s.vcpu_count = (unsigned)json_get_u64(o, "vcpu_count");
 	s.memory_mib = (unsigned)json_get_u64(o, "memory_mib");
 	s.disk_size_mib = json_get_u64(o, "disk_size_mib");
+	if (json_object_object_get_ex(o, "huge_pages", &v))
+		s.huge_pages = json_object_get_boolean(v);
 	if (json_object_object_get_ex(o, "network", &net)) {
 		if (json_object_object_get_ex(net, "allow_internet", &v))
 			s.allow_internet = json_object_get_boolean(v);
@@ -365,7 +369,8 @@ bool sb_spec_equal(const SbSpec *a, const SbSpec *b)
 	       str_list_equal(&a->deny_cidrs, &b->deny_cidrs) &&
 	       kv_list_equal(&a->labels, &b->labels) && kv_list_equal(&a->env, &b->env) &&
 	       a->end_time.tv_sec == b->end_time.tv_sec &&
-	       a->end_time.tv_nsec == b->end_time.tv_nsec && a->on_expiry == b->on_expiry;
+	       a->end_time.tv_nsec == b->end_time.tv_nsec && a->on_expiry == b->on_expiry &&
+	       a->huge_pages == b->huge_pages;
 }
 
 NetnsPolicy sb_spec_policy(const SbSpec *s)

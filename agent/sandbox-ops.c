@@ -433,7 +433,9 @@ static int step_configure(Manager *m, Sandbox *sb, char **ret_error)
 		     sb->id, t->boot_args[0] ? " " : "", t->boot_args) < 0)
 		return -ENOMEM;
 	if ((r = fcctl_put_machine_config(sb->vm, sb->spec.vcpu_count, sb->spec.memory_mib, false,
-					  false, FC_HUGE_PAGES_NONE, ret_error)) < 0 ||
+					  false,
+					  sb->spec.huge_pages ? FC_HUGE_PAGES_2M : FC_HUGE_PAGES_NONE,
+					  ret_error)) < 0 ||
 	    (r = fcctl_put_boot_source(sb->vm, t->kernel.path, t->initrd.path, args, ret_error)) <
 		    0 ||
 	    (r = fcctl_put_drive(sb->vm, "rootfs", "rootfs", true, false, ret_error)) < 0 ||
@@ -494,7 +496,7 @@ static int step_wait_guest(Manager *m, Sandbox *sb, char **ret_error)
  * removal must find it. */
 static void create_finish_locked(Manager *m, Sandbox *sb, RpcCode code, const char *message)
 {
-	m->creating_mib -= sb->spec.memory_mib;
+	manager_promise_locked(m, &sb->spec, false);
 	sb->op = SB_OP_NONE;
 	sb->create_done = true;
 	sb->create_code = code;
@@ -832,7 +834,7 @@ static void op_finish_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState st
 	int out = sb->op == SB_OP_RESUME ? OUT_RESUME : OUT_PAUSE;
 
 	if (sb->op == SB_OP_RESUME)
-		m->creating_mib -= sb->spec.memory_mib;
+		manager_promise_locked(m, &sb->spec, false);
 	sb->op = SB_OP_NONE;
 	/* the reason was for this operation's end (an expiry's pause): used below or not */
 	_cleanup_free_ char *op_reason = TAKE_PTR(sb->op_reason);

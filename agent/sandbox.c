@@ -145,6 +145,16 @@ void sandbox_unref(Manager *m, Sandbox *sb)
 	pthread_mutex_unlock(&m->lock);
 }
 
+void manager_promise_locked(Manager *m, const SbSpec *s, bool take)
+{
+	uint64_t *c = s->huge_pages ? &m->creating_huge_mib : &m->creating_mib;
+
+	if (take)
+		*c += s->memory_mib;
+	else
+		*c -= s->memory_mib;
+}
+
 void sandbox_waiter_add_locked(Sandbox *sb, Waiter *w, RpcCall *call)
 {
 	*w = (Waiter){.call = call, .next = sb->waiters};
@@ -207,7 +217,7 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 		o->code = RPC_RESOURCE_EXHAUSTED;
 		o->ended++;
 		if (op == SB_OP_RESUME) {
-			m->creating_mib -= sb->spec.memory_mib;
+			manager_promise_locked(m, &sb->spec, false);
 			if (sb->slot_user) {
 				sb->slot_user = false;
 				m->n_slot_users--;
@@ -235,7 +245,7 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 		if (op == SB_OP_CREATE) {
 			sb->create_done = true;
 			sb->create_code = RPC_RESOURCE_EXHAUSTED;
-			m->creating_mib -= sb->spec.memory_mib;
+			manager_promise_locked(m, &sb->spec, false);
 		} else {
 			sb->destroy_failed = true;
 			sb->abort = false;

@@ -66,6 +66,8 @@ static json_object *snapshot_to_json(const Snapshot *s)
 	json_object_object_add(o, "template_id", json_object_new_string(s->template_id));
 	json_object_object_add(o, "vcpu_count", json_object_new_int64(s->vcpu_count));
 	json_object_object_add(o, "memory_mib", json_object_new_int64(s->memory_mib));
+	if (s->huge_pages)
+		json_object_object_add(o, "huge_pages", json_object_new_boolean(true));
 	json_object_object_add(o, "firecracker_version", json_object_new_string(s->fc_version));
 	json_object_object_add(o, "create_time", timespec_to_json(&s->create_time));
 	json_object_object_add(o, "labels", kv_list_to_json(&s->labels));
@@ -94,6 +96,8 @@ static int snapshot_from_json(json_object *o, Snapshot **ret)
 	s->memory_mib = (unsigned)json_get_u64(o, "memory_mib");
 	if (!s->vcpu_count || !s->memory_mib)
 		return -EBADMSG;
+	if (json_object_object_get_ex(o, "huge_pages", &v))
+		s->huge_pages = json_object_get_boolean(v);
 	if (json_object_object_get_ex(o, "create_time", &v))
 		timespec_from_json(v, &s->create_time);
 	json_object_object_get_ex(o, "labels", &v);
@@ -266,6 +270,7 @@ static Ember__V1__Snapshot *snapshot_to_pb(Arena *a, const Snapshot *s)
 	p->template_id = arena_strdup(a, s->template_id);
 	p->vcpu_count = s->vcpu_count;
 	p->memory_mib = s->memory_mib;
+	p->huge_pages = s->huge_pages;
 	p->disk_used_bytes = s->disk_used;
 	p->firecracker_version = arena_strdup(a, s->fc_version);
 	p->create_time = timestamp_to_pb(a, &s->create_time);
@@ -408,6 +413,7 @@ again:
 		s->tmpl = sb->tmpl;
 		s->vcpu_count = sb->spec.vcpu_count;
 		s->memory_mib = sb->spec.memory_mib;
+		s->huge_pages = sb->spec.huge_pages;
 		s->labels = labels;
 		labels = (KvList){};
 		clock_gettime(CLOCK_REALTIME, &s->create_time);

@@ -44,6 +44,11 @@ def test_get_node_reports_real_facts(start_emberd):
     assert info.cpu_count == os.sysconf("SC_NPROCESSORS_ONLN")
     assert info.memory_total_bytes == meminfo()["MemTotal"]
     assert 0 < info.memory_available_bytes <= info.memory_total_bytes
+    hp = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
+    if os.path.exists(hp):
+        with open(hp) as f:
+            assert info.huge_pages_total_bytes == int(f.read()) << 21
+    assert info.huge_pages_free_bytes <= info.huge_pages_total_bytes
     assert info.state_dir == e.state_dir
     st = os.statvfs(e.state_dir)
     assert info.disk_total_bytes == st.f_blocks * st.f_frsize

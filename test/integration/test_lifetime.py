@@ -323,3 +323,41 @@ def test_a_live_egress_change_is_seen_from_inside_the_guest(start_emberd, workdi
             srv.kill()
             srv.wait()
         subprocess.run(["umount", "-l", inet], capture_output=True)
+
+
+def test_huge_pages_need_the_pool(start_emberd):
+    """Without enough 2 MiB pages in the host's pool a huge-page create is RESOURCE_EXHAUSTED
+    and says so (the pool is never changed here: the VM tests, test/vm/test_emberd_huge.py,
+    run huge-page sandboxes); the spec's checks hold whatever the pool."""
+    hp = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
+    if not os.path.isdir(hp):
+        pytest.skip("no 2 MiB huge pages in this kernel")
+
+    def pages(name):
+        with open(hp + name) as f:
+            return int(f.read())
+    e = start_emberd("[network]\npool_size = 0\n")
+    n = stub(e)
+    # more than the pool has free, whatever it has
+    mib = max(128, (pages("free_hugepages") - pages("resv_hugepages") + 1) * 2)
+    code, msg = code_of(lambda: create(n, "h", memory_mib=mib, huge_pages=True))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, msg
+    assert "huge pages" in msg and "vm.nr_hugepages" in msg, msg
+    assert gone(n, "h")
+    code, msg = code_of(lambda: create(n, "h", memory_mib=129, huge_pages=True))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "multiple of 2" in msg, msg
+    # a fork has its snapshot's memory: huge pages cannot be asked of one without them
+    create(n, "src")
+    n.CreateSnapshot(S.CreateSnapshotRequest(snapshot_id="plain", sandbox_id="src"),
+                     timeout=120 * SLOW)
+    snap = n.GetSnapshot(S.GetSnapshotRequest(snapshot_id="plain"), timeout=10)
+    assert not snap.huge_pages
+    code, msg = code_of(lambda: n.CreateSandbox(S.CreateSandboxRequest(
+        sandbox_id="f", spec=S.SandboxSpec(snapshot_id="plain", huge_pages=True)),
+        timeout=60 * SLOW))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "huge pages" in msg, msg
+    code, msg = code_of(lambda: update(n, "src", ["huge_pages"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "huge_pages cannot change" in msg, msg
+    destroy(n, "src")
+    n.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="plain"), timeout=60)
+    assert leftovers(e) == []

@@ -77,6 +77,20 @@ class Agent:
         self.log.close()
 
 
+def stop_all(a, root):
+    """After a test, pass or fail: emberd, every dm device and every process it left."""
+    a.stop()
+    for name in dm_names():
+        run("dmsetup", "remove", "--retry", name, check=False)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.readlink(f"/proc/{pid}/cwd").startswith(root + "/"):
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def guest_sh(root, sid, script):
     uds = os.path.join(root, "run", "sandboxes", sid, "v.sock")
     return subprocess.run([GUEST_TOOL, "--vsock", uds, "exec", "--no-stdin", "--", "sh", "-c",
@@ -150,16 +164,7 @@ def test_dm_sandboxes_share_one_base_and_survive_a_restart(tmp_path):
         assert loops_under(root) == []
         assert os.listdir(os.path.join(root, "state", "sandboxes")) == []
     finally:
-        a.stop()
-        for name in dm_names():
-            run("dmsetup", "remove", "--retry", name, check=False)
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    if os.readlink(f"/proc/{pid}/cwd").startswith(root + "/"):
-                        os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
+        stop_all(a, root)
 
 
 def test_dm_pause_resume_snapshot_and_forks(tmp_path):
@@ -236,13 +241,4 @@ def test_dm_pause_resume_snapshot_and_forks(tmp_path):
         assert loops_under(root) == []
         assert os.listdir(os.path.join(root, "state", "snapshots")) == []
     finally:
-        a.stop()
-        for name in dm_names():
-            run("dmsetup", "remove", "--retry", name, check=False)
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    if os.readlink(f"/proc/{pid}/cwd").startswith(root + "/"):
-                        os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
+        stop_all(a, root)
