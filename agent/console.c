@@ -320,7 +320,7 @@ static void changed_add_locked(Changed *c, Sandbox *sb)
 		return;
 	if (c->n == c->cap) {
 		size_t cap = c->cap ? c->cap * 2 : 16;
-		Sandbox **p = realloc(c->items, cap * sizeof(*p));
+		Sandbox **p = realloc(c->items, cap * sizeof(Sandbox *));
 		if (!p)
 			return; /* its next output brings it back */
 		c->items = p;

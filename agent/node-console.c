@@ -11,7 +11,7 @@
 #include "common/macro.h"
 #include "node-sandbox.h"
 
-#define CONSOLE_CHUNK_MAX (64 * 1024)
+#define CONSOLE_CHUNK_MAX ((size_t)64 << 10)
 
 RpcCode node_read_console(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 {
@@ -57,7 +57,8 @@ RpcCode node_read_console(RpcCall *call, const ProtobufCMessage *request, Manage
 		if (fd >= 0 && !started) {
 			struct stat st;
 			if (fstat(fd, &st) < 0) {
-				code = rpc_call_error(call, RPC_INTERNAL, "cannot stat %s: %m", path);
+				code = rpc_call_error(call, RPC_INTERNAL, "cannot stat %s: %m",
+						      path);
 				break;
 			}
 			uint64_t size = (uint64_t)st.st_size;

@@ -643,10 +643,11 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 		}
 		if (spec.huge_pages && !snap->huge_pages) {
 			pthread_mutex_unlock(&m->lock);
-			code = rpc_call_error(call, RPC_INVALID_ARGUMENT,
-					      "spec.huge_pages: snapshot %s's memory is not in huge "
-					      "pages, and a sandbox created from it has its memory",
-					      spec.snapshot_id);
+			code = rpc_call_error(
+				call, RPC_INVALID_ARGUMENT,
+				"spec.huge_pages: snapshot %s's memory is not in huge "
+				"pages, and a sandbox created from it has its memory",
+				spec.snapshot_id);
 			sb_spec_done(&spec);
 			return code;
 		}
@@ -1186,11 +1187,11 @@ static void update_end_locked(Manager *m, Sandbox *sb)
  * values in, and the same call again puts the old ones back. */
 static void spec_swap_parts(SbSpec *a, SbSpec *b, unsigned what)
 {
-#define SWAP(field)                                                                            \
-	do {                                                                                   \
-		__typeof__(a->field) t_ = a->field;                                            \
-		a->field = b->field;                                                           \
-		b->field = t_;                                                                 \
+#define SWAP(field)                                                                                \
+	do {                                                                                       \
+		__typeof__(a->field) t_ = a->field;                                                \
+		a->field = b->field;                                                               \
+		b->field = t_;                                                                     \
 	} while (0)
 	if (what & UPD_END)
 		SWAP(end_time);

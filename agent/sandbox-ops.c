@@ -432,10 +432,9 @@ static int step_configure(Manager *m, Sandbox *sb, char **ret_error)
 				     ":255.255.255.252:%s:eth0:off%s%s",
 		     sb->id, t->boot_args[0] ? " " : "", t->boot_args) < 0)
 		return -ENOMEM;
-	if ((r = fcctl_put_machine_config(sb->vm, sb->spec.vcpu_count, sb->spec.memory_mib, false,
-					  false,
-					  sb->spec.huge_pages ? FC_HUGE_PAGES_2M : FC_HUGE_PAGES_NONE,
-					  ret_error)) < 0 ||
+	if ((r = fcctl_put_machine_config(
+		     sb->vm, sb->spec.vcpu_count, sb->spec.memory_mib, false, false,
+		     sb->spec.huge_pages ? FC_HUGE_PAGES_2M : FC_HUGE_PAGES_NONE, ret_error)) < 0 ||
 	    (r = fcctl_put_boot_source(sb->vm, t->kernel.path, t->initrd.path, args, ret_error)) <
 		    0 ||
 	    (r = fcctl_put_drive(sb->vm, "rootfs", "rootfs", true, false, ret_error)) < 0 ||
