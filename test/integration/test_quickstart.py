@@ -32,6 +32,15 @@ def readme_commands(section_heading):
     raise AssertionError(f"no grpcurl block after {section_heading!r}")
 
 
+def readme_shell_commands(section_heading, socket):
+    """readme_commands(), as shell commands that run ../shared/tools/grpcurl against
+    `socket`; the test skips without grpcurl."""
+    if not os.access(GRPCURL, os.X_OK):
+        pytest.skip("no grpcurl in ../shared/tools")
+    return [GRPCURL + c[len("grpcurl"):].replace("/run/ember/ember.sock", socket)
+            for c in readme_commands(section_heading)]
+
+
 @pytest.mark.skipif(not os.path.exists(GRPCURL), reason="grpcurl not at ../shared/tools")
 def test_readme_quick_start_on_a_fresh_clone():
     cmds = readme_commands("## Quick start")

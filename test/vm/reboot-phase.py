@@ -10,12 +10,11 @@ share), so it is all that survives from one boot to the next, as /var/lib does o
 run_dir, namespaces, dm and loop devices are new in every boot."""
 
 import os
-import signal
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_emberd_dm import Agent, S, dm_names, guest_sh, run  # noqa: E402
+from test_emberd_dm import Agent, S, dm_names, guest_sh, kill_processes_in, run  # noqa: E402
 
 phase, image = sys.argv[1], sys.argv[2]
 mnt = "/mnt/ember-state"
@@ -48,11 +47,5 @@ try:
         print("phase after: resumed, file intact, destroyed")
 finally:
     a.stop()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if os.readlink(f"/proc/{pid}/cwd").startswith(root + "/"):
-                    os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
+    kill_processes_in(root)
     subprocess.run(["umount", mnt])

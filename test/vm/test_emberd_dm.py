@@ -77,11 +77,8 @@ class Agent:
         self.log.close()
 
 
-def stop_all(a, root):
-    """After a test, pass or fail: emberd, every dm device and every process it left."""
-    a.stop()
-    for name in dm_names():
-        run("dmsetup", "remove", "--retry", name, check=False)
+def kill_processes_in(root):
+    """Every process working under root (VMMs, ember-uffd) gets SIGKILL."""
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
@@ -89,6 +86,14 @@ def stop_all(a, root):
                     os.kill(int(pid), signal.SIGKILL)
             except OSError:
                 pass
+
+
+def stop_all(a, root):
+    """After a test, pass or fail: emberd, every dm device and every process it left."""
+    a.stop()
+    for name in dm_names():
+        run("dmsetup", "remove", "--retry", name, check=False)
+    kill_processes_in(root)
 
 
 def guest_sh(root, sid, script):
