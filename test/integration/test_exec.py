@@ -391,12 +391,6 @@ def test_daemonized_child_does_not_hold_the_call(node):
     assert alive_in_guest(n, int(bytes(e.out)))
 
 
-def cpu_s(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def emberd_pid(e):
     # the Proc is nsenter, which execs emberd: same pid
     return e.proc.pid
