@@ -303,7 +303,7 @@ static void console_changed(Manager *m, Sandbox *sb)
 	if (r < 0)
 		log_debug("sandbox %s: cannot trim its console log: %s", sb->id, strerror(-r));
 	pthread_mutex_lock(&m->lock);
-	sandbox_wake_locked(sb);
+	sandbox_wake_console_locked(sb);
 	sandbox_unref_locked(m, sb);
 	pthread_mutex_unlock(&m->lock);
 }

@@ -10,6 +10,9 @@
  *   node-sandbox.c the protobuf mapping and the gRPC handlers
  *   node-exec.c    Exec, and the guest session Exec, WriteFile and ReadFile share
  *   node-files.c   WriteFile and ReadFile
+ *   expiry.c       end times: a heap and a timerfd in the event loop
+ *   console.c      console logs: trimming, and the inotify watch that wakes followers
+ *   node-console.c ReadConsole
  *
  * Locking: one manager mutex (Manager.lock) guards the registries and every Sandbox and
  * Template field marked (L). It is never held across slow work (process start, disk, network,
@@ -179,6 +182,7 @@ typedef struct OpTiming {
 typedef struct Waiter Waiter;
 struct Waiter {
 	RpcCall *call;
+	bool console; /* woken by the console's output too (ReadConsole's follow) */
 	Waiter *next;
 };
 
@@ -214,6 +218,7 @@ struct Sandbox {
 	bool boot_restore;             /* created from its template's boot snapshot */
 	bool resume_loading; /* a resume has sent /snapshot/load: the guest may have run */
 	bool slot_user;      /* (L) counted in Manager.n_slot_users */
+	bool huge_held;      /* (L) counted in Manager.huge_mib */
 
 	/* Operation state (L). */
 	SbOp op;             /* running (or queued) operation */
@@ -264,6 +269,7 @@ void events_watch_remove(Events *e, RpcCall *call);
 
 /* ---- the manager ---- */
 
+/* Not a reference: console_unwatch(), before the sandbox can go, removes it. */
 typedef struct ConsoleWatch {
 	int wd;
 	Sandbox *sb;
@@ -294,8 +300,8 @@ struct Manager {
 	size_t n_sandboxes;
 	unsigned n_slot_users; /* sandboxes holding a network slot or about to take one */
 	/* memory of creates and resumes in flight (manager_promise_locked): admission counts it;
-	 * huge-page sandboxes' apart, from the hugetlb pool */
-	uint64_t creating_mib, creating_huge_mib;
+	 * and the huge pages of the huge-page sandboxes that hold a VMM or are about to */
+	uint64_t creating_mib, huge_mib;
 	Template **templates;
 	size_t n_templates;
 	Snapshot **snapshots; /* sorted by id */
@@ -346,10 +352,14 @@ void sandbox_set_state_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState s
 void sandbox_waiter_add_locked(Sandbox *sb, Waiter *w, RpcCall *call);
 void sandbox_waiter_remove_locked(Sandbox *sb, Waiter *w);
 void sandbox_wake_locked(Sandbox *sb);
+void sandbox_wake_console_locked(Sandbox *sb); /* the waiters with `console` set */
 void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op);
 /* A create or resume admitted (take) or ended: the memory it is about to take counts in
- * admission until then. (L) */
-void manager_promise_locked(Manager *m, const SbSpec *s, bool take);
+ * admission until then. A huge-page sandbox's counts from then on until its VMM is gone
+ * (sandbox_huge_release_locked(), which release_processes calls). (L) */
+void manager_promise_locked(Manager *m, Sandbox *sb, bool take);
+void sandbox_huge_hold_locked(Manager *m, Sandbox *sb);
+void sandbox_huge_release_locked(Manager *m, Sandbox *sb);
 int manager_watch_vmm(Manager *m, Sandbox *sb);
 void manager_unwatch_vmm(Manager *m, Sandbox *sb);
 

@@ -22,7 +22,8 @@ RpcCode node_read_console(RpcCall *call, const ProtobufCMessage *request, Manage
 	_cleanup_close_ int fd = -EBADF;
 	/* woken by its console's output, its state changes and its removal */
 	Waiter w;
-	uint64_t pos = 0, skipped = 0;
+	/* without follow: up to where the log ended when the call began */
+	uint64_t pos = 0, skipped = 0, end = UINT64_MAX;
 	bool started = false;
 	RpcCode code;
 
@@ -38,9 +39,14 @@ RpcCode node_read_console(RpcCall *call, const ProtobufCMessage *request, Manage
 	}
 	sandbox_ref_locked(sb);
 	path = console_path(sb);
-	if (req->follow)
+	if (req->follow) {
 		sandbox_waiter_add_locked(sb, &w, call); /* removed below, before the return */
+		w.console = true;
+	}
 	pthread_mutex_unlock(&m->lock);
+	/* a follower must not hold emberd's shutdown for its grace period */
+	if (req->follow)
+		rpc_call_end_on_drain(call);
 	if (!path) {
 		code = rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
 		goto out;
@@ -64,10 +70,16 @@ RpcCode node_read_console(RpcCall *call, const ProtobufCMessage *request, Manage
 			uint64_t size = (uint64_t)st.st_size;
 			pos = console_tail_start(fd, console_kept_start(fd, size), size,
 						 req->tail_lines);
+			if (!req->follow)
+				end = size;
 			started = true;
 		}
 		uint64_t gone = 0;
-		ssize_t n = fd >= 0 ? console_read(fd, &pos, buf, CONSOLE_CHUNK_MAX, &gone) : 0;
+		/* (a skip over what a trim punched out may pass the end) */
+		size_t want = pos >= end                      ? 0
+			      : end - pos < CONSOLE_CHUNK_MAX ? (size_t)(end - pos)
+							      : CONSOLE_CHUNK_MAX;
+		ssize_t n = fd >= 0 && want > 0 ? console_read(fd, &pos, buf, want, &gone) : 0;
 		skipped += gone;
 		if (n == -EAGAIN)
 			continue;

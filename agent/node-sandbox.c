@@ -374,14 +374,17 @@ RpcCode node_id_check(RpcCall *call, const char *field, const char *id)
 	return RPC_OK;
 }
 
-/* spec.end_time and spec.on_expiry, checked, into s (on_expiry UNSPECIFIED is DESTROY). */
-static RpcCode expiry_from_pb(RpcCall *call, const Ember__V1__SandboxSpec *p, SbSpec *s)
+/* spec.end_time (when `end`) and spec.on_expiry (when `action`), checked, into s (on_expiry
+ * UNSPECIFIED is DESTROY). A create takes both; an update what its mask names. */
+static RpcCode expiry_from_pb(RpcCall *call, const Ember__V1__SandboxSpec *p, bool end,
+			      bool action, SbSpec *s)
 {
-	if (p->end_time && (p->end_time->seconds <= 0 || p->end_time->seconds > END_TIME_MAX_S ||
-			    p->end_time->nanos < 0 || p->end_time->nanos > 999999999))
+	if (end && p->end_time &&
+	    (p->end_time->seconds <= 0 || p->end_time->seconds > END_TIME_MAX_S ||
+	     p->end_time->nanos < 0 || p->end_time->nanos > 999999999))
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
 				      "spec.end_time is out of range (after 1970, before 2200)");
-	if (p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_UNSPECIFIED &&
+	if (action && p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_UNSPECIFIED &&
 	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_DESTROY &&
 	    p->on_expiry != EMBER__V1__EXPIRY_ACTION__EXPIRY_ACTION_PAUSE)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "spec.on_expiry %d is unknown",
@@ -426,7 +429,7 @@ static RpcCode spec_from_pb(RpcCall *call, Manager *m, const Ember__V1__SandboxS
 				      "spec.disk_size_mib %llu is above this node's limit of %u "
 				      "([storage] max_disk_mib)",
 				      (unsigned long long)p->disk_size_mib, c->max_disk_mib);
-	if ((code = expiry_from_pb(call, p, &s)) != RPC_OK)
+	if ((code = expiry_from_pb(call, p, true, true, &s)) != RPC_OK)
 		return code;
 	if (fork)
 		s.snapshot_id = strdup(p->snapshot_id);
@@ -572,19 +575,30 @@ static const char *admission_locked(Manager *m, const HostMemory *mem, const SbS
 		snprintf(why, size, "all %u network slots are in use", ps.max_slots);
 		return why;
 	}
-	uint64_t huge_free_mib = mem->huge_free >> 20, avail_mib = mem->available >> 20;
+	uint64_t huge_total_mib = mem->huge_total >> 20, huge_free_mib = mem->huge_free >> 20;
+	uint64_t avail_mib = mem->available >> 20;
 
-	if (s->huge_pages && huge_free_mib < m->creating_huge_mib + s->memory_mib) {
+	/* Huge pages: Firecracker takes them as the guest touches them (MAP_NORESERVE), so what
+	 * is free now says little about what the sandboxes here will take. They count with all
+	 * their memory, running or starting; what is free is checked too, for other users of
+	 * the pool. */
+	if (s->huge_pages && huge_total_mib < m->huge_mib + s->memory_mib) {
 		snprintf(why, size,
 			 "not enough huge pages: the host's pool (vm.nr_hugepages) has %llu 2 MiB "
-			 "pages free, %llu are promised to creates and resumes in flight, and %u "
-			 "are needed (memory_mib %u)",
-			 (unsigned long long)huge_free_mib / 2,
-			 (unsigned long long)m->creating_huge_mib / 2, s->memory_mib / 2,
-			 s->memory_mib);
+			 "pages, the huge-page sandboxes here hold or are about to take %llu, and "
+			 "%u are needed (memory_mib %u)",
+			 (unsigned long long)huge_total_mib / 2, (unsigned long long)m->huge_mib / 2,
+			 s->memory_mib / 2, s->memory_mib);
 		return why;
 	}
-	if (!s->huge_pages &&
+	if (s->huge_pages && huge_free_mib < s->memory_mib) {
+		snprintf(why, size,
+			 "not enough huge pages: %llu of the host's 2 MiB pages are free (something "
+			 "else uses the pool), and %u are needed (memory_mib %u)",
+			 (unsigned long long)huge_free_mib / 2, s->memory_mib / 2, s->memory_mib);
+		return why;
+	}
+	if (!s->huge_pages && mem->available_known &&
 	    avail_mib < (uint64_t)c->memory_reserve_mib + m->creating_mib + s->memory_mib) {
 		snprintf(why, size,
 			 "not enough memory: %llu MiB available, %llu MiB promised to creates and "
@@ -749,7 +763,7 @@ RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	expiry_update_locked(m, sb);
 	sb->slot_user = true;
 	m->n_slot_users++;
-	manager_promise_locked(m, &spec, true);
+	manager_promise_locked(m, sb, true);
 	sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_CREATING, NULL);
 	manager_submit_locked(m, sb, SB_OP_CREATE);
 
@@ -1021,7 +1035,7 @@ again:
 		if (!pause) {
 			sb->slot_user = true;
 			m->n_slot_users++;
-			manager_promise_locked(m, &sb->spec, true);
+			manager_promise_locked(m, sb, true);
 		}
 		sandbox_set_state_locked(m, sb, during, NULL);
 		manager_submit_locked(m, sb, pause ? SB_OP_PAUSE : SB_OP_RESUME);
@@ -1224,7 +1238,7 @@ RpcCode node_update_sandbox(RpcCall *call, const ProtobufCMessage *request, Mana
 	if ((code = node_id_check(call, "sandbox_id", req->sandbox_id)) != RPC_OK ||
 	    (code = update_paths(call, req->update_mask, &what)) != RPC_OK)
 		return code;
-	if ((what & (UPD_END | UPD_EXPIRY)) && (code = expiry_from_pb(call, p, &nu)) != RPC_OK)
+	if ((code = expiry_from_pb(call, p, what & UPD_END, what & UPD_EXPIRY, &nu)) != RPC_OK)
 		return code;
 	if ((what & UPD_LABELS) && (code = kv_from_pb(call, "spec.labels", KV_LABELS, p->labels,
 						      p->n_labels, &nu.labels)) != RPC_OK)

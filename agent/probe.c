@@ -373,8 +373,10 @@ void probe_memory(HostMemory *ret)
 	while (f && fgets(line, sizeof(line), f)) {
 		if (sscanf(line, "MemTotal: %llu kB", &kb) == 1)
 			ret->total = kb * 1024;
-		else if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
+		else if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
 			ret->available = kb * 1024;
+			ret->available_known = true;
+		}
 	}
 	uint64_t free = read_u64_file(HUGE_2M "free_hugepages"),
 		 resv = read_u64_file(HUGE_2M "resv_hugepages");

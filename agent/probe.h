@@ -37,6 +37,7 @@ int probe_firecracker_version(const char *binary, int timeout_ms, char **ret_ver
  * the mapping: free minus reserved is what is left either way). */
 typedef struct HostMemory {
 	uint64_t total, available;
+	bool available_known; /* a kernel before 3.14 has no MemAvailable */
 	uint64_t huge_total, huge_free;
 } HostMemory;
 void probe_memory(HostMemory *ret);

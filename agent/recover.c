@@ -560,7 +560,7 @@ int manager_recover(Manager *m, char **ret_error)
 			/* a sandbox without a VMM keeps its console log, as it would have */
 			_cleanup_free_ char *p = NULL;
 			if (asprintf(&p, "%s/%s", m->run_sandboxes_dir, de->d_name) >= 0 &&
-			    run_dir_clear(p, known) >= 0)
+			    run_dir_clear(p, known) >= 0 && !known)
 				dirs++;
 		}
 	}
@@ -573,6 +573,8 @@ int manager_recover(Manager *m, char **ret_error)
 		sandbox_set_state_locked(m, sb, sb->state, sb->state_reason);
 		/* an end time that passed meanwhile fires once the event loop runs */
 		expiry_update_locked(m, sb);
+		if (sb->vm)
+			sandbox_huge_hold_locked(m, sb);
 	}
 	pthread_mutex_unlock(&m->lock);
 	for (size_t i = 0; i < n_loaded; i++) {
@@ -580,8 +582,15 @@ int manager_recover(Manager *m, char **ret_error)
 		(void)sandbox_record_write(m, sb, 0, NULL);
 		if (sb->vm && (r = manager_watch_vmm(m, sb)) < 0)
 			log_error_errno(r, "sandbox %s: cannot watch its VMM", sb->id);
-		if (sb->vm)
+		if (sb->vm) {
+			/* an emberd before the console log named the VMM's output fc.out: the
+			 * VMM writes on into the renamed file */
+			_cleanup_free_ char *old = NULL, *log = console_path(sb);
+			if (log && asprintf(&old, "%s/fc.out", sb->run_dir) >= 0 &&
+			    access(log, F_OK) < 0)
+				(void)rename(old, log);
 			console_watch(m, sb);
+		}
 	}
 
 	log_struct(

@@ -232,7 +232,6 @@ static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 
 	if (sb->vm) {
 		manager_unwatch_vmm(m, sb);
-		console_unwatch(m, sb);
 		k = fcctl_vm_stop(sb->vm, VMM_STOP_TIMEOUT_MS, &ex);
 		if (k < 0) {
 			/* Keep it: a later destroy tries again, and the pid stays known. Nothing
@@ -240,6 +239,8 @@ static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 			return error_set(ret_error, k, "cannot stop the VMM (pid %d): %m",
 					 (int)sb->vmm_pid);
 		}
+		/* its console is watched while it can write to it */
+		console_unwatch(m, sb);
 		fcctl_vm_free(sb->vm);
 		sb->vm = NULL;
 		sb->vmm_pid = -1;
@@ -253,6 +254,9 @@ static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 		sb->uffd = NULL;
 		sb->uffd_pid = -1;
 	}
+	pthread_mutex_lock(&m->lock);
+	sandbox_huge_release_locked(m, sb);
+	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
 
@@ -495,7 +499,7 @@ static int step_wait_guest(Manager *m, Sandbox *sb, char **ret_error)
  * removal must find it. */
 static void create_finish_locked(Manager *m, Sandbox *sb, RpcCode code, const char *message)
 {
-	manager_promise_locked(m, &sb->spec, false);
+	manager_promise_locked(m, sb, false);
 	sb->op = SB_OP_NONE;
 	sb->create_done = true;
 	sb->create_code = code;
@@ -833,7 +837,7 @@ static void op_finish_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState st
 	int out = sb->op == SB_OP_RESUME ? OUT_RESUME : OUT_PAUSE;
 
 	if (sb->op == SB_OP_RESUME)
-		manager_promise_locked(m, &sb->spec, false);
+		manager_promise_locked(m, sb, false);
 	sb->op = SB_OP_NONE;
 	/* the reason was for this operation's end (an expiry's pause): used below or not */
 	_cleanup_free_ char *op_reason = TAKE_PTR(sb->op_reason);

@@ -145,14 +145,32 @@ void sandbox_unref(Manager *m, Sandbox *sb)
 	pthread_mutex_unlock(&m->lock);
 }
 
-void manager_promise_locked(Manager *m, const SbSpec *s, bool take)
+void manager_promise_locked(Manager *m, Sandbox *sb, bool take)
 {
-	uint64_t *c = s->huge_pages ? &m->creating_huge_mib : &m->creating_mib;
+	if (!sb->spec.huge_pages) {
+		if (take)
+			m->creating_mib += sb->spec.memory_mib;
+		else
+			m->creating_mib -= sb->spec.memory_mib;
+	} else if (take) {
+		sandbox_huge_hold_locked(m, sb); /* until its VMM is gone */
+	}
+}
 
-	if (take)
-		*c += s->memory_mib;
-	else
-		*c -= s->memory_mib;
+void sandbox_huge_hold_locked(Manager *m, Sandbox *sb)
+{
+	if (sb->spec.huge_pages && !sb->huge_held) {
+		sb->huge_held = true;
+		m->huge_mib += sb->spec.memory_mib;
+	}
+}
+
+void sandbox_huge_release_locked(Manager *m, Sandbox *sb)
+{
+	if (sb->huge_held) {
+		sb->huge_held = false;
+		m->huge_mib -= sb->spec.memory_mib;
+	}
 }
 
 void sandbox_waiter_add_locked(Sandbox *sb, Waiter *w, RpcCall *call)
@@ -174,6 +192,13 @@ void sandbox_wake_locked(Sandbox *sb)
 {
 	for (Waiter *w = sb->waiters; w; w = w->next)
 		rpc_call_wake(w->call);
+}
+
+void sandbox_wake_console_locked(Sandbox *sb)
+{
+	for (Waiter *w = sb->waiters; w; w = w->next)
+		if (w->console)
+			rpc_call_wake(w->call);
 }
 
 void sandbox_set_state_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
@@ -217,7 +242,8 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 		o->code = RPC_RESOURCE_EXHAUSTED;
 		o->ended++;
 		if (op == SB_OP_RESUME) {
-			manager_promise_locked(m, &sb->spec, false);
+			manager_promise_locked(m, sb, false);
+			sandbox_huge_release_locked(m, sb);
 			if (sb->slot_user) {
 				sb->slot_user = false;
 				m->n_slot_users--;
@@ -245,7 +271,8 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 		if (op == SB_OP_CREATE) {
 			sb->create_done = true;
 			sb->create_code = RPC_RESOURCE_EXHAUSTED;
-			manager_promise_locked(m, &sb->spec, false);
+			manager_promise_locked(m, sb, false);
+			sandbox_huge_release_locked(m, sb);
 		} else {
 			sb->destroy_failed = true;
 			sb->abort = false;

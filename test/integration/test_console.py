@@ -115,6 +115,31 @@ def test_tail_and_follow(start_emberd):
     assert leftovers(e) == []
 
 
+def test_without_follow_the_call_ends_where_the_log_was(start_emberd):
+    """Even when the guest prints faster than the client reads."""
+    e = start_emberd("[network]\npool_size = 0\n[sandboxes]\nconsole_kib = 262144\n")
+    n = stub(e)
+    create(n, "busy")
+    p = guest_exec(e, "busy", "sh", "-c",
+                   "yes busy console > /dev/console 2>/dev/null </dev/null & echo $!")
+    flood = int(p.stdout)
+    path = console_path(e, "busy")
+    wait_for(lambda: os.path.getsize(path) > 12 << 20, 30 * SLOW, "the flood")
+    # a pause that fills the buffers on the way, then slower than the guest prints: a call
+    # that went on to the log's end would not reach it
+    limit = None
+    call = n.ReadConsole(S.ReadConsoleRequest(sandbox_id="busy"), timeout=120 * SLOW)
+    time.sleep(2)
+    for m in call:
+        if limit is None:
+            limit = os.path.getsize(path)  # after the call began
+        assert m.offset + len(m.data) <= limit, "the call went on past where the log was"
+        time.sleep(0.025)
+    assert limit is not None and os.path.getsize(path) > limit  # the flood went on
+    assert guest_exec(e, "busy", "kill", str(flood)).returncode == 0
+    destroy(n, "busy")
+
+
 def test_the_log_is_bounded(start_emberd):
     e = start_emberd("[network]\npool_size = 0\n[sandboxes]\nconsole_kib = 64\n")
     n = stub(e)
@@ -201,7 +226,7 @@ def test_kept_through_pause_failure_and_restart(start_emberd, workdir):
     wait_for(lambda: n.GetSandbox(S.GetSandboxRequest(sandbox_id="k"), timeout=10).state ==
              S.SANDBOX_STATE_FAILED, 30 * SLOW, "FAILED")
     assert b"last words" in joined(read(n, "k", tail_lines=5))
-    assert not f.ended.is_set()  # a FAILED sandbox's follower waits on
+    assert not f.ended.wait(1)  # a FAILED sandbox's follower waits on
     destroy(n, "k")
     assert f.ended.wait(30 * SLOW) and f.error is None, f.error
     assert leftovers(e) == []
@@ -220,6 +245,9 @@ def test_grpcurl_read_console_as_the_readme_shows(start_emberd):
     # it follows until stopped: stopped here once the guest's words came through
     p = subprocess.Popen(["sh", "-c", cmd], stdout=subprocess.PIPE, text=True)
     text, seen = "", ""
+    # a follower that never printed would block readline() below
+    watchdog = threading.Timer(60 * SLOW, p.kill)
+    watchdog.start()
     try:
         time.sleep(1)
         say(e, "hello", "seen through grpcurl")
@@ -233,6 +261,7 @@ def test_grpcurl_read_console_as_the_readme_shows(start_emberd):
                            for d in re.findall(r'"data": "([^"]*)"', text))
         assert "seen through grpcurl" in seen, (seen[-2000:], text[-500:])
     finally:
+        watchdog.cancel()
         p.kill()
         p.wait()
     destroy(n, "hello")

@@ -18,7 +18,7 @@
 
 #include "agent/manager-internal.h"
 
-void sandbox_wake_locked(Sandbox *sb)
+void sandbox_wake_console_locked(Sandbox *sb)
 {
 	(void)sb;
 }
