@@ -376,8 +376,8 @@ RpcCode node_id_check(RpcCall *call, const char *field, const char *id)
 
 /* spec.end_time (when `end`) and spec.on_expiry (when `action`), checked, into s (on_expiry
  * UNSPECIFIED is DESTROY). A create takes both; an update what its mask names. */
-static RpcCode expiry_from_pb(RpcCall *call, const Ember__V1__SandboxSpec *p, bool end,
-			      bool action, SbSpec *s)
+static RpcCode expiry_from_pb(RpcCall *call, const Ember__V1__SandboxSpec *p, bool end, bool action,
+			      SbSpec *s)
 {
 	if (end && p->end_time &&
 	    (p->end_time->seconds <= 0 || p->end_time->seconds > END_TIME_MAX_S ||
@@ -587,15 +587,16 @@ static const char *admission_locked(Manager *m, const HostMemory *mem, const SbS
 			 "not enough huge pages: the host's pool (vm.nr_hugepages) has %llu 2 MiB "
 			 "pages, the huge-page sandboxes here hold or are about to take %llu, and "
 			 "%u are needed (memory_mib %u)",
-			 (unsigned long long)huge_total_mib / 2, (unsigned long long)m->huge_mib / 2,
-			 s->memory_mib / 2, s->memory_mib);
+			 (unsigned long long)huge_total_mib / 2,
+			 (unsigned long long)m->huge_mib / 2, s->memory_mib / 2, s->memory_mib);
 		return why;
 	}
 	if (s->huge_pages && huge_free_mib < s->memory_mib) {
-		snprintf(why, size,
-			 "not enough huge pages: %llu of the host's 2 MiB pages are free (something "
-			 "else uses the pool), and %u are needed (memory_mib %u)",
-			 (unsigned long long)huge_free_mib / 2, s->memory_mib / 2, s->memory_mib);
+		snprintf(
+			why, size,
+			"not enough huge pages: %llu of the host's 2 MiB pages are free (something "
+			"else uses the pool), and %u are needed (memory_mib %u)",
+			(unsigned long long)huge_free_mib / 2, s->memory_mib / 2, s->memory_mib);
 		return why;
 	}
 	if (!s->huge_pages && mem->available_known &&
