@@ -164,14 +164,16 @@ def test_update_moves_the_end_time(start_emberd):
     e = start_emberd("[network]\npool_size = 0\n")
     n = stub(e)
     call, events, _ = watch(e, timeout=300)
-    create(n, "ext", end_time=end_in(4 * SLOW))
+    # room for the create and the update on a loaded machine, then a wait past it
+    first = end_in(8 * SLOW)
+    create(n, "ext", end_time=first)
     later = end_in(3600)
     sb = update(n, "ext", ["end_time"], end_time=later)
     assert sb.spec.end_time == later and sb.state == S.SANDBOX_STATE_RUNNING
     rev = sb.revision
     # the same update again changes nothing: no event, the same revision
     assert update(n, "ext", ["end_time"], end_time=later).revision == rev
-    time.sleep(6 * SLOW)
+    time.sleep(max(0, first.ToNanoseconds() / 1e9 - time.time()) + 2)
     assert get(n, "ext").state == S.SANDBOX_STATE_RUNNING  # extended: not expired
     changed = [ev.changed for ev in events if ev.WhichOneof("event") == "changed" and
                ev.changed.id == "ext" and ev.changed.spec.end_time == later]
