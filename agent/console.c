@@ -39,6 +39,13 @@
 
 /* ---- the log file ---- */
 
+uint64_t console_kept_start(int fd, uint64_t size)
+{
+	off_t d = lseek(fd, 0, SEEK_DATA);
+
+	return d < 0 || (uint64_t)d > size ? size : (uint64_t)d; /* ENXIO: nothing but holes */
+}
+
 int console_trim(int fd, uint64_t keep)
 {
 	struct stat st;
@@ -48,27 +55,18 @@ int console_trim(int fd, uint64_t keep)
 	uint64_t size = (uint64_t)st.st_size;
 	if (size <= keep + keep / 8)
 		return 0;
-	off_t start = lseek(fd, 0, SEEK_DATA);
-	if (start < 0)
-		return errno == ENXIO ? 0 : -errno; /* nothing but holes */
-	if (size - (uint64_t)start <= keep + keep / 8)
+	uint64_t start = console_kept_start(fd, size);
+	if (size - start <= keep + keep / 8)
 		return 0;
 	/* whole blocks: a partial one would be zeroed, not freed */
 	uint64_t block = st.st_blksize > 0 ? (uint64_t)st.st_blksize : 4096;
-	uint64_t from = (uint64_t)start / block * block, to = (size - keep) / block * block;
+	uint64_t from = start / block * block, to = (size - keep) / block * block;
 	if (to <= from)
 		return 0;
 	if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)from,
 		      (off_t)(to - from)) < 0)
 		return -errno;
 	return 1;
-}
-
-uint64_t console_kept_start(int fd, uint64_t size)
-{
-	off_t d = lseek(fd, 0, SEEK_DATA);
-
-	return d < 0 || (uint64_t)d > size ? size : (uint64_t)d;
 }
 
 uint64_t console_tail_start(int fd, uint64_t from, uint64_t size, unsigned lines)
@@ -189,6 +187,14 @@ char *console_tail(const Sandbox *sb)
 
 /* ---- the watch ---- */
 
+/* Trims the log at `path` to [sandboxes] console_kib. */
+static int trim_log(Manager *m, const char *path)
+{
+	_cleanup_close_ int fd = open(path, O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+
+	return fd < 0 ? -errno : console_trim(fd, (uint64_t)m->config->console_kib << 10);
+}
+
 static uint64_t mono_ms(void)
 {
 	struct timespec ts;
@@ -271,9 +277,7 @@ void console_watch(Manager *m, Sandbox *sb)
 	sb->console_wd = wd;
 	pthread_mutex_unlock(&m->lock);
 	/* what it printed before the watch (an adopted VMM's) is trimmed now */
-	_cleanup_close_ int fd = open(path, O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd >= 0)
-		(void)console_trim(fd, (uint64_t)m->config->console_kib << 10);
+	(void)trim_log(m, path);
 }
 
 void console_unwatch(Manager *m, Sandbox *sb)
@@ -293,16 +297,17 @@ void console_unwatch(Manager *m, Sandbox *sb)
 	pthread_mutex_unlock(&m->lock);
 }
 
-/* A console changed: trimmed if it grew past its size, and its followers woken. */
+/* A console changed: trimmed if it grew past its size, and its followers woken. Its next
+ * change may come into the next batch from here on. */
 static void console_changed(Manager *m, Sandbox *sb)
 {
 	_cleanup_free_ char *path = console_path(sb);
-	_cleanup_close_ int fd = path ? open(path, O_WRONLY | O_CLOEXEC | O_NOFOLLOW) : -EBADF;
-	int r = fd >= 0 ? console_trim(fd, (uint64_t)m->config->console_kib << 10) : 0;
+	int r = path ? trim_log(m, path) : 0;
 
-	if (r < 0)
+	if (r < 0 && r != -ENOENT)
 		log_debug("sandbox %s: cannot trim its console log: %s", sb->id, strerror(-r));
 	pthread_mutex_lock(&m->lock);
+	sb->console_pending = false;
 	sandbox_wake_console_locked(sb);
 	sandbox_unref_locked(m, sb);
 	pthread_mutex_unlock(&m->lock);
@@ -363,12 +368,8 @@ void console_events(Manager *m)
 			changed_add_locked(&changed, m->consoles[i].sb);
 		pthread_mutex_unlock(&m->lock);
 	}
-	for (size_t i = 0; i < changed.n; i++) {
-		pthread_mutex_lock(&m->lock);
-		changed.items[i]->console_pending = false;
-		pthread_mutex_unlock(&m->lock);
+	for (size_t i = 0; i < changed.n; i++)
 		console_changed(m, changed.items[i]);
-	}
 	free(changed.items);
 	m->console_rearm_ms = mono_ms() + CONSOLE_BATCH_MS;
 }

@@ -22,7 +22,6 @@
 #include <unistd.h>
 
 #include "common/error.h"
-#include "common/fileio.h"
 #include "common/macro.h"
 
 static void set(ProbeResult *r, bool available, const char *version, const char *format, ...)

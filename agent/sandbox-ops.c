@@ -1464,8 +1464,7 @@ int template_boot_snapshot(Manager *m, Template *t, const char *dir, unsigned vc
 	if (u < 0)
 		log_warning("template %s: releasing the sandbox that booted it: %s", t->id,
 			    rerr ?: "failed");
-	(void)rm_rf(sb->data_dir);
-	(void)rm_rf(sb->run_dir);
+	(void)sandbox_remove_files(sb, NULL);
 	for (const char *const *f = (const char *const[]){vmstate, mem, rootfs, NULL}; r >= 0 && *f;
 	     f++)
 		if ((r = fsync_path(*f)) < 0) {
