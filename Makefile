@@ -75,7 +75,7 @@ all: $(B)/emberd $(B)/fcsim $(B)/test/rpctestd $(B)/test/rpc-bench $(B)/test/exe
 	$(B)/test/netns-tool $(B)/test/guest-standin $(B)/test/guest-helper $(B)/test/fcctl-tool \
 	$(B)/ember-uffd $(B)/test/bench-uffd $(B)/test/fuzz-uffd-handshake-replay $(B)/ember-guest \
 	$(B)/ember-init $(B)/test/guest-tool $(B)/test/lifecycle-direct $(B)/test/emberd-hooks \
-	$(B)/test/hostile-guest unit-tests pystubs
+	$(B)/test/hostile-guest $(B)/test/pbjson-tool $(B)/test/fuzz-pbjson-replay unit-tests pystubs
 
 # ---------------------------------------------------------------------------------------------
 # protobuf: C for the daemon, Python for the tests, one descriptor set for streaming kinds and
@@ -140,7 +140,8 @@ AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
 	agent/rpc-descriptors.c agent/rpc-health.c agent/rpc-reflection.c agent/record.c \
 	agent/events.c agent/template.c agent/snapshot.c agent/sandbox.c agent/sandbox-ops.c agent/recover.c \
 	agent/vmm.c agent/demo.c agent/node-sandbox.c agent/node-exec.c \
-	agent/node-files.c agent/expiry.c agent/console.c agent/node-console.c
+	agent/node-files.c agent/expiry.c agent/console.c agent/node-console.c agent/http.c \
+	agent/rpc-local.c agent/metrics.c agent/pbjson.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
 GUEST_INIT_SRCS := guest/init/ember-init.c guest/init/cmdline.c guest/init/net.c
 GUEST_AGENT_SRCS := guest/agent/main.c guest/agent/conn.c guest/agent/exec.c guest/agent/file.c
@@ -190,6 +191,11 @@ $(B)/obj/agent/descriptor-set.o: agent/descriptor-set.S $(B)/proto/ember.desc
 	@mkdir -p $(@D)
 	@echo "  AS       $@"
 	$(Q)$(CC) $(ALL_CPPFLAGS) -DDESCRIPTOR_SET_FILE='"$(B)/proto/ember.desc"' -c $< -o $@
+# So is the operator's page.
+$(B)/obj/agent/test-page.o: agent/test-page.S agent/test-page.html
+	@mkdir -p $(@D)
+	@echo "  AS       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) -DTEST_PAGE_FILE='"agent/test-page.html"' -c $< -o $@
 
 $(B)/fcsim: $(FCSIM_SRCS:%.c=$(B)/obj/%.o) $(B)/libnetns.a $(B)/libstorage.a $(B)/libcommon.a
 	@echo "  LD       $@"
@@ -246,7 +252,8 @@ $(B)/ember-init: $(GUEST_INIT_SRCS) guest/init/init.h common/macro.h
 		-static $(GUEST_INIT_SRCS) $(NL_STATIC_LIBS) -o $@ 2>&1 | \
 		{ grep -v -e 'requires at runtime the shared libraries' -e ': in function `' || true; }
 
-$(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-set.o $(PROTO_OBJS) \
+$(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-set.o \
+		$(B)/obj/agent/test-page.o $(PROTO_OBJS) \
 		$(B)/libguestclient.a $(B)/libfcctl.a $(B)/libstorage.a \
 		$(B)/libnetns.a $(B)/libcommon.a
 	@echo "  LD       $@"
@@ -260,7 +267,7 @@ $(B)/obj-hooks/%.o: %.c $(B)/proto/.stamp-c $(B)/proto/.stamp-guest-c
 	@echo "  CC       $@ (test hooks)"
 	$(Q)$(CC) $(ALL_CPPFLAGS) -DEMBER_TEST_HOOKS $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
 $(B)/test/emberd-hooks: $(B)/obj/agent/main.o $(filter-out $(B)/obj/agent/sandbox-ops.o,$(AGENT_LIB_OBJS)) \
-		$(HOOK_OBJS) $(B)/obj/agent/descriptor-set.o $(PROTO_OBJS) \
+		$(HOOK_OBJS) $(B)/obj/agent/descriptor-set.o $(B)/obj/agent/test-page.o $(PROTO_OBJS) \
 		$(B)/libguestclient.a $(B)/libfcctl.a $(B)/libstorage.a \
 		$(B)/libnetns.a $(B)/libcommon.a
 	@mkdir -p $(@D)
@@ -317,6 +324,56 @@ $(UNIT_BINS):
 
 unit-tests: $(UNIT_BINS)
 
+# pbjson, the proto3 JSON transcoder (agent/pbjson.c). pbjson-tool runs it for test_pbjson.py,
+# which holds it to python3-protobuf's json_format on the Node API's messages and on
+# test/unit/pbjson_kinds.proto (every field kind; its C and Python go to $(B)/test/pbjson);
+# fuzz-pbjson fuzzes it, check-pbjson-fuzz replays the seed corpus.
+PBJSON_GEN := $(B)/test/pbjson
+PBJSON_GEN_OBJS := $(PBJSON_GEN)/pbjson_kinds.pb-c.o $(PBJSON_GEN)/google/protobuf/empty.pb-c.o
+$(PBJSON_GEN)/.stamp: test/unit/pbjson_kinds.proto
+	@mkdir -p $(PBJSON_GEN)/py
+	@echo "  PROTOC-C $(PBJSON_GEN)"
+	$(Q)$(PROTOC_C) -Itest/unit -I$(PROTO_SYS) --c_out=$(PBJSON_GEN) pbjson_kinds.proto
+	$(Q)$(PROTOC_C) -I$(PROTO_SYS) --c_out=$(PBJSON_GEN) google/protobuf/empty.proto
+	$(Q)$(PROTOC) -Itest/unit -I$(PROTO_SYS) --python_out=$(PBJSON_GEN)/py pbjson_kinds.proto
+	$(Q)touch $@
+$(PBJSON_GEN)/%.pb-c.o: $(PBJSON_GEN)/.stamp $(B)/proto/.stamp-c
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) -I$(PBJSON_GEN) $(ALL_CFLAGS) $(GEN_WARNINGS) \
+		-c $(PBJSON_GEN)/$*.pb-c.c -o $@
+$(B)/obj/test/unit/pbjson-tool.o: test/unit/pbjson-tool.c $(B)/proto/.stamp-c $(PBJSON_GEN)/.stamp
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) -I$(PBJSON_GEN) $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
+$(B)/test/pbjson-tool: $(B)/obj/test/unit/pbjson-tool.o $(B)/obj/agent/pbjson.o \
+		$(PBJSON_GEN_OBJS) $(PROTO_OBJS) $(B)/libcommon.a
+	@mkdir -p $(@D)
+	@echo "  LD       $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
+check-pbjson: $(B)/test/pbjson-tool pystubs $(PBJSON_GEN)/.stamp
+	$(PYTEST_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider test/unit/test_pbjson.py \
+		$(PYTEST_ARGS)
+# The libFuzzer target without libFuzzer, over its seed corpus; sanitizer reports on stderr.
+$(B)/test/fuzz-pbjson-replay: test/fuzz/fuzz-pbjson.c $(B)/obj/agent/pbjson.o $(PBJSON_GEN_OBJS) \
+		$(PROTO_OBJS) $(B)/libcommon.a
+	@mkdir -p $(@D)
+	@echo "  CC       $@"
+	$(Q)$(CC) $(ALL_CPPFLAGS) -I$(PBJSON_GEN) -DFUZZ_REPLAY_MAIN $(ALL_CFLAGS) $(WARNINGS) $^ \
+		$(ALL_LDFLAGS) $(PKG_LIBS) -o $@
+check-pbjson-fuzz: $(B)/test/fuzz-pbjson-replay
+	@echo "  FUZZ     replay test/fuzz/corpus/pbjson"
+	$(Q)$(B)/test/fuzz-pbjson-replay test/fuzz/corpus/pbjson/*
+fuzz-pbjson: $(B)/proto/.stamp-c $(PBJSON_GEN)/.stamp
+	@mkdir -p $(B)/fuzz/pbjson
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -I. -I$(B)/proto \
+		-I$(PBJSON_GEN) agent/pbjson.c common/log.c common/error.c test/fuzz/fuzz-pbjson.c \
+		$(filter %/node.pb-c.c %/timestamp.pb-c.c %/duration.pb-c.c %/field_mask.pb-c.c,$(PROTO_C)) \
+		$(PBJSON_GEN)/pbjson_kinds.pb-c.c $(PBJSON_GEN)/google/protobuf/empty.pb-c.c \
+		$$($(PKG_CONFIG) --cflags --libs json-c libprotobuf-c libcrypto libsystemd) \
+		-o $(B)/fuzz-pbjson
+	$(B)/fuzz-pbjson -runs=$(FUZZ_RUNS) $(B)/fuzz/pbjson test/fuzz/corpus/pbjson
+.PHONY: check-pbjson check-pbjson-fuzz fuzz-pbjson
+
 # rpctestd: the gRPC layer with a test service whose handlers block, stream and report what
 # they saw, so that back-pressure, deadlines, cancellation and drain can be tested for real.
 $(B)/test/proto/.stamp-c: test/rpc/rpctest.proto
@@ -340,6 +397,8 @@ $(B)/obj/test/rpc/descriptor-set.o: agent/descriptor-set.S $(B)/test/proto/rpcte
 	$(Q)$(CC) $(ALL_CPPFLAGS) -DDESCRIPTOR_SET_FILE='"$(B)/test/proto/rpctest.desc"' -c $< -o $@
 $(B)/test/rpctestd: $(B)/obj/test/rpc/rpctestd.o $(B)/test/proto/rpctest.pb-c.o \
 		$(B)/obj/test/rpc/descriptor-set.o $(filter $(B)/obj/agent/rpc%,$(AGENT_LIB_OBJS)) \
+		$(B)/obj/agent/metrics.o $(B)/obj/agent/http.o $(B)/obj/agent/pbjson.o \
+		$(B)/obj/agent/test-page.o \
 		$(filter-out $(B)/proto/ember/%,$(PROTO_OBJS)) $(B)/libcommon.a
 	@echo "  LD       $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
@@ -433,6 +492,7 @@ check-unit: unit-tests $(B)/test/fuzz-uffd-handshake-replay
 		$(PYTEST_ENV) $(UNIT_ENV) $$t; done
 	@echo "  FUZZ     replay test/fuzz/corpus/uffd-handshake"
 	$(Q)$(PYTEST_ENV) $(B)/test/fuzz-uffd-handshake-replay test/fuzz/corpus/uffd-handshake/*
+	$(Q)$(MAKE) --no-print-directory check-pbjson check-pbjson-fuzz
 
 check-integration: all
 	@rm -f $(B)/asan.* $(B)/ubsan.*
@@ -523,7 +583,7 @@ DEB_PKGS := build-essential pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-
 	libnftables-dev libjson-c-dev libmicrohttpd-dev libcurl4-openssl-dev nftables iproute2 python3 python3-yaml python3-grpcio python3-protobuf \
 	python3-pytest openssl clang-format clang-tidy cppcheck \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev dmsetup e2fsprogs xfsprogs \
-	util-linux procps
+	util-linux procps chromium chromium-driver python3-selenium python3-prometheus-client
 
 deps:
 	@missing=$$(for p in $(DEB_PKGS); do \

@@ -361,6 +361,39 @@ static const Key keys[] = {
 	 1048576,
 	 NULL},
 
+	{{"http", "listen", "127.0.0.1:7071", "empty (no HTTP listener) or HOST:PORT",
+	  "The HTTP listener: the operator's page at /test, the API as JSON under /v1/ and "
+	  "/metrics. Every request needs the token. A non-loopback address needs allow_remote."},
+	 KEY_LISTEN_ADDR,
+	 STR(http_listen),
+	 0,
+	 0,
+	 NULL},
+	{{"http", "token_file", "", "empty or an absolute path",
+	  "Read the HTTP token from this file (at least 16 characters) instead of making a "
+	  "random one at each start. Either way it is written to <run_dir>/http-token (0600)."},
+	 KEY_OPT_ABS_PATH,
+	 STR(http_token_file),
+	 0,
+	 0,
+	 NULL},
+	{{"http", "allow_remote", "false", "true or false",
+	  "Allow a non-loopback listen address. The listener is plain HTTP: anyone who sees the "
+	  "token can control the node."},
+	 KEY_BOOL,
+	 STR(http_allow_remote),
+	 0,
+	 0,
+	 NULL},
+	{{"http", "metrics_public", "false", "true or false",
+	  "Serve /metrics to loopback clients without the token (for a local Prometheus "
+	  "agent)."},
+	 KEY_BOOL,
+	 STR(http_metrics_public),
+	 0,
+	 0,
+	 NULL},
+
 	{{"templates", "demo", "true", "true or false",
 	  "Register the built-in `demo` template (a busybox userland with ember-init and "
 	  "ember-guest, made with ember-mkrootfs) on first start, so that a new node can run a "
@@ -737,6 +770,31 @@ int config_finish(Config *c, char **ret_error)
 				"[network] sandbox_range = %s and veth_range = %s overlap; "
 				"choose disjoint ranges",
 				c->sandbox_range, c->veth_range);
+	}
+
+	/* The HTTP listener controls the node with a token sent in the clear: off loopback
+	 * only when the operator says so. */
+	if (c->http_listen[0] && !c->http_allow_remote) {
+		_cleanup_free_ char *host = strndup(
+			c->http_listen, (size_t)(strrchr(c->http_listen, ':') - c->http_listen));
+		struct in_addr a4;
+		struct in6_addr a6;
+		bool loopback = false;
+		if (host && host[0] == '[' && host[strlen(host) - 1] == ']') {
+			host[strlen(host) - 1] = 0;
+			loopback = inet_pton(AF_INET6, host + 1, &a6) == 1 &&
+				   IN6_IS_ADDR_LOOPBACK(&a6);
+		} else if (host) {
+			loopback = strcmp(host, "localhost") == 0 ||
+				   (inet_pton(AF_INET, host, &a4) == 1 &&
+				    (ntohl(a4.s_addr) >> 24) == 127);
+		}
+		if (!loopback)
+			return error_set(ret_error, -EINVAL,
+					 "[http] listen = \"%s\" is not a loopback address: the "
+					 "listener controls the node with a token sent in plain "
+					 "HTTP, so this needs [http] allow_remote = true",
+					 c->http_listen);
 	}
 
 	bool any_tls = c->tls_cert[0] || c->tls_key[0] || c->tls_client_ca[0];

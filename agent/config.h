@@ -66,6 +66,12 @@ typedef struct Config {
 	unsigned max_lifetime_s;     /* 0: no cap */
 	unsigned console_kib;        /* the console log's size */
 
+	/* [http] */
+	char *http_listen; /* empty: no HTTP listener */
+	char *http_token_file;
+	bool http_allow_remote;
+	bool http_metrics_public;
+
 	/* [templates] */
 	bool demo_template;
 	char *demo_kernel;

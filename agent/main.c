@@ -24,6 +24,8 @@
 #include "common/macro.h"
 #include "config.h"
 #include "descriptor-set.h"
+#include "ember/v1/node.pb-c.h"
+#include "http.h"
 #include "manager.h"
 #include "messages.h"
 #include "node.h"
@@ -270,9 +272,51 @@ static int drain(RpcServer *server, unsigned grace_s, const sigset_t *mask)
 	return r;
 }
 
+/* /metrics: everything but the HTTP layer's own counters. */
+typedef struct MetricsSources {
+	RpcServer *server;
+	Manager *manager;
+} MetricsSources;
+
+static void write_metrics(FILE *f, void *userdata)
+{
+	const MetricsSources *src = userdata;
+
+	fprintf(f,
+		"# HELP ember_build_info The running emberd's version.\n"
+		"# TYPE ember_build_info gauge\n"
+		"ember_build_info{version=\"%s\"} 1\n",
+		EMBER_VERSION);
+	rpc_server_write_metrics(src->server, f);
+	/* Set once recovery is done, read by HTTP threads. */
+	manager_write_metrics(__atomic_load_n(&src->manager, __ATOMIC_ACQUIRE), f);
+}
+
+static int start_http(const Config *c, MetricsSources *src, HttpServer **ret)
+{
+	_cleanup_free_ char *err = NULL;
+	HttpOptions o = {
+		.listen = c->http_listen,
+		.token_file = c->http_token_file,
+		.allow_remote = c->http_allow_remote,
+		.metrics_public = c->http_metrics_public,
+		.run_dir = c->run_dir,
+		.service = ember__v1__node__descriptor.name,
+		.rpc = src->server,
+		.metrics = write_metrics,
+		.metrics_userdata = src,
+	};
+	int r = http_server_start(&o, ret, &err);
+	if (r < 0)
+		return log_error_errno(r, "cannot start the HTTP listener: %s",
+				       err ?: strerror(-r));
+	return 0;
+}
+
 static int run(const Config *c)
 {
 	_cleanup_(rpc_server_freep) RpcServer *server = NULL;
+	_cleanup_(http_server_freep) HttpServer *http = NULL;
 	_cleanup_(node_service_freep) NodeService *node = NULL;
 	_cleanup_(manager_freep) Manager *manager = NULL;
 	_cleanup_close_ int state_lock = -EBADF, sock_lock = -EBADF;
@@ -368,6 +412,11 @@ static int run(const Config *c)
 	r = rpc_server_start(server);
 	if (r < 0)
 		return log_error_errno(r, "cannot start the gRPC server");
+	/* A listener that cannot start is a configuration error: found before recovery. Until
+	 * the manager is set its calls answer UNAVAILABLE, as gRPC's do. */
+	MetricsSources metrics = {.server = server};
+	if (c->http_listen[0] && (r = start_http(c, &metrics, &http)) < 0)
+		return r;
 
 	/* STARTING: GetNode answers while the records are read, live sandboxes adopted and
 	 * leftovers reclaimed; every other call says UNAVAILABLE until then. */
@@ -379,6 +428,16 @@ static int run(const Config *c)
 	manager_demo_template(manager);
 	node_service_set_manager(node, manager);
 	rpc_server_set_state(server, RPC_SERVER_SERVING);
+	__atomic_store_n(&metrics.manager, manager, __ATOMIC_RELEASE);
+	if (http) {
+		/* As Jupyter does: the address to open, token included, is in the log. */
+		_cleanup_free_ char *host = strndup(
+			c->http_listen, (size_t)(strrchr(c->http_listen, ':') - c->http_listen));
+		log_notice(
+			"HTTP listener: open http://%s:%d/test?token=%s (token in %s/http-token)",
+			host ?: "127.0.0.1", http_server_port(http), http_server_token(http),
+			c->run_dir);
+	}
 	if (tcp_port > 0)
 		log_struct(LOG_INFO, 0,
 			   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_STARTED}, {"OP", "start"},
@@ -402,6 +461,8 @@ static int run(const Config *c)
 	sigaddset(&interrupt, SIGTERM);
 	sigaddset(&interrupt, SIGINT);
 	r = drain(server, c->shutdown_grace_s, &interrupt);
+	/* Drained calls ended the HTTP streams too; what is left are idle connections. */
+	http_server_free(TAKE_PTR(http));
 	rpc_server_free(TAKE_PTR(server));
 	if (r == -EBUSY) {
 		/* A handler still runs and may use the manager: leave it to the exit. */

@@ -30,6 +30,7 @@
 #include "ember/v1/node.pb-c.h"
 #include "fcctl/fcctl.h"
 #include "manager.h"
+#include "metrics.h"
 #include "netns/netns.h"
 #include "rpc.h"
 #include "storage/storage.h"
@@ -179,6 +180,15 @@ typedef struct OpTiming {
 	struct timespec end;
 } OpTiming;
 
+/* /metrics: how long an operation ("create", "pause", …) or one of its steps took, and how
+ * operations ended. step "" is the whole operation; only it counts outcomes. */
+typedef struct OpMetric {
+	char op[16];
+	char step[24];
+	Histogram seconds;
+	uint64_t outcomes[_RPC_CODE_MAX];
+} OpMetric;
+
 typedef struct Waiter Waiter;
 struct Waiter {
 	RpcCall *call;
@@ -219,6 +229,7 @@ struct Sandbox {
 	bool resume_loading; /* a resume has sent /snapshot/load: the guest may have run */
 	bool slot_user;      /* (L) counted in Manager.n_slot_users */
 	bool huge_held;      /* (L) counted in Manager.huge_mib */
+	bool uffd_counted;   /* (L) its ember-uffd's live counters show in /metrics */
 
 	/* Operation state (L). */
 	SbOp op;             /* running (or queued) operation */
@@ -334,9 +345,18 @@ struct Manager {
 	uint64_t console_rearm_ms;
 	ConsoleWatch *consoles;
 	size_t n_consoles, cap_consoles;
+
+	/* /metrics (L) */
+	OpMetric *op_metrics;
+	size_t n_op_metrics;
+	FcUffdCounters uffd_done; /* the counters of ember-uffds that ended */
 };
 
 /* sandbox.c */
+/* The metric of an operation's step ("" the whole operation); NULL when out of memory. */
+OpMetric *op_metric_locked(Manager *m, const char *op, const char *step);
+/* Counts how an operation ended. */
+void op_outcome_locked(Manager *m, const char *op, RpcCode code);
 Sandbox *manager_find_locked(Manager *m, const char *id);
 void manager_insert_locked(Manager *m, Sandbox *sb);
 void manager_remove_locked(Manager *m, Sandbox *sb);
@@ -378,6 +398,8 @@ void timespec_format(const struct timespec *ts, char *buf, size_t size);
 
 /* console.c: each sandbox's serial console log, <run dir>/console.log */
 #define CONSOLE_FILE "console.log"
+/* ember-uffd's live counters, in the run dir (fcctl_uffd_counters_read) */
+#define UFFD_STATS_FILE "uffd.stats"
 int console_init(Manager *m);
 void console_done(Manager *m);
 /* Its VMM was started or adopted: its console's changes are watched (trim, followers). */

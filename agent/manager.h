@@ -12,6 +12,8 @@
  */
 #pragma once
 
+#include <stdio.h>
+
 #include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -56,3 +58,6 @@ void manager_demo_template(Manager *m);
 const VmmInfo *manager_vmm(const Manager *m);
 const char *manager_storage_backend(const Manager *m);
 unsigned manager_sandbox_count(Manager *m);
+/* The Prometheus text of sandboxes by state and of operations (durations by step, outcomes).
+ * m may be NULL (before recovery finished): nothing is written. */
+void manager_write_metrics(Manager *m, FILE *f);

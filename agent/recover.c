@@ -351,6 +351,8 @@ int manager_recover(Manager *m, char **ret_error)
 			}
 			if (r >= 0) {
 				sb->vmm_pid = pid;
+				/* Still single-threaded: no lock needed yet. */
+				sb->uffd_counted = sb->uffd != NULL;
 				ensure_running(m, sb);
 				break;
 			}

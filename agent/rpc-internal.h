@@ -58,6 +58,9 @@ typedef struct RpcServer RpcServer;
 size_t rpc_server_n_services(RpcServer *s);
 const char *rpc_server_service_name(RpcServer *s, size_t i);
 const RpcDescIndex *rpc_server_descriptors(RpcServer *s);
+/* The channel in-process calls use (to the unix listener), made on first use; NULL before the
+ * server started or without a unix listener. Destroyed with the server. */
+grpc_channel *rpc_server_local_channel(RpcServer *s);
 
 /* Handlers of the built-in services, registered by rpc_server_new(). */
 int rpc_health_register(RpcServer *s);

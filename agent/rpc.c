@@ -35,6 +35,7 @@
 #include "common/fileio.h"
 #include "common/log.h"
 #include "common/macro.h"
+#include "metrics.h"
 #include "rpc-internal.h"
 
 #define REQUESTS_PER_METHOD    4
@@ -57,11 +58,14 @@ struct Tag {
 typedef struct RpcMethod {
 	RpcServer *server;
 	char *path; /* "/ember.v1.Node/GetNode" */
-	const ProtobufCMessageDescriptor *input;
+	const ProtobufCMessageDescriptor *input, *output;
 	bool client_streaming, server_streaming;
 	RpcHandler handler; /* NULL: UNIMPLEMENTED */
 	void *userdata;
 	void *registered;
+	/* How calls ended and how long they took, from accept to status (/metrics). */
+	_Atomic uint64_t handled[_RPC_CODE_MAX];
+	Histogram seconds[_RPC_CODE_MAX];
 } RpcMethod;
 
 typedef struct RpcService {
@@ -95,6 +99,7 @@ struct RpcCall {
 	char *path;
 	grpc_call *call;
 	gpr_timespec deadline; /* GPR_CLOCK_MONOTONIC */
+	uint64_t start_usec;
 	ProtobufCMessage *request;
 	atomic_int ref;
 
@@ -176,6 +181,9 @@ struct RpcServer {
 
 	RpcPool unary, streams;
 	bool pool_stopping;
+
+	char *unix_path;             /* the unix listener, which in-process calls go through */
+	grpc_channel *local_channel; /* created by the first in-process call; under mu */
 };
 
 static const char *const code_names[_RPC_CODE_MAX] = {
@@ -449,6 +457,10 @@ static void on_recv_done(Tag *tag, bool ok)
 static void call_finish(RpcCall *c, RpcCode code, const char *message)
 {
 	pthread_mutex_lock(&c->mu);
+	if (!c->status_queued && c->method && (unsigned)code < _RPC_CODE_MAX) {
+		atomic_fetch_add_explicit(&c->method->handled[code], 1, memory_order_relaxed);
+		histogram_observe(&c->method->seconds[code], now_usec() - c->start_usec);
+	}
 	if (!c->status_queued) {
 		/* A failed unary call sends its status alone, not a half-built reply. */
 		if (code != RPC_OK && c->method && !c->method->server_streaming)
@@ -476,6 +488,7 @@ static RpcCall *call_new(RpcServer *s, RpcMethod *m, const char *path, grpc_call
 	c->method = m;
 	c->call = gc;
 	c->deadline = gpr_convert_clock_type(deadline, GPR_CLOCK_MONOTONIC);
+	c->start_usec = now_usec();
 	c->status_slice = grpc_empty_slice();
 	c->notify_fd = -1;
 	atomic_init(&c->ref, 1);
@@ -985,6 +998,7 @@ int rpc_server_add_service(RpcServer *s, const ProtobufCServiceDescriptor *servi
 			return -ENOMEM;
 		svc->n_methods++;
 		m->input = md->input;
+		m->output = md->output;
 		m->client_streaming = dm->client_streaming;
 		m->server_streaming = dm->server_streaming;
 		m->userdata = userdata;
@@ -1031,7 +1045,9 @@ int rpc_server_listen_unix(RpcServer *s, const char *path, mode_t mode)
 		return -EADDRNOTAVAIL;
 	if (chmod(path, mode) < 0)
 		return -errno;
-	return 0;
+	free(s->unix_path);
+	s->unix_path = strdup(path);
+	return s->unix_path ? 0 : -ENOMEM;
 }
 
 int rpc_server_listen_tcp(RpcServer *s, const char *addr, const RpcTlsFiles *tls)
@@ -1250,6 +1266,8 @@ void rpc_server_free(RpcServer *s)
 	reap_exited_locked(&s->streams);
 	pthread_mutex_unlock(&s->mu);
 
+	if (s->local_channel)
+		grpc_channel_destroy(s->local_channel);
 	if (s->server)
 		grpc_server_destroy(s->server);
 	if (s->cq) {
@@ -1274,6 +1292,7 @@ void rpc_server_free(RpcServer *s)
 		free(s->services[i].name);
 	}
 	free(s->services);
+	free(s->unix_path);
 	pool_done(&s->unary);
 	pool_done(&s->streams);
 	rpc_desc_index_free(s->desc);
@@ -1296,6 +1315,101 @@ const char *rpc_server_service_name(RpcServer *s, size_t i)
 const RpcDescIndex *rpc_server_descriptors(RpcServer *s)
 {
 	return s->desc;
+}
+
+void rpc_server_write_metrics(RpcServer *s, FILE *f)
+{
+	static const char *const types[2][2] = {{"unary", "server_stream"},
+						{"client_stream", "bidi_stream"}};
+
+	/* The names and labels of go-grpc-prometheus, which dashboards already know. */
+	metrics_header(f, "grpc_server_handled_total", "counter",
+		       "RPCs completed on the server, by method and status code (calls over HTTP "
+		       "included).");
+	for (size_t i = 0; i < s->n_services; i++)
+		for (size_t j = 0; j < s->services[i].n_methods; j++) {
+			RpcMethod *m = &s->services[i].methods[j];
+			for (int code = 0; code < _RPC_CODE_MAX; code++) {
+				uint64_t n = atomic_load_explicit(&m->handled[code],
+								  memory_order_relaxed);
+				if (n == 0)
+					continue;
+				fprintf(f,
+					"grpc_server_handled_total{grpc_service=\"%s\","
+					"grpc_method=\"%s\",grpc_type=\"%s\",grpc_code=\"%s\"} "
+					"%llu\n",
+					s->services[i].name, strrchr(m->path, '/') + 1,
+					types[m->client_streaming][m->server_streaming],
+					rpc_code_to_string((RpcCode)code), (unsigned long long)n);
+			}
+		}
+	metrics_header(f, "grpc_server_handling_seconds", "histogram",
+		       "Time from accepting an RPC to its status, by method and status code.");
+	for (size_t i = 0; i < s->n_services; i++)
+		for (size_t j = 0; j < s->services[i].n_methods; j++) {
+			RpcMethod *m = &s->services[i].methods[j];
+			for (int code = 0; code < _RPC_CODE_MAX; code++) {
+				char labels[256];
+				if (histogram_count(&m->seconds[code]) == 0)
+					continue;
+				snprintf(labels, sizeof(labels),
+					 "grpc_service=\"%s\",grpc_method=\"%s\",grpc_type=\"%s\","
+					 "grpc_code=\"%s\"",
+					 s->services[i].name, strrchr(m->path, '/') + 1,
+					 types[m->client_streaming][m->server_streaming],
+					 rpc_code_to_string((RpcCode)code));
+				metrics_histogram(f, "grpc_server_handling_seconds", labels,
+						  &m->seconds[code]);
+			}
+		}
+}
+
+int rpc_server_find_method(RpcServer *s, const char *path, RpcMethodInfo *ret)
+{
+	for (size_t i = 0; i < s->n_services; i++)
+		for (size_t j = 0; j < s->services[i].n_methods; j++) {
+			const RpcMethod *m = &s->services[i].methods[j];
+			if (strcmp(m->path, path) != 0)
+				continue;
+			*ret = (RpcMethodInfo){
+				.path = m->path,
+				.input = m->input,
+				.output = m->output,
+				.client_streaming = m->client_streaming,
+				.server_streaming = m->server_streaming,
+			};
+			return 0;
+		}
+	return -ENOENT;
+}
+
+grpc_channel *rpc_server_local_channel(RpcServer *s)
+{
+	grpc_channel *ch;
+
+	pthread_mutex_lock(&s->mu);
+	if (!s->local_channel && s->unix_path && s->started) {
+		_cleanup_free_ char *target = NULL;
+		int max_msg = s->opts.max_message_bytes > INT_MAX ? INT_MAX
+								  : (int)s->opts.max_message_bytes;
+		grpc_arg args[] = {
+			{.type = GRPC_ARG_INTEGER,
+			 .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+			 .value.integer = max_msg},
+			{.type = GRPC_ARG_INTEGER,
+			 .key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
+			 .value.integer = max_msg},
+		};
+		grpc_channel_args cargs = {.num_args = ELEMENTSOF(args), .args = args};
+		if (asprintf(&target, "unix:%s", s->unix_path) >= 0) {
+			grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+			s->local_channel = grpc_channel_create(target, creds, &cargs);
+			grpc_channel_credentials_release(creds);
+		}
+	}
+	ch = s->local_channel;
+	pthread_mutex_unlock(&s->mu);
+	return ch;
 }
 
 /* ------------------------------------------------------------------------------------------ */

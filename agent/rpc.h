@@ -21,6 +21,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/types.h>
 
 /* gRPC status codes (https://grpc.github.io/grpc/core/md_doc_statuscodes.html); the numbers are
@@ -121,6 +122,9 @@ void rpc_server_cancel_all(RpcServer *s);
  * -EBUSY when handlers were still running after that. */
 int rpc_server_shutdown(RpcServer *s, int64_t grace_ms, const sigset_t *interrupt);
 
+/* The Prometheus text of the server's RPC counters and latency histograms. */
+void rpc_server_write_metrics(RpcServer *s, FILE *f);
+
 /* CLOCK_MONOTONIC µs of the poller's last turn: it turns at least once a second while alive. */
 uint64_t rpc_server_heartbeat_usec(RpcServer *s);
 
@@ -186,3 +190,36 @@ RpcServer *rpc_call_server(RpcCall *call);
 
 RpcCode rpc_call_error(RpcCall *call, RpcCode code, const char *format, ...)
 	__attribute__((format(printf, 3, 4)));
+
+/* ---- in-process calls ----
+ * A call into this server's own methods from inside emberd: the HTTP gateway's way in. It goes
+ * through the server's unix listener, so it reaches the very handlers a remote client reaches,
+ * with the same limits, deadlines, cancellation and drain, and counts in the same metrics.
+ * The caller's thread drives it (no callbacks); a call is used by one thread at a time. */
+
+typedef struct RpcMethodInfo {
+	const char *path; /* "/ember.v1.Node/GetNode" */
+	const ProtobufCMessageDescriptor *input, *output;
+	bool client_streaming, server_streaming;
+} RpcMethodInfo;
+/* A registered method by path; -ENOENT when there is none. */
+int rpc_server_find_method(RpcServer *s, const char *path, RpcMethodInfo *ret);
+
+typedef struct RpcLocalCall RpcLocalCall;
+/* timeout_ms < 0: no deadline. Fails with -EAGAIN before rpc_server_start(). */
+int rpc_local_call_start(RpcServer *s, const char *path, int64_t timeout_ms, RpcLocalCall **ret);
+/* Sends one request message; returns once gRPC took it, receiving meanwhile (a handler that
+ * answers while it reads never waits for us). -ECANCELED when the call already ended. */
+int rpc_local_call_send(RpcLocalCall *c, const ProtobufCMessage *msg);
+/* Half-closes: no more requests (for Exec, the end of stdin). */
+int rpc_local_call_close_send(RpcLocalCall *c);
+/* The next response: 1 and *ret (free with protobuf_c_message_free_unpacked), 0 when the call
+ * ended (see rpc_local_call_status), -ETIMEDOUT when nothing came within timeout_ms (-1:
+ * wait), -EBADMSG when a response does not parse (the call is cancelled). */
+int rpc_local_call_recv(RpcLocalCall *c, int64_t timeout_ms, ProtobufCMessage **ret);
+/* Valid once rpc_local_call_recv() returned 0. The message lives as long as the call. */
+RpcCode rpc_local_call_status(RpcLocalCall *c, const char **ret_message);
+/* Cancels the call (the handler sees rpc_call_is_cancelled()); recv then ends with CANCELLED. */
+void rpc_local_call_cancel(RpcLocalCall *c);
+/* Cancels the call if it has not ended and waits for gRPC to let go of it. */
+void rpc_local_call_free(RpcLocalCall *c);

@@ -97,6 +97,12 @@ static void timing_end(Manager *m, Sandbox *sb, OpTiming *t, uint64_t t0, const 
 	clock_gettime(CLOCK_REALTIME, &t->end);
 	pthread_mutex_lock(&m->lock);
 	sb->last_op = *t;
+	OpMetric *om = op_metric_locked(m, t->op, "");
+	if (om)
+		histogram_observe(&om->seconds, t->total_us);
+	for (size_t i = 0; i < t->n_steps; i++)
+		if ((om = op_metric_locked(m, t->op, t->steps[i].name)))
+			histogram_observe(&om->seconds, t->steps[i].us);
 	pthread_mutex_unlock(&m->lock);
 }
 
@@ -245,6 +251,8 @@ static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 		sb->vm = NULL;
 		sb->vmm_pid = -1;
 	}
+	FcUffdCounters uc = {};
+	bool counted = false;
 	if (sb->uffd) {
 		k = fcctl_vm_stop(sb->uffd, VMM_STOP_TIMEOUT_MS, &ex);
 		if (k < 0)
@@ -253,9 +261,19 @@ static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 		fcctl_vm_free(sb->uffd);
 		sb->uffd = NULL;
 		sb->uffd_pid = -1;
+		_cleanup_free_ char *path = NULL;
+		counted = asprintf(&path, "%s/" UFFD_STATS_FILE, sb->run_dir) >= 0 &&
+			  fcctl_uffd_counters_read(path, &uc) >= 0;
 	}
 	pthread_mutex_lock(&m->lock);
 	sandbox_huge_release_locked(m, sb);
+	/* Its last counters move to the node's totals as it stops showing its own. */
+	if (sb->uffd_counted && counted) {
+		m->uffd_done.faults += uc.faults;
+		m->uffd_done.fault_bytes += uc.fault_bytes;
+		m->uffd_done.prefetch_bytes += uc.prefetch_bytes;
+	}
+	sb->uffd_counted = false;
 	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
@@ -500,6 +518,7 @@ static int step_wait_guest(Manager *m, Sandbox *sb, char **ret_error)
 static void create_finish_locked(Manager *m, Sandbox *sb, RpcCode code, const char *message)
 {
 	manager_promise_locked(m, sb, false);
+	op_outcome_locked(m, "create", code);
 	sb->op = SB_OP_NONE;
 	sb->create_done = true;
 	sb->create_code = code;
@@ -819,10 +838,12 @@ void sandbox_op_reap(Manager *m, Sandbox *sb)
 /* The end of a pause or resume, under the lock: its outcome for the waiters, then the new
  * state, unless a destroy came meanwhile (it goes on from here; the call gets ABORTED). */
 /* Records how an operation of kind `out` ended, for its waiters. (L) */
-static void outcome_set_locked(Sandbox *sb, int out, RpcCode code, const char *message)
+static void outcome_set_locked(Manager *m, Sandbox *sb, int out, RpcCode code, const char *message)
 {
+	static const char *const names[_OUT_MAX] = {"pause", "resume", "snapshot"};
 	OpOutcome *o = &sb->outcome[out];
 
+	op_outcome_locked(m, names[out], code);
 	free(o->error);
 	o->error = message ? strdup(message) : NULL;
 	o->code = code;
@@ -846,12 +867,12 @@ static void op_finish_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState st
 		sb->destroy_next = false;
 		if (asprintf(&msg, "sandbox %s was destroyed meanwhile", sb->id) < 0)
 			msg = NULL;
-		outcome_set_locked(sb, out, RPC_ABORTED, msg);
+		outcome_set_locked(m, sb, out, RPC_ABORTED, msg);
 		manager_submit_locked(m, sb, SB_OP_DESTROY);
 		sandbox_wake_locked(sb);
 		return;
 	}
-	outcome_set_locked(sb, out, code, message);
+	outcome_set_locked(m, sb, out, code, message);
 	sandbox_set_state_locked(m, sb, state, reason);
 }
 
@@ -1076,6 +1097,7 @@ static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error)
 		.workdir = sb->run_dir,
 		.mem_path = mem,
 		.prefetch = m->config->uffd_prefetch,
+		.stats_file = UFFD_STATS_FILE,
 	};
 	int r;
 
@@ -1085,6 +1107,9 @@ static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error)
 	if (r < 0)
 		return r;
 	sb->uffd_pid = fcctl_vm_pid(sb->uffd);
+	pthread_mutex_lock(&m->lock);
+	sb->uffd_counted = true;
+	pthread_mutex_unlock(&m->lock);
 	return 0;
 }
 
@@ -1371,10 +1396,10 @@ void sandbox_op_snapshot(Manager *m, Sandbox *sb)
 	sb->op = SB_OP_NONE;
 	if (r >= 0) {
 		snap->ready = true;
-		outcome_set_locked(sb, OUT_SNAPSHOT, RPC_OK, NULL);
+		outcome_set_locked(m, sb, OUT_SNAPSHOT, RPC_OK, NULL);
 	} else {
 		snapshot_discard_locked(m, snap);
-		outcome_set_locked(sb, OUT_SNAPSHOT, code_of(r), msg);
+		outcome_set_locked(m, sb, OUT_SNAPSHOT, code_of(r), msg);
 	}
 	if (sb->destroy_next) {
 		/* A destroy waited for the snapshot: it goes on now. */

@@ -7,6 +7,7 @@
  * polls one.
  */
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -461,6 +462,125 @@ unsigned manager_sandbox_count(Manager *m)
 	return n;
 }
 
+OpMetric *op_metric_locked(Manager *m, const char *op, const char *step)
+{
+	for (size_t i = 0; i < m->n_op_metrics; i++)
+		if (strcmp(m->op_metrics[i].op, op) == 0 &&
+		    strcmp(m->op_metrics[i].step, step) == 0)
+			return &m->op_metrics[i];
+	/* Few: a handful of operations times their steps. Pointers are not kept across the
+	 * lock, so the array may move. */
+	OpMetric *n = reallocarray(m->op_metrics, m->n_op_metrics + 1, sizeof(*n));
+	if (!n)
+		return NULL;
+	m->op_metrics = n;
+	n = &m->op_metrics[m->n_op_metrics++];
+	*n = (OpMetric){};
+	snprintf(n->op, sizeof(n->op), "%s", op);
+	snprintf(n->step, sizeof(n->step), "%s", step);
+	return n;
+}
+
+void op_outcome_locked(Manager *m, const char *op, RpcCode code)
+{
+	OpMetric *om = op_metric_locked(m, op, "");
+	if (om && (unsigned)code < _RPC_CODE_MAX)
+		om->outcomes[code]++;
+}
+
+void manager_write_metrics(Manager *m, FILE *f)
+{
+	const ProtobufCEnumDescriptor *states = &ember__v1__sandbox_state__descriptor;
+	unsigned by_state[32] = {};
+
+	if (!m)
+		return;
+	pthread_mutex_lock(&m->lock);
+	for (size_t i = 0; i < m->n_buckets; i++)
+		for (Sandbox *sb = m->buckets[i]; sb; sb = sb->hnext)
+			if ((unsigned)sb->state < ELEMENTSOF(by_state))
+				by_state[sb->state]++;
+	metrics_header(f, "ember_sandboxes", "gauge", "Sandboxes on the node by state.");
+	for (unsigned i = 0; i < states->n_values; i++) {
+		const ProtobufCEnumValue *v = &states->values[i];
+		const char *name = v->name; /* "SANDBOX_STATE_RUNNING" → "RUNNING" */
+		if (v->value == 0 || (unsigned)v->value >= ELEMENTSOF(by_state))
+			continue;
+		if (strncmp(name, "SANDBOX_STATE_", 14) == 0)
+			name += 14;
+		fprintf(f, "ember_sandboxes{state=\"%s\"} %u\n", name, by_state[v->value]);
+	}
+	/* The live counters of each ember-uffd: small reads of tmpfs files, under the lock so
+	 * that one ending meanwhile is counted once, in its file or in the totals. */
+	FcUffdCounters sum = m->uffd_done;
+	for (size_t i = 0; i < m->n_buckets; i++)
+		for (Sandbox *sb = m->buckets[i]; sb; sb = sb->hnext) {
+			char path[PATH_MAX];
+			FcUffdCounters uc;
+			if (!sb->uffd_counted ||
+			    snprintf(path, sizeof(path), "%s/" UFFD_STATS_FILE, sb->run_dir) >=
+				    (int)sizeof(path) ||
+			    fcctl_uffd_counters_read(path, &uc) < 0)
+				continue;
+			sum.faults += uc.faults;
+			sum.fault_bytes += uc.fault_bytes;
+			sum.prefetch_bytes += uc.prefetch_bytes;
+		}
+	metrics_header(f, "ember_uffd_faults_total", "counter",
+		       "Guest page faults ember-uffd served (resumed sandboxes and forks).");
+	fprintf(f, "ember_uffd_faults_total %llu\n", (unsigned long long)sum.faults);
+	metrics_header(f, "ember_uffd_served_bytes_total", "counter",
+		       "Bytes of guest memory ember-uffd copied in, on faults or ahead of them.");
+	fprintf(f, "ember_uffd_served_bytes_total{how=\"fault\"} %llu\n",
+		(unsigned long long)sum.fault_bytes);
+	fprintf(f, "ember_uffd_served_bytes_total{how=\"prefetch\"} %llu\n",
+		(unsigned long long)sum.prefetch_bytes);
+	metrics_header(f, "ember_operation_duration_seconds", "histogram",
+		       "Lifecycle operations (create, pause, resume) from start to end, failed "
+		       "ones included.");
+	for (size_t i = 0; i < m->n_op_metrics; i++) {
+		char labels[64];
+		if (m->op_metrics[i].step[0] || histogram_count(&m->op_metrics[i].seconds) == 0)
+			continue;
+		snprintf(labels, sizeof(labels), "operation=\"%s\"", m->op_metrics[i].op);
+		metrics_histogram(f, "ember_operation_duration_seconds", labels,
+				  &m->op_metrics[i].seconds);
+	}
+	metrics_header(f, "ember_operation_step_duration_seconds", "histogram",
+		       "Each step of a lifecycle operation (steps as in Sandbox.last_operation).");
+	for (size_t i = 0; i < m->n_op_metrics; i++) {
+		char labels[96];
+		if (!m->op_metrics[i].step[0])
+			continue;
+		snprintf(labels, sizeof(labels), "operation=\"%s\",step=\"%s\"",
+			 m->op_metrics[i].op, m->op_metrics[i].step);
+		metrics_histogram(f, "ember_operation_step_duration_seconds", labels,
+				  &m->op_metrics[i].seconds);
+	}
+	metrics_header(f, "ember_operations_total", "counter",
+		       "Lifecycle operations (create, pause, resume, snapshot) by how they ended.");
+	for (size_t i = 0; i < m->n_op_metrics; i++)
+		for (int code = 0; code < _RPC_CODE_MAX; code++)
+			if (!m->op_metrics[i].step[0] && m->op_metrics[i].outcomes[code])
+				fprintf(f,
+					"ember_operations_total{operation=\"%s\",code=\"%s\"} "
+					"%llu\n",
+					m->op_metrics[i].op, rpc_code_to_string((RpcCode)code),
+					(unsigned long long)m->op_metrics[i].outcomes[code]);
+	metrics_header(f, "ember_operation_errors_total", "counter",
+		       "Lifecycle operations that failed, by status code.");
+	for (size_t i = 0; i < m->n_op_metrics; i++)
+		for (int code = 1; code < _RPC_CODE_MAX; code++)
+			if (!m->op_metrics[i].step[0] && m->op_metrics[i].outcomes[code])
+				fprintf(f,
+					"ember_operation_errors_total{operation=\"%s\",code=\"%s\"}"
+					" "
+					"%llu\n",
+					m->op_metrics[i].op, rpc_code_to_string((RpcCode)code),
+					(unsigned long long)m->op_metrics[i].outcomes[code]);
+	pthread_mutex_unlock(&m->lock);
+}
+
 const VmmInfo *manager_vmm(const Manager *m)
 {
 	return &m->vmm;
@@ -675,6 +795,7 @@ void manager_free(Manager *m)
 			sandbox_free(sb);
 		}
 	free(m->buckets);
+	free(m->op_metrics);
 	free_dead_tokens_locked(m);
 	for (size_t i = 0; i < m->n_snapshots; i++)
 		snapshot_free(m->snapshots[i]);

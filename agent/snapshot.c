@@ -530,12 +530,23 @@ RpcCode node_delete_snapshot(RpcCall *call, const ProtobufCMessage *request, Man
 		return rpc_call_error(call, RPC_NOT_FOUND, "no snapshot %s", req->snapshot_id);
 	}
 	if (s->dependents) {
+		/* Name a few, so that the operator knows what to destroy. */
+		char names[160] = "";
+		size_t len = 0, shown = 0;
 		unsigned n = s->dependents;
+		for (size_t i = 0; i < m->n_buckets && shown < 3; i++)
+			for (Sandbox *sb = m->buckets[i]; sb && shown < 3; sb = sb->hnext)
+				if (sb->snap == s && len < sizeof(names)) {
+					len += (size_t)snprintf(names + len, sizeof(names) - len,
+								"%s%s", shown ? ", " : "", sb->id);
+					shown++;
+				}
 		pthread_mutex_unlock(&m->lock);
 		return rpc_call_error(call, RPC_FAILED_PRECONDITION,
-				      "snapshot %s is used by %u sandboxes created from it; "
+				      "snapshot %s is used by %u sandbox%s created from it (%s%s); "
 				      "destroy them first",
-				      req->snapshot_id, n);
+				      req->snapshot_id, n, n == 1 ? "" : "es", names,
+				      n > shown ? ", …" : "");
 	}
 	if (asprintf(&gone, "%s/.deleted-%s", m->snapshots_dir, s->id) < 0) {
 		pthread_mutex_unlock(&m->lock);

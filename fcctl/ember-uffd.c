@@ -3,7 +3,8 @@
  * ember-uffd: serves one sandbox's snapshot memory to Firecracker through userfaultfd
  * (DESIGN.md §7). A process of its own, so that a resumed sandbox survives an emberd restart.
  *
- *   ember-uffd <listen socket> <memory file> [--prefetch] [--timeout-ms N] [--id ID] [--debug]
+ *   ember-uffd <listen socket> <memory file> [--prefetch] [--timeout-ms N] [--id ID]
+ *              [--stats-file PATH] [--debug]
  *
  * The socket path appears once it listens: wait for it, then send /snapshot/load. Exit status
  * 0 when Firecracker went away, 1 when Firecracker had to be killed or serving failed (the
@@ -15,6 +16,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -24,7 +26,7 @@
 static void usage(FILE *f)
 {
 	fprintf(f, "Usage: ember-uffd <listen socket> <memory file> [--prefetch] [--timeout-ms N] "
-		   "[--id ID] [--debug]\n"
+		   "[--id ID] [--stats-file PATH] [--debug]\n"
 		   "\n"
 		   "Serves a Firecracker snapshot memory file through the userfaultfd Firecracker\n"
 		   "hands over on <listen socket> (mem_backend Uffd).\n"
@@ -34,6 +36,8 @@ static void usage(FILE *f)
 		   "                  handshake within N ms (default: wait forever)\n"
 		   "  --id ID         the sandbox served: only a process started with --id ID\n"
 		   "                  may connect (and emberd finds this one again by it)\n"
+		   "  --stats-file PATH  keep the fault and byte counters current in PATH\n"
+		   "                  (a small binary file, read by emberd for /metrics)\n"
 		   "  --debug         debug log on stderr\n");
 }
 
@@ -53,13 +57,18 @@ static int parse_timeout(const char *s, int *ret)
 int main(int argc, char **argv)
 {
 	static const struct option options[] = {
-		{"prefetch", no_argument, NULL, 'p'}, {"timeout-ms", required_argument, NULL, 't'},
-		{"debug", no_argument, NULL, 'd'},    {"id", required_argument, NULL, 'i'},
-		{"help", no_argument, NULL, 'h'},     {},
+		{"prefetch", no_argument, NULL, 'p'},
+		{"timeout-ms", required_argument, NULL, 't'},
+		{"debug", no_argument, NULL, 'd'},
+		{"id", required_argument, NULL, 'i'},
+		{"help", no_argument, NULL, 'h'},
+		{"stats-file", required_argument, NULL, 's'},
+		{},
 	};
 	UffdOptions opt = {.prefetch = false, .timeout_ms = -1};
 	_cleanup_free_ char *error = NULL;
 	UffdStats st = {0};
+	const char *stats_file = NULL;
 	int c, r;
 
 	while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0)
@@ -79,6 +88,9 @@ int main(int argc, char **argv)
 		case 'i':
 			opt.peer_id = optarg;
 			break;
+		case 's':
+			stats_file = optarg;
+			break;
 		case 'h':
 			usage(stdout);
 			return 0;
@@ -95,7 +107,11 @@ int main(int argc, char **argv)
 	opt.check_peer_uid = true;
 	opt.peer_uid = getuid();
 
+	/* Counters are a convenience: serving goes on without them. */
+	if (stats_file && (r = uffd_live_stats_create(stats_file, &opt.live)) < 0)
+		fprintf(stderr, "ember-uffd: cannot create %s: %s\n", stats_file, strerror(-r));
 	r = uffd_serve(argv[optind], argv[optind + 1], &opt, &st, &error);
+	uffd_live_stats_unmap(opt.live);
 	if (r < 0)
 		fprintf(stderr, "ember-uffd: %s\n", error ? error : "failed");
 	fprintf(stderr,

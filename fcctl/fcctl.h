@@ -91,10 +91,20 @@ typedef struct FcUffdSpawn {
 	const char *socket;       /* relative to workdir; NULL: FCCTL_UFFD_SOCK */
 	const char *mem_path;     /* the snapshot's memory file */
 	const char *output;       /* its stderr, relative to workdir; NULL: uffd.out */
+	const char *stats_file;   /* its live counters (uffd.h), relative to workdir; NULL: none */
 	bool prefetch;            /* copy all memory in the background after the handshake */
 	int start_timeout_ms;     /* for the socket to appear; 0: 10 s */
 	int handshake_timeout_ms; /* for the VMM to connect once it listens; 0: 30 s */
 } FcUffdSpawn;
+
+/* The counters an ember-uffd started with a stats_file keeps current (uffd.h). Returns
+ * -ENOENT, or -EBADMSG for a file of another format. */
+typedef struct FcUffdCounters {
+	uint64_t faults;         /* page faults served */
+	uint64_t fault_bytes;    /* bytes copied to serve them */
+	uint64_t prefetch_bytes; /* bytes copied ahead of faults */
+} FcUffdCounters;
+int fcctl_uffd_counters_read(const char *path, FcUffdCounters *ret);
 
 /* Starts ember-uffd and waits (inotify, no polling) until its socket is there: then send
  * /snapshot/load with that socket as the Uffd backend. No test connection is made: ember-uffd

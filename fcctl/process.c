@@ -30,6 +30,7 @@
 #include "common/log.h"
 #include "common/macro.h"
 #include "fcctl-internal.h"
+#include "uffd.h"
 
 #ifndef P_PIDFD
 #define P_PIDFD 3
@@ -486,6 +487,26 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 	return r;
 }
 
+int fcctl_uffd_counters_read(const char *path, FcUffdCounters *ret)
+{
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	UffdLiveStats l = {0};
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	/* One small read of one page: each 8-byte field comes whole. */
+	n = pread(fd, &l, sizeof(l), 0);
+	if (n < 0)
+		return -errno;
+	if ((size_t)n < sizeof(l) || l.magic != UFFD_LIVE_MAGIC || l.size < sizeof(l))
+		return -EBADMSG;
+	*ret = (FcUffdCounters){.faults = l.faults,
+				.fault_bytes = l.fault_bytes,
+				.prefetch_bytes = l.prefetch_bytes};
+	return 0;
+}
+
 int fcctl_uffd_spawn(const FcUffdSpawn *s, FcVm **ret, char **ret_error)
 {
 	_cleanup_close_ int out = -EBADF, wd = -EBADF;
@@ -526,6 +547,10 @@ int fcctl_uffd_spawn(const FcUffdSpawn *s, FcVm **ret, char **ret_error)
 	argv[n++] = timeout;
 	if (s->prefetch)
 		argv[n++] = "--prefetch";
+	if (s->stats_file) {
+		argv[n++] = "--stats-file";
+		argv[n++] = s->stats_file;
+	}
 	argv[n] = NULL;
 
 	r = fork_exec(argv, -EBADF, wd, out, NULL, s->workdir, &pid, ret_error);

@@ -438,7 +438,8 @@ typedef struct PrefetchStats {
 
 typedef struct Server {
 	UffdOptions opt;
-	UffdHandshake hs; /* hs.uffd is ours once received */
+	uint64_t fault_bytes; /* copied by faults (st.bytes_copied counts prefetch too) */
+	UffdHandshake hs;     /* hs.uffd is ours once received */
 	int listen_fd, sock, pidfd, mem_fd, efd;
 	char *socket_path; /* to unlink, until Firecracker has connected */
 	pid_t peer;
@@ -464,6 +465,37 @@ typedef struct Server {
 	int prefetch_error;
 	char *prefetch_msg;
 } Server;
+
+static void live_store(uint64_t *field, uint64_t value)
+{
+	__atomic_store_n(field, value, __ATOMIC_RELAXED);
+}
+
+int uffd_live_stats_create(const char *path, UffdLiveStats **ret)
+{
+	_cleanup_close_ int fd = -EBADF;
+	UffdLiveStats *live;
+
+	(void)unlink(path);
+	fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd < 0)
+		return -errno;
+	if (ftruncate(fd, sizeof(UffdLiveStats)) < 0)
+		return -errno;
+	live = mmap(NULL, sizeof(UffdLiveStats), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (live == MAP_FAILED)
+		return -errno;
+	live->size = sizeof(UffdLiveStats);
+	__atomic_store_n(&live->magic, UFFD_LIVE_MAGIC, __ATOMIC_RELEASE);
+	*ret = live;
+	return 0;
+}
+
+void uffd_live_stats_unmap(UffdLiveStats *live)
+{
+	if (live)
+		(void)munmap(live, sizeof(*live));
+}
 
 static void server_stop_prefetch(Server *s)
 {
@@ -1035,6 +1067,7 @@ static int server_serve_fault(Server *s, uint64_t addr)
 		else {
 			s->st.pages_copied++;
 			s->st.bytes_copied += ps;
+			s->fault_bytes += ps;
 		}
 		return 0;
 	case -EEXIST:
@@ -1111,6 +1144,10 @@ static int server_serve_queue(Server *s)
 		s->q_len--;
 		s->st.faults++;
 		hist_add(&s->hist, now_ns() - f.t_read);
+		if (s->opt.live) {
+			live_store(&s->opt.live->faults, s->st.faults);
+			live_store(&s->opt.live->fault_bytes, s->fault_bytes);
+		}
 	}
 	return 0;
 }
@@ -1176,6 +1213,8 @@ static void *prefetch_run(void *userdata)
 
 			s->pst.pages += copied / ps;
 			s->pst.bytes += copied;
+			if (s->opt.live)
+				live_store(&s->opt.live->prefetch_bytes, s->pst.bytes);
 			p += n == 0 ? 0 : copied / ps;
 			switch (r) {
 			case 0:

@@ -37,6 +37,23 @@ int uffd_handshake_parse(const char *data, size_t len, const int *fds, size_t n_
 /* Receives the handshake on a connected socket: one recvmsg, as Firecracker sends one. */
 int uffd_handshake_recv(int sock, UffdHandshake *ret, char **ret_error);
 
+/* Counters kept current while serving, in a small file both ember-uffd and emberd map or
+ * read (ember-uffd --stats-file): emberd's /metrics shows faults and bytes as they happen,
+ * not only once an ember-uffd exits. Each field has one writer (relaxed atomic stores). */
+#define UFFD_LIVE_MAGIC 0x46465545u /* "EUFF" */
+typedef struct UffdLiveStats {
+	uint32_t magic;
+	uint32_t size;           /* sizeof(UffdLiveStats) of the writer */
+	uint64_t faults;         /* page faults served */
+	uint64_t fault_bytes;    /* bytes copied to serve them */
+	uint64_t prefetch_bytes; /* bytes copied ahead of faults (--prefetch) */
+} UffdLiveStats;
+
+/* ember-uffd: creates `path` (0600, replacing one there) mapped shared into *ret. */
+int uffd_live_stats_create(const char *path, UffdLiveStats **ret);
+void uffd_live_stats_unmap(UffdLiveStats *live);
+/* emberd reads the file with fcctl_uffd_counters_read() (fcctl.h). */
+
 typedef struct UffdOptions {
 	bool prefetch;  /* copy every page right after the handshake, in a background thread */
 	int timeout_ms; /* how long to wait for Firecracker to connect (-1: forever) */
@@ -47,6 +64,7 @@ typedef struct UffdOptions {
 	bool check_peer_uid;
 	uid_t peer_uid;
 	const char *peer_id;
+	UffdLiveStats *live; /* NULL, or where the counters are kept current */
 } UffdOptions;
 
 typedef struct UffdStats {

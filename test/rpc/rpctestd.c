@@ -2,11 +2,13 @@
 /*
  * rpctestd SOCKET [--grace-ms N] [--high-water BYTES] [--max-calls N] [--max-streams N]
  *                  [--max-msg BYTES]
- *                  [--serve-after-ms N]
+ *                  [--serve-after-ms N] [--http HOST:PORT --http-dir DIR]
  *
  * The gRPC layer of emberd (agent/rpc*) with the rpctest.Test service: prints "READY" once
  * listening (health still NOT_SERVING for --serve-after-ms, like an agent still starting up),
- * shuts down gracefully on SIGTERM like emberd does.
+ * shuts down gracefully on SIGTERM like emberd does. With --http, emberd's HTTP listener
+ * (agent/http.c) serves the service too, its token in DIR/http-token, and "HTTP <port>" is
+ * printed after READY.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -20,6 +22,7 @@
 #include <unistd.h>
 
 #include "agent/descriptor-set.h"
+#include "agent/http.h"
 #include "agent/rpc.h"
 #include "common/log.h"
 #include "rpctest.pb-c.h"
@@ -176,6 +179,11 @@ static RpcCode stats(RpcCall *call, const ProtobufCMessage *request, void *userd
 	return rpc_call_send(call, &r.base) < 0 ? RPC_CANCELLED : RPC_OK;
 }
 
+static void write_metrics(FILE *f, void *userdata)
+{
+	rpc_server_write_metrics(userdata, f);
+}
+
 int main(int argc, char *argv[])
 {
 	static const RpcMethodHandler handlers[] = {
@@ -189,6 +197,8 @@ int main(int argc, char *argv[])
 		{"max-streams", required_argument, NULL, 'S'},
 		{"max-msg", required_argument, NULL, 'm'},
 		{"serve-after-ms", required_argument, NULL, 's'},
+		{"http", required_argument, NULL, 'H'},
+		{"http-dir", required_argument, NULL, 'D'},
 		{},
 	};
 	RpcServerOptions opts = {
@@ -202,6 +212,8 @@ int main(int argc, char *argv[])
 		.version = "test",
 	};
 	long grace_ms = 5000, serve_after_ms = 0;
+	const char *http_listen = NULL, *http_dir = "/tmp";
+	HttpServer *http = NULL;
 	RpcServer *s = NULL;
 	sigset_t mask;
 	int c, r, sig;
@@ -225,6 +237,12 @@ int main(int argc, char *argv[])
 			break;
 		case 's':
 			serve_after_ms = atol(optarg);
+			break;
+		case 'H':
+			http_listen = optarg;
+			break;
+		case 'D':
+			http_dir = optarg;
 			break;
 		default:
 			return 2;
@@ -253,6 +271,22 @@ int main(int argc, char *argv[])
 		return 1;
 	}
 	printf("READY\n");
+	if (http_listen) {
+		HttpOptions ho = {.listen = http_listen,
+				  .run_dir = http_dir,
+				  .service = rpctest__test__descriptor.name,
+				  .rpc = s,
+				  .metrics = write_metrics,
+				  .metrics_userdata = s};
+		char *err = NULL;
+		if ((r = http_server_start(&ho, &http, &err)) < 0) {
+			fprintf(stderr, "rpctestd: http: %s\n", err ?: strerror(-r));
+			free(err);
+			rpc_server_free(s);
+			return 1;
+		}
+		printf("HTTP %d\n", http_server_port(http));
+	}
 	fflush(stdout);
 
 	struct timespec serve_at = {.tv_sec = serve_after_ms / 1000,
@@ -266,6 +300,7 @@ int main(int argc, char *argv[])
 	r = rpc_server_shutdown(s, grace_ms, &mask);
 	printf("SHUTDOWN %s\n", r == 0 ? "clean" : r == -ETIMEDOUT ? "timeout" : "cancelled");
 	fflush(stdout);
+	http_server_free(http);
 	rpc_server_free(s);
 	return 0;
 }

@@ -207,20 +207,49 @@ static void test_socket_follows_run_dir(void **state)
 	assert_string_equal(fx->other.socket, "/srv/api.sock");
 }
 
+/* The HTTP listener controls the node: off loopback only with allow_remote. */
+static void test_http_listen_loopback(void **state)
+{
+	static const char *const ok[] = {"127.0.0.1:7071", "127.1.2.3:0", "[::1]:7071",
+					 "localhost:7071", ""};
+	static const char *const remote[] = {"0.0.0.0:7071", "10.0.0.1:80", "[::]:7071",
+					     "node1.example:7071"};
+	Fixture *fx = *state;
+
+	for (size_t i = 0; i < ELEMENTSOF(ok); i++) {
+		Config c;
+		assert_int_equal(config_init(&c), 0);
+		assert_int_equal(config_set(&c, "http", "listen", ok[i], fx_error(fx)), 0);
+		assert_int_equal(config_finish(&c, fx_error(fx)), 0);
+		config_free(&c);
+	}
+	for (size_t i = 0; i < ELEMENTSOF(remote); i++) {
+		Config c;
+		_cleanup_free_ char *err = NULL;
+		assert_int_equal(config_init(&c), 0);
+		assert_int_equal(config_set(&c, "http", "listen", remote[i], fx_error(fx)), 0);
+		assert_int_equal(config_finish(&c, &err), -EINVAL);
+		assert_non_null(strstr(err, "allow_remote"));
+		assert_int_equal(config_set(&c, "http", "allow_remote", "true", fx_error(fx)), 0);
+		assert_int_equal(config_finish(&c, fx_error(fx)), 0);
+		config_free(&c);
+	}
+}
+
 static void test_key_table(void **state)
 {
 	Fixture *fx = *state;
 	size_t n = config_n_keys();
 
-	assert_int_equal(n, 42);
+	assert_int_equal(n, 46);
 	assert_null(config_key_info(n));
 	for (size_t i = 0; i < n; i++) {
 		const ConfigKeyInfo *k = config_key_info(i);
 		_cleanup_free_ char *dumped = NULL;
 
 		assert_non_null(k);
-		static const char *const sections[] = {
-			"agent", "api", "vmm", "storage", "network", "sandboxes", "templates"};
+		static const char *const sections[] = {"agent",   "api",       "vmm",  "storage",
+						       "network", "sandboxes", "http", "templates"};
 		bool known = false;
 		for (size_t j = 0; j < ELEMENTSOF(sections); j++)
 			known = known || strcmp(k->section, sections[j]) == 0;
@@ -970,6 +999,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		T(test_defaults),
 		T(test_socket_follows_run_dir),
+		T(test_http_listen_loopback),
 		T(test_key_table),
 		T(test_good_file),
 		T(test_good_values),
