@@ -29,6 +29,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "common/error.h"
 #include "common/fileio.h"
 #include "common/log.h"
 #include "common/macro.h"
@@ -39,7 +40,6 @@
 #define CONNECTION_TIMEOUT 120 /* s without traffic; streams send keepalives more often */
 #define BODY_MAX           (16u << 20)
 #define KEEPALIVE_MS       15000
-#define TOKEN_COOKIE       "ember_token"
 #define TOKEN_MIN_LEN      16
 
 extern const char ember_test_page[];
@@ -51,6 +51,12 @@ struct HttpServer {
 	char *service;
 	char *run_dir;
 	char *token;
+	/* The page's cookie holds a secret of its own, made at each start, not the token: a
+	 * browser sends cookies to every port of the host, so a cookie is the easier secret to
+	 * lose, and losing it must not give away the token. Its name carries the port, so that
+	 * two listeners on one host do not overwrite each other's. */
+	char *session;
+	char cookie_name[32];
 	struct MHD_Daemon *daemon;
 	int port;
 
@@ -64,7 +70,6 @@ typedef enum StreamFormat {
 } StreamFormat;
 
 typedef struct Request {
-	HttpServer *h;
 	char *body;
 	size_t size, cap;
 	bool too_big;
@@ -139,6 +144,20 @@ static enum MHD_Result queue_text(struct MHD_Connection *conn, unsigned status, 
 	return queue(conn, status, "text/plain; charset=utf-8", text, strlen(text));
 }
 
+static enum MHD_Result queue_unauthorized(struct MHD_Connection *conn, const char *text)
+{
+	struct MHD_Response *resp =
+		MHD_create_response_from_buffer(strlen(text), (void *)text, MHD_RESPMEM_MUST_COPY);
+	if (!resp)
+		return MHD_NO;
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain; charset=utf-8");
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"emberd\"");
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+	enum MHD_Result r = MHD_queue_response(conn, 401, resp);
+	MHD_destroy_response(resp);
+	return r;
+}
+
 static json_object *status_json(RpcCode code, const char *message)
 {
 	json_object *o = json_object_new_object();
@@ -175,10 +194,10 @@ static enum MHD_Result queue_error(struct MHD_Connection *conn, RpcCode code, co
 /* ------------------------------------------------------------------------------------------ */
 /* authentication */
 
-static bool token_equal(const HttpServer *h, const char *given)
+static bool secret_equal(const char *secret, const char *given)
 {
-	size_t n = strlen(h->token);
-	return given && strlen(given) == n && CRYPTO_memcmp(given, h->token, n) == 0;
+	size_t n = strlen(secret);
+	return given && strlen(given) == n && CRYPTO_memcmp(given, secret, n) == 0;
 }
 
 typedef enum Auth {
@@ -191,29 +210,62 @@ static Auth authenticate(HttpServer *h, struct MHD_Connection *conn)
 {
 	const char *a = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
 	if (a && strncasecmp(a, "Bearer ", 7) == 0)
-		return token_equal(h, a + 7) ? AUTH_BEARER : AUTH_NONE;
-	if (token_equal(h, MHD_lookup_connection_value(conn, MHD_COOKIE_KIND, TOKEN_COOKIE)))
+		return secret_equal(h->token, a + 7) ? AUTH_BEARER : AUTH_NONE;
+	if (secret_equal(h->session,
+			 MHD_lookup_connection_value(conn, MHD_COOKIE_KIND, h->cookie_name)))
 		return AUTH_COOKIE;
 	return AUTH_NONE;
 }
 
-/* A request the browser sent with the cookie may change state only when the page itself sent
- * it: same origin, JSON. Returns NULL when it may, else why not. */
-static const char *cookie_post_refusal(struct MHD_Connection *conn)
+/* A request the browser sent with the cookie on its own is one the page may not have made.
+ * Any such request must come from the page's origin (Sec-Fetch-Site, which browsers send
+ * and pages cannot forge; "none" is an address typed or opened from a terminal); one that
+ * could change state (not GET) also needs the page's own Origin and a JSON body, which no
+ * cross-site form can produce — and browsers without Sec-Fetch-Site still send Origin on
+ * POST. Returns NULL when it may go on, else why not. */
+static const char *cookie_refusal(struct MHD_Connection *conn, bool get)
 {
 	const char *origin = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Origin");
 	const char *host = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Host");
 	const char *type = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Type");
 	const char *site = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Sec-Fetch-Site");
 
-	if (site && strcmp(site, "same-origin") != 0)
-		return "cross-site request refused";
+	if (site && strcmp(site, "same-origin") != 0 && strcmp(site, "none") != 0)
+		return "cross-site request refused\n";
+	if (get)
+		return NULL;
 	if (!origin || !host || strncmp(origin, "http://", 7) != 0 || strcmp(origin + 7, host) != 0)
 		return "cross-origin request refused: a POST with the cookie must come from the "
-		       "page itself (or send Authorization: Bearer)";
+		       "page itself (or send Authorization: Bearer)\n";
 	if (!type || strncasecmp(type, "application/json", 16) != 0)
-		return "a POST with the cookie must be application/json";
+		return "a POST with the cookie must be application/json\n";
 	return NULL;
+}
+
+/* A Host that names this machine by address or as localhost: what /metrics without a token
+ * needs, so that a web page whose name was rebound to 127.0.0.1 cannot read it. */
+static bool host_is_local_literal(struct MHD_Connection *conn)
+{
+	const char *host = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Host");
+	char name[64];
+	struct in6_addr a6;
+	struct in_addr a4;
+
+	size_t n = host ? strlen(host) : sizeof(name);
+	if (n >= sizeof(name))
+		return false;
+	memcpy(name, host, n + 1);
+	if (name[0] == '[') { /* [v6]:port */
+		char *end = strchr(name, ']');
+		if (!end)
+			return false;
+		*end = 0;
+		return inet_pton(AF_INET6, name + 1, &a6) == 1;
+	}
+	char *colon = strchr(name, ':');
+	if (colon)
+		*colon = 0;
+	return strcmp(name, "localhost") == 0 || inet_pton(AF_INET, name, &a4) == 1;
 }
 
 static bool peer_is_loopback(struct MHD_Connection *conn)
@@ -454,11 +506,18 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
 			return MHD_CONTENT_READER_END_OF_STREAM;
 		r = rpc_local_call_recv(st->call, 1000, &msg);
 		if (r == 1) {
-			if (out_message(st, msg) < 0) {
+			if ((r = out_message(st, msg)) < 0) {
+				/* Said in the stream's own status, so that a client does not
+				 * reconnect into the same message for ever. */
 				rpc_local_call_cancel(st->call);
-				return MHD_CONTENT_READER_END_WITH_ERROR;
+				(void)out_entry(st, "status",
+						status_json(RPC_INTERNAL,
+							    r == -ENOMEM ? "out of memory"
+									 : "a response cannot be "
+									   "written as JSON"));
+				st->done = true;
 			}
-		} else if (r == 0 || r == -EBADMSG) {
+		} else if (r == 0) {
 			out_status(st);
 		} else if (r == -ETIMEDOUT) {
 			if (peer_gone(st->conn))
@@ -502,21 +561,26 @@ static StreamFormat stream_format(struct MHD_Connection *conn, const RpcMethodIn
 		return FORMAT_SSE;
 	if (accept && strstr(accept, "application/x-ndjson"))
 		return FORMAT_NDJSON;
-	/* Exec and WriteFile send streams too: their answers read best line by line. */
+	/* Exec's answers, a process's output, read best line by line. */
 	return mi->client_streaming ? FORMAT_NDJSON : FORMAT_SSE;
 }
 
-/* Waits for the call's first response or its end, giving up when the peer goes away. A
- * stream's headers cannot wait for its first message (a watch from the latest revision may
- * be quiet for hours): after STREAM_HEAD_MS it answers -ETIMEDOUT and the stream starts
- * without one. The wait before lets errors that come at once (NOT_FOUND, INVALID_ARGUMENT)
- * still be HTTP statuses. */
+static bool conn_gone(void *userdata)
+{
+	return peer_gone(userdata);
+}
+
+/* Waits for the call's next response or its end, giving up when the peer goes away
+ * (-ECONNRESET) or, with stream_head, after STREAM_HEAD_MS (-ETIMEDOUT): a stream's headers
+ * cannot wait for its first message (a watch from the latest revision may be quiet for
+ * hours), but the wait lets errors that come at once (NOT_FOUND, INVALID_ARGUMENT) still be
+ * HTTP statuses. */
 #define STREAM_HEAD_MS 1000
-static int first_response(struct MHD_Connection *conn, RpcLocalCall *call, bool stream,
-			  ProtobufCMessage **ret)
+static int next_response(struct MHD_Connection *conn, RpcLocalCall *call, bool stream_head,
+			 ProtobufCMessage **ret)
 {
 	for (int64_t waited = 0;; waited += 1000) {
-		if (stream && waited >= STREAM_HEAD_MS)
+		if (stream_head && waited >= STREAM_HEAD_MS)
 			return -ETIMEDOUT;
 		int r = rpc_local_call_recv(call, 1000, ret);
 		if (r != -ETIMEDOUT)
@@ -528,127 +592,130 @@ static int first_response(struct MHD_Connection *conn, RpcLocalCall *call, bool 
 	}
 }
 
-static enum MHD_Result api_call(HttpServer *h, struct MHD_Connection *conn, const char *method,
-				const char *name, Request *rq)
+typedef struct Bodies {
+	json_object **v;
+	size_t n;
+} Bodies;
+
+static void bodies_done(Bodies *b)
 {
-	_cleanup_free_ char *path = NULL, *err = NULL;
-	json_object **bodies = NULL;
-	size_t n_bodies = 0;
-	RpcMethodInfo mi;
-	RpcLocalCall *call = NULL;
-	ProtobufCMessage *resp = NULL;
-	enum MHD_Result ret;
-	int r;
+	for (size_t i = 0; i < b->n; i++)
+		json_object_put(b->v[i]);
+	free(b->v);
+}
 
-	if (asprintf(&path, "/%s/%s", h->service, name) < 0)
-		return MHD_NO;
-	if (rpc_server_find_method(h->opts.rpc, path, &mi) < 0)
-		return queue_error(conn, RPC_UNIMPLEMENTED, "unknown method %s", name);
+/* The request messages as JSON: the body's, or for GET the query's. false when the request
+ * was answered instead (*answered: how queueing that went). */
+static bool request_bodies(HttpServer *h, struct MHD_Connection *conn, bool get, const char *name,
+			   const RpcMethodInfo *mi, Request *rq, Bodies *ret,
+			   enum MHD_Result *answered)
+{
+	_cleanup_free_ char *err = NULL;
 
-	if (strcmp(method, "GET") == 0) {
-		/* GET changes nothing: only methods that only read, with the query as request. */
-		if (strncmp(name, "Get", 3) != 0 && strncmp(name, "List", 4) != 0 &&
-		    strncmp(name, "Watch", 5) != 0 && strncmp(name, "Read", 4) != 0)
-			return queue_text(conn, 405, "use POST for this method\n");
-		QueryBuild q = {.desc = mi.input, .json = json_object_new_object()};
+	if (get) {
+		/* GET changes nothing: only the methods named as reading, with the query as
+		 * the request. */
+		bool reads = false;
+		for (const char *const *m = h->opts.get_methods; m && *m && !reads; m++)
+			reads = strcmp(*m, name) == 0;
+		if (!reads) {
+			*answered = queue_text(conn, 405, "use POST for this method\n");
+			return false;
+		}
+		QueryBuild q = {.desc = mi->input, .json = json_object_new_object()};
 		MHD_get_connection_values(conn, MHD_GET_ARGUMENT_KIND, query_arg, &q);
 		if (q.error) {
 			json_object_put(q.json);
-			ret = queue_error(conn, RPC_INVALID_ARGUMENT, "%s", q.error);
+			*answered = queue_error(conn, RPC_INVALID_ARGUMENT, "%s", q.error);
 			free(q.error);
-			return ret;
+			return false;
 		}
-		bodies = calloc(1, sizeof(json_object *));
-		if (!bodies) {
+		ret->v = calloc(1, sizeof(json_object *));
+		if (!ret->v) {
 			json_object_put(q.json);
-			return MHD_NO;
+			*answered = MHD_NO;
+			return false;
 		}
-		bodies[0] = q.json;
-		n_bodies = 1;
-	} else {
-		r = parse_body(rq, &bodies, &n_bodies, &err);
-		if (r < 0)
-			return queue_error(conn, RPC_INVALID_ARGUMENT, "%s",
-					   err ?: "out of memory");
+		ret->v[0] = q.json;
+		ret->n = 1;
+		return true;
 	}
-
-	if (n_bodies > 1 && !mi.client_streaming) {
-		ret = queue_error(conn, RPC_INVALID_ARGUMENT,
-				  "%s takes one request message, not %zu", name, n_bodies);
-		goto out;
-	}
-	r = rpc_local_call_start(h->opts.rpc, path, -1, &call);
+	int r = parse_body(rq, &ret->v, &ret->n, &err);
 	if (r < 0) {
-		ret = queue_error(conn, RPC_UNAVAILABLE, "cannot start the call: %s", strerror(-r));
-		goto out;
+		*answered = queue_error(
+			conn, r == -ENOMEM ? RPC_RESOURCE_EXHAUSTED : RPC_INVALID_ARGUMENT, "%s",
+			err ?: strerror(-r));
+		return false;
 	}
-	for (size_t i = 0; i < n_bodies; i++) {
-		ProtobufCMessage *req = NULL;
-		free(err);
-		err = NULL;
-		r = pbjson_from_json(mi.input, bodies[i], &req, &err);
+	if (ret->n > 1 && !mi->client_streaming) {
+		*answered = queue_error(conn, RPC_INVALID_ARGUMENT,
+					"%s takes one request message, not %zu", name, ret->n);
+		return false;
+	}
+	return true;
+}
+
+typedef struct Requests {
+	ProtobufCMessage **v;
+	size_t n;
+} Requests;
+
+static void requests_done(Requests *q)
+{
+	for (size_t i = 0; i < q->n; i++)
+		protobuf_c_message_free_unpacked(q->v[i], NULL);
+	free(q->v);
+}
+
+/* All the request messages, converted before any is sent: a bad one later in a stream must
+ * not leave a call half made (an Exec started, its stdin cut). false when one does not
+ * convert and the request was answered instead. */
+static bool convert_requests(struct MHD_Connection *conn, const RpcMethodInfo *mi, const Bodies *b,
+			     Requests *ret, enum MHD_Result *answered)
+{
+	ret->v = calloc(b->n, sizeof(ProtobufCMessage *));
+	if (!ret->v) {
+		*answered = MHD_NO;
+		return false;
+	}
+	for (size_t i = 0; i < b->n; i++) {
+		_cleanup_free_ char *err = NULL;
+		int r = pbjson_from_json(mi->input, b->v[i], &ret->v[i], &err);
 		if (r < 0) {
-			ret = n_bodies > 1 ? queue_error(conn, RPC_INVALID_ARGUMENT,
-							 "request message %zu: %s", i + 1,
-							 err ?: strerror(-r))
-					   : queue_error(conn, RPC_INVALID_ARGUMENT, "%s",
-							 err ?: strerror(-r));
-			goto out;
+			*answered = b->n > 1 ? queue_error(conn, RPC_INVALID_ARGUMENT,
+							   "request message %zu: %s", i + 1,
+							   err ?: strerror(-r))
+					     : queue_error(conn, RPC_INVALID_ARGUMENT, "%s",
+							   err ?: strerror(-r));
+			return false;
 		}
-		r = rpc_local_call_send(call, req);
-		protobuf_c_message_free_unpacked(req, NULL);
-		if (r < 0)
-			break; /* the call ended: its status says why */
+		ret->n++;
 	}
-	(void)rpc_local_call_close_send(call);
+	return true;
+}
 
-	r = first_response(conn, call, mi.server_streaming, &resp);
-	if (r == -ECONNRESET) {
-		ret = MHD_NO;
-		goto out;
-	}
-	if (r == -ETIMEDOUT)
-		goto stream; /* no message yet: the headers go now, messages as they come */
-	if (r <= 0) {
-		const char *message;
-		RpcCode code = rpc_local_call_status(call, &message);
-		if (r < 0 && code == RPC_OK)
-			code = RPC_INTERNAL;
-		if (code == RPC_OK && !mi.server_streaming)
-			ret = queue_error(conn, RPC_INTERNAL, "the call ended without a response");
-		else if (code == RPC_OK)
-			goto stream; /* a stream that ended at once, empty */
-		else
-			ret = queue_error(conn, code, "%s", message);
-		goto out;
-	}
-
-	if (!mi.server_streaming) {
-		json_object *o = NULL;
-		r = pbjson_to_json(resp, &o);
-		if (r < 0) {
-			ret = queue_error(conn, RPC_INTERNAL, "cannot encode the response: %s",
-					  strerror(-r));
-			goto out;
-		}
-		/* The status follows the single response; a failure after it cannot be. */
-		ret = queue_json(conn, 200, o);
-		goto out;
-	}
-
-stream : {
+/* The answer of a stream: `first` its first message, NULL when none came yet (`ended`:
+ * none will). Takes both. */
+static enum MHD_Result queue_stream(HttpServer *h, struct MHD_Connection *conn,
+				    const RpcMethodInfo *mi, RpcLocalCall *call,
+				    ProtobufCMessage *first, bool ended)
+{
 	Stream *st = calloc(1, sizeof(*st));
+	int r;
+
 	if (!st) {
-		ret = MHD_NO;
-		goto out;
+		rpc_local_call_free(call);
+		if (first)
+			protobuf_c_message_free_unpacked(first, NULL);
+		return MHD_NO;
 	}
 	st->h = h;
 	st->conn = conn;
-	st->call = TAKE_PTR(call);
-	st->format = stream_format(conn, &mi);
-	if (resp)
-		r = out_message(st, TAKE_PTR(resp));
-	else if (r == -ETIMEDOUT)
+	st->call = call;
+	st->format = stream_format(conn, mi);
+	if (first)
+		r = out_message(st, first);
+	else if (!ended)
 		/* Something to send with the headers, so that they leave now: a comment, or
 		 * the blank line NDJSON readers skip. */
 		r = st->format == FORMAT_SSE ? out_append(st, ": ok\n\n", 6)
@@ -663,25 +730,87 @@ stream : {
 							  st, stream_free);
 	if (!mr) {
 		stream_free(st);
-		ret = MHD_NO;
-		goto out;
+		return MHD_NO;
 	}
 	MHD_add_response_header(mr, MHD_HTTP_HEADER_CONTENT_TYPE,
 				st->format == FORMAT_SSE ? "text/event-stream"
 							 : "application/x-ndjson");
 	MHD_add_response_header(mr, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
 	MHD_add_response_header(mr, "X-Content-Type-Options", "nosniff");
-	ret = MHD_queue_response(conn, 200, mr);
+	enum MHD_Result ret = MHD_queue_response(conn, 200, mr);
 	MHD_destroy_response(mr);
-}
-out:
-	if (resp)
-		protobuf_c_message_free_unpacked(resp, NULL);
-	rpc_local_call_free(call);
-	for (size_t i = 0; i < n_bodies; i++)
-		json_object_put(bodies[i]);
-	free(bodies);
 	return ret;
+}
+
+static enum MHD_Result queue_status(struct MHD_Connection *conn, RpcLocalCall *call)
+{
+	const char *message;
+	RpcCode code = rpc_local_call_status(call, &message);
+	if (code == RPC_OK)
+		return queue_error(conn, RPC_INTERNAL, "the call ended without a response");
+	return queue_error(conn, code, "%s", message);
+}
+
+static enum MHD_Result api_call(HttpServer *h, struct MHD_Connection *conn, bool get,
+				const char *name, Request *rq)
+{
+	_cleanup_free_ char *path = NULL;
+	_cleanup_(bodies_done) Bodies bodies = {};
+	_cleanup_(requests_done) Requests requests = {};
+	_cleanup_(rpc_local_call_freep) RpcLocalCall *call = NULL;
+	_cleanup_(pbjson_message_freep) ProtobufCMessage *resp = NULL;
+	enum MHD_Result answered;
+	RpcMethodInfo mi;
+	int r;
+
+	if (asprintf(&path, "/%s/%s", h->service, name) < 0)
+		return MHD_NO;
+	if (rpc_server_find_method(h->opts.rpc, path, &mi) < 0)
+		return queue_error(conn, RPC_UNIMPLEMENTED, "unknown method %s", name);
+	if (!request_bodies(h, conn, get, name, &mi, rq, &bodies, &answered))
+		return answered;
+
+	if (!convert_requests(conn, &mi, &bodies, &requests, &answered))
+		return answered;
+	r = rpc_local_call_start(h->opts.rpc, path, -1, &call);
+	if (r < 0)
+		return queue_error(conn, RPC_UNAVAILABLE, "cannot start the call: %s",
+				   strerror(-r));
+	rpc_local_call_set_abort(call, conn_gone, conn);
+	/* Until the call ends early: then its status says why. */
+	for (size_t i = 0; i < requests.n; i++)
+		if (rpc_local_call_send(call, requests.v[i]) < 0)
+			break;
+	(void)rpc_local_call_close_send(call);
+
+	r = next_response(conn, call, mi.server_streaming, &resp);
+	if (r == -ECONNRESET)
+		return MHD_NO;
+	if (mi.server_streaming) {
+		if (r == 0 && rpc_local_call_status(call, NULL) != RPC_OK)
+			return queue_status(conn, call);
+		return queue_stream(h, conn, &mi, TAKE_PTR(call), TAKE_PTR(resp), r == 0);
+	}
+	if (r == 0)
+		return queue_status(conn, call);
+
+	/* A unary answer is its message and the status after it: a handler may still fail
+	 * after replying (gRPC clients would see the failure, so must we). */
+	_cleanup_(pbjson_message_freep) ProtobufCMessage *extra = NULL;
+	while ((r = next_response(conn, call, false, &extra)) == 1) {
+		protobuf_c_message_free_unpacked(extra, NULL);
+		extra = NULL;
+	}
+	if (r < 0)
+		return MHD_NO;
+	if (rpc_local_call_status(call, NULL) != RPC_OK)
+		return queue_status(conn, call);
+	json_object *o = NULL;
+	r = pbjson_to_json(resp, &o);
+	if (r < 0)
+		return queue_error(conn, r == -ENOMEM ? RPC_RESOURCE_EXHAUSTED : RPC_INTERNAL,
+				   "the response cannot be written as JSON: %s", strerror(-r));
+	return queue_json(conn, 200, o);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -697,12 +826,12 @@ static enum MHD_Result page(HttpServer *h, struct MHD_Connection *conn)
 		/* The token moves from the address into a cookie the page's requests carry; the
 		 * redirect takes it out of the address bar and the history. */
 		_cleanup_free_ char *cookie = NULL;
-		if (!token_equal(h, token)) {
+		if (!secret_equal(h->token, token)) {
 			atomic_fetch_add(&h->requests_unauthorized, 1);
-			return queue_text(conn, 401, "wrong token\n");
+			return queue_unauthorized(conn, "401: wrong token\n");
 		}
-		if (asprintf(&cookie, TOKEN_COOKIE "=%s; Path=/; HttpOnly; SameSite=Strict",
-			     h->token) < 0)
+		if (asprintf(&cookie, "%s=%s; Path=/; HttpOnly; SameSite=Strict", h->cookie_name,
+			     h->session) < 0)
 			return MHD_NO;
 		resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
 		if (!resp)
@@ -758,60 +887,78 @@ static enum MHD_Result metrics(HttpServer *h, struct MHD_Connection *conn)
 	return queue(conn, 200, "text/plain; version=0.0.4; charset=utf-8", buf, size);
 }
 
+static bool is_get(const char *method)
+{
+	return strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
+}
+
+/* Decides on a request from its headers alone, before any of its body is read (a body can be
+ * 16 MiB, and only authorized clients may make emberd hold one): NULL to go on and read it,
+ * else a response was queued (or failed: *ret). */
+static bool refuse_early(HttpServer *h, struct MHD_Connection *conn, const char *url,
+			 const char *method, enum MHD_Result *ret)
+{
+	bool get = is_get(method);
+	const char *why, *length;
+
+	if (get && strcmp(url, "/test") == 0 &&
+	    MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "token")) {
+		*ret = page(h, conn);
+		return true;
+	}
+	if (get && strcmp(url, "/metrics") == 0 && h->opts.metrics_public &&
+	    peer_is_loopback(conn) && host_is_local_literal(conn)) {
+		*ret = metrics(h, conn);
+		return true;
+	}
+	Auth auth = authenticate(h, conn);
+	if (auth == AUTH_NONE) {
+		atomic_fetch_add(&h->requests_unauthorized, 1);
+		*ret = queue_unauthorized(
+			conn, "401: this needs emberd's HTTP token: open the URL emberd logged at "
+			      "start (…/test?token=…), or send \"Authorization: Bearer <token>\" "
+			      "(the token is in <run_dir>/http-token)\n");
+		return true;
+	}
+	if (auth == AUTH_COOKIE && (why = cookie_refusal(conn, get))) {
+		atomic_fetch_add(&h->requests_forbidden, 1);
+		*ret = queue_text(conn, 403, why);
+		return true;
+	}
+	length = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
+	if (length && strtoull(length, NULL, 10) > BODY_MAX) {
+		*ret = queue_text(conn, 413, "request body too large\n");
+		return true;
+	}
+	atomic_fetch_add(&h->requests_ok, 1);
+	return false;
+}
+
 static enum MHD_Result route(HttpServer *h, struct MHD_Connection *conn, const char *url,
 			     const char *method, Request *rq)
 {
-	bool get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
-	bool post = strcmp(method, "POST") == 0;
-	Auth auth;
-
-	if (get && strcmp(url, "/test") == 0 &&
-	    MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "token"))
-		return page(h, conn);
-	if (get && strcmp(url, "/metrics") == 0 && h->opts.metrics_public && peer_is_loopback(conn))
-		return metrics(h, conn);
-
-	auth = authenticate(h, conn);
-	if (auth == AUTH_NONE) {
-		atomic_fetch_add(&h->requests_unauthorized, 1);
-		return queue_text(conn, 401,
-				  "401: this needs emberd's HTTP token: open the URL emberd "
-				  "logged at start (…/test?token=…), or send \"Authorization: "
-				  "Bearer <token>\" (the token is in <run_dir>/http-token)\n");
-	}
-	if (auth == AUTH_COOKIE && !get) {
-		const char *why = cookie_post_refusal(conn);
-		if (why) {
-			atomic_fetch_add(&h->requests_forbidden, 1);
-			return queue_text(conn, 403, why);
-		}
-	}
-	atomic_fetch_add(&h->requests_ok, 1);
+	bool get = is_get(method);
 
 	if (rq->too_big)
-		return queue_error(conn, RPC_RESOURCE_EXHAUSTED, "request body over %u bytes",
-				   BODY_MAX);
-	if (strcmp(url, "/test") == 0 || strcmp(url, "/") == 0) {
-		if (!get)
-			return queue_text(conn, 405, "method not allowed\n");
-		if (strcmp(url, "/") == 0) {
-			struct MHD_Response *resp = MHD_create_response_from_buffer(
-				0, (void *)"", MHD_RESPMEM_PERSISTENT);
-			if (!resp)
-				return MHD_NO;
-			MHD_add_response_header(resp, MHD_HTTP_HEADER_LOCATION, "/test");
-			enum MHD_Result r = MHD_queue_response(conn, 303, resp);
-			MHD_destroy_response(resp);
-			return r;
-		}
-		return page(h, conn);
+		return queue_text(conn, 413, "request body too large\n");
+	if (strcmp(url, "/test") == 0)
+		return get ? page(h, conn) : queue_text(conn, 405, "method not allowed\n");
+	if (strcmp(url, "/") == 0) {
+		struct MHD_Response *resp =
+			MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+		if (!resp)
+			return MHD_NO;
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_LOCATION, "/test");
+		enum MHD_Result r = MHD_queue_response(conn, 303, resp);
+		MHD_destroy_response(resp);
+		return r;
 	}
 	if (strcmp(url, "/metrics") == 0)
 		return get ? metrics(h, conn) : queue_text(conn, 405, "method not allowed\n");
 	if (strncmp(url, "/v1/", 4) == 0 && url[4] && !strchr(url + 4, '/')) {
-		if (!get && !post)
+		if (!get && strcmp(method, "POST") != 0)
 			return queue_text(conn, 405, "method not allowed\n");
-		return api_call(h, conn, strcmp(method, "HEAD") == 0 ? "GET" : method, url + 4, rq);
+		return api_call(h, conn, get, url + 4, rq);
 	}
 	return queue_text(conn, 404, "not found\n");
 }
@@ -823,36 +970,42 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
 {
 	HttpServer *h = cls;
 	Request *rq = *con_cls;
+	enum MHD_Result ret;
 
 	(void)version;
 	if (!rq) {
+		if (refuse_early(h, conn, url, method, &ret))
+			return ret;
 		rq = calloc(1, sizeof(*rq));
 		if (!rq)
 			return MHD_NO;
-		rq->h = h;
 		*con_cls = rq;
 		return MHD_YES;
 	}
 	if (*upload_data_size > 0) {
-		if (!rq->too_big && rq->size + *upload_data_size > BODY_MAX) {
-			rq->too_big = true;
-			free(rq->body);
-			rq->body = NULL;
-			rq->size = rq->cap = 0;
-		}
-		if (!rq->too_big) {
-			if (rq->size + *upload_data_size > rq->cap) {
-				size_t cap = (rq->size + *upload_data_size) * 2;
-				char *nb = realloc(rq->body, cap);
-				if (!nb)
-					return MHD_NO;
-				rq->body = nb;
-				rq->cap = cap;
-			}
-			memcpy(rq->body + rq->size, upload_data, *upload_data_size);
-			rq->size += *upload_data_size;
-		}
+		size_t n = *upload_data_size;
 		*upload_data_size = 0;
+		if (rq->too_big)
+			return MHD_YES;
+		if (rq->size + n > BODY_MAX) {
+			/* Without a Content-Length (chunked): found out as it comes. */
+			rq->too_big = true;
+			free(TAKE_PTR(rq->body));
+			rq->size = rq->cap = 0;
+			return MHD_YES;
+		}
+		if (rq->size + n > rq->cap) {
+			size_t cap = (rq->size + n) * 2;
+			if (cap > BODY_MAX)
+				cap = BODY_MAX;
+			char *nb = realloc(rq->body, cap);
+			if (!nb)
+				return MHD_NO;
+			rq->body = nb;
+			rq->cap = cap;
+		}
+		memcpy(rq->body + rq->size, upload_data, n);
+		rq->size += n;
 		return MHD_YES;
 	}
 	return route(h, conn, url, method, rq);
@@ -885,99 +1038,133 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 /* ------------------------------------------------------------------------------------------ */
 /* setup */
 
-static int parse_listen(const char *listen, struct sockaddr_storage *ret, char **ret_error)
+/* HOST:PORT with a numeric host (or localhost, [v6]) into an address. */
+static int parse_listen(const char *listen, struct sockaddr_storage *ret, socklen_t *ret_len,
+			char **ret_error)
 {
 	_cleanup_free_ char *host = NULL;
 	const char *colon = strrchr(listen, ':');
-	struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
+	struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
+				 .ai_flags = AI_NUMERICSERV | AI_NUMERICHOST};
 	struct addrinfo *ai = NULL;
 
-	if (!colon || colon == listen || !colon[1]) {
-		if (asprintf(ret_error, "[http] listen = %s: expected HOST:PORT", listen) < 0)
-			*ret_error = NULL;
-		return -EINVAL;
-	}
+	if (!colon || colon == listen || !colon[1])
+		return error_set(ret_error, -EINVAL, "[http] listen = %s: expected HOST:PORT",
+				 listen);
 	if (listen[0] == '[' && colon[-1] == ']')
 		host = strndup(listen + 1, (size_t)(colon - listen - 2));
 	else
 		host = strndup(listen, (size_t)(colon - listen));
 	if (!host)
 		return -ENOMEM;
-	int e = getaddrinfo(host, colon + 1, &hints, &ai);
-	if (e != 0 || !ai) {
-		if (asprintf(ret_error, "[http] listen = %s: %s", listen, gai_strerror(e)) < 0)
-			*ret_error = NULL;
-		return -EINVAL;
+	if (strcmp(host, "localhost") == 0) {
+		free(host);
+		host = strdup("127.0.0.1");
+		if (!host)
+			return -ENOMEM;
 	}
+	int e = getaddrinfo(host, colon + 1, &hints, &ai);
+	if (e != 0 || !ai)
+		return error_set(ret_error, -EINVAL, "[http] listen = %s: %s", listen,
+				 gai_strerror(e));
 	memcpy(ret, ai->ai_addr, ai->ai_addrlen);
+	*ret_len = ai->ai_addrlen;
 	freeaddrinfo(ai);
 	return 0;
 }
 
-static bool addr_is_loopback(const struct sockaddr_storage *ss)
+/* The listening socket is ours, not libmicrohttpd's: its error says why it cannot bind, and
+ * the port (with port 0) is known before the first request, for the cookie's name. */
+static int listen_socket(const char *addr, int *ret_port, char **ret_error)
 {
-	if (ss->ss_family == AF_INET)
-		return (ntohl(((const struct sockaddr_in *)ss)->sin_addr.s_addr) >> 24) == 127;
-	if (ss->ss_family == AF_INET6)
-		return IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)ss)->sin6_addr);
-	return false;
+	struct sockaddr_storage ss = {};
+	socklen_t len = 0;
+	int one = 1, r;
+
+	r = parse_listen(addr, &ss, &len, ret_error);
+	if (r < 0)
+		return r;
+	_cleanup_close_ int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return error_set(ret_error, -errno, "socket: %m");
+	(void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&ss, len) < 0)
+		return error_set(ret_error, -errno, "[http] listen = %s: cannot bind: %m", addr);
+	union {
+		struct sockaddr sa;
+		struct sockaddr_in in;
+		struct sockaddr_in6 in6;
+		struct sockaddr_storage ss;
+	} bound = {};
+	socklen_t blen = sizeof(bound);
+	if (listen(fd, 64) < 0 || getsockname(fd, &bound.sa, &blen) < 0)
+		return error_set(ret_error, -errno, "[http] listen = %s: %m", addr);
+	*ret_port = ntohs(bound.sa.sa_family == AF_INET ? bound.in.sin_port : bound.in6.sin6_port);
+	return TAKE_FD(fd);
 }
 
-static int load_token(HttpServer *h, char **ret_error)
+static int random_hex(size_t bytes, char **ret)
+{
+	uint8_t raw[32];
+	char *s;
+
+	if (bytes > sizeof(raw))
+		return -EINVAL;
+	if (getrandom(raw, bytes, 0) != (ssize_t)bytes)
+		return negative_errno();
+	s = malloc(bytes * 2 + 1);
+	if (!s)
+		return -ENOMEM;
+	for (size_t i = 0; i < bytes; i++)
+		sprintf(s + 2 * i, "%02x", raw[i]);
+	*ret = s;
+	return 0;
+}
+
+/* A token the operator chose: its characters must be safe in a header and in the URL the
+ * log shows. */
+static bool token_chars_ok(const char *t)
+{
+	for (const char *p = t; *p; p++)
+		if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~-",
+			    *p))
+			return false;
+	return true;
+}
+
+static int load_token(HttpServer *h, const char *token_file, char **ret_error)
 {
 	_cleanup_free_ char *path = NULL;
 	int r;
 
-	if (h->opts.token_file && h->opts.token_file[0]) {
+	if (token_file && token_file[0]) {
 		size_t n;
-		r = read_full_file(h->opts.token_file, 4096, &h->token, &n);
-		if (r < 0) {
-			if (asprintf(ret_error, "[http] token_file = %s: %s", h->opts.token_file,
-				     strerror(-r)) < 0)
-				*ret_error = NULL;
-			return r;
-		}
+		r = read_full_file(token_file, 4096, &h->token, &n);
+		if (r < 0)
+			return error_set(ret_error, r, "[http] token_file = %s: %s", token_file,
+					 strerror(-r));
 		while (n > 0 && strchr(" \t\r\n", h->token[n - 1]))
 			h->token[--n] = 0;
-		for (size_t i = 0; i < n; i++)
-			if ((unsigned char)h->token[i] <= ' ' || h->token[i] == ';' ||
-			    h->token[i] == ',' || (unsigned char)h->token[i] >= 0x7f)
-				n = 0;
-		if (n < TOKEN_MIN_LEN) {
-			if (asprintf(ret_error,
-				     "[http] token_file = %s: the token must be at least %d "
-				     "printable characters without spaces, ';' or ','",
-				     h->opts.token_file, TOKEN_MIN_LEN) < 0)
-				*ret_error = NULL;
-			return -EINVAL;
-		}
-	} else {
-		uint8_t raw[24];
-		if (getrandom(raw, sizeof(raw), 0) != (ssize_t)sizeof(raw))
-			return negative_errno();
-		h->token = malloc(sizeof(raw) * 2 + 1);
-		if (!h->token)
-			return -ENOMEM;
-		for (size_t i = 0; i < sizeof(raw); i++)
-			sprintf(h->token + 2 * i, "%02x", raw[i]);
+		if (n < TOKEN_MIN_LEN || strlen(h->token) != n || !token_chars_ok(h->token))
+			return error_set(ret_error, -EINVAL,
+					 "[http] token_file = %s: the token must be at least %d "
+					 "characters of A-Z, a-z, 0-9, '.', '_', '~' and '-'",
+					 token_file, TOKEN_MIN_LEN);
+	} else if ((r = random_hex(24, &h->token)) < 0) {
+		return r;
 	}
 	if (asprintf(&path, "%s/http-token", h->opts.run_dir) < 0)
 		return -ENOMEM;
 	r = write_file_atomic(path, h->token, strlen(h->token), 0600);
-	if (r < 0) {
-		if (asprintf(ret_error, "cannot write %s: %s", path, strerror(-r)) < 0)
-			*ret_error = NULL;
-		return r;
-	}
+	if (r < 0)
+		return error_set(ret_error, r, "cannot write %s: %s", path, strerror(-r));
 	return 0;
 }
 
 int http_server_start(const HttpOptions *opts, HttpServer **ret, char **ret_error)
 {
 	_cleanup_(http_server_freep) HttpServer *h = NULL;
-	struct sockaddr_storage ss = {};
-	unsigned flags =
-		MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
+	_cleanup_close_ int fd = -EBADF;
 	int r;
 
 	*ret_error = NULL;
@@ -993,44 +1180,27 @@ int http_server_start(const HttpOptions *opts, HttpServer **ret, char **ret_erro
 	h->opts.listen = h->listen;
 	h->opts.service = h->service;
 	h->opts.run_dir = h->run_dir;
-	h->opts.token_file = NULL; /* not kept */
+	h->opts.token_file = NULL; /* read now, not kept */
 
-	r = parse_listen(opts->listen, &ss, ret_error);
-	if (r < 0)
-		return r;
-	if (!addr_is_loopback(&ss) && !opts->allow_remote) {
-		if (asprintf(ret_error,
-			     "[http] listen = %s is not a loopback address: the listener "
-			     "controls the node, so this needs [http] allow_remote = true (and "
-			     "a network you trust: it is plain HTTP)",
-			     opts->listen) < 0)
-			*ret_error = NULL;
-		return -EPERM;
-	}
-	h->opts.token_file = opts->token_file;
-	r = load_token(h, ret_error);
-	h->opts.token_file = NULL;
-	if (r < 0)
+	fd = listen_socket(opts->listen, &h->port, ret_error);
+	if (fd < 0)
+		return fd;
+	snprintf(h->cookie_name, sizeof(h->cookie_name), "ember_session_%d", h->port);
+	if ((r = random_hex(24, &h->session)) < 0 ||
+	    (r = load_token(h, opts->token_file, ret_error)) < 0)
 		return r;
 
-	if (ss.ss_family == AF_INET6)
-		flags |= MHD_USE_IPv6;
-	h->daemon = MHD_start_daemon(flags, 0, NULL, NULL, access_handler, h, MHD_OPTION_SOCK_ADDR,
-				     (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT,
-				     (unsigned)CONNECTION_LIMIT, MHD_OPTION_CONNECTION_TIMEOUT,
-				     (unsigned)CONNECTION_TIMEOUT, MHD_OPTION_NOTIFY_COMPLETED,
-				     request_done, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h,
-				     MHD_OPTION_END);
-	if (!h->daemon) {
-		if (asprintf(ret_error,
-			     "[http] listen = %s: cannot listen (address in use, or not an "
-			     "address of this host)",
-			     opts->listen) < 0)
-			*ret_error = NULL;
-		return -EADDRNOTAVAIL;
-	}
-	const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->daemon, MHD_DAEMON_INFO_BIND_PORT);
-	h->port = di ? di->port : 0;
+	h->daemon = MHD_start_daemon(MHD_USE_THREAD_PER_CONNECTION |
+					     MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG,
+				     0, NULL, NULL, access_handler, h, MHD_OPTION_LISTEN_SOCKET, fd,
+				     MHD_OPTION_CONNECTION_LIMIT, (unsigned)CONNECTION_LIMIT,
+				     MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)CONNECTION_TIMEOUT,
+				     MHD_OPTION_NOTIFY_COMPLETED, request_done, h,
+				     MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h, MHD_OPTION_END);
+	if (!h->daemon)
+		return error_set(ret_error, -EIO, "[http] listen = %s: libmicrohttpd did not start",
+				 opts->listen);
+	TAKE_FD(fd); /* the daemon's now */
 	*ret = TAKE_PTR(h);
 	return 0;
 }
@@ -1049,11 +1219,19 @@ void http_server_free(HttpServer *h)
 {
 	if (!h)
 		return;
-	if (h->daemon)
+	if (h->daemon) {
 		MHD_stop_daemon(h->daemon);
+		/* A token that opens nothing any more is not left lying around. */
+		_cleanup_free_ char *path = NULL;
+		if (asprintf(&path, "%s/http-token", h->run_dir) >= 0)
+			(void)unlink(path);
+	}
 	if (h->token)
 		OPENSSL_cleanse(h->token, strlen(h->token));
+	if (h->session)
+		OPENSSL_cleanse(h->session, strlen(h->session));
 	free(h->token);
+	free(h->session);
 	free(h->listen);
 	free(h->service);
 	free(h->run_dir);

@@ -16,10 +16,12 @@
 typedef struct HttpServer HttpServer;
 
 typedef struct HttpOptions {
-	const char *listen;     /* HOST:PORT; loopback unless allow_remote */
+	const char *listen;     /* HOST:PORT, numeric or localhost; the caller checked it may */
 	const char *token_file; /* empty/NULL: a random token */
-	bool allow_remote;
-	bool metrics_public; /* /metrics without the token, from loopback peers */
+	bool metrics_public;    /* /metrics without the token, from loopback peers */
+	/* Methods that only read (NULL-terminated): they also answer GET, with the query as
+	 * the request. Every other method is POST only: GET never changes anything. */
+	const char *const *get_methods;
 	const char *run_dir; /* <run_dir>/http-token */
 	const char *service; /* "ember.v1.Node": /v1/<Method> is /<service>/<Method> */
 	RpcServer *rpc;

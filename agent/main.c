@@ -294,12 +294,18 @@ static void write_metrics(FILE *f, void *userdata)
 
 static int start_http(const Config *c, MetricsSources *src, HttpServer **ret)
 {
+	/* The Node methods that only read: they also answer GET. */
+	static const char *const reads[] = {
+		"GetNode",     "GetTemplate",   "ListTemplates",  "GetSandbox", "ListSandboxes",
+		"GetSnapshot", "ListSnapshots", "WatchSandboxes", "ReadFile",   "ReadConsole",
+		NULL,
+	};
 	_cleanup_free_ char *err = NULL;
 	HttpOptions o = {
 		.listen = c->http_listen,
 		.token_file = c->http_token_file,
-		.allow_remote = c->http_allow_remote,
 		.metrics_public = c->http_metrics_public,
+		.get_methods = reads,
 		.run_dir = c->run_dir,
 		.service = ember__v1__node__descriptor.name,
 		.rpc = src->server,
@@ -316,9 +322,10 @@ static int start_http(const Config *c, MetricsSources *src, HttpServer **ret)
 static int run(const Config *c)
 {
 	_cleanup_(rpc_server_freep) RpcServer *server = NULL;
-	_cleanup_(http_server_freep) HttpServer *http = NULL;
 	_cleanup_(node_service_freep) NodeService *node = NULL;
 	_cleanup_(manager_freep) Manager *manager = NULL;
+	/* Last, so that on an early return it goes first: its calls use everything above. */
+	_cleanup_(http_server_freep) HttpServer *http = NULL;
 	_cleanup_close_ int state_lock = -EBADF, sock_lock = -EBADF;
 	_cleanup_free_ char *lock_path = NULL, *err = NULL;
 	sigset_t mask;
@@ -417,6 +424,12 @@ static int run(const Config *c)
 	MetricsSources metrics = {.server = server};
 	if (c->http_listen[0] && (r = start_http(c, &metrics, &http)) < 0)
 		return r;
+	if (!http) {
+		/* Turned off: a token left from an earlier start opens nothing. */
+		_cleanup_free_ char *token_path = NULL;
+		if (asprintf(&token_path, "%s/http-token", c->run_dir) >= 0)
+			(void)unlink(token_path);
+	}
 
 	/* STARTING: GetNode answers while the records are read, live sandboxes adopted and
 	 * leftovers reclaimed; every other call says UNAVAILABLE until then. */
@@ -429,15 +442,6 @@ static int run(const Config *c)
 	node_service_set_manager(node, manager);
 	rpc_server_set_state(server, RPC_SERVER_SERVING);
 	__atomic_store_n(&metrics.manager, manager, __ATOMIC_RELEASE);
-	if (http) {
-		/* As Jupyter does: the address to open, token included, is in the log. */
-		_cleanup_free_ char *host = strndup(
-			c->http_listen, (size_t)(strrchr(c->http_listen, ':') - c->http_listen));
-		log_notice(
-			"HTTP listener: open http://%s:%d/test?token=%s (token in %s/http-token)",
-			host ?: "127.0.0.1", http_server_port(http), http_server_token(http),
-			c->run_dir);
-	}
 	if (tcp_port > 0)
 		log_struct(LOG_INFO, 0,
 			   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_STARTED}, {"OP", "start"},
@@ -451,6 +455,19 @@ static int run(const Config *c)
 				      {"NODE_ID", node_service_id(node)}),
 			   "emberd %s (node %s) listening on unix:%s", EMBER_VERSION,
 			   node_service_id(node), c->socket);
+	if (http) {
+		/* As Jupyter does: the address to open, token included, is in the log. */
+		_cleanup_free_ char *host = strndup(
+			c->http_listen, (size_t)(strrchr(c->http_listen, ':') - c->http_listen));
+		if (host && (strcmp(host, "0.0.0.0") == 0 || strcmp(host, "[::]") == 0)) {
+			free(host);
+			host = strdup("127.0.0.1"); /* any address: this one works here */
+		}
+		log_notice(
+			"HTTP listener: open http://%s:%d/test?token=%s (token in %s/http-token)",
+			host ?: "127.0.0.1", http_server_port(http), http_server_token(http),
+			c->run_dir);
+	}
 	sd_notifyf(false, "READY=1\nSTATUS=Serving on unix:%s%s%s", c->socket,
 		   c->tcp_listen[0] ? " and " : "", c->tcp_listen);
 

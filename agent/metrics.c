@@ -4,10 +4,10 @@
 #include <string.h>
 
 static const double bounds[METRICS_BUCKETS - 1] = {
-	0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60,
+	0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 300,
 };
 
-void histogram_observe(Histogram *h, uint64_t usec)
+void metrics_histogram_observe(Histogram *h, uint64_t usec)
 {
 	size_t i = 0;
 
@@ -17,7 +17,7 @@ void histogram_observe(Histogram *h, uint64_t usec)
 	atomic_fetch_add_explicit(&h->sum_usec, usec, memory_order_relaxed);
 }
 
-uint64_t histogram_count(const Histogram *h)
+uint64_t metrics_histogram_count(const Histogram *h)
 {
 	uint64_t n = 0;
 
@@ -51,23 +51,4 @@ void metrics_histogram(FILE *f, const char *name, const char *labels, const Hist
 	fprintf(f, "%s_sum{%s} %.6f\n", name, labels,
 		(double)atomic_load_explicit(&h->sum_usec, memory_order_relaxed) / 1e6);
 	fprintf(f, "%s_count{%s} %llu\n", name, labels, (unsigned long long)cum);
-}
-
-const char *metrics_escape(const char *value, char *buf, size_t size)
-{
-	size_t j = 0;
-
-	for (const char *p = value; *p && j + 3 < size; p++) {
-		if (*p == '\\' || *p == '"') {
-			buf[j++] = '\\';
-			buf[j++] = *p;
-		} else if (*p == '\n') {
-			buf[j++] = '\\';
-			buf[j++] = 'n';
-		} else {
-			buf[j++] = *p;
-		}
-	}
-	buf[j] = 0;
-	return buf;
 }

@@ -12,21 +12,18 @@
 
 /* Upper bounds in seconds, then +Inf: from a millisecond RPC to a five-minute stream or a
  * slow create. */
-#define METRICS_BUCKETS 15
+#define METRICS_BUCKETS 16
 
 typedef struct Histogram {
 	_Atomic uint64_t bucket[METRICS_BUCKETS]; /* not cumulative; the last is +Inf */
 	_Atomic uint64_t sum_usec;
 } Histogram;
 
-void histogram_observe(Histogram *h, uint64_t usec);
-uint64_t histogram_count(const Histogram *h);
+void metrics_histogram_observe(Histogram *h, uint64_t usec);
+uint64_t metrics_histogram_count(const Histogram *h);
 
 /* "# HELP" and "# TYPE" lines. */
 void metrics_header(FILE *f, const char *name, const char *type, const char *help);
 /* One histogram series: <name>_bucket{<labels>,le=…}, _sum, _count. `labels` is the label
  * list without braces ("method=\"GetNode\""), values already escaped; may be empty. */
 void metrics_histogram(FILE *f, const char *name, const char *labels, const Histogram *h);
-/* A label value escaped for the exposition format (backslash, quote, newline), written to
- * `buf` (truncated to fit) and returned. */
-const char *metrics_escape(const char *value, char *buf, size_t size);

@@ -2125,3 +2125,55 @@ int pbjson_parse(const char *text, size_t size, struct json_object **ret, size_t
 		*ret_used = used;
 	return 0;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* strings as proto3 wants them */
+
+static int check_utf8(const ProtobufCMessage *m, int depth, char *path, size_t size)
+{
+	const ProtobufCMessageDescriptor *d = m->descriptor;
+
+	if (depth > PBJSON_MAX_DEPTH)
+		return -EINVAL;
+	for (unsigned i = 0; i < d->n_fields; i++) {
+		const ProtobufCFieldDescriptor *f = &d->fields[i];
+		const void *p = member_of(m, f);
+		size_t n = 1;
+
+		if (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)
+			continue;
+		if ((f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
+		    *(const uint32_t *)quantifier_of(m, f) != f->id)
+			continue;
+		if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+			n = *(const size_t *)quantifier_of(m, f);
+			p = *(const void *const *)p;
+		}
+		for (size_t k = 0; k < n; k++) {
+			const void *v = ((const void *const *)p)[k];
+			if (!v)
+				continue;
+			if (f->type == PROTOBUF_C_TYPE_STRING
+				    ? !utf8_valid(v, strlen(v))
+				    : check_utf8(v, depth + 1, path, size) < 0) {
+				/* The innermost field is named; outer ones prepend theirs. */
+				if (f->type == PROTOBUF_C_TYPE_STRING)
+					snprintf(path, size, "%s", f->name);
+				else if (strlen(path) + strlen(f->name) + 2 < size) {
+					memmove(path + strlen(f->name) + 1, path, strlen(path) + 1);
+					memcpy(path, f->name, strlen(f->name));
+					path[strlen(f->name)] = '.';
+				}
+				return -EINVAL;
+			}
+		}
+	}
+	return 0;
+}
+
+int pbjson_check_utf8(const ProtobufCMessage *msg, char *ret_field, size_t size)
+{
+	if (size)
+		ret_field[0] = 0;
+	return check_utf8(msg, 0, ret_field, size);
+}

@@ -66,6 +66,11 @@ int pbjson_to_json(const ProtobufCMessage *msg, struct json_object **ret);
 int pbjson_from_json(const ProtobufCMessageDescriptor *desc, struct json_object *json,
 		     ProtobufCMessage **ret, char **ret_error);
 
+/* proto3 strings are UTF-8, but protobuf-c's unpack does not check: a message that came in
+ * over gRPC may hold one that JSON (and other clients) cannot carry. -EINVAL when a string
+ * field, at any depth, is not valid UTF-8; ret_field gets its path ("spec.labels.value"). */
+int pbjson_check_utf8(const ProtobufCMessage *msg, char *ret_field, size_t size);
+
 static inline void pbjson_json_putp(struct json_object **p)
 {
 	json_object_put(*p);

@@ -158,6 +158,7 @@ static int finish_interrupted_pause(Manager *m, Sandbox *sb, pid_t pid, const ch
 	}
 	fcctl_vm_set_timeout(sb->vm, 10000);
 	sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING;
+	sb->uffd_counted = sb->uffd != NULL; /* not published yet: no lock needed */
 	if (asprintf(&new_dir, "%s/snapshot.new", sb->data_dir) >= 0)
 		(void)rm_rf(new_dir);
 	return 0;
@@ -351,7 +352,8 @@ int manager_recover(Manager *m, char **ret_error)
 			}
 			if (r >= 0) {
 				sb->vmm_pid = pid;
-				/* Still single-threaded: no lock needed yet. */
+				/* Not published yet (no call reaches this manager before
+				 * recovery ends): no lock needed. */
 				sb->uffd_counted = sb->uffd != NULL;
 				ensure_running(m, sb);
 				break;

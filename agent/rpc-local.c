@@ -34,25 +34,38 @@ struct RpcLocalCall {
 	RpcMethodInfo method;
 	grpc_completion_queue *cq;
 	grpc_call *call;
-	unsigned in_flight; /* batches started whose tag has not come back */
-
-	/* Tags: the addresses of these bytes. */
-	char tag_start, tag_send, tag_close, tag_recv, tag_status;
-
 	grpc_metadata_array initial_md, trailing_md;
-	grpc_status_code status;
 	grpc_slice details;
 	char *status_message;
-	bool status_done;
-
-	grpc_byte_buffer *send_buf;
-	bool send_in_flight, send_ok;
-
-	grpc_byte_buffer *recv_buf;
-	bool recv_in_flight, recv_eof, bad_message;
+	grpc_byte_buffer *send_buf, *recv_buf;
 	LocalMsg *head, *tail;
 	size_t buffered;
+
+	/* Why this side cancelled the call, when it did for a reason of its own: the status
+	 * gRPC reports is then only "Cancelled". */
+	const char *local_message;
+	RpcCode local_code;
+
+	bool (*aborted)(void *userdata);
+	void *aborted_userdata;
+
+	grpc_status_code status;
+	unsigned in_flight; /* batches started whose tag has not come back */
+	/* Tags: the addresses of these bytes. */
+	char tag_start, tag_send, tag_close, tag_recv, tag_status;
+	bool status_done;
+	bool send_in_flight, send_ok;
+	bool recv_in_flight, recv_eof;
 };
+
+static void cancel_because(RpcLocalCall *c, RpcCode code, const char *message)
+{
+	if (!c->local_code) {
+		c->local_code = code;
+		c->local_message = message;
+	}
+	grpc_call_cancel(c->call, NULL);
+}
 
 static int start_batch(RpcLocalCall *c, const grpc_op *ops, size_t n, void *tag)
 {
@@ -100,9 +113,9 @@ static void took_message(RpcLocalCall *c)
 	if (!m) {
 		if (msg)
 			protobuf_c_message_free_unpacked(msg, NULL);
-		c->bad_message = true;
 		c->recv_eof = true;
-		grpc_call_cancel(c->call, NULL);
+		cancel_because(c, msg ? RPC_RESOURCE_EXHAUSTED : RPC_INTERNAL,
+			       msg ? "out of memory" : "a response does not parse as its type");
 		return;
 	}
 	m->msg = msg;
@@ -116,7 +129,8 @@ static void took_message(RpcLocalCall *c)
 	if (c->buffered > LOCAL_BUFFER_MAX) {
 		log_debug("%s: more than %u bytes of responses not taken: cancelling",
 			  c->method.path, LOCAL_BUFFER_MAX);
-		grpc_call_cancel(c->call, NULL);
+		cancel_because(c, RPC_RESOURCE_EXHAUSTED,
+			       "more than 64 MiB of responses arrived while requests were sent");
 	}
 }
 
@@ -225,9 +239,13 @@ int rpc_local_call_send(RpcLocalCall *c, const ProtobufCMessage *msg)
 	}
 	c->send_in_flight = true;
 	arm_recv(c);
-	while (c->send_in_flight)
-		if ((r = pump(c, gpr_inf_future(GPR_CLOCK_MONOTONIC))) < 0)
+	while (c->send_in_flight) {
+		r = pump(c, deadline_in(1000));
+		if (r == -ETIMEDOUT && c->aborted && c->aborted(c->aborted_userdata))
+			cancel_because(c, RPC_CANCELLED, "the client went away");
+		else if (r < 0 && r != -ETIMEDOUT)
 			return r;
+	}
 	return c->send_ok ? 0 : -ECANCELED;
 }
 
@@ -256,8 +274,6 @@ int rpc_local_call_recv(RpcLocalCall *c, int64_t timeout_ms, ProtobufCMessage **
 			free(m);
 			return 1;
 		}
-		if (c->bad_message && c->status_done)
-			return -EBADMSG;
 		if (c->recv_eof && c->status_done)
 			return 0;
 		arm_recv(c);
@@ -268,11 +284,22 @@ int rpc_local_call_recv(RpcLocalCall *c, int64_t timeout_ms, ProtobufCMessage **
 
 RpcCode rpc_local_call_status(RpcLocalCall *c, const char **ret_message)
 {
+	if (c->local_code) {
+		if (ret_message)
+			*ret_message = c->local_message;
+		return c->local_code;
+	}
 	if (ret_message)
 		*ret_message = c->status_message ?: "";
 	if (!c->status_done)
 		return RPC_UNKNOWN;
 	return (unsigned)c->status < _RPC_CODE_MAX ? (RpcCode)c->status : RPC_UNKNOWN;
+}
+
+void rpc_local_call_set_abort(RpcLocalCall *c, bool (*aborted)(void *userdata), void *userdata)
+{
+	c->aborted = aborted;
+	c->aborted_userdata = userdata;
 }
 
 void rpc_local_call_cancel(RpcLocalCall *c)

@@ -36,6 +36,7 @@
 #include "common/log.h"
 #include "common/macro.h"
 #include "metrics.h"
+#include "pbjson.h"
 #include "rpc-internal.h"
 
 #define REQUESTS_PER_METHOD    4
@@ -459,7 +460,7 @@ static void call_finish(RpcCall *c, RpcCode code, const char *message)
 	pthread_mutex_lock(&c->mu);
 	if (!c->status_queued && c->method && (unsigned)code < _RPC_CODE_MAX) {
 		atomic_fetch_add_explicit(&c->method->handled[code], 1, memory_order_relaxed);
-		histogram_observe(&c->method->seconds[code], now_usec() - c->start_usec);
+		metrics_histogram_observe(&c->method->seconds[code], now_usec() - c->start_usec);
 	}
 	if (!c->status_queued) {
 		/* A failed unary call sends its status alone, not a half-built reply. */
@@ -722,7 +723,20 @@ static void reply_now(RpcServer *s, RpcMethod *m, const char *path, grpc_call *g
 }
 
 /* Unpacks the request that came with the call; returns NULL or what is wrong with it. */
-static const char *request_unpack(RpcCall *c, grpc_byte_buffer *payload)
+/* NULL when every string of msg is UTF-8, as proto3 requires (protobuf-c's unpack does not
+ * check): else why not, in `why`. Handlers, the log and JSON then only see valid text. */
+static const char *strings_unchecked(const ProtobufCMessage *msg, char *why, size_t why_size)
+{
+	char field[128];
+
+	if (pbjson_check_utf8(msg, field, sizeof(field)) >= 0)
+		return NULL;
+	snprintf(why, why_size, "request field %s: not UTF-8 (proto3 strings must be)",
+		 field[0] ? field : "?");
+	return why;
+}
+
+static const char *request_unpack(RpcCall *c, grpc_byte_buffer *payload, char *why, size_t why_size)
 {
 	grpc_byte_buffer_reader reader;
 	grpc_slice slice;
@@ -740,7 +754,9 @@ static const char *request_unpack(RpcCall *c, grpc_byte_buffer *payload)
 	c->request = protobuf_c_message_unpack(c->method->input, NULL, GRPC_SLICE_LENGTH(slice),
 					       GRPC_SLICE_START_PTR(slice));
 	grpc_slice_unref(slice);
-	return c->request ? NULL : "request does not parse as its protobuf message type";
+	if (!c->request)
+		return "request does not parse as its protobuf message type";
+	return strings_unchecked(c->request, why, why_size);
 }
 
 static void accept_call(RequestSlot *slot)
@@ -773,7 +789,8 @@ static void accept_call(RequestSlot *slot)
 	}
 
 	if (!m->client_streaming) {
-		const char *bad = request_unpack(c, TAKE_PTR(slot->payload));
+		char why[256];
+		const char *bad = request_unpack(c, TAKE_PTR(slot->payload), why, sizeof(why));
 		if (bad) {
 			(void)call_watch_close(c);
 			call_finish(c, RPC_INVALID_ARGUMENT, bad);
@@ -1350,7 +1367,7 @@ void rpc_server_write_metrics(RpcServer *s, FILE *f)
 			RpcMethod *m = &s->services[i].methods[j];
 			for (int code = 0; code < _RPC_CODE_MAX; code++) {
 				char labels[256];
-				if (histogram_count(&m->seconds[code]) == 0)
+				if (metrics_histogram_count(&m->seconds[code]) == 0)
 					continue;
 				snprintf(labels, sizeof(labels),
 					 "grpc_service=\"%s\",grpc_method=\"%s\",grpc_type=\"%s\","
@@ -1602,6 +1619,12 @@ int rpc_call_recv_nowait(RpcCall *c, ProtobufCMessage **ret)
 	*ret = protobuf_c_message_unpack(c->method->input, NULL, GRPC_SLICE_LENGTH(slice),
 					 GRPC_SLICE_START_PTR(slice));
 	grpc_slice_unref(slice);
+	char why[256];
+	if (*ret && strings_unchecked(*ret, why, sizeof(why))) {
+		log_debug("%s: %s", c->path, why);
+		protobuf_c_message_free_unpacked(*ret, NULL);
+		*ret = NULL;
+	}
 	return *ret ? 1 : -EBADMSG;
 }
 

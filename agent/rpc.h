@@ -24,6 +24,8 @@
 #include <stdio.h>
 #include <sys/types.h>
 
+#include "common/macro.h"
+
 /* gRPC status codes (https://grpc.github.io/grpc/core/md_doc_statuscodes.html); the numbers are
  * part of the wire protocol. */
 typedef enum RpcCode {
@@ -214,12 +216,16 @@ int rpc_local_call_send(RpcLocalCall *c, const ProtobufCMessage *msg);
 /* Half-closes: no more requests (for Exec, the end of stdin). */
 int rpc_local_call_close_send(RpcLocalCall *c);
 /* The next response: 1 and *ret (free with protobuf_c_message_free_unpacked), 0 when the call
- * ended (see rpc_local_call_status), -ETIMEDOUT when nothing came within timeout_ms (-1:
- * wait), -EBADMSG when a response does not parse (the call is cancelled). */
+ * ended (see rpc_local_call_status: a response that did not parse cancels the call, and the
+ * status says so), -ETIMEDOUT when nothing came within timeout_ms (-1: wait). */
 int rpc_local_call_recv(RpcLocalCall *c, int64_t timeout_ms, ProtobufCMessage **ret);
 /* Valid once rpc_local_call_recv() returned 0. The message lives as long as the call. */
 RpcCode rpc_local_call_status(RpcLocalCall *c, const char **ret_message);
 /* Cancels the call (the handler sees rpc_call_is_cancelled()); recv then ends with CANCELLED. */
 void rpc_local_call_cancel(RpcLocalCall *c);
+/* While rpc_local_call_send() waits for gRPC to take a message, it asks `aborted` every
+ * second; true cancels the call (the caller's own client went away). */
+void rpc_local_call_set_abort(RpcLocalCall *c, bool (*aborted)(void *userdata), void *userdata);
 /* Cancels the call if it has not ended and waits for gRPC to let go of it. */
 void rpc_local_call_free(RpcLocalCall *c);
+DEFINE_POINTER_CLEANUP(RpcLocalCall, rpc_local_call_free)

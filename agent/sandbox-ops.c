@@ -99,10 +99,10 @@ static void timing_end(Manager *m, Sandbox *sb, OpTiming *t, uint64_t t0, const 
 	sb->last_op = *t;
 	OpMetric *om = op_metric_locked(m, t->op, "");
 	if (om)
-		histogram_observe(&om->seconds, t->total_us);
+		metrics_histogram_observe(&om->seconds, t->total_us);
 	for (size_t i = 0; i < t->n_steps; i++)
 		if ((om = op_metric_locked(m, t->op, t->steps[i].name)))
-			histogram_observe(&om->seconds, t->steps[i].us);
+			metrics_histogram_observe(&om->seconds, t->steps[i].us);
 	pthread_mutex_unlock(&m->lock);
 }
 

@@ -540,7 +540,8 @@ void manager_write_metrics(Manager *m, FILE *f)
 		       "ones included.");
 	for (size_t i = 0; i < m->n_op_metrics; i++) {
 		char labels[64];
-		if (m->op_metrics[i].step[0] || histogram_count(&m->op_metrics[i].seconds) == 0)
+		if (m->op_metrics[i].step[0] ||
+		    metrics_histogram_count(&m->op_metrics[i].seconds) == 0)
 			continue;
 		snprintf(labels, sizeof(labels), "operation=\"%s\"", m->op_metrics[i].op);
 		metrics_histogram(f, "ember_operation_duration_seconds", labels,

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/inotify.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -490,21 +491,31 @@ int fcctl_vm_spawn(const FcSpawn *s, FcVm **ret, char **ret_error)
 int fcctl_uffd_counters_read(const char *path, FcUffdCounters *ret)
 {
 	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	UffdLiveStats l = {0};
-	ssize_t n;
+	struct stat st;
 
 	if (fd < 0)
 		return -errno;
-	/* One small read of one page: each 8-byte field comes whole. */
-	n = pread(fd, &l, sizeof(l), 0);
-	if (n < 0)
+	if (fstat(fd, &st) < 0)
 		return -errno;
-	if ((size_t)n < sizeof(l) || l.magic != UFFD_LIVE_MAGIC || l.size < sizeof(l))
+	if ((size_t)st.st_size < sizeof(UffdLiveStats))
 		return -EBADMSG;
-	*ret = (FcUffdCounters){.faults = l.faults,
-				.fault_bytes = l.fault_bytes,
-				.prefetch_bytes = l.prefetch_bytes};
-	return 0;
+	/* Mapped, not read: ember-uffd stores each field atomically and so must we load it (a
+	 * read() copies bytes in no promised order, and a torn counter looks like a reset). */
+	const UffdLiveStats *l = mmap(NULL, sizeof(UffdLiveStats), PROT_READ, MAP_SHARED, fd, 0);
+	if (l == MAP_FAILED)
+		return -errno;
+	int r = 0;
+	if (__atomic_load_n(&l->magic, __ATOMIC_ACQUIRE) != UFFD_LIVE_MAGIC ||
+	    l->size < sizeof(UffdLiveStats))
+		r = -EBADMSG;
+	else
+		*ret = (FcUffdCounters){
+			.faults = __atomic_load_n(&l->faults, __ATOMIC_RELAXED),
+			.fault_bytes = __atomic_load_n(&l->fault_bytes, __ATOMIC_RELAXED),
+			.prefetch_bytes = __atomic_load_n(&l->prefetch_bytes, __ATOMIC_RELAXED),
+		};
+	(void)munmap((void *)l, sizeof(UffdLiveStats));
+	return r;
 }
 
 int fcctl_uffd_spawn(const FcUffdSpawn *s, FcVm **ret, char **ret_error)

@@ -17,12 +17,10 @@ import threading
 import time
 
 import grpc
-import pytest
 from google.protobuf import json_format
 
 from conftest import SLOW, wait_for
 from test_sandbox import FAST, S, create, destroy, stub
-from test_snapshot import snapshot
 
 import rpctest_pb2 as tpb
 import rpctest_pb2_grpc as tpbg
@@ -146,17 +144,34 @@ def test_token_and_cookie(start_rpctestd, workdir):
                      headers={"Authorization": "Bearer " + "0" * 48})[0] == 401
     assert h.request("GET", "/test?token=wrong", auth=False)[0] == 401
 
-    # The page's way in: the token in the address once, then a cookie.
+    status, headers, _ = h.request("GET", "/v1/Echo", auth=False)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+
+    # The page's way in: the token in the address once, then a cookie, which holds a
+    # secret of its own (browsers send cookies to every port of the host).
     status, headers, _ = h.request("GET", f"/test?token={h.token}", auth=False)
     assert status == 303 and headers["Location"] == "/test"
     cookie = headers["Set-Cookie"]
-    assert cookie.startswith(f"ember_token={h.token};")
+    name, _, rest = cookie.partition("=")
+    value = rest.split(";")[0]
+    assert name == f"ember_session_{h.port}" and len(value) >= 32 and h.token not in cookie
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
-    jar = {"Cookie": f"ember_token={h.token}"}
+    jar = {"Cookie": f"{name}={value}"}
     status, headers, page = h.request("GET", "/test", auth=False, headers=jar)
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert "default-src 'none'" in headers["Content-Security-Policy"]
-    assert b"<html" in page.lower() and b"http://" not in page.replace(b"http://' +", b"")
+    assert b"<html" in page.lower()
+    # The cookie opens the listener, not the gRPC token's door: not as a bearer token, and
+    # the token is no cookie.
+    assert h.request("GET", "/v1/Echo", auth=False,
+                     headers={"Authorization": f"Bearer {value}"})[0] == 401
+    assert h.request("GET", "/test", auth=False,
+                     headers={"Cookie": f"{name}={h.token}"})[0] == 401
+    # A page of another origin that makes the browser GET with the cookie: refused too.
+    assert h.request("GET", "/v1/Echo", auth=False,
+                     headers={**jar, "Sec-Fetch-Site": "same-site"})[0] == 403
+    assert h.request("GET", "/v1/Echo", auth=False,
+                     headers={**jar, "Sec-Fetch-Site": "same-origin"})[0] == 200
 
     # With the cookie, a POST must come from the page: same origin, JSON.
     host = f"127.0.0.1:{h.port}"
@@ -177,6 +192,16 @@ def test_token_and_cookie(start_rpctestd, workdir):
     assert status == 403
     # A bearer client (curl) needs neither.
     assert h.request("POST", "/v1/Echo", "{}")[0] == 200
+
+    # A body too large is refused before it is read, and an unauthorized one is not read.
+    c = http.client.HTTPConnection("127.0.0.1", h.port, timeout=30)
+    c.putrequest("POST", "/v1/Echo")
+    c.putheader("Authorization", f"Bearer {h.token}")
+    c.putheader("Content-Length", str(64 << 20))
+    c.endheaders()
+    r = c.getresponse()
+    assert r.status == 413
+    c.close()
 
 
 def test_server_stream_as_sse_and_ndjson(start_rpctestd, workdir):
@@ -214,6 +239,11 @@ def test_bidi_stream_as_ndjson(start_rpctestd, workdir):
     assert [l["result"]["seq"] for l in lines[:-1]] == [1, 2, 3, 4, 5]
     assert base64.b64decode(lines[2]["result"]["data"]) == b"\3\3\3"
     assert lines[-1]["status"]["code"] == 0
+    # A message that does not convert refuses the whole call before any message is sent.
+    status, _, data = h.request("POST", "/v1/Bidi", '{"seq": 1}\n{"seq": "x"}',
+                                headers={"Content-Type": "application/json"})
+    body = json.loads(data)
+    assert status == 400 and body["message"].startswith("request message 2: seq"), body
     # A big stream both ways: the gateway reads answers while it still sends (no deadlock).
     big = base64.b64encode(b"x" * (256 << 10)).decode()
     body = "\n".join(json.dumps({"seq": i, "data": big}) for i in range(40))
@@ -242,6 +272,7 @@ def test_http_client_going_away_cancels_the_call(start_rpctestd, workdir):
     assert stats(d).sleeps_finished == 0
 
     # A stream nobody reads any more ends too (its handler's send fails).
+    before = stats(d).cancellations_seen
     s = socket.create_connection(("127.0.0.1", h.port))
     body = b'{"count": 100000000, "size": 65536}'
     s.sendall(b"POST /v1/Stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
@@ -249,7 +280,6 @@ def test_http_client_going_away_cancels_the_call(start_rpctestd, workdir):
               b"\r\n\r\n" + body)
     assert s.recv(4096).startswith(b"HTTP/1.1 200")
     s.close()
-    before = stats(d).cancellations_seen
     wait_for(lambda: stats(d).cancellations_seen > before, 20 * SLOW, "Stream to be cancelled")
 
 
@@ -317,17 +347,21 @@ def test_emberd_listener_settings(start_emberd, workdir):
     e = start_emberd("[http]\nlisten = 0.0.0.0:7071\n", wait=False)
     assert e.proc.wait(30) == 78
     assert "not a loopback address" in e.proc.log() and "allow_remote" in e.proc.log()
-    with open(tf, "w") as f:
-        f.write("short")
-    e = start_emberd(f"[http]\ntoken_file = {tf}\n", wait=False)
-    assert e.proc.wait(30) != 0 and "at least 16" in e.proc.log()
+    for bad in ["short", "with spaces in the middle of it", 'quote"inside-a-long-token']:
+        with open(tf, "w") as f:
+            f.write(bad)
+        e = start_emberd(f"[http]\ntoken_file = {tf}\n", wait=False)
+        assert e.proc.wait(30) != 0 and "at least 16" in e.proc.log()
     e = start_emberd("[http]\nlisten = 0.0.0.0:7071\nallow_remote = true\n")
     assert Http(e.tcp_port(7071), open(os.path.join(e.run_dir, "http-token")).read()).call(
         "GetNode")[0] == 200
     e.proc.signal(15)
     e.proc.wait(30)
-    # Off.
-    e = start_emberd("[http]\nlisten =\n")
+    # Stopped, the token goes; off, none is left from before.
+    assert not os.path.exists(os.path.join(e.run_dir, "http-token"))
+    with open(os.path.join(e.run_dir, "http-token"), "w") as f:
+        f.write("stale-token-from-before")
+    e = start_emberd("[http]\nlisten =\n", root=e.root)
     assert not os.path.exists(os.path.join(e.run_dir, "http-token"))
 
 
@@ -560,3 +594,9 @@ def test_metrics_public(start_emberd):
     status, _, data = h.request("GET", "/metrics", auth=False)
     assert status == 200 and b"ember_sandboxes" in data
     assert h.request("GET", "/test", auth=False)[0] == 401
+    # Without the token only for a Host that is an address or localhost: a web page whose
+    # name was rebound to 127.0.0.1 cannot read it.
+    assert h.request("GET", "/metrics", auth=False,
+                     headers={"Host": f"localhost:{h.port}"})[0] == 200
+    assert h.request("GET", "/metrics", auth=False,
+                     headers={"Host": "evil.example"})[0] == 401

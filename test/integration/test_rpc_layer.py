@@ -312,3 +312,17 @@ def test_overload_then_shutdown(start_rpctestd):
     assert codes.get(grpc.StatusCode.OK, 0) > 0
     d.signal(signal.SIGTERM)
     assert d.wait(20) == 0
+
+
+def test_strings_must_be_utf8(start_rpctestd):
+    # proto3 strings are UTF-8; protobuf-c's unpack does not check, the layer does, so that
+    # no handler (and no JSON answer) ever holds text that is not.
+    d = start_rpctestd()
+    with grpc.insecure_channel(d.target) as ch:
+        raw = ch.unary_unary("/rpctest.Test/Echo", request_serializer=lambda b: b,
+                             response_deserializer=pb.EchoReply.FromString)
+        with pytest.raises(grpc.RpcError) as ei:
+            raw(b"\x0a\x02\xc3\x28", timeout=10)  # text = an invalid 2-byte sequence
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "text: not UTF-8" in ei.value.details()
+        assert raw(b"\x0a\x02\xc3\xa9", timeout=10).text == "\u00e9"  # é is fine

@@ -272,7 +272,9 @@ int main(int argc, char *argv[])
 	}
 	printf("READY\n");
 	if (http_listen) {
+		static const char *const reads[] = {"Echo", "Stats", NULL};
 		HttpOptions ho = {.listen = http_listen,
+				  .get_methods = reads,
 				  .run_dir = http_dir,
 				  .service = rpctest__test__descriptor.name,
 				  .rpc = s,
