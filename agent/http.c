@@ -893,8 +893,8 @@ static bool is_get(const char *method)
 }
 
 /* Decides on a request from its headers alone, before any of its body is read (a body can be
- * 16 MiB, and only authorized clients may make emberd hold one): NULL to go on and read it,
- * else a response was queued (or failed: *ret). */
+ * 16 MiB, and only authorized clients may make emberd hold one): false to go on and read
+ * it, true when it was answered already (*ret: how queueing that went). */
 static bool refuse_early(HttpServer *h, struct MHD_Connection *conn, const char *url,
 			 const char *method, enum MHD_Result *ret)
 {
