@@ -300,32 +300,6 @@ static bool peer_gone(struct MHD_Connection *conn)
 /* ------------------------------------------------------------------------------------------ */
 /* requests to JSON messages */
 
-static const ProtobufCFieldDescriptor *field_by_json_name(const ProtobufCMessageDescriptor *d,
-							  const char *name)
-{
-	for (unsigned i = 0; i < d->n_fields; i++) {
-		const ProtobufCFieldDescriptor *f = &d->fields[i];
-		char camel[256];
-		size_t j = 0;
-		bool up = false;
-
-		if (strcmp(f->name, name) == 0)
-			return f;
-		for (const char *p = f->name; *p && j + 1 < sizeof(camel); p++) {
-			if (*p == '_') {
-				up = true;
-				continue;
-			}
-			camel[j++] = up ? (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p) : *p;
-			up = false;
-		}
-		camel[j] = 0;
-		if (strcmp(camel, name) == 0)
-			return f;
-	}
-	return NULL;
-}
-
 typedef struct QueryBuild {
 	const ProtobufCMessageDescriptor *desc;
 	json_object *json;
@@ -337,7 +311,7 @@ static enum MHD_Result query_arg(void *cls, enum MHD_ValueKind kind, const char 
 				 const char *value)
 {
 	QueryBuild *q = cls;
-	const ProtobufCFieldDescriptor *f = field_by_json_name(q->desc, key);
+	const ProtobufCFieldDescriptor *f = pbjson_field_by_key(q->desc, key);
 	json_object *v;
 
 	(void)kind;

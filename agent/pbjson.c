@@ -1679,7 +1679,7 @@ static int map_from_json(ProtobufCMessage *m, const ProtobufCFieldDescriptor *f,
 	return kf->type == PROTOBUF_C_TYPE_STRING ? 0 : map_dedup(entries, count, kf);
 }
 
-static const ProtobufCFieldDescriptor *field_by_key(const ProtobufCMessageDescriptor *d,
+const ProtobufCFieldDescriptor *pbjson_field_by_key(const ProtobufCMessageDescriptor *d,
 						    const char *key)
 {
 	/* json_format looks at the JSON names first, then at the proto names */
@@ -1795,7 +1795,7 @@ static int message_merge(ProtobufCMessage *m, struct json_object *j, const Path 
 
 	json_object_object_foreach(j, key, value)
 	{
-		const ProtobufCFieldDescriptor *f = field_by_key(d, key);
+		const ProtobufCFieldDescriptor *f = pbjson_field_by_key(d, key);
 		Path here = {.up = path, .key = key};
 		int r;
 

@@ -66,6 +66,11 @@ int pbjson_to_json(const ProtobufCMessage *msg, struct json_object **ret);
 int pbjson_from_json(const ProtobufCMessageDescriptor *desc, struct json_object *json,
 		     ProtobufCMessage **ret, char **ret_error);
 
+/* The field a JSON key names: its lowerCamelCase JSON name first, then its proto name (as
+ * json_format looks them up); NULL when none. */
+const ProtobufCFieldDescriptor *pbjson_field_by_key(const ProtobufCMessageDescriptor *d,
+						    const char *key);
+
 /* proto3 strings are UTF-8, but protobuf-c's unpack does not check: a message that came in
  * over gRPC may hold one that JSON (and other clients) cannot carry. -EINVAL when a string
  * field, at any depth, is not valid UTF-8; ret_field gets its path ("spec.labels.value"). */
