@@ -141,7 +141,7 @@ AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
 	agent/events.c agent/template.c agent/snapshot.c agent/sandbox.c agent/sandbox-ops.c agent/recover.c \
 	agent/vmm.c agent/demo.c agent/node-sandbox.c agent/node-exec.c \
 	agent/node-files.c agent/expiry.c agent/console.c agent/node-console.c agent/http.c \
-	agent/rpc-local.c agent/metrics.c agent/pbjson.c
+	agent/rpc-local.c agent/metrics.c agent/pbjson.c agent/systemd.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
 GUEST_INIT_SRCS := guest/init/ember-init.c guest/init/cmdline.c guest/init/net.c
 GUEST_AGENT_SRCS := guest/agent/main.c guest/agent/conn.c guest/agent/exec.c guest/agent/file.c
@@ -659,4 +659,5 @@ clean:
 	format install clean bench-rpc bench-storage bench-net bench-uffd fuzz-uffd
 .DELETE_ON_ERROR:
 
--include $(shell find $(B) -name '*.d' 2>/dev/null)
+# Only files: a VM job's directory (build/vm/job-*/…/foo.service.d) is no dependency list.
+-include $(shell find $(B) -name '*.d' -type f -not -path '$(B)/vm/*' 2>/dev/null)

@@ -39,6 +39,7 @@ typedef struct Key {
 
 #define VMM_KINDS        ((const char *const[]){"auto", "firecracker", "fcsim", NULL})
 #define STORAGE_BACKENDS ((const char *const[]){"auto", "dm", "file", NULL})
+#define SYSTEMD_MODES    ((const char *const[]){"auto", "yes", "no", NULL})
 
 #define STR(field)       offsetof(Config, field)
 
@@ -64,6 +65,18 @@ static const Key keys[] = {
 	 0,
 	 0,
 	 NULL},
+	{{"agent", "systemd", "auto", "auto, yes or no",
+	  "Put each sandbox's processes (VMM, ember-uffd) into a systemd scope "
+	  "ember-sbx-<id>.scope under ember.slice, with its CPU and memory limits, and register "
+	  "it with systemd-machined, so that sandboxes survive a restart or crash of "
+	  "emberd.service. "
+	  "auto: when the host booted with systemd and the system bus answers; yes: refuse to "
+	  "start otherwise; no: the processes stay in emberd's own cgroup."},
+	 KEY_CHOICE,
+	 STR(systemd),
+	 0,
+	 0,
+	 SYSTEMD_MODES},
 
 	{{"api", "socket", "", "empty (meaning <run_dir>/ember.sock) or an absolute path",
 	  "gRPC unix socket, mode 0600, guarded by <socket>.lock."},
@@ -360,6 +373,14 @@ static const Key keys[] = {
 	 16,
 	 1048576,
 	 NULL},
+	{{"sandboxes", "memory_overhead_mib", "64", "a whole number from 0 to 65536",
+	  "A sandbox's systemd scope (see [agent] systemd) gets MemoryMax = its memory_mib plus "
+	  "this, for the VMM's own memory, ember-uffd and the disk's page cache. 0: no MemoryMax."},
+	 KEY_UINT,
+	 STR(memory_overhead_mib),
+	 0,
+	 65536,
+	 NULL},
 
 	{{"http", "listen", "127.0.0.1:7071", "empty (no HTTP listener) or HOST:PORT",
 	  "The HTTP listener: the operator's page at /test, the API as JSON under /v1/ and "
@@ -500,7 +521,7 @@ int config_set(Config *c, const char *section, const char *key, const char *valu
 			return error_set(
 				ret_error, -ENOENT,
 				"unknown section [%s]; known sections are [agent], [api], [vmm], "
-				"[storage], [network], [sandboxes] and [templates]",
+				"[storage], [network], [sandboxes], [http] and [templates]",
 				section);
 		char known[512] = "";
 		size_t len = 0;

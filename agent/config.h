@@ -18,6 +18,7 @@ typedef struct Config {
 	char *state_dir;
 	char *run_dir;
 	int log_level;
+	char *systemd; /* auto, yes, no */
 
 	/* [api] */
 	char *socket; /* empty in the file means <run_dir>/ember.sock; resolved by finish */
@@ -62,9 +63,10 @@ typedef struct Config {
 	unsigned memory_reserve_mib;
 	unsigned worker_threads;
 	unsigned event_log_size;
-	unsigned default_lifetime_s; /* 0: no end time unless a create gives one */
-	unsigned max_lifetime_s;     /* 0: no cap */
-	unsigned console_kib;        /* the console log's size */
+	unsigned default_lifetime_s;  /* 0: no end time unless a create gives one */
+	unsigned max_lifetime_s;      /* 0: no cap */
+	unsigned console_kib;         /* the console log's size */
+	unsigned memory_overhead_mib; /* scope MemoryMax beyond memory_mib; 0: none */
 
 	/* [http] */
 	char *http_listen; /* empty: no HTTP listener */

@@ -247,8 +247,9 @@ void console_watch(Manager *m, Sandbox *sb)
 
 	if (wd < 0) {
 		/* ReadConsole still works; followers then see new output at state changes */
-		log_warning("sandbox %s: cannot watch its console (%s): its log is not trimmed",
-			    sb->id, path ? strerror(errno) : "out of memory");
+		log_sandbox(LOG_WARNING, sb,
+			    ": cannot watch its console (%s): its log is not trimmed",
+			    path ? strerror(errno) : "out of memory");
 		return;
 	}
 	pthread_mutex_lock(&m->lock);
@@ -262,8 +263,8 @@ void console_watch(Manager *m, Sandbox *sb)
 			if (!n) {
 				pthread_mutex_unlock(&m->lock);
 				(void)inotify_rm_watch(m->console_fd, wd);
-				log_warning("sandbox %s: cannot watch its console: out of memory",
-					    sb->id);
+				log_sandbox(LOG_WARNING, sb,
+					    ": cannot watch its console: out of memory");
 				return;
 			}
 			m->consoles = n;

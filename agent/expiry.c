@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "messages.h"
 #include "node-sandbox.h"
 
 /* A sandbox busy with another operation (create, pause, resume, snapshot) is looked at again
@@ -146,9 +147,9 @@ static void schedule_locked(Manager *m, Sandbox *sb, int64_t due_ms)
 			size_t cap = m->cap_expiry ? 2 * m->cap_expiry : 64;
 			Sandbox **n = realloc(m->expiry, cap * sizeof(Sandbox *));
 			if (!n) {
-				log_error("sandbox %s: out of memory for its end-time timer; it "
-					  "will not expire",
-					  sb->id);
+				log_sandbox(LOG_ERR, sb,
+					    ": out of memory for its end-time timer; it "
+					    "will not expire");
 				return;
 			}
 			m->expiry = n;
@@ -204,7 +205,8 @@ static void expire_locked(Manager *m, Sandbox *sb, int64_t now)
 	snprintf(reason, sizeof(reason), "its end time %s passed (on_expiry %s)", when,
 		 pause ? "PAUSE" : "DESTROY");
 	if (!pause) {
-		log_info("sandbox %s: %s; destroying it", sb->id, reason);
+		sandbox_log_event(sb, LOG_INFO, EMBER_MESSAGE_SANDBOX_EXPIRED, "expire", NULL, -1,
+				  "sandbox %s: %s; destroying it", sb->id, reason);
 		sb->abort = true;
 		sb->destroy_failed = false;
 		sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYING,
@@ -220,12 +222,14 @@ static void expire_locked(Manager *m, Sandbox *sb, int64_t now)
 				     ? "there is not enough disk for its memory file"
 				     : NULL;
 	if (refuse) {
-		log_warning("sandbox %s: %s, but it cannot be paused: %s; trying again in %d s",
-			    sb->id, reason, refuse, EXPIRY_PAUSE_RETRY_MS / 1000);
+		log_sandbox(LOG_WARNING, sb,
+			    ": %s, but it cannot be paused: %s; trying again in %d s", reason,
+			    refuse, EXPIRY_PAUSE_RETRY_MS / 1000);
 		schedule_locked(m, sb, now + EXPIRY_PAUSE_RETRY_MS);
 		return;
 	}
-	log_info("sandbox %s: %s; pausing it", sb->id, reason);
+	sandbox_log_event(sb, LOG_INFO, EMBER_MESSAGE_SANDBOX_EXPIRED, "expire", NULL, -1,
+			  "sandbox %s: %s; pausing it", sb->id, reason);
 	free(sb->op_reason);
 	sb->op_reason = strdup(reason);
 	sandbox_set_state_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSING, reason);

@@ -52,6 +52,10 @@ static void help(void)
 	       "      --run-dir DIR      [agent] run_dir (the socket defaults to DIR/ember.sock)\n"
 	       "      --log-level LEVEL  debug, info, notice, warning or err\n"
 	       "      --dump-config      print the effective configuration and exit\n"
+	       "      --destroy-all-sandboxes\n"
+	       "                         destroy every sandbox of this node (with its disk,\n"
+	       "                         network and processes) and exit, without serving;\n"
+	       "                         run by the package when it is removed\n"
 	       "  -h, --help             show this help\n"
 	       "  -V, --version          show the version\n"
 	       "\n"
@@ -67,6 +71,7 @@ typedef struct Override {
 typedef struct Args {
 	const char *config_file;
 	bool dump_config;
+	bool destroy_all;
 	Override overrides[8];
 	size_t n_overrides;
 } Args;
@@ -76,6 +81,7 @@ enum {
 	ARG_RUN_DIR,
 	ARG_LOG_LEVEL,
 	ARG_DUMP_CONFIG,
+	ARG_DESTROY_ALL,
 };
 
 static void add_override(Args *a, const char *section, const char *key, const char *value,
@@ -95,6 +101,7 @@ static int parse_argv(int argc, char *argv[], Args *a)
 		{"run-dir", required_argument, NULL, ARG_RUN_DIR},
 		{"log-level", required_argument, NULL, ARG_LOG_LEVEL},
 		{"dump-config", no_argument, NULL, ARG_DUMP_CONFIG},
+		{"destroy-all-sandboxes", no_argument, NULL, ARG_DESTROY_ALL},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
 		{},
@@ -125,6 +132,9 @@ static int parse_argv(int argc, char *argv[], Args *a)
 			break;
 		case ARG_DUMP_CONFIG:
 			a->dump_config = true;
+			break;
+		case ARG_DESTROY_ALL:
+			a->destroy_all = true;
 			break;
 		case 'h':
 			help();
@@ -319,6 +329,66 @@ static int start_http(const Config *c, MetricsSources *src, HttpServer **ret)
 	return 0;
 }
 
+/* The state dir's lock and the socket's (see take_lock()), their directories made first. */
+static int take_locks(const Config *c, int *ret_state_lock, int *ret_sock_lock)
+{
+	_cleanup_free_ char *lock_path = NULL, *dir = NULL;
+	int r;
+
+	if ((r = mkdir_p(c->state_dir, 0700)) < 0)
+		return log_error_errno(r, "cannot create state dir %s", c->state_dir);
+	if ((r = mkdir_p(c->run_dir, 0700)) < 0)
+		return log_error_errno(r, "cannot create run dir %s", c->run_dir);
+
+	if (asprintf(&lock_path, "%s/emberd.lock", c->state_dir) < 0)
+		return log_error_errno(ENOMEM, "out of memory");
+	*ret_state_lock = take_lock(lock_path, c->state_dir);
+	if (*ret_state_lock < 0)
+		return *ret_state_lock;
+	free(lock_path);
+	if (asprintf(&lock_path, "%s.lock", c->socket) < 0 || !(dir = strdup(c->socket)))
+		return log_error_errno(ENOMEM, "out of memory");
+	*strrchr(dir, '/') = 0;
+	if (*dir && (r = mkdir_p(dir, 0700)) < 0)
+		return log_error_errno(r, "cannot create socket directory %s", dir);
+	*ret_sock_lock = take_lock(lock_path, c->socket);
+	return *ret_sock_lock < 0 ? *ret_sock_lock : 0;
+}
+
+/* --destroy-all-sandboxes: recovery as at a start (so that what a crash left is reclaimed too),
+ * then every sandbox destroyed; no API is served meanwhile. */
+static int destroy_all(Config *c)
+{
+	_cleanup_(node_service_freep) NodeService *node = NULL;
+	_cleanup_(manager_freep) Manager *manager = NULL;
+	_cleanup_close_ int state_lock = -EBADF, sock_lock = -EBADF;
+	_cleanup_free_ char *err = NULL;
+	int r;
+
+	signal(SIGPIPE, SIG_IGN);
+	/* No ready network slots are wanted: they would only be made to be removed. */
+	c->pool_size = 0;
+	r = take_locks(c, &state_lock, &sock_lock);
+	if (r < 0)
+		return r;
+	r = node_service_new(c, &node, &err);
+	if (r < 0)
+		return log_error_errno(r, "%s", err ?: "cannot set up the node service");
+	node_service_probe(node);
+	r = manager_new(c, node_service_kvm_usable(node), &manager, &err);
+	if (r < 0)
+		return log_error_errno(r, "cannot start the sandbox manager: %s",
+				       err ?: strerror(-r));
+	unsigned n = manager_sandbox_count(manager);
+	/* A destroy waits at most for its VMM's stop (5 s) and a busy disk (2.5 s); operations in
+	 * flight first finish. */
+	r = manager_destroy_all(manager, 120 * 1000, &err);
+	if (r < 0)
+		return log_error_errno(r, "destroying the sandboxes: %s", err ?: strerror(-r));
+	log_notice("destroyed %u sandbox(es); nothing of them is left on this node", n);
+	return 0;
+}
+
 static int run(const Config *c)
 {
 	_cleanup_(rpc_server_freep) RpcServer *server = NULL;
@@ -327,7 +397,7 @@ static int run(const Config *c)
 	/* Last, so that on an early return it goes first: its calls use everything above. */
 	_cleanup_(http_server_freep) HttpServer *http = NULL;
 	_cleanup_close_ int state_lock = -EBADF, sock_lock = -EBADF;
-	_cleanup_free_ char *lock_path = NULL, *err = NULL;
+	_cleanup_free_ char *err = NULL;
 	sigset_t mask;
 	int r;
 
@@ -340,30 +410,9 @@ static int run(const Config *c)
 	pthread_sigmask(SIG_BLOCK, &mask, NULL);
 	signal(SIGPIPE, SIG_IGN);
 
-	if ((r = mkdir_p(c->state_dir, 0700)) < 0)
-		return log_error_errno(r, "cannot create state dir %s", c->state_dir);
-	if ((r = mkdir_p(c->run_dir, 0700)) < 0)
-		return log_error_errno(r, "cannot create run dir %s", c->run_dir);
-
-	if (asprintf(&lock_path, "%s/emberd.lock", c->state_dir) < 0)
-		return log_error_errno(ENOMEM, "out of memory");
-	state_lock = take_lock(lock_path, c->state_dir);
-	if (state_lock < 0)
-		return state_lock;
-	free(lock_path);
-	if (asprintf(&lock_path, "%s.lock", c->socket) < 0)
-		return log_error_errno(ENOMEM, "out of memory");
-	{
-		_cleanup_free_ char *dir = strdup(c->socket);
-		if (!dir)
-			return log_error_errno(ENOMEM, "out of memory");
-		*strrchr(dir, '/') = 0;
-		if (*dir && (r = mkdir_p(dir, 0700)) < 0)
-			return log_error_errno(r, "cannot create socket directory %s", dir);
-	}
-	sock_lock = take_lock(lock_path, c->socket);
-	if (sock_lock < 0)
-		return sock_lock;
+	r = take_locks(c, &state_lock, &sock_lock);
+	if (r < 0)
+		return r;
 
 	r = node_service_new(c, &node, &err);
 	if (r < 0)
@@ -517,7 +566,7 @@ int main(int argc, char *argv[])
 	if (config.loaded_from)
 		log_debug("configuration read from %s", config.loaded_from);
 
-	r = run(&config);
+	r = args.destroy_all ? destroy_all(&config) : run(&config);
 	config_free(&config);
 	return r < 0 ? EXIT_RUNTIME : EXIT_SUCCESS;
 }

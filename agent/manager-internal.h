@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <time.h>
 
+#include "common/log.h"
 #include "ember/v1/node.pb-c.h"
 #include "fcctl/fcctl.h"
 #include "manager.h"
@@ -34,6 +35,7 @@
 #include "netns/netns.h"
 #include "rpc.h"
 #include "storage/storage.h"
+#include "systemd.h"
 
 /* ---- specs ---- */
 
@@ -226,6 +228,7 @@ struct Sandbox {
 	pid_t uffd_pid;
 	Ember__V1__SandboxState state; /* (L) */
 	bool boot_restore;             /* created from its template's boot snapshot */
+	bool boot_vm;                  /* a template's boot VM, in no registry */
 	bool resume_loading; /* a resume has sent /snapshot/load: the guest may have run */
 	bool slot_user;      /* (L) counted in Manager.n_slot_users */
 	bool huge_held;      /* (L) counted in Manager.huge_mib */
@@ -302,6 +305,7 @@ struct Manager {
 	char *netns_state;
 	char *uplink; /* resolved, or NULL */
 	Events *events;
+	Systemd *systemd; /* NULL: no scopes (systemd.h) */
 	char *templates_dir, *sandboxes_dir, *run_sandboxes_dir;
 
 	pthread_mutex_t lock;
@@ -325,6 +329,7 @@ struct Manager {
 	pthread_t *workers;
 	size_t n_workers;
 	bool stopping;
+	bool teardown; /* manager_destroy_all(): the host side of the network goes at the end */
 
 	/* VMM exit watch */
 	int epoll_fd;
@@ -420,6 +425,26 @@ uint64_t console_kept_start(int fd, uint64_t size);
 uint64_t console_tail_start(int fd, uint64_t from, uint64_t size, unsigned lines);
 ssize_t console_read(int fd, uint64_t *pos, void *buf, size_t size, uint64_t *ret_skipped);
 
+/* A message about one sandbox, "sandbox <id>…", with its SANDBOX_ID and TEMPLATE_ID fields, so
+ * that `journalctl SANDBOX_ID=<id>` shows its whole life. fmt continues after the id. */
+#define log_sandbox_errno(level, error, sb, fmt, ...)                                              \
+	log_struct(level, error,                                                                   \
+		   LOG_FIELDS({"SANDBOX_ID", (sb)->id}, {"TEMPLATE_ID", (sb)->template_id}),       \
+		   "sandbox %s" fmt, (sb)->id, ##__VA_ARGS__)
+#define log_sandbox(level, sb, fmt, ...) log_sandbox_errno(level, 0, sb, fmt, ##__VA_ARGS__)
+
+/* A lifecycle event of a sandbox (messages.h names each kind), with SANDBOX_ID, TEMPLATE_ID,
+ * OP, STEP (NULL: none) and DURATION_US (< 0: none) for the journal; CODE_LINE= is the
+ * caller's. */
+#define sandbox_log_event(sb, level, ...)                                                          \
+	sandbox_log_event_at(__FILE__, __LINE__, __func__, sb, level, __VA_ARGS__)
+void sandbox_log_event_at(const char *file, int line, const char *func, const Sandbox *sb,
+			  int level, const char *message_id, const char *op, const char *step,
+			  int64_t duration_us, const char *fmt, ...) _printf_(10, 11);
+/* LOG_INFO where the log is the journal (indexed: an operator selects a sandbox's entries),
+ * LOG_DEBUG on a terminal, for events too many to read there (every step of every create). */
+int log_level_journal_info(void);
+
 /* sandbox-ops.c */
 /* Empties a sandbox's run directory, but for its console log when keep_console; without it
  * removes the directory. */
@@ -442,6 +467,9 @@ char *sandbox_saved_path(const Sandbox *sb, const char *name);
 /* Releases every runtime resource (VMM, disk device, slot, run dir) the sandbox holds; keeps
  * its files. Used by destroy, by a failed create's unwind and when a VMM died. */
 int sandbox_release_runtime(Manager *m, Sandbox *sb, char **ret_error);
+/* Moves its VMM and ember-uffd into its systemd scope and registers it with machined (after a
+ * spawn, and for an adopted sandbox); nothing without systemd or for a template's boot VM. */
+int sandbox_scope_enter(Manager *m, Sandbox *sb, char **ret_error);
 /* Writes the record of `sb`, with `state` and `reason` when state is not UNSPECIFIED (a
  * change about to be published: the record goes first), else as it is now. */
 int sandbox_record_write(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,

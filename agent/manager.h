@@ -58,6 +58,11 @@ void manager_demo_template(Manager *m);
 const VmmInfo *manager_vmm(const Manager *m);
 const char *manager_storage_backend(const Manager *m);
 unsigned manager_sandbox_count(Manager *m);
+/* Destroys every sandbox (as DestroySandbox does) and waits up to timeout_ms for them to go;
+ * then manager_free() also removes the network pool's host side. For `emberd
+ * --destroy-all-sandboxes`, which the package runs when it is removed. -ETIMEDOUT or -EIO (a
+ * destroy failed) with the sandboxes left named in *ret_error. */
+int manager_destroy_all(Manager *m, int timeout_ms, char **ret_error);
 /* The Prometheus text of sandboxes by state and of operations (durations by step, outcomes).
  * m may be NULL (before recovery finished): nothing is written. */
 void manager_write_metrics(Manager *m, FILE *f);

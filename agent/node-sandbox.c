@@ -15,6 +15,7 @@
 
 #include "common/id.h"
 #include "common/log.h"
+#include "messages.h"
 #include "node-sandbox.h"
 #include "probe.h"
 
@@ -1335,7 +1336,7 @@ again:
 		pthread_mutex_unlock(&m->lock);
 		NetnsPolicy old = sb_spec_policy(&sb->spec);
 		if (slot && netns_slot_set_policy(m->pool, slot, &old, &rerr) < 0 && rerr)
-			log_error("sandbox %s: cannot restore its egress policy: %s", sb->id, rerr);
+			log_sandbox(LOG_ERR, sb, ": cannot restore its egress policy: %s", rerr);
 	}
 	if (slot)
 		netns_slot_unref(slot);
@@ -1353,9 +1354,11 @@ again:
 		code = rpc_call_error(call, RPC_INTERNAL, "sandbox %s: nothing changed: %s",
 				      req->sandbox_id, err ?: strerror(-r));
 	} else {
-		log_info("sandbox %s updated (%s%s%s%s)", sb->id, what & UPD_END ? " end_time" : "",
-			 what & UPD_EXPIRY ? " on_expiry" : "", what & UPD_LABELS ? " labels" : "",
-			 what & UPD_NETWORK ? " network" : "");
+		sandbox_log_event(
+			sb, LOG_INFO, EMBER_MESSAGE_SANDBOX_UPDATED, "update", NULL, -1,
+			"sandbox %s updated (%s%s%s%s)", sb->id, what & UPD_END ? " end_time" : "",
+			what & UPD_EXPIRY ? " on_expiry" : "", what & UPD_LABELS ? " labels" : "",
+			what & UPD_NETWORK ? " network" : "");
 		code = send_sandbox(call, m, sb);
 	}
 	sandbox_unref(m, sb);

@@ -184,12 +184,12 @@ static void ensure_running(Manager *m, Sandbox *sb)
 	if (fcctl_describe(sb->vm, &state, &version, &err) >= 0 && state &&
 	    strcmp(state, "Paused") == 0) {
 		if (fcctl_vm_resume(sb->vm, &err) >= 0)
-			log_info("sandbox %s: its VM was left paused (a snapshot interrupted by a "
-				 "restart): resumed",
-				 sb->id);
+			log_sandbox(LOG_INFO, sb,
+				    ": its VM was left paused (a snapshot interrupted by a "
+				    "restart): resumed");
 		else
-			log_warning("sandbox %s: its VM is paused and cannot be resumed: %s",
-				    sb->id, err ?: "?");
+			log_sandbox(LOG_WARNING, sb, ": its VM is paused and cannot be resumed: %s",
+				    err ?: "?");
 	}
 	fcctl_vm_set_timeout(sb->vm, 10000);
 }
@@ -399,10 +399,10 @@ int manager_recover(Manager *m, char **ret_error)
 						     json_get_string(o, "uffd_binary"),
 						     &why) >= 0) {
 				sb->vmm_pid = pid;
-				log_info("sandbox %s: its pause was interrupted by a restart; its "
-					 "VM "
-					 "runs on (RUNNING)",
-					 sb->id);
+				log_sandbox(LOG_INFO, sb,
+					    ": its pause was interrupted by a restart; its "
+					    "VM "
+					    "runs on (RUNNING)");
 				break;
 			}
 			stop_stray_vmm(pid, binary, sb->id, sb->run_dir);
@@ -414,10 +414,10 @@ int manager_recover(Manager *m, char **ret_error)
 				sb->state = EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED;
 				free(sb->state_reason);
 				sb->state_reason = NULL;
-				log_info("sandbox %s: its resume was interrupted by a restart "
-					 "before "
-					 "its guest ran; it is PAUSED again",
-					 sb->id);
+				log_sandbox(LOG_INFO, sb,
+					    ": its resume was interrupted by a restart "
+					    "before "
+					    "its guest ran; it is PAUSED again");
 				break;
 			}
 			free(sb->state_reason);
@@ -443,8 +443,8 @@ int manager_recover(Manager *m, char **ret_error)
 			 * finished. Either way the sandbox goes; reclaim below removes its
 			 * devices, slot and processes, then its files. */
 			stop_stray_vmm(pid, binary, sb->id, sb->run_dir);
-			log_info("sandbox %s was %s when emberd stopped: removing it", sb->id,
-				 json_get_string(o, "state"));
+			log_sandbox(LOG_INFO, sb, " was %s when emberd stopped: removing it",
+				    json_get_string(o, "state"));
 			r = str_list_push(&undone_dirs, dir);
 			sb->refs = 1;
 			sandbox_unref_locked(m, sb);
@@ -533,6 +533,15 @@ int manager_recover(Manager *m, char **ret_error)
 		sb->slot_user = true;
 		m->n_slot_users++;
 		adopted++;
+		sandbox_log_event(sb, log_level_journal_info(), EMBER_MESSAGE_SANDBOX_ADOPTED,
+				  "recover", NULL, -1, "sandbox %s adopted: VMM pid %d%s", sb->id,
+				  (int)sb->vmm_pid, sb->uffd ? " with its ember-uffd" : "");
+		/* Started without systemd, or by an emberd that crashed between the spawn and the
+		 * scope: into the scope now. Already there: only the machine is checked. */
+		if (sandbox_scope_enter(m, sb, &err) < 0)
+			log_sandbox(LOG_WARNING, sb,
+				    ": %s; a restart of emberd.service would end it",
+				    err ?: "cannot move it into its systemd scope");
 	}
 
 	/* Disks and run directories that no kept sandbox claims, then the files of what was
@@ -585,7 +594,7 @@ int manager_recover(Manager *m, char **ret_error)
 		Sandbox *sb = loaded[i];
 		(void)sandbox_record_write(m, sb, 0, NULL);
 		if (sb->vm && (r = manager_watch_vmm(m, sb)) < 0)
-			log_error_errno(r, "sandbox %s: cannot watch its VMM", sb->id);
+			log_sandbox_errno(LOG_ERR, r, sb, ": cannot watch its VMM");
 		if (sb->vm) {
 			/* an emberd before the console log named the VMM's output fc.out: the
 			 * VMM writes on into the renamed file */

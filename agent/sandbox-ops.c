@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,30 +40,52 @@ static uint64_t now_us(void)
 	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
 }
 
+int log_level_journal_info(void)
+{
+	return log_get_target() == LOG_TARGET_JOURNAL ? LOG_INFO : LOG_DEBUG;
+}
+
+void sandbox_log_event_at(const char *file, int line, const char *func, const Sandbox *sb,
+			  int level, const char *message_id, const char *op, const char *step,
+			  int64_t duration_us, const char *fmt, ...)
+{
+	_cleanup_free_ char *msg = NULL;
+	char dur[32];
+	va_list ap;
+
+	if (level > log_get_max_level())
+		return;
+	va_start(ap, fmt);
+	if (vasprintf(&msg, fmt, ap) < 0)
+		msg = NULL;
+	va_end(ap);
+	snprintf(dur, sizeof(dur), "%lld", (long long)duration_us);
+	log_internal(level, 0,
+		     LOG_FIELDS({"MESSAGE_ID", message_id}, {"SANDBOX_ID", sb->id},
+				{"TEMPLATE_ID", sb->template_id}, {"OP", op}, {"STEP", step},
+				{"DURATION_US", duration_us >= 0 ? dur : NULL}),
+		     file, line, func, "%s", msg ?: fmt);
+}
+
 static void log_step(const Sandbox *sb, const char *op, const char *step, uint64_t us, int r,
 		     const char *err)
 {
-	char dur[32], errno_s[16];
-
 	if (r >= 0)
 		crash_point(op, step);
 
-	snprintf(dur, sizeof(dur), "%llu", (unsigned long long)us);
-	snprintf(errno_s, sizeof(errno_s), "%d", r < 0 ? -r : 0);
 	if (r < 0)
-		log_struct(LOG_WARNING, 0,
-			   LOG_FIELDS({"SANDBOX_ID", sb->id}, {"OP", op}, {"STEP", step},
-				      {"DURATION_US", dur}, {"ERRNO", errno_s}),
-			   "sandbox %s: %s: step %s failed after %llu us: %s", sb->id, op, step,
-			   (unsigned long long)us, err ?: strerror(-r));
+		sandbox_log_event(sb, LOG_WARNING, EMBER_MESSAGE_SANDBOX_STEP_FAILED, op, step,
+				  (int64_t)us, "sandbox %s: %s: step %s failed after %llu us: %s",
+				  sb->id, op, step, (unsigned long long)us, err ?: strerror(-r));
 	else
-		/* Pause and resume are rare and their steps are what an operator compares; a
-		 * create's are in last_operation and the debug log. */
-		log_struct(strcmp(op, "create") == 0 ? LOG_DEBUG : LOG_INFO, 0,
-			   LOG_FIELDS({"SANDBOX_ID", sb->id}, {"OP", op}, {"STEP", step},
-				      {"DURATION_US", dur}),
-			   "sandbox %s: %s: %s took %llu us", sb->id, op, step,
-			   (unsigned long long)us);
+		/* Pause and resume are rare and their steps are what an operator compares, so
+		 * they are logged at info everywhere; a create's go to the journal, where
+		 * `journalctl SANDBOX_ID=` selects them, but not to a terminal. */
+		sandbox_log_event(sb,
+				  strcmp(op, "create") == 0 ? log_level_journal_info() : LOG_INFO,
+				  EMBER_MESSAGE_SANDBOX_STEP, op, step, (int64_t)us,
+				  "sandbox %s: %s: %s took %llu us", sb->id, op, step,
+				  (unsigned long long)us);
 }
 
 bool vmm_or_uffd_exited(const Sandbox *sb)
@@ -213,7 +236,7 @@ int sandbox_record_write(Manager *m, Sandbox *sb, Ember__V1__SandboxState state,
 	r = record_write(path, o);
 	json_object_put(o);
 	if (r < 0)
-		log_error_errno(r, "sandbox %s: cannot write its record %s", sb->id, path);
+		log_sandbox_errno(LOG_ERR, r, sb, ": cannot write its record %s", path);
 	return r;
 }
 
@@ -237,6 +260,7 @@ static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 	int k;
 
 	if (sb->vm) {
+		systemd_machine_unregister(m->systemd, sb->id);
 		manager_unwatch_vmm(m, sb);
 		k = fcctl_vm_stop(sb->vm, VMM_STOP_TIMEOUT_MS, &ex);
 		if (k < 0) {
@@ -420,6 +444,43 @@ static int step_run_dir(Sandbox *sb, bool keep_console, char **ret_error)
 	return 0;
 }
 
+/* The VMM and ember-uffd leave emberd's cgroup for the sandbox's own scope (systemd.h), so
+ * that a restart of emberd.service does not take them along; then the machine is registered.
+ * Without systemd nothing happens. */
+int sandbox_scope_enter(Manager *m, Sandbox *sb, char **ret_error)
+{
+	pid_t pids[2];
+	size_t n = 0;
+	int r;
+
+	/* A template's boot VM is emberd's own short job: it goes with emberd. */
+	if (!m->systemd || sb->boot_vm)
+		return 0;
+	if (sb->vm)
+		pids[n++] = sb->vmm_pid;
+	if (sb->uffd)
+		pids[n++] = sb->uffd_pid;
+	SystemdScope scope = {
+		.sandbox_id = sb->id,
+		.pids = pids,
+		.n_pids = n,
+		.vcpus = sb->spec.vcpu_count,
+		.memory_max =
+			m->config->memory_overhead_mib
+				? ((uint64_t)sb->spec.memory_mib + m->config->memory_overhead_mib)
+					  << 20
+				: 0,
+	};
+	r = systemd_scope_add(m->systemd, &scope, ret_error);
+	if (r < 0 || !sb->vm)
+		return r;
+	_cleanup_free_ char *err = NULL;
+	if (systemd_machine_register(m->systemd, sb->id, sb->vmm_pid, &err) < 0)
+		log_sandbox(LOG_WARNING, sb, ": %s (machinectl will not list it)",
+			    err ?: "cannot register it with systemd-machined");
+	return 0;
+}
+
 static int step_spawn(Manager *m, Sandbox *sb, char **ret_error)
 {
 	static const char *const stale[] = {FCCTL_API_SOCK, "v.sock", NULL};
@@ -440,7 +501,10 @@ static int step_spawn(Manager *m, Sandbox *sb, char **ret_error)
 	console_watch(m, sb);
 	/* The pid goes on record before the VMM is given anything to do: a restart finds and
 	 * ends (or adopts) it whatever happens next. */
-	return sandbox_record_write(m, sb, 0, NULL);
+	r = sandbox_record_write(m, sb, 0, NULL);
+	if (r >= 0)
+		r = sandbox_scope_enter(m, sb, ret_error);
+	return r;
 }
 
 static int step_configure(Manager *m, Sandbox *sb, char **ret_error)
@@ -626,7 +690,7 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 	if (r >= 0) {
 		int w = manager_watch_vmm(m, sb);
 		if (w < 0)
-			log_error_errno(w, "sandbox %s: cannot watch its VMM", sb->id);
+			log_sandbox_errno(LOG_ERR, w, sb, ": cannot watch its VMM");
 		pthread_mutex_lock(&m->lock);
 		bool abort = sb->abort;
 		if (!abort) {
@@ -649,15 +713,13 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 		}
 		pthread_mutex_unlock(&m->lock);
 		if (!abort) {
-			char dur[32];
-			snprintf(dur, sizeof(dur), "%llu", (unsigned long long)(now_us() - t0));
-			log_struct(LOG_INFO, 0,
-				   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_CREATED},
-					      {"SANDBOX_ID", sb->id},
-					      {"TEMPLATE_ID", sb->template_id}, {"OP", "create"},
-					      {"DURATION_US", dur}),
-				   "sandbox %s created from template %s in %llu ms", sb->id,
-				   sb->template_id, (unsigned long long)(now_us() - t0) / 1000);
+			uint64_t us = now_us() - t0;
+			sandbox_log_event(sb, LOG_INFO, EMBER_MESSAGE_SANDBOX_CREATED, "create",
+					  NULL, (int64_t)us,
+					  "sandbox %s created from %s %s in %llu ms", sb->id,
+					  sb->snap ? "snapshot" : "template",
+					  sb->snap ? sb->snap->id : sb->template_id,
+					  (unsigned long long)us / 1000);
 		}
 		return;
 	}
@@ -677,10 +739,8 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 	} else if (asprintf(&msg, "create of sandbox %s failed at step %s: %s", sb->id,
 			    failed ?: "?", err ?: strerror(-r)) < 0)
 		msg = NULL;
-	log_struct(LOG_WARNING, 0,
-		   LOG_FIELDS({"SANDBOX_ID", sb->id}, {"TEMPLATE_ID", sb->template_id},
-			      {"OP", "create"}, {"STEP", failed ?: "?"}),
-		   "%s", msg ?: "create failed");
+	sandbox_log_event(sb, LOG_WARNING, EMBER_MESSAGE_SANDBOX_CREATE_FAILED, "create",
+			  failed ?: "?", (int64_t)(now_us() - t0), "%s", msg ?: "create failed");
 
 	if (u < 0) {
 		/* Something could not be undone: the sandbox stays, FAILED, so that nothing is
@@ -689,7 +749,7 @@ void sandbox_op_create(Manager *m, Sandbox *sb)
 		if (asprintf(&reason, "%s; undoing it failed: %s", msg ?: "create failed",
 			     uerr ?: strerror(-u)) < 0)
 			reason = NULL;
-		log_error("sandbox %s: %s", sb->id, reason ?: "undoing a failed create failed");
+		log_sandbox(LOG_ERR, sb, ": %s", reason ?: "undoing a failed create failed");
 		(void)mkdir_p(sb->data_dir, 0700);
 		(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
 					   reason);
@@ -739,6 +799,10 @@ void sandbox_op_destroy(Manager *m, Sandbox *sb)
 		_cleanup_free_ char *reason = NULL;
 		if (asprintf(&reason, "destroy failed: %s", err ?: strerror(-r)) < 0)
 			reason = NULL;
+		sandbox_log_event(sb, LOG_WARNING, EMBER_MESSAGE_SANDBOX_DESTROY_FAILED, "destroy",
+				  "release", (int64_t)(now_us() - t0),
+				  "sandbox %s FAILED: %s; DestroySandbox tries again", sb->id,
+				  reason ?: "destroy failed");
 		(void)mkdir_p(sb->data_dir, 0700);
 		(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
 					   reason ?: "destroy failed");
@@ -757,12 +821,8 @@ void sandbox_op_destroy(Manager *m, Sandbox *sb)
 	events_record(m->events, NULL, sb->id);
 	manager_remove_locked(m, sb);
 	pthread_mutex_unlock(&m->lock);
-	char dur[32];
-	snprintf(dur, sizeof(dur), "%llu", (unsigned long long)(now_us() - t0));
-	log_struct(LOG_INFO, 0,
-		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_DESTROYED},
-			      {"SANDBOX_ID", sb->id}, {"OP", "destroy"}, {"DURATION_US", dur}),
-		   "sandbox %s destroyed", sb->id);
+	sandbox_log_event(sb, LOG_INFO, EMBER_MESSAGE_SANDBOX_DESTROYED, "destroy", NULL,
+			  (int64_t)(now_us() - t0), "sandbox %s destroyed", sb->id);
 }
 
 /* ---- a VMM that died ---- */
@@ -810,13 +870,11 @@ void sandbox_op_reap(Manager *m, Sandbox *sb)
 		k = asprintf(&reason, "the VMM exited unexpectedly with status %d", ex.code);
 	if (k < 0)
 		reason = NULL;
-	log_struct(LOG_WARNING, 0,
-		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_FAILED}, {"SANDBOX_ID", sb->id},
-			      {"OP", "watch"}),
-		   "sandbox %s FAILED: %s", sb->id, reason ?: "the VMM exited");
+	sandbox_log_event(sb, LOG_WARNING, EMBER_MESSAGE_SANDBOX_FAILED, "watch", NULL, -1,
+			  "sandbox %s FAILED: %s", sb->id, reason ?: "the VMM exited");
 	/* FAILED keeps the disk for inspection (its file), not the devices or the slot. */
 	if (sandbox_release_runtime(m, sb, &err) < 0)
-		log_warning("sandbox %s: cleaning up after its VMM: %s", sb->id, err ?: "failed");
+		log_sandbox(LOG_WARNING, sb, ": cleaning up after its VMM: %s", err ?: "failed");
 	(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
 				   reason ?: "the VMM exited");
 
@@ -878,15 +936,11 @@ static void op_finish_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState st
 
 static void log_op_done(Sandbox *sb, const char *op, const char *message_id, uint64_t t0)
 {
-	char dur[32];
+	uint64_t us = now_us() - t0;
 
-	snprintf(dur, sizeof(dur), "%llu", (unsigned long long)(now_us() - t0));
-	log_struct(LOG_INFO, 0,
-		   LOG_FIELDS({"MESSAGE_ID", message_id}, {"SANDBOX_ID", sb->id}, {"OP", op},
-			      {"DURATION_US", dur}),
-		   "sandbox %s %s in %llu ms", sb->id,
-		   strcmp(op, "pause") == 0 ? "paused" : "resumed",
-		   (unsigned long long)(now_us() - t0) / 1000);
+	sandbox_log_event(
+		sb, LOG_INFO, message_id, op, NULL, (int64_t)us, "sandbox %s %s in %llu ms", sb->id,
+		strcmp(op, "pause") == 0 ? "paused" : "resumed", (unsigned long long)us / 1000);
 }
 
 /* FAILED with its saved state kept; whatever still runs or is held goes (best effort: what
@@ -902,10 +956,8 @@ static void op_fail(Manager *m, Sandbox *sb, const char *op, const char *message
 		     u < 0 ? rerr ?: "?" : "",
 		     kept ? "; its saved state is kept until DestroySandbox" : "") < 0)
 		reason = NULL;
-	log_struct(LOG_WARNING, 0,
-		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_FAILED}, {"SANDBOX_ID", sb->id},
-			      {"OP", op}),
-		   "sandbox %s FAILED: %s", sb->id, reason ?: message);
+	sandbox_log_event(sb, LOG_WARNING, EMBER_MESSAGE_SANDBOX_FAILED, op, NULL, -1,
+			  "sandbox %s FAILED: %s", sb->id, reason ?: message);
 	(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_FAILED,
 				   reason ?: message);
 	pthread_mutex_lock(&m->lock);
@@ -1070,7 +1122,9 @@ void sandbox_op_pause(Manager *m, Sandbox *sb)
 				m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING, NULL);
 		(void)rm_rf(new_dir);
 		if (k >= 0) {
-			log_warning("sandbox %s: %s; it runs on", sb->id, msg ?: "pause failed");
+			sandbox_log_event(sb, LOG_WARNING, EMBER_MESSAGE_SANDBOX_PAUSE_FAILED,
+					  "pause", NULL, -1, "sandbox %s: %s; it runs on", sb->id,
+					  msg ?: "pause failed");
 			pthread_mutex_lock(&m->lock);
 			op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING,
 					 NULL, code_of(r), msg);
@@ -1222,7 +1276,7 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 	if (r >= 0) {
 		int w = manager_watch_vmm(m, sb);
 		if (w < 0)
-			log_error_errno(w, "sandbox %s: cannot watch its VMM", sb->id);
+			log_sandbox_errno(LOG_ERR, w, sb, ": cannot watch its VMM");
 		pthread_mutex_lock(&m->lock);
 		bool destroyed = sb->destroy_next;
 		op_finish_locked(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_RUNNING, NULL,
@@ -1248,7 +1302,9 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 	}
 	if (i - 1 <= R_SLOT) {
 		/* Nothing was touched: it stays PAUSED, and a later resume may find a slot. */
-		log_warning("sandbox %s: %s; it stays PAUSED", sb->id, msg ?: "resume failed");
+		sandbox_log_event(sb, LOG_WARNING, EMBER_MESSAGE_SANDBOX_RESUME_FAILED, "resume",
+				  NULL, -1, "sandbox %s: %s; it stays PAUSED", sb->id,
+				  msg ?: "resume failed");
 		(void)release_slot(m, sb, NULL); /* the admission's count */
 		(void)sandbox_record_write(m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_PAUSED,
 					   NULL);
@@ -1381,12 +1437,13 @@ void sandbox_op_snapshot(Manager *m, Sandbox *sb)
 	_cleanup_free_ char *uerr = NULL;
 	if (running && (vm_paused || r < 0) && ensure_vm_running(m, sb, &uerr) < 0) {
 		FcExit ex;
-		log_error("sandbox %s: cannot resume its VM after snapshot %s: %s; stopping it",
-			  sb->id, snap_id, uerr ?: "failed");
+		log_sandbox(LOG_ERR, sb,
+			    ": cannot resume its VM after snapshot %s: %s; stopping it", snap_id,
+			    uerr ?: "failed");
 		(void)fcctl_vm_stop(sb->vm, VMM_STOP_TIMEOUT_MS, &ex);
 	}
 	if (disk_up && storage_disk_remove(m->storage, &spec, &uerr) < 0)
-		log_warning("sandbox %s: cannot take its disk down after snapshot %s: %s", sb->id,
+		log_sandbox(LOG_WARNING, sb, ": cannot take its disk down after snapshot %s: %s",
 			    snap_id, uerr ?: "failed");
 	if (r < 0)
 		(void)rm_rf(tmp);
@@ -1416,12 +1473,19 @@ void sandbox_op_snapshot(Manager *m, Sandbox *sb)
 		char dur[32];
 		snprintf(dur, sizeof(dur), "%llu", (unsigned long long)(now_us() - t0));
 		log_struct(LOG_INFO, 0,
-			   LOG_FIELDS({"SANDBOX_ID", sb->id}, {"SNAPSHOT_ID", snap_id},
-				      {"OP", "snapshot"}, {"DURATION_US", dur}),
+			   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_SNAPSHOT},
+				      {"SANDBOX_ID", sb->id}, {"TEMPLATE_ID", sb->template_id},
+				      {"SNAPSHOT_ID", snap_id}, {"OP", "snapshot"},
+				      {"DURATION_US", dur}),
 			   "snapshot %s of sandbox %s taken in %llu ms", snap_id, sb->id,
 			   (unsigned long long)(now_us() - t0) / 1000);
 	} else {
-		log_warning("%s", msg ?: "snapshot failed");
+		log_struct(LOG_WARNING, 0,
+			   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SANDBOX_SNAPSHOT_FAILED},
+				      {"SANDBOX_ID", sb->id}, {"TEMPLATE_ID", sb->template_id},
+				      {"SNAPSHOT_ID", snap_id}, {"OP", "snapshot"},
+				      {"STEP", failed}),
+			   "%s", msg ?: "snapshot failed");
 	}
 }
 
@@ -1450,6 +1514,7 @@ int template_boot_snapshot(Manager *m, Template *t, const char *dir, unsigned vc
 		return -ENOMEM;
 	sb->refs = 1;
 	sb->tmpl = t;
+	sb->boot_vm = true;
 	sb->spec.vcpu_count = vcpus;
 	sb->spec.memory_mib = mib;
 	sb->spec.disk_size_mib = m->config->default_disk_mib;

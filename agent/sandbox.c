@@ -216,10 +216,10 @@ void sandbox_set_state_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState s
 	if (p)
 		sb->revision = events_record(m->events, p, NULL);
 	else
-		log_error("sandbox %s: out of memory recording its change to %s", sb->id,
-			  protobuf_c_enum_descriptor_get_value(
-				  &ember__v1__sandbox_state__descriptor, (int)state)
-				  ->name);
+		log_sandbox(LOG_ERR, sb, ": out of memory recording its change to %s",
+			    protobuf_c_enum_descriptor_get_value(
+				    &ember__v1__sandbox_state__descriptor, (int)state)
+				    ->name);
 	sandbox_wake_locked(sb);
 }
 
@@ -462,6 +462,59 @@ unsigned manager_sandbox_count(Manager *m)
 	return n;
 }
 
+int manager_destroy_all(Manager *m, int timeout_ms, char **ret_error)
+{
+	struct timespec tick = {.tv_nsec = 50L * 1000 * 1000};
+	_cleanup_free_ char *left = NULL;
+	size_t len = 0;
+	bool failed = false;
+
+	pthread_mutex_lock(&m->lock);
+	m->teardown = true;
+	for (size_t i = 0; i < m->n_buckets; i++)
+		for (Sandbox *sb = m->buckets[i]; sb; sb = sb->hnext) {
+			if (sb->state == EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYING)
+				continue;
+			sb->abort = true;
+			sb->destroy_failed = false;
+			sandbox_set_state_locked(
+				m, sb, EMBER__V1__SANDBOX_STATE__SANDBOX_STATE_DESTROYING, NULL);
+			if (sb->op == SB_OP_NONE)
+				manager_submit_locked(m, sb, SB_OP_DESTROY);
+			else if (sb->op != SB_OP_DESTROY)
+				sb->destroy_next = true;
+		}
+	for (int waited = 0; m->n_sandboxes > 0 && waited < timeout_ms; waited += 50) {
+		bool busy = false;
+		for (size_t i = 0; i < m->n_buckets && !busy; i++)
+			for (Sandbox *sb = m->buckets[i]; sb && !busy; sb = sb->hnext)
+				busy = sb->op != SB_OP_NONE || !sb->destroy_failed;
+		if (!busy)
+			break; /* every one left failed to go: waiting longer changes nothing */
+		pthread_mutex_unlock(&m->lock);
+		nanosleep(&tick, NULL);
+		pthread_mutex_lock(&m->lock);
+	}
+	for (size_t i = 0; i < m->n_buckets; i++)
+		for (Sandbox *sb = m->buckets[i]; sb; sb = sb->hnext) {
+			failed |= sb->destroy_failed;
+			size_t add = strlen(sb->id) + 2;
+			char *n = realloc(left, len + add + 1);
+			if (!n)
+				break;
+			left = n;
+			len += (size_t)sprintf(left + len, "%s%s", len ? ", " : "", sb->id);
+		}
+	unsigned n_left = (unsigned)m->n_sandboxes;
+	pthread_mutex_unlock(&m->lock);
+	if (n_left == 0)
+		return 0;
+	return error_set(ret_error, failed ? -EIO : -ETIMEDOUT, "%u sandbox(es) left (%s): %s",
+			 n_left, left ?: "?",
+			 failed ? "their destroy failed (see the log)"
+				: "their destroy did not end in time");
+}
+
 OpMetric *op_metric_locked(Manager *m, const char *op, const char *step)
 {
 	for (size_t i = 0; i < m->n_op_metrics; i++)
@@ -694,6 +747,9 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 	else
 		log_warning("ember-uffd is not found (set [vmm] uffd_bin): sandboxes cannot be "
 			    "paused or resumed");
+	r = systemd_open(config->systemd, &m->systemd, ret_error);
+	if (r < 0)
+		goto fail;
 	r = setup_storage(m, ret_error);
 	if (r < 0)
 		goto fail;
@@ -797,6 +853,7 @@ void manager_free(Manager *m)
 		}
 	free(m->buckets);
 	free(m->op_metrics);
+	systemd_free(m->systemd);
 	free_dead_tokens_locked(m);
 	for (size_t i = 0; i < m->n_snapshots; i++)
 		snapshot_free(m->snapshots[i]);
@@ -807,6 +864,14 @@ void manager_free(Manager *m)
 	free(m->templates);
 	if (m->pool)
 		netns_pool_free(m->pool);
+	if (m->teardown && m->n_sandboxes == 0) {
+		/* Nothing of ours is left on the network: the host side (masquerade table, state
+		 * file's slots) goes too, as a start with no sandbox would reclaim it. */
+		NetnsReclaimResult res = {};
+		_cleanup_free_ char *err = NULL;
+		if (netns_reclaim(&m->netcfg, NULL, 0, &res, &err) < 0)
+			log_warning("network reclaim: %s", err ?: "failed");
+	}
 	if (m->storage)
 		storage_free(m->storage);
 	events_free(m->events);

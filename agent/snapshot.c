@@ -24,6 +24,7 @@
 #include "common/id.h"
 #include "common/log.h"
 #include "manager-internal.h"
+#include "messages.h"
 #include "node-sandbox.h"
 
 #define SNAPSHOT_RECORD "snapshot.json"
@@ -566,7 +567,8 @@ RpcCode node_delete_snapshot(RpcCall *call, const ProtobufCMessage *request, Man
 	snapshot_free(s);
 	(void)rm_rf(gone);
 	log_struct(LOG_INFO, 0,
-		   LOG_FIELDS({"OP", "delete-snapshot"}, {"SNAPSHOT_ID", req->snapshot_id}),
+		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SNAPSHOT_DELETED},
+			      {"OP", "delete-snapshot"}, {"SNAPSHOT_ID", req->snapshot_id}),
 		   "snapshot %s deleted", req->snapshot_id);
 	return rpc_call_send(call, &resp.base) < 0 ? RPC_CANCELLED : RPC_OK;
 }

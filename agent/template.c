@@ -22,6 +22,7 @@
 #include "common/id.h"
 #include "common/log.h"
 #include "manager-internal.h"
+#include "messages.h"
 #include "node-sandbox.h"
 
 #define TEMPLATE_RECORD "template.json"
@@ -558,7 +559,9 @@ int manager_template_register(Manager *m, const char *id, const char *kernel, co
 	template_usage_refresh(t);
 	*ret_existing = TAKE_PTR(t);
 	pthread_mutex_unlock(&m->lock);
-	log_struct(LOG_INFO, 0, LOG_FIELDS({"OP", "register"}, {"TEMPLATE_ID", id}),
+	log_struct(LOG_INFO, 0,
+		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_TEMPLATE_REGISTERED}, {"OP", "register"},
+			      {"TEMPLATE_ID", id}),
 		   "template %s registered (kernel %s, rootfs %s)", id, kernel, rootfs);
 	return 0;
 }
@@ -743,7 +746,9 @@ RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Man
 	/* Sandboxes hold no pointer to it (sandbox_count was 0 under the lock). */
 	template_free(t);
 	(void)rm_rf(gone);
-	log_struct(LOG_INFO, 0, LOG_FIELDS({"OP", "delete"}, {"TEMPLATE_ID", req->template_id}),
+	log_struct(LOG_INFO, 0,
+		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_TEMPLATE_DELETED}, {"OP", "delete"},
+			      {"TEMPLATE_ID", req->template_id}),
 		   "template %s deleted", req->template_id);
 	return rpc_call_send(call, &resp.base) < 0 ? RPC_CANCELLED : RPC_OK;
 }

@@ -567,6 +567,54 @@ def test_restart_adopts_running_sandboxes(start_emberd, workdir, how):
         subprocess.run(["umount", "-l", stray_ns], capture_output=True)
 
 
+def test_destroy_all_sandboxes_leaves_nothing(start_emberd, workdir):
+    """What the package's prerm runs on `apt-get remove`: with emberd stopped, every sandbox
+    (running, paused and failed) goes with its processes, disk, network slot and records, and
+    so do the pool's ready slots and the host side of the network."""
+    root = os.path.join(workdir, "node")
+    e = start_emberd("[network]\npool_size = 2\n", root=root)
+    n = stub(e)
+    for i in ("d0", "d1", "d2"):
+        create(n, i)
+    n.PauseSandbox(S.PauseSandboxRequest(sandbox_id="d1"), timeout=60 * SLOW)
+    vmm = processes_under(os.path.join(e.run_dir, "sandboxes", "d2"))
+    assert vmm
+    e.proc.signal(signal.SIGTERM)
+    assert e.proc.wait(30) == 0
+    # d2's VMM dies while emberd is down: the next start would find it FAILED
+    for p in vmm:
+        os.kill(p, signal.SIGKILL)
+    assert processes_under(os.path.join(e.run_dir, "sandboxes", "d0"))
+
+    conf = os.path.join(root, "ember.conf")
+    r = subprocess.run(["nsenter", f"--net={e.hostns}", os.path.join(BUILD, "emberd"),
+                        "--config", conf, "--state-dir", e.state_dir, "--run-dir", e.run_dir,
+                        "--destroy-all-sandboxes"], capture_output=True, text=True,
+                       timeout=120 * SLOW)
+    assert r.returncode == 0, r.stderr
+    assert "destroyed 3 sandbox(es)" in r.stderr, r.stderr
+    # pool_size 0: the two ready slots of the pool went too
+    assert leftovers(e) == []
+    assert "table ip ember" not in host_state(e)[2]
+    # and again: nothing to do is no error
+    r = subprocess.run(["nsenter", f"--net={e.hostns}", os.path.join(BUILD, "emberd"),
+                        "--config", conf, "--state-dir", e.state_dir, "--run-dir", e.run_dir,
+                        "--destroy-all-sandboxes"], capture_output=True, text=True,
+                       timeout=60 * SLOW)
+    assert r.returncode == 0 and "destroyed 0 sandbox(es)" in r.stderr, r.stderr
+    # a running emberd holds the node: refused, nothing touched
+    e2 = start_emberd("", root=root, hostns=e.hostns)
+    create(stub(e2), "d3")
+    r = subprocess.run(["nsenter", f"--net={e.hostns}", os.path.join(BUILD, "emberd"),
+                        "--config", conf, "--state-dir", e.state_dir, "--run-dir", e.run_dir,
+                        "--destroy-all-sandboxes"], capture_output=True, text=True,
+                       timeout=60 * SLOW)
+    assert r.returncode != 0 and "already using" in r.stderr, r.stderr
+    assert stub(e2).GetSandbox(S.GetSandboxRequest(sandbox_id="d3"),
+                               timeout=10).state == S.SANDBOX_STATE_RUNNING
+    destroy(stub(e2), "d3")
+
+
 def test_bad_record_is_quarantined(start_emberd, workdir):
     root = os.path.join(workdir, "node")
     e = start_emberd("[network]\npool_size = 0\n", root=root)

@@ -2,6 +2,7 @@
 # structured logging to a stand-in journald in a private mount namespace.
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -85,3 +86,72 @@ def test_structured_journal_logging(workdir):
     # Everything went to the journal, nothing to stderr.
     with open(stderr_path) as f:
         assert "listening on" not in f.read()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare missing")
+def test_sandbox_life_in_the_journal(workdir):
+    """`journalctl SANDBOX_ID=<id>` shows a sandbox's whole life: every step of its create,
+    pause and resume and its destroy, each entry with the sandbox's and its template's id, the
+    operation, the step, its duration and a MESSAGE_ID of its kind (documented in the journal
+    catalog, debian/ember.catalog)."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("no private mount namespace here: " + probe.stderr.strip())
+    from conftest import health_serving, host_netns, wait_for
+    from ember.v1 import node_pb2 as S, node_pb2_grpc
+    import grpc
+
+    hostns = host_netns(os.path.join(workdir, "hostns"))
+    conf = os.path.join(workdir, "ember.conf")
+    with open(conf, "w") as f:
+        f.write(f"[network]\nnetns_dir = {workdir}/netns\n[sandboxes]\nmemory_reserve_mib = 0\n")
+    sock = os.path.join(workdir, "r", "ember.sock")
+    cmd = ["unshare", "--mount", "--propagation", "private", "/usr/bin/python3",
+           os.path.join(SRCDIR, "test", "integration", "journal_sink.py"),
+           os.path.join(workdir, "stderr"), "sandbox jl destroyed", "--",
+           "nsenter", f"--net={hostns}", EMBERD, "--config", conf,
+           "--state-dir", os.path.join(workdir, "s"), "--run-dir", os.path.join(workdir, "r")]
+    sink = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: sink.poll() is not None or health_serving("unix:" + sock), 30 * SLOW,
+                 "emberd to serve")
+        with grpc.insecure_channel("unix:" + sock) as ch:
+            n = node_pb2_grpc.NodeStub(ch)
+            n.CreateSandbox(S.CreateSandboxRequest(
+                sandbox_id="jl", spec=S.SandboxSpec(template_id="demo", memory_mib=128)),
+                timeout=60 * SLOW)
+            n.PauseSandbox(S.PauseSandboxRequest(sandbox_id="jl"), timeout=60 * SLOW)
+            n.ResumeSandbox(S.ResumeSandboxRequest(sandbox_id="jl"), timeout=60 * SLOW)
+            n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="jl"), timeout=60 * SLOW)
+        out, err = sink.communicate(timeout=60 * SLOW)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.wait()
+        subprocess.run(["umount", "-R", "-l", os.path.join(workdir, "netns")],
+                       capture_output=True)
+        subprocess.run(["umount", "-l", hostns], capture_output=True)
+    assert sink.returncode == 0, err
+    entries = [json.loads(line) for line in out.splitlines()]
+    life = [e for e in entries if e.get("SANDBOX_ID") == "jl"]
+
+    with open(os.path.join(SRCDIR, "agent", "messages.h")) as f:
+        ids = dict(re.findall(r"#define EMBER_MESSAGE_(\w+)\s+\"([0-9a-f]{32})\"", f.read()))
+    kind = {v: k for k, v in ids.items()}
+    for e in life:
+        assert e.get("MESSAGE_ID") in kind, e
+        assert e["TEMPLATE_ID"] == "demo", e
+        assert e["OP"] in ("create", "pause", "resume", "destroy"), e
+    steps = [(e["OP"], e["STEP"]) for e in life if kind[e["MESSAGE_ID"]] == "SANDBOX_STEP"]
+    assert [s for o, s in steps if o == "create"][:3] == ["slot", "disk", "run-dir"], steps
+    assert ("create", "guest-agent") in steps and ("destroy", "release") in steps, steps
+    assert any(o == "pause" for o, _ in steps) and any(o == "resume" for o, _ in steps), steps
+    assert all(int(e["DURATION_US"]) >= 0 for e in life
+               if kind[e["MESSAGE_ID"]] == "SANDBOX_STEP"), life
+    order = [kind[e["MESSAGE_ID"]] for e in life if kind[e["MESSAGE_ID"]] != "SANDBOX_STEP"]
+    assert order == ["SANDBOX_CREATED", "SANDBOX_PAUSED", "SANDBOX_RESUMED",
+                     "SANDBOX_DESTROYED"], order
+    # nothing above notice about a sandbox that lived and went normally
+    assert all(int(e["PRIORITY"]) >= 5 for e in life), life
+

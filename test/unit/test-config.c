@@ -186,6 +186,8 @@ static void test_defaults(void **state)
 	assert_int_equal(c->min_ping_interval_s, 10);
 	assert_int_equal(c->max_concurrent_calls, 256);
 	assert_int_equal(c->shutdown_grace_s, 15);
+	assert_string_equal(c->systemd, "auto");
+	assert_int_equal(c->memory_overhead_mib, 64);
 	assert_null(c->loaded_from);
 
 	assert_int_equal(config_finish(c, fx_error(fx)), 0);
@@ -241,7 +243,7 @@ static void test_key_table(void **state)
 	Fixture *fx = *state;
 	size_t n = config_n_keys();
 
-	assert_int_equal(n, 46);
+	assert_int_equal(n, 48);
 	assert_null(config_key_info(n));
 	for (size_t i = 0; i < n; i++) {
 		const ConfigKeyInfo *k = config_key_info(i);

@@ -50,6 +50,14 @@ bool sandbox_room_for_saved_state(const Sandbox *sb, uint64_t *ret_free_mib)
 	return room;
 }
 
+void sandbox_log_event_at(const char *file, int line, const char *func, const Sandbox *sb,
+			  int level, const char *message_id, const char *op, const char *step,
+			  int64_t duration_us, const char *fmt, ...)
+{
+	(void)file, (void)line, (void)func, (void)sb, (void)level, (void)message_id, (void)op,
+		(void)step, (void)duration_us, (void)fmt;
+}
+
 /* ---- helpers ---- */
 
 static Sandbox *sandbox(const char *id, int64_t end_ms)
