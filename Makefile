@@ -10,7 +10,10 @@
 #   make install DESTDIR=… PREFIX=…
 #   make clean
 
-VERSION := 0.1.0
+# The version is debian/changelog's (its first line, "ember (VERSION) …"): one place for
+# emberd --version, the packages and the manual pages. Read with sed, not dpkg-parsechangelog,
+# so that building needs no dpkg-dev.
+VERSION := $(or $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog 2>/dev/null),unknown)
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -583,7 +586,8 @@ DEB_PKGS := build-essential pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-
 	libnftables-dev libjson-c-dev libmicrohttpd-dev libcurl4-openssl-dev nftables iproute2 python3 python3-yaml python3-grpcio python3-protobuf \
 	python3-pytest openssl clang-format clang-tidy cppcheck \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev dmsetup e2fsprogs xfsprogs \
-	util-linux procps chromium chromium-driver python3-selenium python3-prometheus-client
+	util-linux procps chromium chromium-driver python3-selenium python3-prometheus-client \
+	libssl-dev debhelper dpkg-dev fakeroot lintian
 
 deps:
 	@missing=$$(for p in $(DEB_PKGS); do \
@@ -634,11 +638,18 @@ format:
 
 # ---------------------------------------------------------------------------------------------
 
-install: $(B)/emberd $(B)/ember-uffd $(B)/ember-init $(B)/ember-guest
+# Manual pages (man/*.[1-8], ember.conf.5 generated from the annotated ember.conf) and the
+# journal catalog (debian/ember.catalog) go with the rest; fcsim goes with ember-uffd, where
+# emberd looks for its helpers (../lib/ember from its own directory).
+install: MANDIR ?= $(PREFIX)/share/man
+install: CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
+install: $(B)/emberd $(B)/ember-uffd $(B)/ember-init $(B)/ember-guest $(B)/fcsim
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(SYSCONFDIR)/ember $(DESTDIR)$(SYSTEMDUNITDIR) \
-		$(DESTDIR)$(DOCDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBEXECDIR) $(DESTDIR)$(GUESTDIR)
+		$(DESTDIR)$(DOCDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBEXECDIR) $(DESTDIR)$(GUESTDIR) \
+		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8
 	install -m 0755 $(B)/emberd $(DESTDIR)$(SBINDIR)/emberd
 	install -m 0755 $(B)/ember-uffd $(DESTDIR)$(LIBEXECDIR)/ember-uffd
+	install -m 0755 $(B)/fcsim $(DESTDIR)$(LIBEXECDIR)/fcsim
 	install -m 0755 $(B)/ember-init $(DESTDIR)$(GUESTDIR)/ember-init
 	install -m 0755 $(B)/ember-guest $(DESTDIR)$(GUESTDIR)/ember-guest
 	sed 's|@GUESTDIR@|$(GUESTDIR)|g' guest/mkrootfs > $(DESTDIR)$(BINDIR)/ember-mkrootfs
@@ -650,11 +661,49 @@ install: $(B)/emberd $(B)/ember-uffd $(B)/ember-init $(B)/ember-guest
 	sed 's|@SBINDIR@|$(SBINDIR)|g' debian/emberd.service.in \
 		> $(DESTDIR)$(SYSTEMDUNITDIR)/emberd.service
 	chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/emberd.service
+	for m in man/*.[1-8]; do \
+		sed 's|@VERSION@|$(VERSION)|g' $$m > $(DESTDIR)$(MANDIR)/man$${m##*.}/$${m##*/} && \
+		chmod 0644 $(DESTDIR)$(MANDIR)/man$${m##*.}/$${m##*/} || exit 1; done
+	$(PYTHON) man/ember-conf2man man/ember.conf.5.in ember.conf $(VERSION) \
+		> $(DESTDIR)$(MANDIR)/man5/ember.conf.5
+	chmod 0644 $(DESTDIR)$(MANDIR)/man5/ember.conf.5
+	[ ! -e debian/ember.catalog ] || \
+		install -D -m 0644 debian/ember.catalog $(DESTDIR)$(CATALOGDIR)/ember.catalog
+
+# The Debian packages (debian/): ember, ember-guest, ember-fcsim. dpkg-buildpackage runs on a
+# copy of the source (the files git knows, as they are in the working tree, plus new ones it
+# does not ignore) in build/deb/src, so that its clean never touches this tree or build/; the
+# .debs, .changes and .buildinfo land in build/deb/, and lintian must find no error or warning.
+deb lint-deb: DEB_DIR := build/deb
+deb: deps
+	$(Q)rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	@echo "  COPY     $(DEB_DIR)/src"
+	$(Q)set -o pipefail; if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git ls-files -z --cached --others --exclude-standard | \
+		while IFS= read -r -d '' f; do \
+			if [ -e "$$f" ] || [ -L "$$f" ]; then printf '%s\0' "$$f"; fi; done | \
+		tar --null --no-recursion -T - -cf - | tar -xf - -C $(DEB_DIR)/src; \
+	else \
+		tar --exclude=./build --exclude=./.git -cf - . | tar -xf - -C $(DEB_DIR)/src; \
+	fi
+	@echo "  DPKG     $(DEB_DIR)"
+	$(Q)cd $(DEB_DIR)/src && DEB_BUILD_OPTIONS="parallel=$$(nproc) $(DEB_BUILD_OPTIONS)" \
+		dpkg-buildpackage -us -uc > ../build.log 2>&1 || \
+		{ tail -n 50 ../build.log; echo "make deb: dpkg-buildpackage failed (all of it in $(DEB_DIR)/build.log)" >&2; exit 1; }
+	$(Q)ls $(DEB_DIR)/*.deb
+	$(Q)$(MAKE) --no-print-directory lint-deb
+
+# lintian over what `make deb` built: source and binary packages; info tags are shown, errors
+# and warnings fail (each override in debian/*lintian-overrides says why it is one).
+lint-deb:
+	@echo "  LINTIAN  $(DEB_DIR)/*.changes"
+	$(Q)lintian --display-info --fail-on error,warning $(DEB_DIR)/*.changes
 
 clean:
 	rm -rf build
 
 .PHONY: bench-exec bench-lifecycle bench-pause
+.PHONY: deb lint-deb
 .PHONY: all deps run check check-unit check-integration check-vm unit-tests pystubs lint \
 	format install clean bench-rpc bench-storage bench-net bench-uffd fuzz-uffd
 .DELETE_ON_ERROR:
