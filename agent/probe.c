@@ -342,10 +342,15 @@ int probe_firecracker_version(const char *binary, int timeout_ms, char **ret_ver
 
 void probe_firecracker(const char *bin, ProbeResult *ret)
 {
+	probe_firecracker_within(bin, PROBE_FIRECRACKER_TIMEOUT_MS, ret);
+}
+
+void probe_firecracker_within(const char *bin, int timeout_ms, ProbeResult *ret)
+{
 	_cleanup_free_ char *path = NULL, *line = NULL, *version = NULL, *error = NULL;
 	int r;
 
-	r = firecracker_version(bin, PROBE_FIRECRACKER_TIMEOUT_MS, &path, &line, &version, &error);
+	r = firecracker_version(bin, timeout_ms, &path, &line, &version, &error);
 	if (r < 0) {
 		set(ret, false, NULL, "%s", error ?: strerror(-r));
 		return;

@@ -24,6 +24,10 @@ void probe_userfaultfd(ProbeResult *ret);
 /* `bin` is a name searched in PATH or an absolute path; runs `bin --version` within
  * PROBE_FIRECRACKER_TIMEOUT_MS. */
 void probe_firecracker(const char *bin, ProbeResult *ret);
+/* The same with another timeout: at start, where giving up on a slow binary (a loaded host, an
+ * emulated one) fails the whole agent, emberd waits PROBE_START_TIMEOUT_MS. */
+#define PROBE_START_TIMEOUT_MS 15000
+void probe_firecracker_within(const char *bin, int timeout_ms, ProbeResult *ret);
 /* The same check for a caller that needs the version itself (e.g. to record it with a
  * snapshot): `binary` as above. 0 and *ret_version ("1.16.1", malloc'ed); or -ENOENT/-EACCES
  * (not found), -ETIMEDOUT (killed after timeout_ms), -EPROTO (failed), -EBADMSG (no version in

@@ -92,7 +92,7 @@ int vmm_choose(const Config *c, bool kvm_usable, VmmInfo *ret, char **ret_error)
 	if (strcmp(c->vmm_kind, "auto") == 0 && kvm_usable && r_fc >= 0) {
 		/* A binary that is found but does not answer like a Firecracker is no reason to
 		 * run nothing: fall back to fcsim and say why. */
-		probe_firecracker(fc, &probe);
+		probe_firecracker_within(fc, PROBE_START_TIMEOUT_MS, &probe);
 		probed = probe.available;
 		if (!probe.available &&
 		    asprintf(&fc_unusable, "%s cannot be used (%s)", fc, probe.reason) < 0)
@@ -131,7 +131,7 @@ int vmm_choose(const Config *c, bool kvm_usable, VmmInfo *ret, char **ret_error)
 		v.reason = TAKE_PTR(why);
 	}
 	if (!probed)
-		probe_firecracker(v.binary, &probe);
+		probe_firecracker_within(v.binary, PROBE_START_TIMEOUT_MS, &probe);
 	if (!probe.available || !probe.version[0]) {
 		r = error_set(ret_error, -ENOEXEC, "%s cannot be used: %s", v.binary, probe.reason);
 		vmm_info_done(&v);
