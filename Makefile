@@ -486,9 +486,11 @@ PYTEST_ENV := EMBER_BUILD=$(CURDIR)/$(B) EMBER_SRCDIR=$(CURDIR) EMBER_SANITIZE=$
 	LSAN_OPTIONS=print_suppressions=0
 PYTEST_ARGS ?=
 
+# check-deploy only for the plain build: the packages are built without sanitizers anyway.
 check: deps
 	$(Q)$(MAKE) --no-print-directory all
-	$(Q)$(MAKE) --no-print-directory check-unit check-integration check-vm
+	$(Q)$(MAKE) --no-print-directory check-unit check-integration check-vm \
+		$(if $(filter 1,$(SANITIZE)),,check-deploy)
 
 check-unit: unit-tests $(B)/test/fuzz-uffd-handshake-replay
 	@set -e; for t in $(UNIT_BINS); do echo "  UNIT     $$t"; \
@@ -497,13 +499,27 @@ check-unit: unit-tests $(B)/test/fuzz-uffd-handshake-replay
 	$(Q)$(PYTEST_ENV) $(B)/test/fuzz-uffd-handshake-replay test/fuzz/corpus/uffd-handshake/*
 	$(Q)$(MAKE) --no-print-directory check-pbjson check-pbjson-fuzz
 
+# PYTEST_JOBS workers (pytest-xdist), each taking whole files (--dist loadfile: a module's
+# tests and fixtures stay on one worker). The tests mostly wait on guests and daemons, so two
+# workers halve the time on two cores. PYTEST_JOBS=1: one process (the default under SANITIZE=1,
+# where the instrumented daemons are slow enough to make timing-sensitive tests tight).
+PYTEST_JOBS ?= $(if $(filter 1,$(SANITIZE)),1,2)
 check-integration: all
 	@rm -f $(B)/asan.* $(B)/ubsan.*
-	$(PYTEST_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider test/integration $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider \
+		$(if $(filter-out 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile) \
+		test/integration $(PYTEST_ARGS)
 	@if ls $(B)/asan.* $(B)/ubsan.* >/dev/null 2>&1; then \
 		echo "sanitizer reports:"; cat $(B)/asan.* $(B)/ubsan.* 2>/dev/null; exit 1; fi
 
-# VM-only tests (device-mapper, later systemd): one boot for all of them. emberd's network
+# The deployment test: the packages (make deb) installed with apt-get and run by systemd as
+# PID 1, in one VM boot (test/vm/run --systemd): the unit, sandbox scopes and machined, restarts,
+# crash and watchdog, the journal, a bad configuration, remove and purge.
+check-deploy: deb
+	$(PYTEST_ENV) test/vm/run --systemd --timeout 1500 -- \
+		$(PYTHON) -m pytest -q -p no:cacheprovider --color=no test/vm/systemd $(PYTEST_ARGS)
+
+# VM-only tests (device-mapper; systemd is check-deploy's): one boot for all of them. emberd's network
 # slots need veth, tun and nftables with NAT in the VM's kernel.
 VM_MODULES := loop,dm-mod,dm-snapshot,ext4,veth,tun,nf_tables,nft_chain_nat,nft_nat,nft_ct,nft_masq
 # 4 GiB: test_emberd_dm.py runs 20 forks of a 128 MiB guest, whose memory ember-uffd fills.
@@ -587,7 +603,7 @@ DEB_PKGS := build-essential pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-
 	python3-pytest openssl clang-format clang-tidy cppcheck \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev dmsetup e2fsprogs xfsprogs \
 	util-linux procps chromium chromium-driver python3-selenium python3-prometheus-client \
-	libssl-dev debhelper dpkg-dev fakeroot lintian
+	libssl-dev debhelper dpkg-dev fakeroot lintian python3-pytest-xdist dbus systemd-container
 
 deps:
 	@missing=$$(for p in $(DEB_PKGS); do \
@@ -703,7 +719,7 @@ clean:
 	rm -rf build
 
 .PHONY: bench-exec bench-lifecycle bench-pause
-.PHONY: deb lint-deb
+.PHONY: deb lint-deb check-deploy
 .PHONY: all deps run check check-unit check-integration check-vm unit-tests pystubs lint \
 	format install clean bench-rpc bench-storage bench-net bench-uffd fuzz-uffd
 .DELETE_ON_ERROR:
