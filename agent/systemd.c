@@ -31,6 +31,7 @@
 struct Systemd {
 	pthread_mutex_t lock;
 	sd_bus *bus;
+	bool no_machined; /* (lock) machined is not installed: said once, not asked again */
 };
 
 static void bus_error_freep(sd_bus_error *e)
@@ -330,7 +331,20 @@ int systemd_machine_register(Systemd *s, const char *sandbox_id, pid_t leader, c
 	if (!s)
 		return 0;
 	pthread_mutex_lock(&s->lock);
+	if (s->no_machined) {
+		pthread_mutex_unlock(&s->lock);
+		return 0;
+	}
 	r = machine_call(s, "RegisterMachine", sandbox_id, leader, &e);
+	if (r < 0 && (sd_bus_error_has_name(&e, "org.freedesktop.DBus.Error.ServiceUnknown") ||
+		      sd_bus_error_has_name(&e, "org.freedesktop.DBus.Error.NameHasNoOwner"))) {
+		/* A host without systemd-container: its sandboxes run all the same. */
+		s->no_machined = true;
+		pthread_mutex_unlock(&s->lock);
+		log_notice("systemd-machined is not installed (package systemd-container): "
+			   "machinectl will not list sandboxes");
+		return 0;
+	}
 	pthread_mutex_unlock(&s->lock);
 	if (r < 0 && sd_bus_error_has_name(&e, "org.freedesktop.machine1.MachineExists"))
 		return 0;
@@ -348,6 +362,10 @@ void systemd_machine_unregister(Systemd *s, const char *sandbox_id)
 	if (!s)
 		return;
 	pthread_mutex_lock(&s->lock);
+	if (s->no_machined) {
+		pthread_mutex_unlock(&s->lock);
+		return;
+	}
 	r = machine_call(s, "UnregisterMachine", sandbox_id, 0, &e);
 	pthread_mutex_unlock(&s->lock);
 	if (r < 0 && !sd_bus_error_has_name(&e, "org.freedesktop.machine1.NoSuchMachine"))
