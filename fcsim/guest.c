@@ -36,13 +36,13 @@
 #include "storage/storage.h"
 
 #define STACK_SIZE ((size_t)256 * 1024)
+#define GUEST_ROOT "/tmp" /* where the child mounts the root drive, in its namespace */
 
 struct Guest {
 	Vm *vm;
 	pid_t pid;
 	int root_loop; /* auto-clearing loop device of an image root drive, or -1 */
-	char mountpoint[64];
-	int console; /* pty master */
+	int console;   /* pty master */
 	int serial_out;
 	pthread_t console_thread, waiter_thread;
 	bool console_running, waiter_running;
@@ -54,7 +54,6 @@ typedef struct ChildArgs {
 	int sync_fd;
 	int sync_w; /* the parent's end: closed in the child, so a dead parent reads as EOF */
 	const char *device;
-	const char *mountpoint;
 	bool read_only;
 	const char *console_path;
 	const char *hostname;
@@ -108,8 +107,12 @@ static int child_main(void *arg)
 		child_say(a->console_path, msg);
 		_exit(126);
 	}
+	/* The root goes over /tmp, in this mount namespace only: no directory of the host's
+	 * is needed for it, so nothing is left behind when fcsim is killed (SIGKILL, as the
+	 * agent's crash handling does, gives no chance to remove one). The device's path is
+	 * looked up before the mount covers /tmp. */
 	for (size_t i = 0; i < ELEMENTSOF(fstypes) && r < 0; i++)
-		r = mount(a->device, a->mountpoint, fstypes[i], a->read_only ? MS_RDONLY : 0, NULL);
+		r = mount(a->device, GUEST_ROOT, fstypes[i], a->read_only ? MS_RDONLY : 0, NULL);
 	if (r < 0) {
 		snprintf(msg, sizeof(msg),
 			 "VFS: Cannot open root device \"%s\" or unknown-block: error %d\r\n"
@@ -120,7 +123,7 @@ static int child_main(void *arg)
 	}
 	/* A minimal /dev (a tmpfs, never the host's devtmpfs): the guest's init may mount its
 	 * own over it. The console is the pty fcsim reads. */
-	snprintf(dev, sizeof(dev), "%s/dev", a->mountpoint);
+	snprintf(dev, sizeof(dev), "%s/dev", GUEST_ROOT);
 	if (access(dev, F_OK) == 0 &&
 	    mount("devtmpfs-sim", dev, "tmpfs", MS_NOSUID, "mode=0755") == 0) {
 		mknod_dev(dev, "null", 0666, 1, 3);
@@ -147,7 +150,7 @@ static int child_main(void *arg)
 
 	/* The console must be opened before the chroot: its path is the host's devpts. */
 	console = open(a->console_path, O_RDWR | O_CLOEXEC);
-	if (chdir(a->mountpoint) < 0 || chroot(".") < 0 || chdir("/") < 0)
+	if (chdir(GUEST_ROOT) < 0 || chroot(".") < 0 || chdir("/") < 0)
 		_exit(124);
 	setsid();
 	if (console >= 0) {
@@ -384,12 +387,6 @@ int guest_start(Vm *vm, char **ret_error)
 			goto fail;
 		}
 	}
-	snprintf(g->mountpoint, sizeof(g->mountpoint), "/tmp/fcsim-root-XXXXXX");
-	if (!mkdtemp(g->mountpoint)) {
-		r = -errno;
-		g->mountpoint[0] = 0;
-		goto fail;
-	}
 	/* The console: a pty, its output is the serial port. */
 	g->console = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
 	if (g->console < 0 || grantpt(g->console) < 0 || unlockpt(g->console) < 0 ||
@@ -427,7 +424,6 @@ int guest_start(Vm *vm, char **ret_error)
 		.sync_fd = sync_r,
 		.sync_w = sync_w,
 		.device = device,
-		.mountpoint = g->mountpoint,
 		.read_only = root->read_only,
 		.console_path = console_path,
 		.hostname = iparg.hostname[0] ? iparg.hostname : "fcsim",
@@ -579,7 +575,5 @@ void guest_free(Guest *g)
 	safe_close(g->console);
 	safe_close(g->serial_out);
 	safe_close(g->root_loop); /* auto-clear: the loop goes once the mount is gone */
-	if (g->mountpoint[0])
-		(void)rmdir(g->mountpoint);
 	free(g);
 }
