@@ -291,8 +291,9 @@ typedef struct ConsoleWatch {
 
 typedef struct Job Job;
 struct Job {
-	Sandbox *sb; /* holds a reference */
+	Sandbox *sb; /* holds a reference; NULL for a removal */
 	SbOp op;
+	char *path; /* a removal: the tree to remove (owned) */
 	Job *next;
 };
 
@@ -379,6 +380,10 @@ void sandbox_waiter_remove_locked(Sandbox *sb, Waiter *w);
 void sandbox_wake_locked(Sandbox *sb);
 void sandbox_wake_console_locked(Sandbox *sb); /* the waiters with `console` set */
 void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op);
+/* Removes the tree at `path` (taking it) on a worker: files already renamed out of sight,
+ * whose removal may take seconds (unlinking GiBs on a busy disk) and must not hold up a
+ * reply. -ENOMEM leaves `path` to the caller. */
+int manager_remove_later_locked(Manager *m, char *path);
 /* A create or resume admitted (take) or ended: the memory it is about to take counts in
  * admission until then. A huge-page sandbox's counts from then on until its VMM is gone
  * (sandbox_huge_release_locked(), which release_processes calls). (L) */

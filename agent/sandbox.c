@@ -295,6 +295,22 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 	pthread_cond_signal(&m->jobs_cond);
 }
 
+int manager_remove_later_locked(Manager *m, char *path)
+{
+	Job *j = calloc(1, sizeof(*j));
+
+	if (!j)
+		return -ENOMEM;
+	j->path = path;
+	if (m->jobs_tail)
+		m->jobs_tail->next = j;
+	else
+		m->jobs_head = j;
+	m->jobs_tail = j;
+	pthread_cond_signal(&m->jobs_cond);
+	return 0;
+}
+
 static void *worker_main(void *p)
 {
 	Manager *m = p;
@@ -311,6 +327,15 @@ static void *worker_main(void *p)
 			m->jobs_tail = NULL;
 		pthread_mutex_unlock(&m->lock);
 
+		if (!j->sb) {
+			int r = rm_rf(j->path);
+			if (r < 0)
+				log_warning_errno(r, "cannot remove %s", j->path);
+			free(j->path);
+			free(j);
+			pthread_mutex_lock(&m->lock);
+			continue;
+		}
 		switch (j->op) {
 		case SB_OP_CREATE:
 			sandbox_op_create(m, j->sb);

@@ -13,6 +13,7 @@
  */
 #include <dirent.h>
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -518,6 +519,7 @@ RpcCode node_delete_snapshot(RpcCall *call, const ProtobufCMessage *request, Man
 	const Ember__V1__DeleteSnapshotRequest *req = (const void *)request;
 	Ember__V1__DeleteSnapshotResponse resp = EMBER__V1__DELETE_SNAPSHOT_RESPONSE__INIT;
 	_cleanup_free_ char *gone = NULL;
+	static atomic_uint deletions;
 	Snapshot *s;
 	RpcCode code;
 	int r;
@@ -549,12 +551,16 @@ RpcCode node_delete_snapshot(RpcCall *call, const ProtobufCMessage *request, Man
 				      req->snapshot_id, n, n == 1 ? "" : "es", names,
 				      n > shown ? ", …" : "");
 	}
-	if (asprintf(&gone, "%s/.deleted-%s", m->snapshots_dir, s->id) < 0) {
+	/* A name of its own: the files of an earlier snapshot of the same id may still be
+	 * going. */
+	if (asprintf(&gone, "%s/.deleted-%s-%u", m->snapshots_dir, s->id,
+		     atomic_fetch_add(&deletions, 1)) < 0) {
 		pthread_mutex_unlock(&m->lock);
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
 	}
 	/* The rename makes the deletion take effect at once (a crash leaves a .deleted- directory
-	 * that start-up removes); the files go after the lock is released. */
+	 * that start-up removes). The files go on a worker, after the reply: unlinking a
+	 * 128 MiB snapshot's files took 10 s on a busy disk here. */
 	r = rename(s->dir, gone) < 0 ? -errno : 0;
 	if (r < 0 && r != -ENOENT) {
 		code = rpc_call_error(call, RPC_INTERNAL, "cannot remove %s: %s", s->dir,
@@ -563,9 +569,12 @@ RpcCode node_delete_snapshot(RpcCall *call, const ProtobufCMessage *request, Man
 		return code;
 	}
 	snapshot_remove_locked(m, s);
+	if (r == 0 && manager_remove_later_locked(m, gone) == 0)
+		gone = NULL; /* the worker's now */
 	pthread_mutex_unlock(&m->lock);
 	snapshot_free(s);
-	(void)rm_rf(gone);
+	if (gone && r == 0)
+		(void)rm_rf(gone);
 	log_struct(LOG_INFO, 0,
 		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_SNAPSHOT_DELETED},
 			      {"OP", "delete-snapshot"}, {"SNAPSHOT_ID", req->snapshot_id}),

@@ -32,8 +32,15 @@ def list_snapshots(n, **kw):
 
 
 def snapshots_dir(e):
+    """What is left in the snapshots directory, once the files of deleted snapshots (removed
+    on a worker after DeleteSnapshot answered) are gone."""
     d = os.path.join(e.state_dir, "snapshots")
-    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+    def ls():
+        return sorted(os.listdir(d)) if os.path.isdir(d) else []
+    wait_for(lambda: not any(f.startswith(".deleted-") for f in ls()), 60,
+             "the deleted snapshots' files to go")
+    return ls()
 
 
 def test_snapshot_and_twenty_forks(start_emberd):
@@ -137,7 +144,9 @@ def test_snapshot_of_a_paused_sandbox(start_emberd):
     fork(n, "child2", "ps")
     for i in ("child", "child2"):
         destroy(n, i)
-    n.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="ps"), timeout=10)
+    # a generous deadline, as create's and destroy's: it once took over 10 s while another
+    # xdist worker booted fifty guests on the two cores
+    n.DeleteSnapshot(S.DeleteSnapshotRequest(snapshot_id="ps"), timeout=60 * SLOW)
     assert leftovers(e) == []
     assert snapshots_dir(e) == []
 
