@@ -1209,12 +1209,26 @@ void rpc_server_cancel_all(RpcServer *s)
 int rpc_server_shutdown(RpcServer *s, int64_t grace_ms, const sigset_t *interrupt)
 {
 	uint64_t deadline = now_usec() + (uint64_t)(grace_ms > 0 ? grace_ms : 0) * 1000ULL;
+	bool idle_closed = false;
 	int r;
 
 	rpc_server_drain_begin(s);
 	for (;;) {
 		if (rpc_server_drain_wait(s, 100) == 0)
 			return 0;
+		/* Every call is done and gRPC still waits: for connections that stay open, which
+		 * only their clients close after the GOAWAY (an idle scheduler's channel kept
+		 * every stop 5 s long). With no call left, cancelling closes them, and loses
+		 * nothing. */
+		if (!idle_closed) {
+			pthread_mutex_lock(&s->mu);
+			bool calls_done = !s->calls;
+			pthread_mutex_unlock(&s->mu);
+			if (calls_done) {
+				grpc_server_cancel_all_calls(s->server);
+				idle_closed = true;
+			}
+		}
 		if (interrupt) {
 			struct timespec zero = {};
 			int sig = sigtimedwait(interrupt, NULL, &zero);

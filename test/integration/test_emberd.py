@@ -291,6 +291,19 @@ def test_sigint_also_drains(start_emberd):
     assert not os.path.exists(e.socket)
 
 
+def test_an_idle_client_connection_does_not_hold_up_the_stop(start_emberd):
+    """A scheduler keeps its channel open between calls: once no call is left, the stop
+    closes such connections rather than waiting for the client to (it waited 5 s)."""
+    e = start_emberd()
+    with e.channel() as ch:
+        node_pb2_grpc.NodeStub(ch).GetNode(node_pb2.GetNodeRequest(), timeout=10)
+        t = time.monotonic()
+        e.proc.signal(signal.SIGTERM)
+        assert e.proc.wait(10) == 0
+        took = time.monotonic() - t
+    assert took < 2.5 * SLOW, f"the stop took {took:.2f} s"
+
+
 def fake_program(path, script):
     with open(path, "w") as f:
         f.write("#!/bin/sh\n" + script)
