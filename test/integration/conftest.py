@@ -382,3 +382,25 @@ def start_rpctestd(workdir, procs):
         return proc
 
     return start
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the end of each daemon's log (emberd's own account of
+    what it was doing), since the logs go with the test's directory: a failure seen only in
+    CI can then be understood from CI's output."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.failed or rep.when == "setup":
+        return
+    seen = []
+    for v in item.funcargs.values():
+        for p in (v.procs if isinstance(v, EmberdStarter) else v if isinstance(v, list) else []):
+            if isinstance(p, Proc) and p not in seen:
+                seen.append(p)
+    for p in seen:
+        try:
+            lines = p.log().splitlines()[-60:]
+        except OSError:
+            continue
+        rep.sections.append((f"end of {p.log_path}", "\n".join(lines)))

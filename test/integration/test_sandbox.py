@@ -434,14 +434,28 @@ def test_node_answers_during_fifty_creates(start_emberd):
                 worst[name] = max(worst[name], time.monotonic() - t)
             time.sleep(0.05)
 
+    took = {}
+
+    def timed_create(i):
+        t = time.monotonic()
+        sb = create(n, i, timeout=300)
+        took[i] = time.monotonic() - t
+        return sb
+
     p = threading.Thread(target=prober)
     p.start()
     with concurrent.futures.ThreadPoolExecutor(50) as ex:
-        made = list(ex.map(lambda i: create(n, i, timeout=300), ids))
+        made = list(ex.map(timed_create, ids))
     done.set()
     p.join()
     assert all(s.state == S.SANDBOX_STATE_RUNNING for s in made)
-    assert all(v < 1.0 for v in worst.values()), worst
+    # A read that waited behind a create (or one of its steps) would take about as long as
+    # one; the bound is relative to the creates of this run, since the machine may be busy
+    # with other tests too (a fixed 1 s failed once, GetSandbox at 1.14 s, while another
+    # test ran beside this one on the two cores).
+    median = sorted(took.values())[len(took) // 2]
+    bound = max(1.0 * SLOW, median / 4)
+    assert all(v < bound for v in worst.values()), (worst, f"median create {median:.2f} s")
     with concurrent.futures.ThreadPoolExecutor(50) as ex:
         list(ex.map(lambda i: destroy(n, i), ids))
     assert leftovers(e, pool_size=4) == []
@@ -491,7 +505,8 @@ def test_watch_resume_and_resync(start_emberd):
 
 def plant_leftovers(e, workdir):
     """Things an earlier crash could have left: a namespace, a run dir with a VMM process in
-    it, a loop device on a file under the state dir."""
+    it, a loop device on a file under the state dir (returned as that file: loop numbers are
+    the machine's, and another test may get the same one once it is free)."""
     stray_ns = os.path.join(e.root, "netns", "ember-99")
     open(stray_ns, "w").close()
     subprocess.run(["unshare", f"--net={stray_ns}", "true"], check=True)
@@ -501,9 +516,15 @@ def plant_leftovers(e, workdir):
     img = os.path.join(e.state_dir, "stray.img")
     with open(img, "wb") as f:
         f.truncate(1 << 20)
-    loop = subprocess.run(["losetup", "-f", "--show", img], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    return stray_ns, rd, proc, loop
+    subprocess.run(["losetup", "-f", img], check=True)
+    assert loops_on(img)
+    return stray_ns, rd, proc, img
+
+
+def loops_on(img):
+    """The loop devices attached to the file img."""
+    out = subprocess.run(["losetup", "-j", img], capture_output=True, text=True).stdout
+    return [line.split(":")[0] for line in out.splitlines()]
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
@@ -530,7 +551,7 @@ def test_restart_adopts_running_sandboxes(start_emberd, workdir, how):
     for p in pids["r4"]:
         os.kill(p, signal.SIGKILL)
     wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids["r4"]), 10, "r4 dead")
-    stray_ns, stray_rd, stray_proc, stray_loop = plant_leftovers(e, workdir)
+    stray_ns, stray_rd, stray_proc, stray_img = plant_leftovers(e, workdir)
     try:
         e2 = start_emberd("[network]\npool_size = 2\n", root=root, hostns=e.hostns)
         n2 = stub(e2)
@@ -550,8 +571,7 @@ def test_restart_adopts_running_sandboxes(start_emberd, workdir, how):
         wait_for(lambda: stray_proc.poll() is not None, 10, "the stray process killed")
         assert not os.path.exists(stray_rd)
         assert not os.path.exists(stray_ns)
-        assert stray_loop not in subprocess.run(["losetup", "-a"], capture_output=True,
-                                                text=True).stdout
+        assert loops_on(stray_img) == []
         # a VMM that dies now is noticed
         for p in pids["r3"]:
             os.kill(p, signal.SIGKILL)
@@ -563,7 +583,8 @@ def test_restart_adopts_running_sandboxes(start_emberd, workdir, how):
     finally:
         if stray_proc.poll() is None:
             stray_proc.kill()
-        subprocess.run(["losetup", "-d", stray_loop], capture_output=True)
+        for loop in loops_on(stray_img):
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
         subprocess.run(["umount", "-l", stray_ns], capture_output=True)
 
 
