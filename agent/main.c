@@ -37,6 +37,10 @@
 #define EXIT_RUNTIME 1
 #define EXIT_USAGE   2
 
+/* Set by run() when it fails for want of what the configuration names (a VMM binary that is
+ * not there, a setting emberd does not support): EXIT_CONFIG, not a restart every 2 s. */
+static bool start_config_error;
+
 static void help(void)
 {
 	printf("Usage: emberd [OPTIONS]\n"
@@ -484,9 +488,11 @@ static int run(const Config *c)
 	 * leftovers reclaimed; every other call says UNAVAILABLE until then. */
 	sd_notify(false, "STATUS=Recovering sandboxes");
 	r = manager_new(c, node_service_kvm_usable(node), &manager, &err);
-	if (r < 0)
+	if (r < 0) {
+		start_config_error = r == -ENOENT || r == -EOPNOTSUPP;
 		return log_error_errno(r, "cannot start the sandbox manager: %s",
 				       err ?: strerror(-r));
+	}
 	manager_demo_template(manager);
 	node_service_set_manager(node, manager);
 	rpc_server_set_state(server, RPC_SERVER_SERVING);
@@ -568,5 +574,5 @@ int main(int argc, char *argv[])
 
 	r = args.destroy_all ? destroy_all(&config) : run(&config);
 	config_free(&config);
-	return r < 0 ? EXIT_RUNTIME : EXIT_SUCCESS;
+	return r >= 0 ? EXIT_SUCCESS : start_config_error ? EXIT_CONFIG : EXIT_RUNTIME;
 }

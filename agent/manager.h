@@ -41,12 +41,14 @@ typedef struct VmmInfo {
 } VmmInfo;
 
 const char *vmm_kind_to_string(VmmKind k);
-/* Picks the VMM from [vmm] kind and the host: *ret filled, or -errno with a message. */
+/* Picks the VMM from [vmm] kind and the host: *ret filled, or -errno with a message: -ENOENT
+ * when the VMM it needs is not found, -EOPNOTSUPP for a setting emberd does not support. */
 int vmm_choose(const Config *c, bool kvm_usable, VmmInfo *ret, char **ret_error);
 void vmm_info_done(VmmInfo *v);
 
 /* Loads records, adopts sandboxes that survived an agent restart, reclaims leftovers, creates
- * the network pool and starts the worker threads. `kvm_usable`: the KVM probe's answer. */
+ * the network pool and starts the worker threads. `kvm_usable`: the KVM probe's answer.
+ * vmm_choose()'s errors are passed on as they are. */
 int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret_error);
 /* Stops the threads after the operations in flight finished; sandboxes keep running. */
 void manager_free(Manager *m);

@@ -304,6 +304,19 @@ def test_an_idle_client_connection_does_not_hold_up_the_stop(start_emberd):
     assert took < 2.5 * SLOW, f"the stop took {took:.2f} s"
 
 
+@pytest.mark.parametrize("conf,says", [
+    ("[vmm]\nkind = fcsim\nfcsim_bin = /nonexistent/fcsim\n", "fcsim is not found"),
+    ("[vmm]\nkind = firecracker\nfirecracker_bin = /nonexistent/firecracker\n",
+     "firecracker_bin \"/nonexistent/firecracker\" is not found"),
+])
+def test_no_vmm_is_a_configuration_error(start_emberd, conf, says):
+    """Exit status 78 (EX_CONFIG), which the unit does not restart: without the VMM its
+    configuration names, emberd would only fail again 2 s later, for ever."""
+    e = start_emberd(conf, wait=False)
+    assert e.proc.wait(30) == 78, e.proc.log()
+    assert says in e.proc.log()
+
+
 def fake_program(path, script):
     with open(path, "w") as f:
         f.write("#!/bin/sh\n" + script)
