@@ -100,6 +100,13 @@ void systemd_free(Systemd *s)
 	free(s);
 }
 
+/* The connection, opened again if the last attempt to reopen it failed (the bus restarting):
+ * without this one failure would leave every later call without a bus. (lock held) */
+static int bus_locked(Systemd *s)
+{
+	return s->bus ? 0 : sd_bus_open_system(&s->bus);
+}
+
 /* A call on the bus, with one reconnect when the connection broke. (lock held) */
 static int call_locked(Systemd *s, sd_bus_message *m, sd_bus_error *e, sd_bus_message **reply)
 {
@@ -267,6 +274,10 @@ int systemd_scope_add(Systemd *s, const SystemdScope *spec, char **ret_error)
 	for (int attempt = 0; attempt < 3; attempt++) {
 		_cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
 		_cleanup_bus_error_ sd_bus_error e = SD_BUS_ERROR_NULL;
+		if ((r = bus_locked(s)) < 0) {
+			pthread_mutex_unlock(&s->lock);
+			return error_set(ret_error, r, "cannot connect to the system bus: %m");
+		}
 		r = attach ? build_attach(s, unit, spec, &m) : build_start(s, unit, spec, &m);
 		if (r < 0) {
 			pthread_mutex_unlock(&s->lock);
@@ -304,9 +315,12 @@ static int machine_call(Systemd *s, const char *method, const char *name, pid_t 
 {
 	for (int attempt = 0; attempt < 3; attempt++) {
 		_cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
-		int r = sd_bus_message_new_method_call(s->bus, &m, "org.freedesktop.machine1",
-						       "/org/freedesktop/machine1",
-						       "org.freedesktop.machine1.Manager", method);
+		int r = bus_locked(s);
+		if (r < 0)
+			return r;
+		r = sd_bus_message_new_method_call(s->bus, &m, "org.freedesktop.machine1",
+						   "/org/freedesktop/machine1",
+						   "org.freedesktop.machine1.Manager", method);
 		if (r >= 0 && leader > 0)
 			/* no 128-bit id of its own (empty), no root directory: a VM's is not ours
 			 */
