@@ -55,6 +55,8 @@ def test_end_time_destroys_or_pauses(start_emberd):
     wait_for(lambda: gone(n, "short"), 30, "the expired sandbox destroyed")
     took = time.monotonic() - t0
     assert took >= 3.5, took  # not before its time
+    # the watch's events may arrive a moment after GetSandbox says NOT_FOUND
+    wait_for(lambda: states(events, "short")[-1:] == ["removed"], 10, "the removed event")
     assert states(events, "short")[-3:] == ["DESTROYING", "DESTROYED", "removed"]
     why = reason_of(events, "short", S.SANDBOX_STATE_DESTROYING)
     assert why and "end time" in why[0] and "DESTROY" in why[0], why

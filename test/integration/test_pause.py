@@ -147,7 +147,7 @@ def test_memory_server_death_fails_the_sandbox(start_emberd):
     assert "ember-uffd" in sb.state_reason and "signal 9" in sb.state_reason, sb.state_reason
     # the VMM is stopped with it (its guest would hang at its next fault)
     wait_for(lambda: not os.path.exists(f"/proc/{rec['vmm_pid']}"), 10, "the VMM stopped")
-    assert states(events, "u1")[-1] == "FAILED"
+    wait_for(lambda: states(events, "u1")[-1:] == ["FAILED"], 10, "the FAILED event")
     destroy(n, "u1")
     assert leftovers(e) == []
 

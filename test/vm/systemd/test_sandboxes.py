@@ -1,7 +1,8 @@
 # Sandboxes under systemd, from the installed packages: each sandbox's processes in
 # ember-sbx-<id>.scope under ember.slice with the limits of its spec, registered with
 # systemd-machined; they survive `systemctl restart emberd`, a SIGKILL of the agent and a
-# watchdog restart of a stopped agent (same processes, RUNNING, answering Exec); the journal
+# watchdog restart of a stopped agent (same processes, RUNNING, answering Exec); a resumed
+# sandbox's VMM and ember-uffd are in its scope and survive a restart too; the journal
 # shows each sandbox's life, and a clean run logs nothing at warning or above.
 # Runs in test/vm/run --systemd (make check-deploy); the fixtures are in deploy_plugin.py.
 
@@ -148,6 +149,25 @@ def sandboxes_under_systemd(journal):
     assert took <= limit + 20, (took, limit)
     print(f"watchdog: restarted and serving {took:.1f} s after SIGSTOP "
           f"(WatchdogSec + TimeoutAbortSec + RestartSec = {limit:.0f} s)")
+    with channel() as ch:
+        check_running(node_stub(ch), ids, pids)
+
+    # 4. pause and resume: the resumed VMM and its memory server (ember-uffd, which serves
+    #    the guest's memory from the snapshot) are in the sandbox's scope, with its limits,
+    #    and survive a restart of the agent as well
+    with channel() as ch:
+        n = node_stub(ch)
+        n.PauseSandbox(S.PauseSandboxRequest(sandbox_id="sd1"), timeout=300)
+        n.ResumeSandbox(S.ResumeSandboxRequest(sandbox_id="sd1"), timeout=300)
+        pids["sd1"] = scope_pids("sd1")
+        exes = [os.readlink(f"/proc/{p}/exe") for p in pids["sd1"]]
+        assert "/usr/lib/ember/fcsim" in exes and "/usr/lib/ember/ember-uffd" in exes, exes
+        s = show("ember-sbx-sd1.scope", "ActiveState", "MemoryMax")
+        assert s["ActiveState"] == "active" and int(s["MemoryMax"]) == (128 + 64) << 20, s
+        check_running(n, ids, pids)
+    old = main_pid()
+    sh("systemctl", "restart", "emberd")
+    wait_restarted(old, 120)
     with channel() as ch:
         n = node_stub(ch)
         check_running(n, ids, pids)
