@@ -225,6 +225,16 @@ void sandbox_set_state_locked(Manager *m, Sandbox *sb, Ember__V1__SandboxState s
 
 /* ---- worker pool ---- */
 
+static void jobs_push_locked(Manager *m, Job *j)
+{
+	if (m->jobs_tail)
+		m->jobs_tail->next = j;
+	else
+		m->jobs_head = j;
+	m->jobs_tail = j;
+	pthread_cond_signal(&m->jobs_cond);
+}
+
 void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 {
 	Job *j = calloc(1, sizeof(*j));
@@ -287,12 +297,7 @@ void manager_submit_locked(Manager *m, Sandbox *sb, SbOp op)
 	j->sb = sb;
 	j->op = op;
 	sb->op = op;
-	if (m->jobs_tail)
-		m->jobs_tail->next = j;
-	else
-		m->jobs_head = j;
-	m->jobs_tail = j;
-	pthread_cond_signal(&m->jobs_cond);
+	jobs_push_locked(m, j);
 }
 
 int manager_remove_later_locked(Manager *m, char *path)
@@ -302,12 +307,7 @@ int manager_remove_later_locked(Manager *m, char *path)
 	if (!j)
 		return -ENOMEM;
 	j->path = path;
-	if (m->jobs_tail)
-		m->jobs_tail->next = j;
-	else
-		m->jobs_head = j;
-	m->jobs_tail = j;
-	pthread_cond_signal(&m->jobs_cond);
+	jobs_push_locked(m, j);
 	return 0;
 }
 
