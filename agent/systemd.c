@@ -100,14 +100,14 @@ void systemd_free(Systemd *s)
 	free(s);
 }
 
-/* The connection, opened again if the last attempt to reopen it failed (the bus restarting):
- * without this one failure would leave every later call without a bus. (lock held) */
+/* The connection, opened at each call where it is gone (broken, or a reopen failed while the
+ * bus restarted). (lock held) */
 static int bus_locked(Systemd *s)
 {
 	return s->bus ? 0 : sd_bus_open_system(&s->bus);
 }
 
-/* A call on the bus, with one reconnect when the connection broke. (lock held) */
+/* A call on the bus. A broken connection is dropped, for bus_locked() to reopen. (lock held) */
 static int call_locked(Systemd *s, sd_bus_message *m, sd_bus_error *e, sd_bus_message **reply)
 {
 	int r = sd_bus_call(s->bus, m, CALL_TIMEOUT_USEC, e, reply);
@@ -117,10 +117,8 @@ static int call_locked(Systemd *s, sd_bus_message *m, sd_bus_error *e, sd_bus_me
 	sd_bus_error_free(e);
 	sd_bus_flush_close_unref(s->bus);
 	s->bus = NULL;
-	r = sd_bus_open_system(&s->bus);
-	if (r < 0)
-		return r;
-	/* A message is sealed to the connection it was first sent on: the caller builds anew. */
+	/* A message is sealed to the connection it was first sent on: the caller builds anew,
+	 * after bus_locked(). */
 	return -EAGAIN;
 }
 
