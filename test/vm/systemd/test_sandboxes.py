@@ -12,19 +12,12 @@ import time
 
 import grpc
 
-from deploylib import (UNIT, channel, main_pid, node_stub, run, unit_props, wait_for)
+from deploylib import (UNIT, channel, main_pid, node_stub, proc_exe, run, unit_props,
+                       wait_for)
 
 pytest_plugins = ["deploy_plugin"]
 
 from ember.v1 import node_pb2 as S  # noqa: E402 (deploylib puts the stubs on the path)
-
-
-def sh(*argv):
-    return run(*argv)
-
-
-def show(unit, *props):
-    return unit_props(unit, *props)
 
 
 def serving():
@@ -38,7 +31,7 @@ def serving():
 
 def wait_restarted(old_pid, timeout):
     def ok():
-        s = show(UNIT, "ActiveState", "SubState", "MainPID")
+        s = unit_props(UNIT, "ActiveState", "SubState", "MainPID")
         return (s["ActiveState"] == "active" and s["SubState"] == "running"
                 and int(s["MainPID"]) not in (0, old_pid) and serving())
     wait_for(ok, timeout, "emberd to be restarted and serving", interval=0.2)
@@ -97,7 +90,7 @@ def sandboxes_under_systemd(journal):
         pids = {}
         for i, sid in enumerate(ids):
             unit = f"ember-sbx-{sid}.scope"
-            s = show(unit, "ActiveState", "Slice", "MemoryMax", "CPUQuotaPerSecUSec",
+            s = unit_props(unit, "ActiveState", "Slice", "MemoryMax", "CPUQuotaPerSecUSec",
                      "CPUWeight", "ControlGroup")
             assert s["ActiveState"] == "active", s
             assert s["Slice"] == "ember.slice", s
@@ -107,15 +100,15 @@ def sandboxes_under_systemd(journal):
             pids[sid] = scope_pids(sid)
             assert pids[sid], sid
             # the VMM is fcsim, in the scope (with its guest's processes); emberd is not
-            exes = [os.readlink(f"/proc/{p}/exe") for p in pids[sid]]
+            exes = [proc_exe(p) for p in pids[sid]]
             assert "/usr/lib/ember/fcsim" in exes, exes
             assert main_pid() not in pids[sid]
-            m = dict(line.split("=", 1) for line in sh(
+            m = dict(line.split("=", 1) for line in run(
                 "machinectl", "show", sid, "-pClass", "-pUnit", "-pService", "-pLeader"
             ).stdout.splitlines())
             assert m["Class"] == "vm" and m["Unit"] == unit and m["Service"] == "ember", m
             assert int(m["Leader"]) in pids[sid], (m, pids[sid])
-        listed = sh("machinectl", "list", "--no-legend").stdout
+        listed = run("machinectl", "list", "--no-legend").stdout
         assert all(sid in listed for sid in ids), listed
         check_running(n, ids, pids)
 
@@ -125,20 +118,20 @@ def sandboxes_under_systemd(journal):
 
     # 1. systemctl restart
     old = main_pid()
-    sh("systemctl", "restart", "emberd")
+    run("systemctl", "restart", "emberd")
     wait_restarted(old, 120)
     with channel() as ch:
         check_running(node_stub(ch), ids, pids)
 
     # 2. a crash: SIGKILL, then Restart=on-failure
     old = main_pid()
-    sh("systemctl", "kill", "-s", "SIGKILL", "emberd")
+    run("systemctl", "kill", "-s", "SIGKILL", "emberd")
     wait_restarted(old, 120)
     with channel() as ch:
         check_running(node_stub(ch), ids, pids)
 
     # 3. a stopped agent: the watchdog ends it, and it comes back
-    u = show(UNIT, "WatchdogUSec", "TimeoutAbortUSec", "RestartUSec")
+    u = unit_props(UNIT, "WatchdogUSec", "TimeoutAbortUSec", "RestartUSec")
     limit = sum(seconds(u[k]) for k in ("WatchdogUSec", "TimeoutAbortUSec", "RestartUSec"))
     assert limit > 0, u
     old = main_pid()
@@ -160,13 +153,13 @@ def sandboxes_under_systemd(journal):
         n.PauseSandbox(S.PauseSandboxRequest(sandbox_id="sd1"), timeout=300)
         n.ResumeSandbox(S.ResumeSandboxRequest(sandbox_id="sd1"), timeout=300)
         pids["sd1"] = scope_pids("sd1")
-        exes = [os.readlink(f"/proc/{p}/exe") for p in pids["sd1"]]
+        exes = [proc_exe(p) for p in pids["sd1"]]
         assert "/usr/lib/ember/fcsim" in exes and "/usr/lib/ember/ember-uffd" in exes, exes
-        s = show("ember-sbx-sd1.scope", "ActiveState", "MemoryMax")
+        s = unit_props("ember-sbx-sd1.scope", "ActiveState", "MemoryMax")
         assert s["ActiveState"] == "active" and int(s["MemoryMax"]) == (128 + 64) << 20, s
         check_running(n, ids, pids)
     old = main_pid()
-    sh("systemctl", "restart", "emberd")
+    run("systemctl", "restart", "emberd")
     wait_restarted(old, 120)
     with channel() as ch:
         n = node_stub(ch)
@@ -174,9 +167,9 @@ def sandboxes_under_systemd(journal):
         for sid in ids:
             n.DestroySandbox(S.DestroySandboxRequest(sandbox_id=sid), timeout=120)
     for sid in ids:
-        wait_for(lambda: show(f"ember-sbx-{sid}.scope", "ActiveState")["ActiveState"]
+        wait_for(lambda: unit_props(f"ember-sbx-{sid}.scope", "ActiveState")["ActiveState"]
                  == "inactive", 30, f"{sid}'s scope to go")
-    listed = sh("machinectl", "list", "--no-legend").stdout
+    listed = run("machinectl", "list", "--no-legend").stdout
     assert not any(sid in listed for sid in ids), listed
 
     # The journal: one sandbox's whole life, selected by its id.
