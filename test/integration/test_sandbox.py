@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -699,6 +700,20 @@ def test_calls_are_unavailable_while_starting(start_emberd, workdir):
     assert os.path.exists(f"/proc/{vmm}")
 
     e2 = start_emberd("[network]\npool_size = 0\n", root=root, hostns=e.hostns, wait=False)
+
+    def accepts():
+        # The killed emberd's socket file is still there and refuses until e2 binds its own.
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(e2.socket)
+                return True
+            except OSError:
+                return False
+
+    # The channel is made only once e2 listens: a channel whose first attempts were refused
+    # was seen to keep failing with "Connection refused" for the whole 5 s window while a
+    # fresh channel connected at once (the client's reconnect backoff, not emberd).
+    wait_for(accepts, 30, "emberd to listen")
     n2 = stub(e2)
     seen = {}
     calls = {
@@ -717,9 +732,9 @@ def test_calls_are_unavailable_while_starting(start_emberd, workdir):
         try:
             return n2.GetNode(S.GetNodeRequest(), timeout=2).serving_state
         except grpc.RpcError:
-            return None  # not listening yet
+            return None  # not connected yet
 
-    wait_for(lambda: node_state() is not None, 30, "emberd to listen")
+    wait_for(lambda: node_state() is not None, 30, "GetNode to answer")
     assert node_state() == S.SERVING_STATE_STARTING
     for name, fn in calls.items():
         seen[name] = code_of(fn)
