@@ -295,7 +295,7 @@ static int guest_net(Guest *g, size_t i, const IpArg *ip, bool have_ip, char **r
 	saved = netns_enter(ns);
 	if (saved < 0)
 		return saved;
-	f->guest_tap = netns_tap_open(name, false);
+	f->guest_tap = netns_tap_open(name);
 	if (f->guest_tap < 0)
 		r = f->guest_tap;
 	else if (have_ip && (strcmp(ip->device, name) == 0 || (!ip->device[0] && i == 0)))

@@ -238,7 +238,7 @@ static int put_iface(Vm *vm, const char *id, json_object *body, char **fault)
 		    strcmp(vm->ifaces[i].host_dev_name, dev) == 0)
 			return fail(fault, "The host device name %s is already in use.", dev);
 	/* Firecracker opens (or creates) the TAP now, in its own network namespace. */
-	tap = netns_tap_open(dev, false);
+	tap = netns_tap_open(dev);
 	if (tap < 0)
 		return fail(fault,
 			    "Could not create the network device: Open tap device failed: Error "

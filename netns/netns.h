@@ -182,8 +182,11 @@ int netns_create_at(const char *path);
 int netns_remove_at(const char *path);
 
 /* Opens TAP device `name` in the current namespace (IFF_TAP | IFF_NO_PI), creating it if it
- * does not exist. persistent: it stays when the fd closes. Returns the fd. */
-int netns_tap_open(const char *name, bool persistent);
+ * does not exist. Returns the fd; only one may be open (no multi-queue). */
+int netns_tap_open(const char *name);
+/* Creates TAP device `name` in the current namespace, persistent: it stays, attached to no
+ * fd, for a VMM to open by name. */
+int netns_tap_create(const char *name);
 
 /* In the current namespace: lo up, and `ifname` up with address `cidr` ("a.b.c.d/len") and,
  * when gateway is not NULL, a default route through it. What a guest's network setup does

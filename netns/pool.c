@@ -333,7 +333,7 @@ static int slot_build_inside(const NetnsSlot *s, const char *host_addr, const ch
 {
 	_cleanup_(nlsock_closep) NlSock *nl = NULL;
 	char tap_cidr[32];
-	int r, tap;
+	int r;
 
 	r = netns_nlsock_open(&nl);
 	if (r < 0)
@@ -342,16 +342,11 @@ static int slot_build_inside(const NetnsSlot *s, const char *host_addr, const ch
 	    (r = netns_addr_add(nl, NETNS_SLOT_IF, slot_cidr, ret_error)) < 0 ||
 	    (r = netns_link_up(nl, NETNS_SLOT_IF, ret_error)) < 0)
 		return r;
-	/* A persistent TAP: the VMM opens it by name later (and again after a restore). Our fd
-	 * is closed at once, before the slower steps below: a process another thread forks
-	 * meanwhile holds a copy of it until it execs, and while any copy is open the TAP is
-	 * attached, so the VMM's open fails with EBUSY (seen once, 50 creates on 2 busy CPUs).
-	 * The window left is the few system calls from open to close. */
-	tap = netns_tap_open(NETNS_TAP_NAME, true);
-	if (tap < 0)
-		return error_set(ret_error, tap, "cannot create %s in %s: %s", NETNS_TAP_NAME,
-				 s->name, strerror(-tap));
-	safe_close(tap);
+	/* A persistent TAP: the VMM opens it by name later (and again after a restore). */
+	r = netns_tap_create(NETNS_TAP_NAME);
+	if (r < 0)
+		return error_set(ret_error, r, "cannot create %s in %s: %s", NETNS_TAP_NAME,
+				 s->name, strerror(-r));
 	snprintf(tap_cidr, sizeof(tap_cidr), "%s/%d", NETNS_TAP_IP, NETNS_TAP_PREFIX);
 	if ((r = netns_addr_add(nl, NETNS_TAP_NAME, tap_cidr, ret_error)) < 0 ||
 	    (r = netns_link_up(nl, NETNS_TAP_NAME, ret_error)) < 0 ||

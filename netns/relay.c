@@ -15,7 +15,7 @@
 #include "common/macro.h"
 #include "netns-internal.h"
 
-int netns_tap_open(const char *name, bool persistent)
+int netns_tap_open(const char *name)
 {
 	_cleanup_close_ int fd = -EBADF;
 	struct ifreq ifr = {};
@@ -31,9 +31,20 @@ int netns_tap_open(const char *name, bool persistent)
 	strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
 	if (ioctl(fd, TUNSETIFF, &ifr) < 0)
 		return -errno;
-	if (persistent && ioctl(fd, TUNSETPERSIST, 1UL) < 0)
-		return -errno;
 	return TAKE_FD(fd);
+}
+
+int netns_tap_create(const char *name)
+{
+	/* Closed on return, before anything slower: a process another thread forks while
+	 * the fd is open holds a copy of it until it execs, and while any copy is open the
+	 * TAP is attached, so the VMM's open fails with EBUSY (seen once, 50 creates on 2
+	 * busy CPUs, when the pool kept it open through the slot's nftables set-up). */
+	_cleanup_close_ int fd = netns_tap_open(name);
+
+	if (fd < 0)
+		return fd;
+	return ioctl(fd, TUNSETPERSIST, 1UL) < 0 ? -errno : 0;
 }
 
 /* Copies one frame; 0 on success or nothing to do, <0 when that side is gone. */

@@ -107,7 +107,7 @@ int main(int argc, char *argv[])
 	saved = netns_enter(guest_path);
 	if (saved < 0)
 		goto fail;
-	guest_tap = netns_tap_open(NETNS_SLOT_IF, false);
+	guest_tap = netns_tap_open(NETNS_SLOT_IF);
 	r = guest_tap < 0
 		    ? guest_tap
 		    : netns_iface_setup(NETNS_SLOT_IF, NETNS_GUEST_IP "/30", NETNS_TAP_IP, &err);
@@ -121,7 +121,7 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "guest-standin: cannot enter %s: %s\n", argv[1], strerror(-saved));
 		goto fail;
 	}
-	slot_tap = netns_tap_open(NETNS_TAP_NAME, false);
+	slot_tap = netns_tap_open(NETNS_TAP_NAME);
 	netns_leave(saved);
 	if (slot_tap < 0) {
 		fprintf(stderr, "guest-standin: cannot open %s: %s\n", NETNS_TAP_NAME,
