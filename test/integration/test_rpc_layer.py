@@ -93,15 +93,13 @@ def test_slow_reader_gets_back_pressure(start_rpctestd):
         # The client reads nothing: the handler fills the windows and the queue, then blocks.
         # Filling them took over 1.5 s on a busy machine, so wait until the count stops moving
         # (without back-pressure it would stop only at all 2000, which the bound below refuses).
-        last, still = [-1], [0]
+        seen = []
 
         def settled():  # the same count three samples in a row
-            n = stats(d.target).stream_sent
-            still[0] = still[0] + 1 if n == last[0] else 0
-            last[0] = n
-            return still[0] >= 2
+            seen.append(stats(d.target).stream_sent)
+            return len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]
         wait_for(settled, 30, "the handler to block", interval=0.5 * SLOW)
-        sent_while_paused = last[0]
+        sent_while_paused = seen[-1]
         time.sleep(1.0 * SLOW)
         assert stats(d.target).stream_sent == sent_while_paused, "handler kept sending"
         rss_paused = rss_kib(d.pid)
