@@ -39,13 +39,43 @@ def under_systemd():
 
 
 def run(*args, check=True, timeout=300, env=None, **kw):
-    """Runs args, output captured as text; check=True raises with the output on failure."""
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                       env=env, **kw)
+    """Runs args, output captured as text; check=True raises with the output on failure. A
+    command that outlives timeout is killed and reported with what the VM was doing then:
+    nobody can log in to the VM to look, and the runner's own timeout would show nothing."""
+    try:
+        r = subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                           timeout=timeout, env=env, **kw)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{' '.join(map(str, args))} did not finish in {timeout:.0f}s; "
+                             f"its output so far:\n{_text(e.stdout)}{_text(e.stderr)}\n"
+                             f"{snapshot()}") from None
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({r.returncode}):\n"
                              f"{r.stdout}{r.stderr}")
     return r
+
+
+def _text(b):
+    if b is None:
+        return ""
+    return b.decode(errors="replace") if isinstance(b, bytes) else b
+
+
+def snapshot():
+    """The processes (with the kernel function each one sleeps in) and the journal's last
+    lines: what a hung test reports."""
+    out = []
+    for title, cmd in (("processes", ["ps", "-eo", "pid,ppid,stat,wchan:24,etimes,args",
+                                      "--forest"]),
+                       ("journal (last 80 lines)", ["journalctl", "--no-pager", "-b", "-n", "80",
+                                                    "-o", "short-monotonic"])):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            text = r.stdout + r.stderr
+        except (OSError, subprocess.SubprocessError) as e:
+            text = f"({e})"
+        out.append(f"--- {title} ---\n{text}")
+    return "\n".join(out)
 
 
 def wait_for(pred, timeout, what, interval=0.2):
@@ -202,7 +232,7 @@ def _offline_dirs():
     return d
 
 
-def apt_get(*args, timeout=600):
+def apt_get(*args, timeout=300):
     """apt-get, offline: no sources and no package lists, so it knows only what is installed
     and the .debs named on its command line. A dependency that is not installed then fails at
     once ("... but it is not installable") instead of trying the network the VM does not have;
