@@ -144,7 +144,7 @@ AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
 	agent/events.c agent/template.c agent/snapshot.c agent/sandbox.c agent/sandbox-ops.c agent/recover.c \
 	agent/vmm.c agent/demo.c agent/node-sandbox.c agent/node-exec.c \
 	agent/node-files.c agent/expiry.c agent/console.c agent/node-console.c agent/http.c \
-	agent/rpc-local.c agent/metrics.c agent/pbjson.c agent/systemd.c
+	agent/rpc-local.c agent/metrics.c agent/pbjson.c agent/systemd.c agent/pull.c
 AGENT_SRCS := agent/main.c $(AGENT_LIB_SRCS)
 GUEST_INIT_SRCS := guest/init/ember-init.c guest/init/cmdline.c guest/init/net.c
 GUEST_AGENT_SRCS := guest/agent/main.c guest/agent/conn.c guest/agent/exec.c guest/agent/file.c
@@ -570,6 +570,10 @@ bench-rpc: all
 bench-exec: all
 	$(PYTHON) test/bench/bench-exec.py --build $(B)
 
+# PullTemplate of a 1 GiB file from a loopback server against `curl -o` of it, same run.
+bench-pull: all
+	$(PYTHON) test/bench/bench-pull.py --build $(B) $(BENCH_ARGS)
+
 # emberd's create/destroy against the same sequence driven through the libraries directly.
 $(B)/test/lifecycle-direct: $(B)/obj/test/bench/lifecycle-direct.o $(B)/libguestclient.a \
 		$(B)/libfcctl.a $(B)/libstorage.a $(B)/libnetns.a $(B)/libcommon.a
@@ -723,7 +727,7 @@ clean:
 .PHONY: bench-exec bench-lifecycle bench-pause
 .PHONY: deb lint-deb check-deploy
 .PHONY: all deps run check check-unit check-integration check-vm unit-tests pystubs lint \
-	format install clean bench-rpc bench-storage bench-net bench-uffd fuzz-uffd
+	format install clean bench-rpc bench-storage bench-net bench-uffd bench-pull fuzz-uffd
 .DELETE_ON_ERROR:
 
 # Only files: a VM job's directory (build/vm/job-*/…/foo.service.d) is no dependency list.

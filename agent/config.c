@@ -22,6 +22,7 @@ typedef enum KeyType {
 	KEY_LOG_LEVEL,
 	KEY_BOOL,
 	KEY_UINT,
+	KEY_U64,         /* a whole number, 64 bits */
 	KEY_LISTEN_ADDR, /* empty or HOST:PORT */
 	KEY_OPT_PROGRAM, /* empty or KEY_PROGRAM */
 	KEY_CHOICE,      /* one of `choices` */
@@ -432,6 +433,53 @@ static const Key keys[] = {
 	 0,
 	 0,
 	 NULL},
+	{{"templates", "ca_file", "", "empty or an absolute path",
+	  "PullTemplate verifies https servers against this CA bundle (PEM) instead of the "
+	  "system's CA store (for an artifact server with a private CA)."},
+	 KEY_OPT_ABS_PATH,
+	 STR(pull_ca_file),
+	 0,
+	 0,
+	 NULL},
+	{{"templates", "max_artifact_bytes", "68719476736", "a whole number of bytes, at least 1",
+	  "Largest artifact (kernel, rootfs, initrd) PullTemplate downloads; a larger size_bytes "
+	  "is refused, a download growing past it fails with RESOURCE_EXHAUSTED."},
+	 KEY_U64,
+	 STR(max_artifact_bytes),
+	 1,
+	 0,
+	 NULL},
+	{{"templates", "max_parallel_pulls", "2", "a whole number from 1 to 64",
+	  "Templates downloaded at once; further pulls wait their turn (DOWNLOADING, 0 bytes). "
+	  "The artifacts of one template download in parallel."},
+	 KEY_UINT,
+	 STR(max_parallel_pulls),
+	 1,
+	 64,
+	 NULL},
+	{{"templates", "pull_retries", "5", "a whole number from 0 to 100",
+	  "Retries of an artifact after a network error or an HTTP 5xx, 408 or 429 (resumed "
+	  "with a Range request where the server allows) before the pull fails with "
+	  "UNAVAILABLE. A retry that received bytes starts the count again."},
+	 KEY_UINT,
+	 STR(pull_retries),
+	 0,
+	 100,
+	 NULL},
+	{{"templates", "pull_retry_delay_ms", "1000", "a whole number from 1 to 60000",
+	  "Delay before the first retry; it doubles with each further one, up to 30 s."},
+	 KEY_UINT,
+	 STR(pull_retry_delay_ms),
+	 1,
+	 60000,
+	 NULL},
+	{{"templates", "pull_stall_timeout_s", "30", "a whole number from 1 to 3600",
+	  "A transfer that receives nothing for this long is dropped and retried."},
+	 KEY_UINT,
+	 STR(pull_stall_timeout_s),
+	 1,
+	 3600,
+	 NULL},
 };
 
 static const Key *key_find(const char *section, const char *key)
@@ -574,6 +622,18 @@ int config_set(Config *c, const char *section, const char *key, const char *valu
 			return BAD();
 		*(unsigned *)field = u;
 		return 0;
+	case KEY_U64: {
+		char *end;
+		unsigned long long x;
+		if (*value < '0' || *value > '9')
+			return BAD();
+		errno = 0;
+		x = strtoull(value, &end, 10);
+		if (errno || *end || x < k->min)
+			return BAD();
+		*(uint64_t *)field = x;
+		return 0;
+	}
 	case KEY_LISTEN_ADDR:
 		if (value[0] && !listen_addr_valid(value))
 			return BAD();
@@ -630,7 +690,7 @@ void config_free(Config *c)
 {
 	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
 		KeyType t = keys[i].type;
-		if (t != KEY_LOG_LEVEL && t != KEY_BOOL && t != KEY_UINT) {
+		if (t != KEY_LOG_LEVEL && t != KEY_BOOL && t != KEY_UINT && t != KEY_U64) {
 			char **p = (char **)((char *)c + keys[i].offset);
 			free(*p);
 			*p = NULL;
@@ -870,6 +930,10 @@ void config_dump(const Config *c, FILE *f)
 			break;
 		case KEY_UINT:
 			fprintf(f, "%s = %u\n", k->info.key, *(const unsigned *)field);
+			break;
+		case KEY_U64:
+			fprintf(f, "%s = %llu\n", k->info.key,
+				(unsigned long long)*(const uint64_t *)field);
 			break;
 		default:
 			fprintf(f, "%s = %s\n", k->info.key, *(char *const *)field);

@@ -77,6 +77,12 @@ typedef struct Config {
 	/* [templates] */
 	bool demo_template;
 	char *demo_kernel;
+	char *pull_ca_file;
+	uint64_t max_artifact_bytes;
+	unsigned max_parallel_pulls;
+	unsigned pull_retries;
+	unsigned pull_retry_delay_ms;
+	unsigned pull_stall_timeout_s;
 
 	char *loaded_from; /* the config file read, NULL when none */
 } Config;

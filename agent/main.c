@@ -225,10 +225,26 @@ static void rpc_server_freep(RpcServer **s)
 }
 
 /* Waits for SIGTERM/SIGINT, pinging the systemd watchdog while the gRPC poller is alive. */
-static int main_loop(RpcServer *server, const sigset_t *mask)
+/* systemd's status line: where it serves, and the template pulls in progress. */
+static void status_update(Manager *m, const Config *c, char *last, size_t size)
+{
+	char pulls[256], status[512];
+	int n = manager_pull_status(m, pulls, sizeof(pulls));
+
+	snprintf(status, sizeof(status), "Serving on unix:%s%s%s%s%s", c->socket,
+		 c->tcp_listen[0] ? " and " : "", c->tcp_listen, n > 0 ? "; pulling " : "",
+		 n > 0 ? pulls : "");
+	if (strcmp(status, last) == 0)
+		return;
+	snprintf(last, size, "%s", status);
+	sd_notifyf(false, "STATUS=%s", status);
+}
+
+static int main_loop(RpcServer *server, Manager *manager, const Config *c, const sigset_t *mask)
 {
 	uint64_t watchdog_usec = 0;
 	bool watchdog = sd_watchdog_enabled(false, &watchdog_usec) > 0;
+	char status[512] = "";
 
 	for (;;) {
 		/* Ping at half the watchdog interval, and check for signals at least every s. */
@@ -248,6 +264,7 @@ static int main_loop(RpcServer *server, const sigset_t *mask)
 		if (sig == SIGHUP)
 			log_notice("SIGHUP: configuration reload is not supported; restart emberd "
 				   "to apply changes");
+		status_update(manager, c, status, sizeof(status));
 		if (watchdog) {
 			/* A stuck poller means no call can be served: let systemd restart us. */
 			uint64_t age = now_usec() - rpc_server_heartbeat_usec(server);
@@ -494,6 +511,9 @@ static int run(const Config *c)
 				       err ?: strerror(-r));
 	}
 	manager_demo_template(manager);
+	r = manager_pulls_start(manager);
+	if (r < 0)
+		return log_error_errno(r, "cannot start the template download thread: %m");
 	node_service_set_manager(node, manager);
 	rpc_server_set_state(server, RPC_SERVER_SERVING);
 	__atomic_store_n(&metrics.manager, manager, __ATOMIC_RELEASE);
@@ -526,7 +546,7 @@ static int run(const Config *c)
 	sd_notifyf(false, "READY=1\nSTATUS=Serving on unix:%s%s%s", c->socket,
 		   c->tcp_listen[0] ? " and " : "", c->tcp_listen);
 
-	main_loop(server, &mask);
+	main_loop(server, manager, c, &mask);
 	/* Only a second SIGTERM/SIGINT cuts the grace period short; SIGHUP stays pending. */
 	sigset_t interrupt;
 	sigemptyset(&interrupt);

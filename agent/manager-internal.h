@@ -73,6 +73,7 @@ typedef struct SbSpec {
 } SbSpec;
 
 void kv_list_done(KvList *l);
+int kv_list_copy(const KvList *l, KvList *ret);
 void str_list_done(StrList *l);
 void sb_spec_done(SbSpec *s);
 bool sb_spec_equal(const SbSpec *a, const SbSpec *b);
@@ -84,6 +85,9 @@ NetnsPolicy sb_spec_policy(const SbSpec *s);
 bool kv_list_matches(const KvList *labels, const KvList *selector);
 
 /* ---- templates ---- */
+
+typedef struct Pull Pull;             /* pull.c: one template's download */
+typedef struct PullEngine PullEngine; /* pull.c: the thread that drives every download */
 
 typedef struct TemplateFileInfo {
 	char *path; /* NULL: no such file (initrd) */
@@ -114,9 +118,34 @@ typedef struct Template {
 	struct timespec create_time;
 	unsigned sandbox_count; /* (L) sandboxes, in any state, descending from it */
 	unsigned snapshot_count;
+	Pull *pull; /* (L) PULLING: its download (a reference); NULL otherwise */
 } Template;
 
 void template_free(Template *t);
+int template_insert_locked(Manager *m, Template *t);
+void template_remove_locked(Manager *m, Template *t);
+/* template.json as RegisterTemplate writes it, at path. */
+int template_record_write(const Template *t, const char *path);
+bool template_boot_args_valid(const char *args);
+
+/* pull.c (PullTemplate) */
+int pull_engine_new(Manager *m, PullEngine **ret);
+/* Starts the thread: pulls found at start-up resume. Not for --destroy-all-sandboxes. */
+int pull_engine_start(PullEngine *e);
+/* Stops the transfers (their files and records stay, for the next start) and waits for
+ * installs in flight. Before the templates are freed. */
+void pull_engine_free(PullEngine *e);
+Pull *pull_ref(Pull *p);
+void pull_unref(Pull *p);
+/* (L) DeleteTemplate of a PULLING template: its followers get ABORTED. */
+void pull_abort_locked(Pull *p);
+/* A <templates>/.pull-<id> directory: a pull that was PULLING or FAILED at the last stop. */
+bool pull_dir_name(const char *name);
+/* Loads it as a template (PULLING, its pull queued; or FAILED). */
+int pull_load(Manager *m, const char *dir, Template **ret, char **ret_error);
+void pull_write_metrics(PullEngine *e, FILE *f);
+/* "id 40%, id2 12 MiB" into buf; returns the number of pulls in progress. */
+int pull_status(PullEngine *e, char *buf, size_t size);
 
 /* ---- snapshots ---- */
 
@@ -320,6 +349,7 @@ struct Manager {
 	uint64_t creating_mib, huge_mib;
 	Template **templates;
 	size_t n_templates;
+	PullEngine *pulls;
 	Snapshot **snapshots; /* sorted by id */
 	size_t n_snapshots;
 	char *snapshots_dir;

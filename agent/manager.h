@@ -54,6 +54,11 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 void manager_free(Manager *m);
 DEFINE_POINTER_CLEANUP(Manager, manager_free)
 
+/* Starts the template downloads (PullTemplate), resuming those the last run left. */
+int manager_pulls_start(Manager *m);
+/* The pulls in progress for a status line ("id 40%, id2 12 MiB"); returns their number. */
+int manager_pull_status(Manager *m, char *buf, size_t size);
+
 /* Registers the demo template on first start ([templates] demo); logs what it did. */
 void manager_demo_template(Manager *m);
 

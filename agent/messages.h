@@ -47,6 +47,12 @@
 #define EMBER_MESSAGE_SANDBOX_UPDATED "f4b2183466914da9a3cf6ec7cae76db4"
 /* a template READY */
 #define EMBER_MESSAGE_TEMPLATE_REGISTERED "22e536afd82e48709dbfaa7d07de3dc1"
+/* a pull began (or resumed) */
+#define EMBER_MESSAGE_TEMPLATE_PULL_STARTED "935d5793af9f40189f60548f914c2a60"
+/* a pull READY */
+#define EMBER_MESSAGE_TEMPLATE_PULLED "f1b5304e6f0d41cb8bf8131a645beb6c"
+/* a pull FAILED */
+#define EMBER_MESSAGE_TEMPLATE_PULL_FAILED "185bd254c62e48eeb96a0b1f6aeba3e4"
 /* a template removed */
 #define EMBER_MESSAGE_TEMPLATE_DELETED "cab491fb36be4b0ab0e0c8693de9188b"
 /* a snapshot removed */

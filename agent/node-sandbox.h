@@ -35,6 +35,8 @@ RpcCode kv_from_pb(RpcCall *call, const char *what, KvKind kind, const void *ent
 		   KvList *ret);
 /* (L) */
 Ember__V1__Sandbox *sandbox_to_pb(Arena *a, Sandbox *sb);
+/* (L) */
+Ember__V1__Template *template_to_pb(Arena *a, Template *t);
 
 /* Free space where a pause writes the saved state: enough for the memory file and a margin?
  * *ret_free_mib: what is free. */
@@ -82,6 +84,7 @@ RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, M
 RpcCode node_get_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_list_templates(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
+RpcCode node_pull_template(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_create_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_get_sandbox(RpcCall *call, const ProtobufCMessage *request, Manager *m);
 RpcCode node_list_sandboxes(RpcCall *call, const ProtobufCMessage *request, Manager *m);

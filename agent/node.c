@@ -273,6 +273,7 @@ MANAGER_CALL(register_template, node_register_template)
 MANAGER_CALL(get_template, node_get_template)
 MANAGER_CALL(list_templates, node_list_templates)
 MANAGER_CALL(delete_template, node_delete_template)
+MANAGER_CALL(pull_template, node_pull_template)
 MANAGER_CALL(create_sandbox, node_create_sandbox)
 MANAGER_CALL(get_sandbox, node_get_sandbox)
 MANAGER_CALL(list_sandboxes, node_list_sandboxes)
@@ -298,6 +299,7 @@ int node_service_register(NodeService *n, RpcServer *s)
 		{"GetTemplate", get_template},
 		{"ListTemplates", list_templates},
 		{"DeleteTemplate", delete_template},
+		{"PullTemplate", pull_template},
 		{"CreateSandbox", create_sandbox},
 		{"GetSandbox", get_sandbox},
 		{"ListSandboxes", list_sandboxes},

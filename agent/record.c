@@ -315,6 +315,25 @@ void kv_list_done(KvList *l)
 	*l = (KvList){};
 }
 
+int kv_list_copy(const KvList *l, KvList *ret)
+{
+	KvList c = {.items = calloc(l->n ?: 1, sizeof(KeyValue))};
+
+	if (!c.items)
+		return -ENOMEM;
+	for (; c.n < l->n; c.n++) {
+		c.items[c.n].key = strdup(l->items[c.n].key);
+		c.items[c.n].value = strdup(l->items[c.n].value);
+		if (!c.items[c.n].key || !c.items[c.n].value) {
+			c.n++;
+			kv_list_done(&c);
+			return -ENOMEM;
+		}
+	}
+	*ret = c;
+	return 0;
+}
+
 void str_list_done(StrList *l)
 {
 	for (size_t i = 0; i < l->n; i++)

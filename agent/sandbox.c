@@ -566,6 +566,16 @@ void op_outcome_locked(Manager *m, const char *op, RpcCode code)
 		om->outcomes[code]++;
 }
 
+int manager_pulls_start(Manager *m)
+{
+	return pull_engine_start(m->pulls);
+}
+
+int manager_pull_status(Manager *m, char *buf, size_t size)
+{
+	return pull_status(m->pulls, buf, size);
+}
+
 void manager_write_metrics(Manager *m, FILE *f)
 {
 	const ProtobufCEnumDescriptor *states = &ember__v1__sandbox_state__descriptor;
@@ -573,6 +583,7 @@ void manager_write_metrics(Manager *m, FILE *f)
 
 	if (!m)
 		return;
+	pull_write_metrics(m->pulls, f);
 	pthread_mutex_lock(&m->lock);
 	for (size_t i = 0; i < m->n_buckets; i++)
 		for (Sandbox *sb = m->buckets[i]; sb; sb = sb->hnext)
@@ -784,6 +795,11 @@ int manager_new(const Config *config, bool kvm_usable, Manager **ret, char **ret
 	r = events_new(config->state_dir, config->event_log_size, &m->events, ret_error);
 	if (r < 0)
 		goto fail;
+	r = pull_engine_new(m, &m->pulls);
+	if (r < 0) {
+		r = error_set(ret_error, r, "cannot set up the template downloads: %m");
+		goto fail;
+	}
 	r = manager_templates_load(m);
 	if (r < 0) {
 		r = error_set(ret_error, r, "cannot load templates: %m");
@@ -868,6 +884,9 @@ void manager_free(Manager *m)
 		else
 			pthread_join(m->loop_thread, NULL);
 	}
+	/* Pulls stop where they are (their records stay: the next start resumes them). */
+	pull_engine_free(m->pulls);
+	m->pulls = NULL;
 	/* Sandboxes keep running: only our view of them goes. */
 	for (size_t i = 0; i < m->n_buckets; i++)
 		for (Sandbox *sb = m->buckets[i], *next; sb; sb = next) {

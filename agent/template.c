@@ -44,6 +44,8 @@ void template_free(Template *t)
 	free(t->boot.vmstate);
 	free(t->boot.mem);
 	free(t->boot.rootfs);
+	if (t->pull)
+		pull_unref(t->pull);
 	free(t);
 }
 
@@ -133,6 +135,17 @@ static int file_from_json(json_object *o, TemplateFileInfo *f)
 	f->size_bytes = json_get_u64(o, "size_bytes");
 	memcpy(f->sha256, sha, 65);
 	return 0;
+}
+
+static json_object *template_to_json(const Template *t);
+
+int template_record_write(const Template *t, const char *path)
+{
+	json_object *o = template_to_json(t);
+	int r = o ? record_write(path, o) : -ENOMEM;
+
+	json_object_put(o);
+	return r;
 }
 
 static json_object *template_to_json(const Template *t)
@@ -225,7 +238,7 @@ Template *manager_template_find_locked(Manager *m, const char *id)
 	return NULL;
 }
 
-static int template_insert_locked(Manager *m, Template *t)
+int template_insert_locked(Manager *m, Template *t)
 {
 	Template **n = realloc(m->templates, (m->n_templates + 1) * sizeof(Template *));
 	size_t i;
@@ -241,7 +254,7 @@ static int template_insert_locked(Manager *m, Template *t)
 	return 0;
 }
 
-static void template_remove_locked(Manager *m, Template *t)
+void template_remove_locked(Manager *m, Template *t)
 {
 	for (size_t i = 0; i < m->n_templates; i++)
 		if (m->templates[i] == t) {
@@ -270,6 +283,23 @@ int manager_templates_load(Manager *m)
 		if (asprintf(&dir, "%s/%s", m->templates_dir, de->d_name) < 0 ||
 		    asprintf(&rec, "%s/" TEMPLATE_RECORD, dir) < 0)
 			return -ENOMEM;
+		if (pull_dir_name(de->d_name)) {
+			/* A pull the last run did not finish: it goes on (or stays FAILED). */
+			r = pull_load(m, dir, &t, &err);
+			if (r == -ENOMEM)
+				return r;
+			if (r < 0) {
+				log_warning("removing %s: %s", dir, err ?: "unreadable");
+				(void)rm_rf(dir);
+				continue;
+			}
+			r = template_insert_locked(m, t);
+			if (r < 0) {
+				template_free(t);
+				return r;
+			}
+			continue;
+		}
 		/* Temporaries start with a dot, which no id can: ".tmp-…", ".deleted-…". */
 		if (de->d_name[0] == '.') {
 			/* A registration the last run did not finish. */
@@ -326,7 +356,7 @@ static Ember__V1__TemplateFile *file_to_pb(Arena *a, const TemplateFileInfo *f)
 	return p->path && p->sha256 && p->source ? p : NULL;
 }
 
-static Ember__V1__Template *template_to_pb(Arena *a, Template *t)
+Ember__V1__Template *template_to_pb(Arena *a, Template *t)
 {
 	Ember__V1__Template *p = arena_alloc(a, sizeof(*p));
 
@@ -359,8 +389,9 @@ static Ember__V1__Template *template_to_pb(Arena *a, Template *t)
 			return NULL;
 		p->boot_snapshot = b;
 	}
-	if (!p->id || !p->state_reason || !p->boot_args || !p->kernel || !p->rootfs ||
-	    (t->initrd.path && !p->initrd))
+	/* While PULLING or FAILED there are no files yet (node.proto: unset). */
+	if (!p->id || !p->state_reason || !p->boot_args || (t->kernel.path && !p->kernel) ||
+	    (t->rootfs.path && !p->rootfs) || (t->initrd.path && !p->initrd))
 		return NULL;
 	return p;
 }
@@ -391,7 +422,7 @@ static RpcCode stat_input(RpcCall *call, const char *what, const char *path, boo
 	return RPC_OK;
 }
 
-static bool boot_args_valid(const char *args)
+bool template_boot_args_valid(const char *args)
 {
 	/* emberd decides the root device and init; a template cannot move them. */
 	_cleanup_free_ char *copy = strdup(args);
@@ -532,6 +563,16 @@ int manager_template_register(Manager *m, const char *id, const char *kernel, co
 
 	pthread_mutex_lock(&m->lock);
 	old = manager_template_find_locked(m, id);
+	if (old && old->state != EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_READY) {
+		bool pulling = old->state == EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_PULLING;
+		pthread_mutex_unlock(&m->lock);
+		(void)rm_rf(tmp);
+		return error_set(
+			ret_error, -EINPROGRESS,
+			pulling ? "template %s is still PULLING"
+				: "template %s is FAILED (its pull failed): delete it first",
+			id);
+	}
 	if (old) {
 		bool same = template_same(old, t);
 		if (same)
@@ -594,7 +635,7 @@ RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, M
 			"rootfs_path %.200s is %lld bytes, not a positive multiple of "
 			"512 (a disk image)",
 			req->rootfs_path, (long long)rst.st_size);
-	if (!boot_args_valid(req->boot_args))
+	if (!template_boot_args_valid(req->boot_args))
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
 				      "boot_args must not set root= or init= (emberd sets them) "
 				      "and must be shorter than 1024 bytes");
@@ -625,6 +666,8 @@ RpcCode node_register_template(RpcCall *call, const ProtobufCMessage *request, M
 		return rpc_call_error(call, RPC_ALREADY_EXISTS, "%s", err);
 	if (r == -EBUSY)
 		return rpc_call_error(call, RPC_UNAVAILABLE, "%s", err);
+	if (r == -EINPROGRESS)
+		return rpc_call_error(call, RPC_FAILED_PRECONDITION, "%s", err);
 	if (r == -ENOSPC || r == -EDQUOT)
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "not enough disk: %s",
 				      err ?: strerror(-r));
@@ -728,7 +771,8 @@ RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Man
 				      "destroy or delete them first",
 				      req->template_id, sc, nc);
 	}
-	if (asprintf(&dir, "%s/%s", m->templates_dir, t->id) < 0 ||
+	bool ready = t->state == EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_READY;
+	if (asprintf(&dir, ready ? "%s/%s" : "%s/.pull-%s", m->templates_dir, t->id) < 0 ||
 	    asprintf(&gone, "%s/.deleted-%s", m->templates_dir, t->id) < 0) {
 		pthread_mutex_unlock(&m->lock);
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
@@ -742,6 +786,9 @@ RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Man
 				      strerror(-r));
 	}
 	template_remove_locked(m, t);
+	/* A pull in progress ends (its streams with ABORTED); its files go with the directory. */
+	if (t->pull)
+		pull_abort_locked(t->pull);
 	pthread_mutex_unlock(&m->lock);
 	/* Sandboxes hold no pointer to it (sandbox_count was 0 under the lock). */
 	template_free(t);

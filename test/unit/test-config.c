@@ -243,7 +243,7 @@ static void test_key_table(void **state)
 	Fixture *fx = *state;
 	size_t n = config_n_keys();
 
-	assert_int_equal(n, 48);
+	assert_int_equal(n, 54);
 	assert_null(config_key_info(n));
 	for (size_t i = 0; i < n; i++) {
 		const ConfigKeyInfo *k = config_key_info(i);
@@ -343,6 +343,11 @@ static void test_good_values(void **state)
 		{"api", "insecure_tcp", "TRUE", "true"},
 		{"api", "insecure_tcp", "No", "false"},
 		{"api", "max_message_mib", "1", "1"},
+		{"templates", "max_artifact_bytes", "1", "1"},
+		{"templates", "max_artifact_bytes", "18446744073709551615", "18446744073709551615"},
+		{"templates", "max_parallel_pulls", "64", "64"},
+		{"templates", "pull_retries", "0", "0"},
+		{"templates", "ca_file", "/etc/ssl/private-ca.pem", "/etc/ssl/private-ca.pem"},
 		{"api", "max_message_mib", "1024", "1024"},
 		{"api", "max_message_mib", "007", "7"},
 		{"api", "shutdown_grace_s", "0", "0"},
@@ -427,6 +432,13 @@ static const BadValue bad_values[] = {
 	{"api", "tcp_listen", "[]:80", "HOST:PORT"},
 	{"api", "tcp_listen", "[::1:80", "HOST:PORT"},
 	{"api", "tcp_listen", "unix:/run/x.sock", "HOST:PORT"},
+	{"templates", "max_artifact_bytes", "0", "a whole number of bytes, at least 1"},
+	{"templates", "max_artifact_bytes", "-1", "a whole number of bytes, at least 1"},
+	{"templates", "max_artifact_bytes", "18446744073709551616", "a whole number of bytes"},
+	{"templates", "max_artifact_bytes", "1G", "a whole number of bytes"},
+	{"templates", "max_parallel_pulls", "0", "from 1 to 64"},
+	{"templates", "pull_retry_delay_ms", "60001", "from 1 to 60000"},
+	{"templates", "ca_file", "ca.pem", "absolute path"},
 };
 
 static void check_bad_value_message(const BadValue *b, const char *msg)
