@@ -7,8 +7,10 @@
 # relay (Emberd.tcp_port). Skips when chromium, chromedriver or python3-selenium are missing.
 
 import base64
+import hashlib
 import http.server
 import os
+import re
 import socket
 import threading
 
@@ -393,3 +395,38 @@ def test_watch_reconnects_from_its_revision(start_emberd, browser):
     n.DestroySandbox(S.DestroySandboxRequest(sandbox_id="w1"), timeout=60 * SLOW)
     p.until("the destroy seen through the new connection", lambda: p.state("w1") is None)
     assert p.attr(ws, "data-connects") == "2"
+
+
+def test_page_shows_a_pull_in_progress(start_emberd, browser, workdir):
+    """A PULLING template shows how far its download is, and turns READY on its own."""
+    from pullserver import PullServer
+    e = start_emberd("[network]\npool_size = 0\n")
+    n = stub(e)
+    art = {}
+    for name, size in (("kernel", 64 << 10), ("rootfs", 8 << 20)):
+        art[name] = os.path.join(workdir, name)
+        with open(art[name], "wb") as f:
+            f.write(os.urandom(size))
+    with PullServer(netns=e.hostns) as srv:
+        srv.add("/kernel", art["kernel"])
+        srv.add("/rootfs", art["rootfs"], rate=1 << 20)  # about 8 s
+
+        def remote(name):
+            with open(art[name], "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            return S.RemoteArtifact(url=srv.url("/" + name), sha256=digest)
+
+        call = n.PullTemplate(S.PullTemplateRequest(template_id="pg", kernel=remote("kernel"),
+                                                    rootfs=remote("rootfs")), timeout=120)
+        first = next(call)  # the pull runs
+        assert first.phase == S.PULL_PHASE_DOWNLOADING
+        base, token = http_base(e)
+        p = open_page(browser, base, token)
+        p.until("the PULLING template's progress",
+                lambda: re.fullmatch(r"\d+ % of 8\.\d MiB", p.text('[data-pull="pg"]') or ""))
+        assert p.attr('#templates tr[data-template-id="pg"]', "data-state") == "PULLING"
+        p.shot("template-pulling")
+        p.until("the pulled template to be READY on the page",
+                lambda: p.attr('#templates tr[data-template-id="pg"]', "data-state") == "READY")
+        assert p.text('[data-pull="pg"]') is None
+        call.cancel()
