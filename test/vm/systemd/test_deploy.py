@@ -3,12 +3,14 @@
 # Runs in test/vm/run --systemd (make check-deploy); the fixtures are in deploy_plugin.py.
 
 import os
+import re
 import stat
 import time
 
-from deploylib import (CONFIG, SOCKET, STATE_DIR, UNIT, apt_get, emberd_version, get_node,
-                       is_active, package_state, proc_exe, process_alive, runs_last, systemctl,
-                       unit_cgroup, unit_props)
+from deploylib import (CONFIG, SOCKET, SRCDIR, STATE_DIR, UNIT, apt_get, channel,
+                       emberd_version, get_node, is_active, node_stub, package_state, proc_exe,
+                       process_alive, runs_last, systemctl, unit_cgroup, unit_prop, unit_props,
+                       wait_for)
 
 pytest_plugins = ["deploy_plugin"]
 
@@ -74,6 +76,40 @@ def _seconds(timespan):
                 total += float(part[:-len(u)]) * units[u]
                 break
     return total
+
+
+def test_status_shows_a_pull_in_progress(emberd, tmp_path):
+    """`systemctl status emberd` names a template pull while it runs (STATUS=), and the
+    pulled template is READY in the packaged layout."""
+    import hashlib
+    import sys
+    sys.path.insert(0, os.path.join(SRCDIR, "test", "integration"))
+    from pullserver import PullServer
+    from ember.v1 import node_pb2 as S
+
+    files = {}
+    for name, size in (("kernel", 64 << 10), ("rootfs", 6 << 20)):
+        files[name] = tmp_path / name
+        files[name].write_bytes(os.urandom(size))
+    with PullServer() as srv, channel() as ch:
+        srv.add("/kernel", str(files["kernel"]))
+        srv.add("/rootfs", str(files["rootfs"]), rate=1 << 20)  # about 6 s
+        arts = {a: S.RemoteArtifact(url=srv.url("/" + a),
+                                    sha256=hashlib.sha256(files[a].read_bytes()).hexdigest())
+                for a in files}
+        call = node_stub(ch).PullTemplate(S.PullTemplateRequest(template_id="pulled", **arts),
+                                          timeout=120)
+        assert next(call).phase == S.PULL_PHASE_DOWNLOADING
+        status = wait_for(lambda: "pulling pulled" in unit_prop(UNIT, "StatusText") and
+                          unit_prop(UNIT, "StatusText"), 20, "the pull in the unit's status")
+        assert re.search(r"; pulling pulled \d+%", status), status
+        last = list(call)[-1]
+        assert last.phase == S.PULL_PHASE_DONE, last
+        assert last.template.rootfs.path == f"{STATE_DIR}/templates/pulled/rootfs.ext4"
+    wait_for(lambda: "pulling" not in unit_prop(UNIT, "StatusText"), 10,
+             "the finished pull to leave the status")
+    with channel() as ch:
+        node_stub(ch).DeleteTemplate(S.DeleteTemplateRequest(template_id="pulled"), timeout=30)
 
 
 @runs_last
