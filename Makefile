@@ -264,12 +264,14 @@ $(B)/emberd: $(B)/obj/agent/main.o $(AGENT_LIB_OBJS) $(B)/obj/agent/descriptor-s
 
 # emberd with crash points (agent/crash-point.h), for the crash-safety tests only: the one
 # object that has them is built again with EMBER_TEST_HOOKS; emberd itself has none.
-HOOK_OBJS := $(B)/obj-hooks/agent/sandbox-ops.o $(B)/obj-hooks/agent/crash-point.o
+HOOK_SRCS := agent/sandbox-ops.c agent/pull.c
+HOOK_OBJS := $(patsubst %.c,$(B)/obj-hooks/%.o,$(HOOK_SRCS)) $(B)/obj-hooks/agent/crash-point.o
 $(B)/obj-hooks/%.o: %.c $(B)/proto/.stamp-c $(B)/proto/.stamp-guest-c
 	@mkdir -p $(@D)
 	@echo "  CC       $@ (test hooks)"
 	$(Q)$(CC) $(ALL_CPPFLAGS) -DEMBER_TEST_HOOKS $(ALL_CFLAGS) $(WARNINGS) -MMD -MP -c $< -o $@
-$(B)/test/emberd-hooks: $(B)/obj/agent/main.o $(filter-out $(B)/obj/agent/sandbox-ops.o,$(AGENT_LIB_OBJS)) \
+$(B)/test/emberd-hooks: $(B)/obj/agent/main.o \
+		$(filter-out $(patsubst %.c,$(B)/obj/%.o,$(HOOK_SRCS)),$(AGENT_LIB_OBJS)) \
 		$(HOOK_OBJS) $(B)/obj/agent/descriptor-set.o $(B)/obj/agent/test-page.o $(PROTO_OBJS) \
 		$(B)/libguestclient.a $(B)/libfcctl.a $(B)/libstorage.a \
 		$(B)/libnetns.a $(B)/libcommon.a

@@ -8,8 +8,8 @@
  * the bytes as they arrive (the rootfs sparse: all-zero 4 KiB blocks are skipped); a hasher
  * thread reads them back from the page cache and hashes them (OpenSSL EVP) on the other core,
  * so that SHA-256, which costs about as much CPU as receiving and writing together, does not
- * halve the download rate. VERIFYING then only compares digests. The hasher also starts the
- * written ranges' writeback, so that the sync before the install is short.
+ * halve the download rate. VERIFYING then only compares digests. A flusher thread starts the
+ * hashed ranges' writeback, so that the sync before the install is short.
  *
  * On disk a pull is <templates>/.pull-<id>/ holding pull.json (the request; state pulling or
  * failed) and the artifacts under their final names. Installing writes template.json there
@@ -42,6 +42,7 @@
 #include "common/fileio.h"
 #include "common/id.h"
 #include "common/log.h"
+#include "crash-point.h"
 #include "manager-internal.h"
 #include "messages.h"
 #include "node-sandbox.h"
@@ -84,6 +85,9 @@ typedef struct PullArtifact {
 	char fail_msg[256];
 	char content_range[128];
 	char errbuf[CURL_ERROR_SIZE];
+	char why[256];      /* our own reason for ending an attempt (curl overwrites errbuf) */
+	char *cur_url;      /* where this attempt's redirects led; NULL: url */
+	unsigned redirects; /* followed in this attempt */
 
 	_Atomic uint64_t done;  /* bytes received and written */
 	_Atomic uint64_t total; /* size, or what the server announced; 0 unknown */
@@ -92,8 +96,11 @@ typedef struct PullArtifact {
 	EVP_MD_CTX *md;
 	uint64_t hashed;  /* bytes of the file in md: done - hashed are still to hash */
 	bool hashing;     /* the hasher reads and hashes [hashed, …) outside the lock */
+	uint64_t flushed; /* bytes whose writeback the flusher started */
+	bool flushing;    /* the flusher is in sync_file_range() on the fd */
 	bool hash_listed; /* in PullEngine.hjobs */
 	int hash_error;   /* a read or digest failure (-errno) */
+	bool hash_all;    /* the transfer ended: hash the rest however little */
 } PullArtifact;
 
 struct Pull {
@@ -111,6 +118,7 @@ struct Pull {
 	/* (E) */
 	Ember__V1__PullPhase phase;
 	bool started, installing, aborted, finished;
+	bool in_engine; /* in PullEngine.pulls, holding a reference */
 	RpcCode code;
 	char *error;
 	RpcCall **followers;
@@ -135,12 +143,13 @@ struct PullEngine {
 
 	/* the hasher thread: artifacts with bytes to hash */
 	pthread_mutex_t hlock;
-	pthread_cond_t hcond;
+	pthread_cond_t hcond; /* the hasher's work, and a file no longer in use */
+	pthread_cond_t fcond; /* the flusher's work */
 	PullArtifact **hjobs;
 	size_t n_hjobs;
 	bool hstop;
-	pthread_t hasher;
-	bool hasher_started;
+	pthread_t hasher, flusher;
+	bool hasher_started, flusher_started;
 };
 
 /* snprintf() for messages that may be cut: a URL or curl's error is long at worst. */
@@ -169,6 +178,7 @@ static void pull_free(Pull *p)
 	for (size_t i = 0; i < N_ARTIFACTS; i++) {
 		PullArtifact *a = &p->art[i];
 		free(a->url);
+		free(a->cur_url);
 		if (a->fd >= 0)
 			close(a->fd);
 		EVP_MD_CTX_free(a->md);
@@ -268,6 +278,23 @@ static int pull_record_write(Pull *p, const char *state, const char *reason)
 		r = record_write(path, o);
 	json_object_put(o);
 	return r;
+}
+
+/* Removes the pull's directory: its files through the fd, then the directory itself if it is
+ * still where it was made (a delete may have renamed it, and a new pull of the id made
+ * another one there since). */
+static void pull_dir_remove(Pull *p)
+{
+	struct stat a, b;
+
+	if (p->dir_fd < 0) {
+		(void)rmdir(p->dir); /* made, never opened: empty */
+		return;
+	}
+	(void)rm_rf_at(p->dir_fd);
+	if (fstat(p->dir_fd, &a) == 0 && stat(p->dir, &b) == 0 && a.st_ino == b.st_ino &&
+	    a.st_dev == b.st_dev)
+		(void)rmdir(p->dir);
 }
 
 static bool sha256_valid(const char *s)
@@ -398,18 +425,26 @@ static void pull_set_phase(Pull *p, Ember__V1__PullPhase phase)
 /* ---- the hasher ---- */
 
 #define HASH_CHUNK (4u << 20)
+#define HASH_BATCH (1u << 20)
+#define FLUSH_MIN  (8u << 20)
 
 static void *hasher_main(void *userdata)
 {
 	PullEngine *e = userdata;
 	char *buf = malloc(HASH_CHUNK);
 
+	(void)pthread_setname_np(pthread_self(), "emberd-hash");
+
 	pthread_mutex_lock(&e->hlock);
 	while (!e->hstop) {
 		PullArtifact *a = NULL;
 		for (size_t i = 0; i < e->n_hjobs && !a; i++) {
 			PullArtifact *j = e->hjobs[i];
-			if (!j->hashing && !j->hash_error && atomic_load(&j->done) > j->hashed)
+			uint64_t pending = atomic_load(&j->done) - j->hashed;
+			/* In batches: waking up for every few KiB received would cost more
+			 * than the hashing. */
+			if (!j->hashing && !j->hash_error && pending &&
+			    (pending >= HASH_BATCH || j->hash_all))
 				a = j;
 		}
 		if (!a) {
@@ -442,9 +477,6 @@ static void *hasher_main(void *userdata)
 		}
 		if (r == 0 && EVP_DigestUpdate(a->md, buf, len) != 1)
 			r = -EIO;
-		/* Writeback starts now rather than at the sync before the install. */
-		if (r == 0)
-			(void)sync_file_range(a->fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
 
 		pthread_mutex_lock(&e->hlock);
 		a->hashing = false;
@@ -453,6 +485,8 @@ static void *hasher_main(void *userdata)
 		else
 			a->hashed += len;
 		pthread_cond_broadcast(&e->hcond);
+		if (a->hashed >= a->flushed + FLUSH_MIN)
+			pthread_cond_signal(&e->fcond);
 		/* The engine waits for the last bytes of a finished transfer. */
 		if (r < 0 || a->hashed == atomic_load(&a->done))
 			curl_multi_wakeup(e->multi);
@@ -462,10 +496,44 @@ static void *hasher_main(void *userdata)
 	return NULL;
 }
 
-/* With hlock held: waits until the hasher is not reading a's file. */
+/* Writeback of what was hashed starts at once, on a thread of its own: sync_file_range()
+ * blocks while the disk's queue is full, and neither the download nor the hashing should wait
+ * for the disk; the sync before the install then has little left to write. */
+
+static void *flusher_main(void *userdata)
+{
+	PullEngine *e = userdata;
+
+	(void)pthread_setname_np(pthread_self(), "emberd-flush");
+	pthread_mutex_lock(&e->hlock);
+	while (!e->hstop) {
+		PullArtifact *a = NULL;
+		for (size_t i = 0; i < e->n_hjobs && !a; i++) {
+			PullArtifact *j = e->hjobs[i];
+			if (!j->flushing && j->hashed >= j->flushed + FLUSH_MIN)
+				a = j;
+		}
+		if (!a) {
+			pthread_cond_wait(&e->fcond, &e->hlock);
+			continue;
+		}
+		uint64_t off = a->flushed, len = a->hashed - off;
+		a->flushing = true;
+		pthread_mutex_unlock(&e->hlock);
+		(void)sync_file_range(a->fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
+		pthread_mutex_lock(&e->hlock);
+		a->flushing = false;
+		a->flushed = off + len;
+		pthread_cond_broadcast(&e->hcond);
+	}
+	pthread_mutex_unlock(&e->hlock);
+	return NULL;
+}
+
+/* With hlock held: waits until neither the hasher nor the flusher uses a's file. */
 static void hasher_idle_locked(PullEngine *e, PullArtifact *a)
 {
-	while (a->hashing)
+	while (a->hashing || a->flushing)
 		pthread_cond_wait(&e->hcond, &e->hlock);
 }
 
@@ -498,11 +566,14 @@ static void hasher_remove(PullEngine *e, PullArtifact *a)
 	pthread_mutex_unlock(&e->hlock);
 }
 
-/* New bytes to hash. */
-static void hasher_kick(PullEngine *e)
+/* New bytes to hash: the hasher is woken for a batch, or for the rest once all are in. */
+static void hasher_kick(PullEngine *e, PullArtifact *a, bool all)
 {
 	pthread_mutex_lock(&e->hlock);
-	pthread_cond_broadcast(&e->hcond);
+	if (all)
+		a->hash_all = true;
+	if (all || atomic_load(&a->done) - a->hashed >= HASH_BATCH)
+		pthread_cond_broadcast(&e->hcond);
 	pthread_mutex_unlock(&e->hlock);
 }
 
@@ -548,7 +619,9 @@ static int artifact_reset(PullEngine *e, PullArtifact *a)
 		r = -EIO;
 	atomic_store(&a->done, 0);
 	a->hashed = 0;
+	a->flushed = 0;
 	a->hash_error = 0;
+	a->hash_all = false;
 	pthread_mutex_unlock(&e->hlock);
 	a->from_disk = false;
 	return r;
@@ -629,10 +702,12 @@ static bool artifact_check_response(Pull *p, PullArtifact *a)
 		a->http_status = status;
 		return false;
 	}
+	unsigned long long start = 0, end = 0, whole = 0;
+	int got = status == 206
+			  ? sscanf(a->content_range, "bytes %llu-%llu/%llu", &start, &end, &whole)
+			  : 0;
 	if (a->range_from > 0) {
-		unsigned long long start = 0;
-		if (status == 206 && sscanf(a->content_range, "bytes %llu-", &start) == 1 &&
-		    start == a->range_from) {
+		if (got >= 2 && start == a->range_from) {
 			/* resumed where it stopped */
 		} else {
 			/* The server sent the whole file (200: no Range support) or another range:
@@ -650,14 +725,17 @@ static bool artifact_check_response(Pull *p, PullArtifact *a)
 			}
 			if (status == 206) {
 				/* another range than asked: the next attempt asks for all of it */
-				msgf(a->errbuf, sizeof(a->errbuf),
-				     "unexpected Content-Range \"%s\"", a->content_range);
+				msgf(a->why, sizeof(a->why), "unexpected Content-Range \"%s\"",
+				     a->content_range);
 				return false;
 			}
 			a->range_from = 0;
 		}
 	}
-	uint64_t announced = cl >= 0 ? a->range_from + (uint64_t)cl : 0;
+	/* The whole file's size: Content-Range's total, else where the body ends. */
+	uint64_t announced = got == 3 && a->range_from > 0 ? whole
+			     : cl >= 0                     ? a->range_from + (uint64_t)cl
+							   : 0;
 	if (a->size && announced && announced != a->size) {
 		artifact_fail(a, RPC_DATA_LOSS,
 			      "%s: the server announces %llu bytes, not size_bytes %llu", a->name,
@@ -694,8 +772,13 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *userdata)
 	int r;
 
 	curl_easy_getinfo(a->easy, CURLINFO_PRIVATE, (char **)&p);
+	/* A redirect's body is read to its end (curl knows the Location only then) and
+	 * dropped; anything else wrong ends the transfer (CURLE_WRITE_ERROR). */
+	bool redirect = a->http_status >= 300 && a->http_status < 400;
+	if (a->checked && redirect)
+		return n;
 	if (!a->checked && !artifact_check_response(p, a))
-		return 0; /* ends the transfer: CURLE_WRITE_ERROR */
+		return a->http_status >= 300 && a->http_status < 400 ? n : 0;
 	uint64_t done = atomic_load(&a->done);
 	if (a->size && done + n > a->size) {
 		artifact_fail(a, RPC_DATA_LOSS, "%s: the download grows past size_bytes %llu",
@@ -719,7 +802,9 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *userdata)
 	atomic_store(&a->done, done + n);
 	atomic_fetch_add(&p->e->bytes, n);
 	a->last_rx = mono_usec();
-	hasher_kick(p->e);
+	/* a batch more since the last wake-up (the hasher takes everything pending) */
+	if ((done + n) / HASH_BATCH != done / HASH_BATCH)
+		hasher_kick(p->e, a, false);
 	return n;
 }
 
@@ -759,7 +844,7 @@ static int on_progress(void *userdata, curl_off_t dltotal, curl_off_t dlnow, cur
 	uint64_t limit = (uint64_t)p->e->c->pull_stall_timeout_s * 1000000ULL;
 	if (mono_usec() - a->last_rx <= limit)
 		return 0;
-	msgf(a->errbuf, sizeof(a->errbuf), "no data for %u s", p->e->c->pull_stall_timeout_s);
+	msgf(a->why, sizeof(a->why), "no data for %u s", p->e->c->pull_stall_timeout_s);
 	return 1;
 }
 
@@ -776,10 +861,10 @@ static int artifact_start(Pull *p, PullArtifact *a)
 	a->checked = false;
 	a->http_status = 0;
 	a->fail_code = RPC_OK;
-	a->errbuf[0] = a->content_range[0] = 0;
+	a->errbuf[0] = a->content_range[0] = a->why[0] = 0;
 	a->range_from = atomic_load(&a->done);
 	a->last_rx = mono_usec();
-	curl_easy_setopt(h, CURLOPT_URL, a->url);
+	curl_easy_setopt(h, CURLOPT_URL, a->cur_url ?: a->url);
 	curl_easy_setopt(h, CURLOPT_PRIVATE, p);
 	curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
 	curl_easy_setopt(h, CURLOPT_WRITEDATA, a);
@@ -788,11 +873,9 @@ static int artifact_start(Pull *p, PullArtifact *a)
 	curl_easy_setopt(h, CURLOPT_ERRORBUFFER, a->errbuf);
 	curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
-	/* Redirects are followed to http(s) only, and never from https down to http. */
-	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
-	curl_easy_setopt(h, CURLOPT_MAXREDIRS, 10L);
-	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR,
-			 strncasecmp(a->url, "https:", 6) == 0 ? "https" : "http,https");
+	/* Redirects are followed here (artifact_redirect()), not by curl: its protocol list
+	 * cannot say "never back to http once on https" across several hops. */
+	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
 	curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 30L);
 	curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
 	curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
@@ -841,7 +924,7 @@ static int artifact_open(Pull *p, PullArtifact *a, char **ret_error)
 	 * the rest arrives. */
 	atomic_store(&a->done, (uint64_t)st.st_size);
 	a->from_disk = true;
-	hasher_kick(p->e);
+	hasher_kick(p->e, a, true);
 	log_debug("pull %s: %s: resuming after %llu bytes kept on disk", p->id, a->name,
 		  (unsigned long long)st.st_size);
 	return 0;
@@ -850,7 +933,7 @@ static int artifact_open(Pull *p, PullArtifact *a, char **ret_error)
 /* How an attempt that ended with `res` goes on: RPC_OK to retry, or the pull's failure. */
 static RpcCode artifact_classify(PullArtifact *a, CURLcode res, char *msg, size_t size)
 {
-	const char *why = a->errbuf[0] ? a->errbuf : curl_easy_strerror(res);
+	const char *why = a->why[0] ? a->why : a->errbuf[0] ? a->errbuf : curl_easy_strerror(res);
 
 	if (a->fail_code != RPC_OK) {
 		msgf(msg, size, "%s", a->fail_msg);
@@ -903,6 +986,13 @@ static void artifact_complete(Pull *p, PullArtifact *a)
 		pull_fail(p, RPC_DATA_LOSS, msg);
 		return;
 	}
+	if (a->sparse && (done == 0 || done % 512)) {
+		msgf(msg, sizeof(msg),
+		     "%s: %llu bytes is not a positive multiple of 512: not a disk image", a->name,
+		     (unsigned long long)done);
+		pull_fail(p, RPC_INVALID_ARGUMENT, msg);
+		return;
+	}
 	if (a->hash_error) {
 		msgf(msg, sizeof(msg), "%s: cannot hash the file: %s", a->name,
 		     strerror(-a->hash_error));
@@ -946,6 +1036,55 @@ static void artifact_complete(Pull *p, PullArtifact *a)
 	a->st = ART_DONE;
 }
 
+static bool url_https(const char *u)
+{
+	return strncasecmp(u, "https:", 6) == 0;
+}
+
+/* A 3xx: the next request goes to its Location, if that is http(s), and never from an https
+ * hop (the first URL or any on the way) to http. */
+static void artifact_redirect(Pull *p, PullArtifact *a, const char *location)
+{
+	const char *from = a->cur_url ?: a->url;
+	char msg[640];
+
+	if (!location) {
+		msgf(msg, sizeof(msg), "%s: HTTP %ld without a Location from %.300s", a->name,
+		     a->http_status, from);
+		pull_fail(p, RPC_FAILED_PRECONDITION, msg);
+		return;
+	}
+	if (!url_valid(location)) {
+		msgf(msg, sizeof(msg), "%s: redirect to \"%.200s\" refused (only http and https)",
+		     a->name, location);
+		pull_fail(p, RPC_FAILED_PRECONDITION, msg);
+		return;
+	}
+	if (url_https(from) && !url_https(location)) {
+		msgf(msg, sizeof(msg),
+		     "%s: redirect from https to \"%.200s\" refused (never back "
+		     "to http)",
+		     a->name, location);
+		pull_fail(p, RPC_FAILED_PRECONDITION, msg);
+		return;
+	}
+	if (++a->redirects > 10) {
+		msgf(msg, sizeof(msg), "%s: more than 10 redirects from %.300s", a->name, a->url);
+		pull_fail(p, RPC_FAILED_PRECONDITION, msg);
+		return;
+	}
+	char *next = strdup(location);
+	if (!next) {
+		pull_fail(p, RPC_RESOURCE_EXHAUSTED, "out of memory");
+		return;
+	}
+	free(a->cur_url);
+	a->cur_url = next;
+	a->st = ART_WAITING;
+	a->retry_at = 0;
+	log_debug("pull %s: %s: redirected to %s", p->id, a->name, next);
+}
+
 /* An attempt ended: done, retried later, or the pull fails. */
 static void artifact_ended(Pull *p, PullArtifact *a, CURLcode res)
 {
@@ -956,15 +1095,35 @@ static void artifact_ended(Pull *p, PullArtifact *a, CURLcode res)
 	/* A body-less answer (an error status, an empty file) never reached on_body(). */
 	if (res == CURLE_OK && !a->checked)
 		(void)artifact_check_response(p, a);
+	char *location = NULL;
+	long s = a->http_status;
+	if ((s == 301 || s == 302 || s == 303 || s == 307 || s == 308) &&
+	    curl_easy_getinfo(a->easy, CURLINFO_REDIRECT_URL, &location) == CURLE_OK && location)
+		location = strdup(location);
+	else
+		location = NULL;
 	artifact_stop(e, a);
 	if (res == CURLE_OK && !a->http_status && a->fail_code == RPC_OK) {
 		/* complete once the hasher has caught up (engine_turn) */
 		a->st = ART_HASHING;
+		hasher_kick(e, a, true);
 		return;
 	}
-	if (a->http_status == 416 && a->range_from > 0) {
-		/* The range asked for is past the server's file: it changed, or this run's
-		 * bytes are all there. Either way, start over rather than guess. */
+	if (location || (s >= 300 && s < 400 && s != 304)) {
+		artifact_redirect(p, a, location);
+		free(location);
+		return;
+	}
+	unsigned long long whole = 0;
+	if (s == 416 && a->range_from > 0 &&
+	    sscanf(a->content_range, "bytes */%llu", &whole) == 1 && whole == a->range_from) {
+		/* what a previous attempt or run received is the whole file */
+		a->st = ART_HASHING;
+		hasher_kick(e, a, true);
+		return;
+	}
+	if (s == 416 && a->range_from > 0) {
+		/* The range asked for is past the server's file: it changed. Start over. */
 		if (artifact_reset(p->e, a) < 0) {
 			pull_fail(p, RPC_INTERNAL, "cannot restart the download");
 			return;
@@ -992,6 +1151,10 @@ static void artifact_ended(Pull *p, PullArtifact *a, CURLcode res)
 		delay = RETRY_MAX_DELAY_MS;
 	a->retry_at = mono_usec() + delay * 1000;
 	a->st = ART_WAITING;
+	/* from the URL asked for: a redirect's target may be short-lived (a signed URL) */
+	free(a->cur_url);
+	a->cur_url = NULL;
+	a->redirects = 0;
 	atomic_fetch_add(&e->retries, 1);
 	log_info("pull %s: %s; retrying in %llu ms (attempt %u of %u)", p->id, msg,
 		 (unsigned long long)delay, a->failures + 1, e->c->pull_retries + 1);
@@ -1015,6 +1178,10 @@ static void pull_finish(Pull *p, RpcCode code, const char *msg)
 {
 	PullEngine *e = p->e;
 
+	/* Off the hasher's and flusher's lists before anyone may free it (their fds stay
+	 * open until the pull is freed). */
+	for (size_t i = 0; i < N_ARTIFACTS; i++)
+		hasher_remove(e, &p->art[i]);
 	pthread_mutex_lock(&e->lock);
 	if (p->finished) {
 		pthread_mutex_unlock(&e->lock);
@@ -1025,12 +1192,16 @@ static void pull_finish(Pull *p, RpcCode code, const char *msg)
 	p->error = msg ? strdup(msg) : NULL;
 	if (code == RPC_OK)
 		p->phase = EMBER__V1__PULL_PHASE__PULL_PHASE_DONE;
-	engine_remove_locked(e, p);
+	bool held = p->in_engine;
+	if (held)
+		engine_remove_locked(e, p);
+	p->in_engine = false;
 	pull_wake_locked(p);
 	/* under the lock: once the pull is off the list, pull_engine_free() may free e */
 	atomic_fetch_add(code == RPC_OK ? &e->done_ok : &e->done_failed, 1);
 	pthread_mutex_unlock(&e->lock);
-	pull_unref(p); /* the engine's */
+	if (held)
+		pull_unref(p); /* the engine's */
 }
 
 static bool pull_aborted(Pull *p)
@@ -1047,20 +1218,20 @@ static void pull_fail(Pull *p, RpcCode code, const char *msg)
 	PullEngine *e = p->e;
 	Manager *m = e->m;
 
-	for (size_t i = 0; i < N_ARTIFACTS; i++) {
+	for (size_t i = 0; i < N_ARTIFACTS; i++)
 		artifact_close(e, &p->art[i]);
-		if (p->art[i].url && p->dir_fd >= 0)
-			(void)unlinkat(p->dir_fd, p->art[i].file, 0);
-	}
-	if (pull_aborted(p)) {
-		pull_finish(p, RPC_ABORTED, "the template was deleted during its pull");
-		return;
-	}
-	if (p->dir_fd >= 0 && pull_record_write(p, "failed", msg) < 0)
+	/* Whether a delete came first is decided under the manager's lock, where deletes
+	 * happen (a record written into a directory a delete renamed meanwhile goes with it, or
+	 * with the next start's clean-up). The record says "failed" before the files go, so that
+	 * a crash in between still leaves a FAILED template (whose files the next start
+	 * removes). */
+	if (p->dir_fd >= 0 && !pull_aborted(p) && pull_record_write(p, "failed", msg) < 0)
 		log_debug("pull %s: cannot record its failure", p->id);
+	crash_point("pull", "failed-record");
 	pthread_mutex_lock(&m->lock);
 	Template *t = manager_template_find_locked(m, p->id);
-	if (t && t->pull == p) {
+	bool ours = t && t->pull == p;
+	if (ours) {
 		t->state = EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_FAILED;
 		free(t->state_reason);
 		t->state_reason = strdup(msg);
@@ -1068,6 +1239,13 @@ static void pull_fail(Pull *p, RpcCode code, const char *msg)
 		pull_unref(p); /* the template's */
 	}
 	pthread_mutex_unlock(&m->lock);
+	for (size_t i = 0; ours && i < N_ARTIFACTS; i++)
+		if (p->art[i].url && p->dir_fd >= 0)
+			(void)unlinkat(p->dir_fd, p->art[i].file, 0);
+	if (!ours) {
+		pull_finish(p, RPC_ABORTED, "the template was deleted during its pull");
+		return;
+	}
 	log_struct(LOG_WARNING, 0,
 		   LOG_FIELDS({"MESSAGE_ID", EMBER_MESSAGE_TEMPLATE_PULL_FAILED}, {"OP", "pull"},
 			      {"TEMPLATE_ID", p->id}),
@@ -1131,6 +1309,7 @@ static void *install_main(void *userdata)
 			 .labels = p->labels,
 			 .create_time = p->create_time};
 	r = template_record_write(&rect, rec);
+	crash_point("pull", "template-record");
 	if (r < 0) {
 		msgf(msg, sizeof(msg), "cannot write the template record: %s", strerror(-r));
 		code = r == -ENOSPC || r == -EDQUOT ? RPC_RESOURCE_EXHAUSTED : RPC_INTERNAL;
@@ -1162,7 +1341,9 @@ static void *install_main(void *userdata)
 		t->rootfs_disk_used = 0;
 	t->pull = NULL;
 	pthread_mutex_unlock(&m->lock);
-	pull_unref(p); /* the template's */
+	pull_unref(p);                      /* the template's */
+	(void)fsync_path(m->templates_dir); /* the rename, for a power cut */
+	crash_point("pull", "installed");
 	(void)unlinkat(p->dir_fd, PULL_RECORD, 0);
 	(void)fsync(p->dir_fd);
 	for (size_t i = 0; i < N_ARTIFACTS; i++)
@@ -1348,6 +1529,8 @@ static void *engine_main(void *userdata)
 {
 	PullEngine *e = userdata;
 
+	(void)pthread_setname_np(pthread_self(), "emberd-pull");
+
 	for (;;) {
 		int running = 0;
 		CURLMsg *msg;
@@ -1425,11 +1608,13 @@ int pull_engine_new(Manager *m, PullEngine **ret)
 	pthread_mutex_init(&e->lock, NULL);
 	pthread_mutex_init(&e->hlock, NULL);
 	pthread_cond_init(&e->hcond, NULL);
+	pthread_cond_init(&e->fcond, NULL);
 	e->multi = curl_multi_init();
 	if (!e->multi) {
 		pthread_mutex_destroy(&e->lock);
 		pthread_mutex_destroy(&e->hlock);
 		pthread_cond_destroy(&e->hcond);
+		pthread_cond_destroy(&e->fcond);
 		free(e);
 		return -ENOMEM;
 	}
@@ -1444,6 +1629,9 @@ int pull_engine_start(PullEngine *e)
 	if (pthread_create(&e->hasher, NULL, hasher_main, e) != 0)
 		return -EAGAIN;
 	e->hasher_started = true;
+	if (pthread_create(&e->flusher, NULL, flusher_main, e) != 0)
+		return -EAGAIN;
+	e->flusher_started = true;
 	if (pthread_create(&e->thread, NULL, engine_main, e) != 0)
 		return -EAGAIN;
 	e->started = true;
@@ -1476,8 +1664,11 @@ void pull_engine_free(PullEngine *e)
 		pthread_mutex_lock(&e->hlock);
 		e->hstop = true;
 		pthread_cond_broadcast(&e->hcond);
+		pthread_cond_broadcast(&e->fcond);
 		pthread_mutex_unlock(&e->hlock);
 		pthread_join(e->hasher, NULL);
+		if (e->flusher_started)
+			pthread_join(e->flusher, NULL);
 	}
 	pthread_mutex_lock(&e->lock);
 	for (size_t i = 0; i < e->n_pulls; i++)
@@ -1495,6 +1686,7 @@ void pull_engine_free(PullEngine *e)
 	pthread_mutex_destroy(&e->lock);
 	pthread_mutex_destroy(&e->hlock);
 	pthread_cond_destroy(&e->hcond);
+	pthread_cond_destroy(&e->fcond);
 	free(e);
 }
 
@@ -1508,6 +1700,7 @@ static int engine_add(PullEngine *e, Pull *p)
 	}
 	e->pulls = n;
 	n[e->n_pulls++] = pull_ref(p); /* the engine's */
+	p->in_engine = true;
 	pthread_mutex_unlock(&e->lock);
 	curl_multi_wakeup(e->multi);
 	return 0;
@@ -1562,6 +1755,12 @@ int pull_load(Manager *m, const char *dir, Template **ret, char **ret_error)
 		return r;
 	}
 	if (failed) {
+		/* a crash between the record and the removal of the files leaves them */
+		for (size_t i = 0; i < N_ARTIFACTS; i++) {
+			_cleanup_free_ char *f = NULL;
+			if (asprintf(&f, "%s/%s", dir, p->art[i].file) >= 0)
+				(void)unlink(f);
+		}
 		t->state = EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_FAILED;
 		t->state_reason = TAKE_PTR(reason);
 		pull_free(p);
@@ -1681,6 +1880,10 @@ static RpcCode artifact_from_pb(RpcCall *call, Manager *m, const char *what,
 	if (!sha256_valid(ra->sha256))
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT, "%s.sha256 must be 64 hex digits",
 				      what);
+	if (a->sparse && ra->size_bytes % 512)
+		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
+				      "%s.size_bytes %llu is not a multiple of 512 (a disk image)",
+				      what, (unsigned long long)ra->size_bytes);
 	if (ra->size_bytes > m->config->max_artifact_bytes)
 		return rpc_call_error(call, RPC_INVALID_ARGUMENT,
 				      "%s.size_bytes %llu is more than this node's "
@@ -1972,32 +2175,45 @@ RpcCode node_pull_template(RpcCall *call, const ProtobufCMessage *request, Manag
 		(void)rm_rf(gone);
 
 	r = mkdir(p->dir, 0700) < 0 ? -errno : 0;
+	bool made = r >= 0;
 	if (r >= 0 && (p->dir_fd = open(p->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
 		r = -errno;
 	if (r >= 0)
 		r = pull_record_write(p, "pulling", NULL);
 	if (r >= 0)
+		(void)fsync_path(m->templates_dir);
+	/* Still ours? A DeleteTemplate may have come in since the id was taken: it found no
+	 * directory to remove yet. Handed to the engine under the lock, a later delete aborts
+	 * it as any other. */
+	pthread_mutex_lock(&m->lock);
+	t = manager_template_find_locked(m, p->id);
+	bool ours = t && t->pull == p;
+	if (ours && r >= 0)
 		r = engine_add(m->pulls, p);
-	if (r < 0) {
-		pthread_mutex_lock(&m->lock);
-		t = manager_template_find_locked(m, p->id);
-		bool ours = t && t->pull == p;
-		if (ours) {
-			template_remove_locked(m, t);
-			pull_unref(t->pull);
-			t->pull = NULL;
-			template_free(t);
-		}
-		pthread_mutex_unlock(&m->lock);
-		if (ours)
-			(void)rm_rf(p->dir);
-		pull_unref(p);
-		if (r == -ENOSPC || r == -EDQUOT)
-			return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED,
-					      "not enough disk to start the pull of %s",
+	if (ours && r < 0) {
+		template_remove_locked(m, t);
+		template_free(t); /* and its reference */
+	}
+	pthread_mutex_unlock(&m->lock);
+	if (!ours || r < 0) {
+		if (made)
+			pull_dir_remove(p);
+		/* followers that joined meanwhile learn it too */
+		if (!ours) {
+			pull_finish(p, RPC_ABORTED, "the template was deleted as its pull started");
+			pull_unref(p);
+			return rpc_call_error(call, RPC_ABORTED,
+					      "template %s was deleted as its pull started",
 					      req->template_id);
-		return rpc_call_error(call, RPC_INTERNAL, "cannot start the pull of %s: %s",
-				      req->template_id, strerror(-r));
+		}
+		bool full = r == -ENOSPC || r == -EDQUOT;
+		char msg[256];
+		msgf(msg, sizeof(msg), "cannot start the pull: %s",
+		     full ? "not enough disk" : strerror(-r));
+		pull_finish(p, full ? RPC_RESOURCE_EXHAUSTED : RPC_INTERNAL, msg);
+		pull_unref(p);
+		return rpc_call_error(call, full ? RPC_RESOURCE_EXHAUSTED : RPC_INTERNAL,
+				      "template %s: %s", req->template_id, msg);
 	}
 	code = follow(call, m, p);
 	pull_unref(p);

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -321,6 +322,10 @@ int manager_templates_load(Manager *m)
 			record_quarantine(m->config, dir, err ?: "unreadable");
 			continue;
 		}
+		/* a crash right after a pull's install leaves its record: done with */
+		_cleanup_free_ char *pull_rec = NULL;
+		if (asprintf(&pull_rec, "%s/pull.json", dir) >= 0)
+			(void)unlink(pull_rec);
 		if (t->boot.present && template_boot_paths(&t->boot, dir) < 0) {
 			template_free(t);
 			return -ENOMEM;
@@ -748,6 +753,7 @@ RpcCode node_list_templates(RpcCall *call, const ProtobufCMessage *request, Mana
 
 RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Manager *m)
 {
+	static _Atomic unsigned deletes;
 	const Ember__V1__DeleteTemplateRequest *req = (const void *)request;
 	Ember__V1__DeleteTemplateResponse resp = EMBER__V1__DELETE_TEMPLATE_RESPONSE__INIT;
 	_cleanup_free_ char *dir = NULL, *gone = NULL;
@@ -773,7 +779,10 @@ RpcCode node_delete_template(RpcCall *call, const ProtobufCMessage *request, Man
 	}
 	bool ready = t->state == EMBER__V1__TEMPLATE_STATE__TEMPLATE_STATE_READY;
 	if (asprintf(&dir, ready ? "%s/%s" : "%s/.pull-%s", m->templates_dir, t->id) < 0 ||
-	    asprintf(&gone, "%s/.deleted-%s", m->templates_dir, t->id) < 0) {
+	    /* unique: a directory a crash or a racing pull left under the name must not
+	     * block this delete */
+	    asprintf(&gone, "%s/.deleted-%s-%d-%u", m->templates_dir, t->id, (int)getpid(),
+		     atomic_fetch_add(&deletes, 1)) < 0) {
 		pthread_mutex_unlock(&m->lock);
 		return rpc_call_error(call, RPC_RESOURCE_EXHAUSTED, "out of memory");
 	}

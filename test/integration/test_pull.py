@@ -798,3 +798,83 @@ def test_pulls_in_progress_are_shown(start_emberd, new_server, files, workdir):
                          re.M), text
     finally:
         notify.close()
+
+
+def test_redirect_chain_never_goes_back_to_http(start_emberd, new_server, files):
+    """http -> https -> http: the second hop leaves https, and is refused."""
+    e = start_emberd(CONF)
+    plain, tls = new_server(e), new_server(e, tls=True)
+    serve(plain, files)
+    plain.add("/hop1/rootfs", redirect=tls.url("/hop2/rootfs"))
+    tls.add("/hop2/rootfs", redirect=plain.url("/rootfs"))
+    e.proc.stop()
+    e = start_emberd(CONF + f"ca_file = {tls.ca_file}\n", hostns=e.hostns)
+    req = request(plain, "chain", files)
+    req.rootfs.url = plain.url("/hop1/rootfs")
+    details = Pull(stub(e), req).failed(grpc.StatusCode.FAILED_PRECONDITION)
+    assert "redirect from https" in details, details
+    assert [r.path for r in tls.requests_for("/hop2/rootfs")] == ["/hop2/rootfs"]
+    assert plain.requests_for("/rootfs") == [], "the download went back to http"
+
+
+def test_rootfs_must_be_a_disk_image(start_emberd, new_server, files, workdir):
+    """The rootfs is a disk: a size that is not a multiple of 512 is refused, whether the
+    request says it or the download shows it."""
+    e = start_emberd(CONF)
+    n = stub(e)
+    srv = new_server(e)
+    odd = random_file(os.path.join(workdir, "odd"), 4 * MiB + 100)
+    files = dict(files, rootfs=odd)
+    serve(srv, files)
+    req = request(srv, "odd", files)
+    c, msg = code_of(lambda: list(n.PullTemplate(req, timeout=30)))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "512" in msg, (c, msg)
+    assert srv.requests_for("/rootfs") == []
+    req = request(srv, "odd", files, sizes=False)
+    details = Pull(n, req).failed(grpc.StatusCode.INVALID_ARGUMENT)
+    assert "512" in details, details
+    assert template_state(n, "odd") == "FAILED" and artifact_files(e, "odd") == []
+
+
+@pytest.mark.parametrize("point", ["template-record", "installed", "failed-record"])
+def test_crash_while_installing_or_failing(start_emberd, new_server, files, workdir, point):
+    """emberd killed (a crash point of test/emberd-hooks) after the template record is
+    written, after the directory is renamed into place, or after a failure is recorded: the
+    next start has the template READY with the right files, or FAILED without files."""
+    from conftest import BUILD
+    root = os.path.join(workdir, "node")
+    conf = CONF + (f"[vmm]\nkind = fcsim\nfcsim_bin = {BUILD}/fcsim\n"
+                   f"uffd_bin = {BUILD}/ember-uffd\n")
+    e = start_emberd(conf, root=root)
+    srv = new_server(e)
+    serve(srv, files)
+    e.proc.stop()
+    env = dict(os.environ, EMBER_TEST_KILL_AFTER=f"pull:{point}")
+    h = start_emberd(conf, root=root, hostns=e.hostns, binary="test/emberd-hooks", env=env)
+    req = request(srv, "crashed", files, sizes=point != "template-record")
+    if point == "failed-record":
+        req.rootfs.sha256 = sha256_file(files["other"])
+    Pull(stub(h), req).wait()
+    wait_for(lambda: not h.proc.alive(), 30, "emberd-hooks to die at its crash point")
+    assert f"crash point pull:{point} reached" in h.proc.log()
+
+    before = len(srv.requests_for("/rootfs"))
+    e2 = start_emberd(conf, root=root, hostns=e.hostns)
+    n2 = stub(e2)
+    if point == "failed-record":
+        t = get_template(n2, "crashed")
+        assert t.state == S.TEMPLATE_STATE_FAILED and t.state_reason, t
+        assert artifact_files(e2, "crashed") == [], "a failed pull's files survived the crash"
+        return
+    wait_for(lambda: template_state(n2, "crashed") == "READY", 30, "the template to be READY")
+    check_ready(e2, get_template(n2, "crashed"), req, files)
+    assert not os.path.exists(pull_dir(e2, "crashed"))
+    later = srv.requests_for("/rootfs")[before:]
+    if point == "template-record":
+        # all bytes were there: asked from the end (416 for an unknown size), not again
+        assert [(r.range_start, r.status) for r in later] == \
+            [(os.path.getsize(files["rootfs"]), 416)], later
+    else:
+        assert later == [], later
+    assert sorted(os.listdir(template_dir(e2, "crashed"))) == \
+        ["initrd", "kernel", "rootfs.ext4", "template.json"]
