@@ -137,6 +137,7 @@ struct PullEngine {
 	/* (E) */
 	bool stop;
 	Pull **pulls; /* not finished, in the order they came */
+	bool again;   /* engine thread: a transfer ended, take another turn at once */
 	size_t n_pulls;
 	/* metrics */
 	_Atomic uint64_t bytes, done_ok, done_failed, retries;
@@ -1436,6 +1437,15 @@ static uint64_t engine_next_retry(PullEngine *e)
 	return next;
 }
 
+/* True when every artifact of p other than a is in. */
+static bool all_done_but(Pull *p, const PullArtifact *a)
+{
+	for (size_t k = 0; k < N_ARTIFACTS; k++)
+		if (&p->art[k] != a && p->art[k].url && p->art[k].st != ART_DONE)
+			return false;
+	return true;
+}
+
 /* One turn over the pulls: aborts, starts, due retries, completions, wake-ups. */
 static void engine_turn(PullEngine *e)
 {
@@ -1497,6 +1507,10 @@ static void engine_turn(PullEngine *e)
 				pthread_mutex_lock(&e->lock);
 				failed = p->finished;
 				pthread_mutex_unlock(&e->lock);
+				/* done now: it does not hold the pull back (no other turn comes
+				 * while nothing runs) */
+				if (a->st == ART_DONE)
+					all_done = all_done_but(p, a);
 				continue;
 			}
 			if (a->st == ART_WAITING && a->retry_at <= now) {
@@ -1550,6 +1564,7 @@ static void *engine_main(void *userdata)
 			CURL *h = msg->easy_handle;
 			CURLcode res = msg->data.result;
 			curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&p);
+			e->again = true;
 			for (size_t k = 0; p && k < N_ARTIFACTS; k++)
 				if (p->art[k].easy == h) {
 					pull_ref(p);
@@ -1571,6 +1586,11 @@ static void *engine_main(void *userdata)
 			wait_ms = (uint64_t)curl_ms;
 		if (next_retry != UINT64_MAX && next_retry / 1000 < wait_ms)
 			wait_ms = next_retry / 1000;
+		/* A transfer that ended may complete its pull (its hashing may be done already,
+		 * and then nothing else wakes us). */
+		if (e->again)
+			wait_ms = 0;
+		e->again = false;
 		curl_multi_poll(e->multi, NULL, 0, (int)wait_ms, NULL);
 	}
 
