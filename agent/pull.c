@@ -61,33 +61,22 @@ typedef enum ArtState {
 	ART_DONE,    /* all bytes in, size and digest right */
 } ArtState;
 
+/* Fields by owner; within each group, pointers and 64-bit fields first, then the smaller
+ * ones and the strings (clang-tidy's padding check). */
 typedef struct PullArtifact {
 	/* the request (immutable once the pull exists) */
 	const char *name; /* "kernel", "rootfs", "initrd" */
 	const char *file; /* its name in the template directory */
 	char *url;        /* NULL: no such artifact (initrd) */
-	char sha256[65];  /* lowercase */
 	uint64_t size;    /* 0: not given */
-	bool sparse;
 
 	/* engine thread only */
-	ArtState st;
 	CURL *easy;
-	int fd;
+	char *cur_url;       /* where this attempt's redirects led; NULL: url */
 	uint64_t range_from; /* the offset this attempt asked for */
 	uint64_t last_rx;    /* CLOCK_MONOTONIC µs of this attempt's last byte */
-	bool checked;        /* this attempt's response status and range were looked at */
-	long http_status;    /* an error status that ended the attempt */
-	unsigned failures;   /* attempts failed in a row without progress */
 	uint64_t retry_at;   /* CLOCK_MONOTONIC µs */
-	bool from_disk;      /* bytes of a previous run were taken over */
-	RpcCode fail_code;   /* set by a callback that ended the attempt for good */
-	char fail_msg[256];
-	char content_range[128];
-	char errbuf[CURL_ERROR_SIZE];
-	char why[256];      /* our own reason for ending an attempt (curl overwrites errbuf) */
-	char *cur_url;      /* where this attempt's redirects led; NULL: url */
-	unsigned redirects; /* followed in this attempt */
+	long http_status;    /* an error status that ended the attempt */
 
 	_Atomic uint64_t done;  /* bytes received and written */
 	_Atomic uint64_t total; /* size, or what the server announced; 0 unknown */
@@ -95,12 +84,32 @@ typedef struct PullArtifact {
 	/* the hasher's (PullEngine.hlock) */
 	EVP_MD_CTX *md;
 	uint64_t hashed;  /* bytes of the file in md: done - hashed are still to hash */
-	bool hashing;     /* the hasher reads and hashes [hashed, …) outside the lock */
 	uint64_t flushed; /* bytes whose writeback the flusher started */
+
+	/* engine thread only */
+	ArtState st;
+	int fd;
+	unsigned failures;  /* attempts failed in a row without progress */
+	RpcCode fail_code;  /* set by a callback that ended the attempt for good */
+	unsigned redirects; /* followed in this attempt */
+	/* the hasher's */
+	int hash_error; /* a read or digest failure (-errno) */
+
+	bool sparse;    /* (request) the rootfs: zero blocks are not written */
+	bool checked;   /* (engine) this attempt's response status and range were looked at */
+	bool from_disk; /* (engine) bytes of a previous run were taken over */
+	/* the hasher's */
+	bool hashing;     /* the hasher reads and hashes [hashed, …) outside the lock */
 	bool flushing;    /* the flusher is in sync_file_range() on the fd */
 	bool hash_listed; /* in PullEngine.hjobs */
-	int hash_error;   /* a read or digest failure (-errno) */
 	bool hash_all;    /* the transfer ended: hash the rest however little */
+
+	char sha256[65]; /* (request) lowercase */
+	/* engine thread only */
+	char content_range[128];
+	char fail_msg[256];
+	char errbuf[CURL_ERROR_SIZE];
+	char why[256]; /* our own reason for ending an attempt (curl overwrites errbuf) */
 } PullArtifact;
 
 struct Pull {
@@ -470,7 +479,6 @@ static void *hasher_main(void *userdata)
 				/* past the end of a sparse file: zeros not written yet (the
 				 * size is set when all bytes are in) */
 				memset(buf + got, 0, len - got);
-				got = len;
 				break;
 			}
 			r = n < 0 ? -errno : 0;
@@ -2075,7 +2083,6 @@ static RpcCode follow(RpcCall *call, Manager *m, Pull *p)
 				sent_at = now;
 				sent_done = done;
 			}
-			r = 0;
 		}
 		r = rpc_call_wait(call, 1000);
 		if (r == -ECANCELED) {
