@@ -3,7 +3,6 @@
 #
 # Every process a test starts is tracked by pid and ended at teardown, whatever happened.
 
-import ctypes
 import os
 import shutil
 import signal
@@ -22,6 +21,8 @@ SANITIZE = os.environ.get("EMBER_SANITIZE") == "1"
 sys.path.insert(0, os.path.join(BUILD, "py"))
 
 import grpc  # noqa: E402
+
+from netnsutil import in_netns  # noqa: E402
 
 # Sanitized binaries are several times slower: scale waits, never assertions on behaviour.
 SLOW = 4.0 if SANITIZE else 1.0
@@ -85,35 +86,11 @@ class Proc:
         return self.p.returncode
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
 def connect_in_netns(nspath, addr, timeout=10):
-    """A TCP connection made from inside the network namespace at nspath: setns(2) in a
-    thread of its own (a thread's namespace is its own), which ends right after; the socket
-    keeps the namespace it was made in."""
-    out = {}
-
-    def run():
-        try:
-            fd = os.open(nspath, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            out["s"] = socket.create_connection(addr, timeout=timeout)
-        except OSError as e:
-            out["e"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "e" in out:
-        raise out["e"]
-    out["s"].settimeout(None)
-    return out["s"]
+    """A TCP connection made from inside the network namespace at nspath (netnsutil)."""
+    s = in_netns(nspath, lambda: socket.create_connection(addr, timeout=timeout))
+    s.settimeout(None)
+    return s
 
 
 class TcpRelay:

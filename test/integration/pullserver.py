@@ -18,7 +18,6 @@
 #
 # Standalone (a quick manual check): python3 pullserver.py FILE [--tls] [--rate N] ...
 
-import ctypes
 import fcntl
 import os
 import re
@@ -33,9 +32,9 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-CLONE_NEWNET = 0x40000000
+from netnsutil import in_netns
+
 SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in a TCP socket's send queue not yet acknowledged
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _openssl(*args, cwd):
@@ -344,26 +343,7 @@ class PullServer:
     def _make(self, netns):
         if netns is None:
             return _Server(("127.0.0.1", 0), _Handler)
-        out = {}
-
-        def run():
-            try:
-                fd = os.open(netns, os.O_RDONLY)
-                try:
-                    if _libc.setns(fd, CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), f"setns {netns}")
-                finally:
-                    os.close(fd)
-                out["s"] = _Server(("127.0.0.1", 0), _Handler)
-            except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
-                out["e"] = e
-
-        t = threading.Thread(target=run)
-        t.start()
-        t.join()
-        if "e" in out:
-            raise out["e"]
-        return out["s"]
+        return in_netns(netns, lambda: _Server(("127.0.0.1", 0), _Handler))
 
     # --- configuration -------------------------------------------------------------------
 
