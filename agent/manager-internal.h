@@ -556,3 +556,5 @@ int template_boot_snapshot(Manager *m, Template *t, const char *dir, unsigned vc
 
 /* Milliseconds of CLOCK_MONOTONIC. */
 uint64_t now_ms(void);
+/* Microseconds of CLOCK_MONOTONIC. */
+uint64_t now_usec(void);

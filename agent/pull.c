@@ -107,9 +107,10 @@ typedef struct PullArtifact {
 	char sha256[65]; /* (request) lowercase */
 	/* engine thread only */
 	char content_range[128];
-	char fail_msg[256];
 	char errbuf[CURL_ERROR_SIZE];
-	char why[256]; /* our own reason for ending an attempt (curl overwrites errbuf) */
+	/* our own reason for ending an attempt, for good (fail_code) or to retry; curl
+	 * overwrites errbuf */
+	char why[256];
 } PullArtifact;
 
 struct Pull {
@@ -172,13 +173,6 @@ static void msgf(char *buf, size_t size, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(buf, size, fmt, ap);
 	va_end(ap);
-}
-
-static uint64_t mono_usec(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000ULL + (uint64_t)ts.tv_nsec / 1000;
 }
 
 /* ---- pulls: life and records ---- */
@@ -392,17 +386,29 @@ static int pull_from_json(PullEngine *e, json_object *o, Pull **ret, bool *ret_f
 	return 0;
 }
 
+/* Bytes received over the pull's artifacts; *ret_total (if asked) what is expected of them
+ * (0 counted for an unknown size). */
+static uint64_t pull_bytes(Pull *p, uint64_t *ret_total)
+{
+	uint64_t done = 0, total = 0;
+
+	for (size_t i = 0; i < N_ARTIFACTS; i++) {
+		done += atomic_load(&p->art[i].done);
+		total += atomic_load(&p->art[i].total);
+	}
+	if (ret_total)
+		*ret_total = total;
+	return done;
+}
+
 /* ---- followers ---- */
 
 static void pull_wake_locked(Pull *p)
 {
 	for (size_t i = 0; i < p->n_followers; i++)
 		rpc_call_wake(p->followers[i]);
-	p->last_wake = mono_usec();
-	uint64_t sum = 0;
-	for (size_t i = 0; i < N_ARTIFACTS; i++)
-		sum += atomic_load(&p->art[i].done);
-	p->last_done = sum;
+	p->last_wake = now_usec();
+	p->last_done = pull_bytes(p, NULL);
 }
 
 static int pull_follow_locked(Pull *p, RpcCall *call)
@@ -693,7 +699,7 @@ static void artifact_fail(PullArtifact *a, RpcCode code, const char *fmt, ...)
 		return;
 	a->fail_code = code;
 	va_start(ap, fmt);
-	vsnprintf(a->fail_msg, sizeof(a->fail_msg), fmt, ap);
+	vsnprintf(a->why, sizeof(a->why), fmt, ap);
 	va_end(ap);
 }
 
@@ -810,7 +816,7 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *userdata)
 	}
 	atomic_store(&a->done, done + n);
 	atomic_fetch_add(&p->e->bytes, n);
-	a->last_rx = mono_usec();
+	a->last_rx = now_usec();
 	/* a batch more since the last wake-up (the hasher takes everything pending) */
 	if ((done + n) / HASH_BATCH != done / HASH_BATCH)
 		hasher_kick(p->e, a, false);
@@ -851,7 +857,7 @@ static int on_progress(void *userdata, curl_off_t dltotal, curl_off_t dlnow, cur
 	(void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
 	curl_easy_getinfo(a->easy, CURLINFO_PRIVATE, (char **)&p);
 	uint64_t limit = (uint64_t)p->e->c->pull_stall_timeout_s * 1000000ULL;
-	if (mono_usec() - a->last_rx <= limit)
+	if (now_usec() - a->last_rx <= limit)
 		return 0;
 	msgf(a->why, sizeof(a->why), "no data for %u s", p->e->c->pull_stall_timeout_s);
 	return 1;
@@ -872,7 +878,7 @@ static int artifact_start(Pull *p, PullArtifact *a)
 	a->fail_code = RPC_OK;
 	a->errbuf[0] = a->content_range[0] = a->why[0] = 0;
 	a->range_from = atomic_load(&a->done);
-	a->last_rx = mono_usec();
+	a->last_rx = now_usec();
 	curl_easy_setopt(h, CURLOPT_URL, a->cur_url ?: a->url);
 	curl_easy_setopt(h, CURLOPT_PRIVATE, p);
 	curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
@@ -945,7 +951,7 @@ static RpcCode artifact_classify(PullArtifact *a, CURLcode res, char *msg, size_
 	const char *why = a->why[0] ? a->why : a->errbuf[0] ? a->errbuf : curl_easy_strerror(res);
 
 	if (a->fail_code != RPC_OK) {
-		msgf(msg, size, "%s", a->fail_msg);
+		msgf(msg, size, "%s", a->why);
 		return a->fail_code;
 	}
 	if (a->http_status) {
@@ -957,12 +963,6 @@ static RpcCode artifact_classify(PullArtifact *a, CURLcode res, char *msg, size_
 		return RPC_OK;
 	}
 	switch (res) {
-	case CURLE_UNSUPPORTED_PROTOCOL:
-	case CURLE_TOO_MANY_REDIRECTS:
-		msgf(msg, size,
-		     "%s: redirect refused (only http and https, never https to http): %s", a->name,
-		     why);
-		return RPC_FAILED_PRECONDITION;
 	case CURLE_PEER_FAILED_VERIFICATION:
 	case CURLE_SSL_CACERT_BADFILE:
 	case CURLE_SSL_CERTPROBLEM:
@@ -971,6 +971,7 @@ static RpcCode artifact_classify(PullArtifact *a, CURLcode res, char *msg, size_
 		msgf(msg, size, "%s: the server's certificate is not trusted: %s", a->name, why);
 		return RPC_FAILED_PRECONDITION;
 	case CURLE_URL_MALFORMAT:
+	case CURLE_UNSUPPORTED_PROTOCOL:
 		msgf(msg, size, "%s: bad URL: %s", a->name, why);
 		return RPC_FAILED_PRECONDITION;
 	default:
@@ -1158,7 +1159,7 @@ static void artifact_ended(Pull *p, PullArtifact *a, CURLcode res)
 	uint64_t delay = (uint64_t)e->c->pull_retry_delay_ms << shift;
 	if (delay > RETRY_MAX_DELAY_MS)
 		delay = RETRY_MAX_DELAY_MS;
-	a->retry_at = mono_usec() + delay * 1000;
+	a->retry_at = now_usec() + delay * 1000;
 	a->st = ART_WAITING;
 	/* from the URL asked for: a redirect's target may be short-lived (a signed URL) */
 	free(a->cur_url);
@@ -1284,7 +1285,7 @@ static void *install_main(void *userdata)
 	Manager *m = p->e->m;
 	_cleanup_free_ char *final = NULL, *rec = NULL;
 	TemplateFileInfo files[N_ARTIFACTS] = {};
-	uint64_t t0 = mono_usec(), bytes = 0;
+	uint64_t t0 = now_usec(), bytes = 0;
 	char msg[512] = "";
 	RpcCode code = RPC_INTERNAL;
 	int r = 0;
@@ -1357,7 +1358,7 @@ static void *install_main(void *userdata)
 	(void)fsync(p->dir_fd);
 	for (size_t i = 0; i < N_ARTIFACTS; i++)
 		artifact_close(p->e, &p->art[i]);
-	uint64_t us = mono_usec() - t0;
+	uint64_t us = now_usec() - t0;
 	struct timespec now;
 	clock_gettime(CLOCK_REALTIME, &now);
 	double secs = (double)(now.tv_sec - p->create_time.tv_sec) +
@@ -1429,7 +1430,7 @@ static void pull_begin(Pull *p)
 /* µs until the next retry is due (UINT64_MAX: none). Engine thread. */
 static uint64_t engine_next_retry(PullEngine *e)
 {
-	uint64_t now = mono_usec(), next = UINT64_MAX;
+	uint64_t now = now_usec(), next = UINT64_MAX;
 
 	pthread_mutex_lock(&e->lock);
 	for (size_t i = 0; i < e->n_pulls; i++)
@@ -1457,7 +1458,7 @@ static bool all_done_but(Pull *p, const PullArtifact *a)
 /* One turn over the pulls: aborts, starts, due retries, completions, wake-ups. */
 static void engine_turn(PullEngine *e)
 {
-	uint64_t now = mono_usec();
+	uint64_t now = now_usec();
 	_cleanup_free_ Pull **list = NULL;
 	size_t n, running = 0;
 
@@ -1536,10 +1537,7 @@ static void engine_turn(PullEngine *e)
 			goto next;
 		}
 		pthread_mutex_lock(&e->lock);
-		uint64_t sum = 0;
-		for (size_t k = 0; k < N_ARTIFACTS; k++)
-			sum += atomic_load(&p->art[k].done);
-		if (sum != p->last_done && now - p->last_wake >= WAKE_INTERVAL_USEC)
+		if (pull_bytes(p, NULL) != p->last_done && now - p->last_wake >= WAKE_INTERVAL_USEC)
 			pull_wake_locked(p);
 		pthread_mutex_unlock(&e->lock);
 	next:
@@ -1874,11 +1872,7 @@ int pull_status(PullEngine *e, char *buf, size_t size)
 	size_t n = e->n_pulls;
 	for (size_t i = 0; i < n && len + 1 < size; i++) {
 		Pull *p = e->pulls[i];
-		uint64_t done = 0, total = 0;
-		for (size_t k = 0; k < N_ARTIFACTS; k++) {
-			done += atomic_load(&p->art[k].done);
-			total += atomic_load(&p->art[k].total);
-		}
+		uint64_t total, done = pull_bytes(p, &total);
 		int w = total ? snprintf(buf + len, size - len, "%s%s %llu%%", i ? ", " : "", p->id,
 					 (unsigned long long)(done * 100 / total))
 			      : snprintf(buf + len, size - len, "%s%s %llu MiB", i ? ", " : "",
@@ -2048,11 +2042,9 @@ static RpcCode follow(RpcCall *call, Manager *m, Pull *p)
 			finished ? EMBER__V1__PULL_PHASE__PULL_PHASE_INSTALLING : phase;
 		while (r >= 0 && sent_phase < upto) {
 			sent_phase++;
-			sent_done = 0;
-			for (size_t i = 0; i < N_ARTIFACTS; i++)
-				sent_done += atomic_load(&p->art[i].done);
+			sent_done = pull_bytes(p, NULL);
 			r = send_progress(call, p, sent_phase, true);
-			sent_at = mono_usec();
+			sent_at = now_usec();
 		}
 		if (r < 0) {
 			code = RPC_CANCELLED;
@@ -2062,11 +2054,7 @@ static RpcCode follow(RpcCall *call, Manager *m, Pull *p)
 			code = send_done(call, m, p->id);
 			break;
 		}
-		uint64_t done = 0, total = 0, now = mono_usec();
-		for (size_t i = 0; i < N_ARTIFACTS; i++) {
-			done += atomic_load(&p->art[i].done);
-			total += atomic_load(&p->art[i].total);
-		}
+		uint64_t total, done = pull_bytes(p, &total), now = now_usec();
 		/* Bytes at most every 100 ms and every 1 %, whichever is rarer (without a
 		 * total, every 100 ms). A slow reader gets fewer messages, never a blocked
 		 * follower. */
@@ -2174,7 +2162,7 @@ RpcCode node_pull_template(RpcCall *call, const ProtobufCMessage *request, Manag
 	if (t) {
 		/* FAILED: pulling it again starts over. */
 		if (asprintf(&gone, "%s/.deleted-%s-%llu", m->templates_dir, t->id,
-			     (unsigned long long)mono_usec()) < 0 ||
+			     (unsigned long long)now_usec()) < 0 ||
 		    (rename(p->dir, gone) < 0 && errno != ENOENT)) {
 			pthread_mutex_unlock(&m->lock);
 			pull_unref(p);
