@@ -224,9 +224,9 @@ static void rpc_server_freep(RpcServer **s)
 	rpc_server_free(*s);
 }
 
-/* Waits for SIGTERM/SIGINT, pinging the systemd watchdog while the gRPC poller is alive. */
-/* systemd's status line: where it serves, and the template pulls in progress. */
-static void status_update(Manager *m, const Config *c, char *last, size_t size)
+/* systemd's status line: where it serves, and the template pulls in progress; sent when it
+ * changed, after `first` ("READY=1\n" the first time). */
+static void status_update(Manager *m, const Config *c, char *last, size_t size, const char *first)
 {
 	char pulls[256], status[512];
 	int n = manager_pull_status(m, pulls, sizeof(pulls));
@@ -237,14 +237,18 @@ static void status_update(Manager *m, const Config *c, char *last, size_t size)
 	if (strcmp(status, last) == 0)
 		return;
 	snprintf(last, size, "%s", status);
-	sd_notifyf(false, "STATUS=%s", status);
+	sd_notifyf(false, "%sSTATUS=%s", first, status);
 }
+
+/* Waits for SIGTERM/SIGINT, pinging the systemd watchdog while the gRPC poller is alive. */
 
 static int main_loop(RpcServer *server, Manager *manager, const Config *c, const sigset_t *mask)
 {
 	uint64_t watchdog_usec = 0;
 	bool watchdog = sd_watchdog_enabled(false, &watchdog_usec) > 0;
 	char status[512] = "";
+
+	status_update(manager, c, status, sizeof(status), "READY=1\n");
 
 	for (;;) {
 		/* Ping at half the watchdog interval, and check for signals at least every s. */
@@ -264,7 +268,7 @@ static int main_loop(RpcServer *server, Manager *manager, const Config *c, const
 		if (sig == SIGHUP)
 			log_notice("SIGHUP: configuration reload is not supported; restart emberd "
 				   "to apply changes");
-		status_update(manager, c, status, sizeof(status));
+		status_update(manager, c, status, sizeof(status), "");
 		if (watchdog) {
 			/* A stuck poller means no call can be served: let systemd restart us. */
 			uint64_t age = now_usec() - rpc_server_heartbeat_usec(server);
@@ -543,9 +547,7 @@ static int run(const Config *c)
 			host ?: "127.0.0.1", http_server_port(http), http_server_token(http),
 			c->run_dir);
 	}
-	sd_notifyf(false, "READY=1\nSTATUS=Serving on unix:%s%s%s", c->socket,
-		   c->tcp_listen[0] ? " and " : "", c->tcp_listen);
-
+	/* READY=1 with the status line, first thing */
 	main_loop(server, manager, c, &mask);
 	/* Only a second SIGTERM/SIGINT cuts the grace period short; SIGHUP stays pending. */
 	sigset_t interrupt;
