@@ -136,7 +136,7 @@ STORAGE_SRCS := storage/storage.c storage/loop.c storage/registry.c storage/dm.c
 NETNS_SRCS := netns/cidr.c netns/ns.c netns/link.c netns/nft.c netns/pool.c netns/relay.c
 FCCTL_SRCS := fcctl/api.c fcctl/process.c fcctl/proc.c fcctl/vsock.c
 # ember-uffd: its own binary, not part of libfcctl.a (emberd only spawns it)
-UFFD_SRCS := fcctl/uffd.c fcctl/ember-uffd.c
+UFFD_SRCS := fcctl/uffd.c fcctl/uffd-ws.c fcctl/ember-uffd.c
 FCSIM_SRCS := fcsim/main.c fcsim/api.c fcsim/vmm.c fcsim/guest.c fcsim/vsock.c fcsim/fclog.c \
 	fcsim/memory.c fcsim/schema.c
 AGENT_LIB_SRCS := agent/config.c agent/node.c agent/probe.c agent/rpc.c \
@@ -280,7 +280,7 @@ $(B)/test/emberd-hooks: $(B)/obj/agent/main.o \
 	$(Q)$(CC) $(ALL_LDFLAGS) $^ $(PKG_LIBS) -o $@
 
 # ember-uffd links only what it uses: one runs per resumed sandbox.
-UFFD_OBJ := $(B)/obj/fcctl/uffd.o $(B)/obj/fcctl/proc.o
+UFFD_OBJ := $(B)/obj/fcctl/uffd.o $(B)/obj/fcctl/uffd-ws.o $(B)/obj/fcctl/proc.o
 UFFD_LIBS = $(shell $(PKG_CONFIG) --libs json-c libsystemd 2>/dev/null)
 $(B)/ember-uffd: $(B)/obj/fcctl/ember-uffd.o $(UFFD_OBJ) $(B)/libcommon.a
 	@echo "  LD       $@"
@@ -544,8 +544,9 @@ $(B)/test/fuzz-uffd-handshake-replay: test/fuzz/fuzz-uffd-handshake.c $(UFFD_OBJ
 FUZZ_RUNS ?= 200000
 fuzz-uffd:
 	@mkdir -p $(B)/fuzz/uffd-handshake
-	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -I. fcctl/uffd.c \
-		common/log.c test/fuzz/fuzz-uffd-handshake.c \
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -I. \
+		fcctl/uffd.c fcctl/uffd-ws.c fcctl/proc.c common/log.c common/error.c \
+		common/fileio.c test/fuzz/fuzz-uffd-handshake.c \
 		$$($(PKG_CONFIG) --cflags --libs json-c libsystemd) -o $(B)/fuzz-uffd-handshake
 	$(B)/fuzz-uffd-handshake -runs=$(FUZZ_RUNS) $(B)/fuzz/uffd-handshake \
 		test/fuzz/corpus/uffd-handshake

@@ -3,17 +3,19 @@
  * ember-uffd's logic (DESIGN.md §7, notes/firecracker.md "UFFD handshake").
  *
  * Threads. The caller's thread accepts Firecracker, receives the handshake and then serves
- * faults and events. With prefetch, a second thread copies every page in large batches while
- * the first keeps serving faults on its own: a fault never waits for the prefetcher's queue,
- * at most for the one copy it has in flight (see copy_lock).
+ * faults and events. With prefetch or a working set to replay, copier threads (two where
+ * there are two CPUs) copy pages in large batches while the first keeps serving faults on its
+ * own: a fault never waits for a copier's queue, at most for the copies in flight (see the
+ * copy lock).
  *
- * copy_lock. A REMOVE event is read by the fault thread; reading it releases the thread that
- * called madvise(), which then zaps the range. If the prefetcher decided to copy a range
- * (it was not removed yet) and its UFFDIO_COPY lands after that zap, stale file content would
- * sit in pages the guest gave away, and nothing outside Firecracker's mm can take it back. So
- * the prefetcher holds copy_lock from checking the removed bitmap until its copy returns, and
- * the fault thread holds it around every read() of the userfaultfd (and the bitmap update that
- * follows). The fault thread's own copies need no lock: they are ordered with its reads.
+ * The copy lock. A REMOVE event is read by the fault thread; reading it releases the thread
+ * that called madvise(), which then zaps the range. If a copier decided to copy a range (it
+ * was not removed yet) and its UFFDIO_COPY lands after that zap, stale file content would sit
+ * in pages the guest gave away, and nothing outside Firecracker's mm can take it back. So a
+ * copier holds the lock (shared with the other copier) from checking the removed bitmap until
+ * its copy returns, and the fault thread holds it (exclusively) around every read() of the
+ * userfaultfd and the bitmap update that follows. The fault thread's own copies need no lock:
+ * they are ordered with its reads.
  *
  * Memory. Nothing is allocated per fault: faults go through a fixed ring, latencies into a
  * fixed log-scale histogram, removed pages into one bitmap per region sized at the handshake.
@@ -25,6 +27,7 @@
 #include <inttypes.h>
 #include <json-c/json.h>
 #include <limits.h>
+#include <linux/futex.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
@@ -36,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -432,38 +436,81 @@ typedef struct Fault {
 	uint64_t t_read; /* ns, when read() returned it */
 } Fault;
 
-typedef struct PrefetchStats {
-	uint64_t pages, bytes, eexist, eagain;
-} PrefetchStats;
+/* Copiers: more than one only to get more of the CPU on a busy machine (a copier shares its
+ * CPU with the vCPUs and everything else; two of them get twice the share). */
+#define COPIERS_MAX 2
 
+struct Server;
+typedef struct Copier {
+	struct Server *s;
+	unsigned k; /* this one's share: sweep chunks and replay runs k, k + n, k + 2n, … */
+	pthread_t thread;
+	uint8_t *buf;   /* PREFETCH_CHUNK, while it runs: an ember-uffd lives as long as its VM */
+	bool replaying; /* counts what it copies as replay */
+	/* its own counters, added to the server's once it is joined */
+	uint64_t pages, bytes, eexist, eagain, replay_pages;
+} Copier;
+
+/* Ordered by size for clang-tidy's padding check: 8-byte fields and arrays of them, then
+ * 4-byte ones, then flags. */
 typedef struct Server {
 	UffdOptions opt;
-	uint64_t fault_bytes; /* copied by faults (st.bytes_copied counts prefetch too) */
-	UffdHandshake hs;     /* hs.uffd is ours once received */
-	int listen_fd, sock, pidfd, mem_fd, efd;
-	char *socket_path; /* to unlink, until Firecracker has connected */
-	pid_t peer;
-	const uint8_t *mem;
-	size_t mem_len;
-	const uint8_t *zero_huge;            /* a zero 2 MiB source for removed huge pages */
-	uint64_t *removed[UFFD_MAX_REGIONS]; /* one bit per page */
-
+	UffdHandshake hs; /* hs.uffd is ours once received */
+	struct stat mem_st;
+	UffdStats st;
+	Histogram hist;
+	Fault queue[QUEUE_SIZE];
 	struct {
 		uint64_t page, count;
 	} stuck[STUCK_SLOTS];
-	Fault queue[QUEUE_SIZE];
 	size_t q_head, q_len;
-	Histogram hist;
-	UffdStats st;
+	uint64_t fault_bytes; /* copied by faults (st.bytes_copied counts prefetch too) */
+	uint64_t t_handshake; /* ns */
+	char *socket_path;    /* to unlink, until Firecracker has connected */
 	char *error;
+	/* Copies come from the memory file through pread() into a buffer (this one, and each
+	 * copier's own), not from a mapping of it: a fresh mapping costs a page fault per 16
+	 * pages and, on a VM, a hypervisor exit per page on first access, three times the copy
+	 * itself (README.md, "ember-uffd: where the time goes"). */
+	uint8_t *fault_buf; /* the fault thread's: a fault-around block or a 2 MiB page */
+	size_t fault_buf_len;
+	const uint8_t *zero_huge; /* a zero 2 MiB source for removed huge pages */
+	/* One bit per page. removed: written by the fault thread under the copy lock. present: set
+	 * by whoever copied the page, read by both to skip what is there (a hint that saves EEXIST
+	 * round trips; the kernel's EEXIST stays the truth). Both accessed atomically. */
+	uint64_t *removed[UFFD_MAX_REGIONS];
+	uint64_t *present[UFFD_MAX_REGIONS];
 
-	/* prefetch */
-	atomic_bool copy_lock, want_read, stop;
-	bool prefetching;
-	pthread_t prefetcher;
-	PrefetchStats pst;
-	int prefetch_error;
+	/* working set: replayed by the copiers when loaded, else recorded by the fault thread */
+	UffdWorkingSet ws;
+	uint32_t *rec;
+	uint64_t rec_deadline; /* ns */
+
+	/* the copiers: replay, then prefetch */
+	Copier copiers[COPIERS_MAX];
+	/* Their buffers, allocated and touched while Firecracker is not connected yet: a first
+	 * touch costs a fault per page, which would otherwise compete with the guest's first
+	 * faults (seen: a first fault served after 10 ms). Each copier takes its own. */
+	uint8_t *copy_bufs[COPIERS_MAX];
+	_Atomic uint64_t replay_ns, prefetch_ns;
 	char *prefetch_msg;
+
+	int listen_fd, sock, pidfd, mem_fd, efd;
+	pid_t peer;
+	unsigned fault_around; /* pages, a power of two; 1: off */
+	uint32_t rec_n, rec_page_size;
+	unsigned n_copiers;
+	atomic_uint copiers_in;     /* copiers inside the copy lock */
+	atomic_uint want_read;      /* 1: the fault thread wants (or holds) the copy lock */
+	atomic_uint copiers_asleep; /* copiers waiting (futex) for want_read to go 0 */
+	atomic_uint replay_left, sweep_left; /* copiers not done with their share yet */
+	int prefetch_error;
+
+	bool replay, recording, prefetch_deferred;
+	atomic_bool stop, failed; /* failed: the first failure's message is being written */
+	atomic_bool sweep_cut;    /* a copier stopped before its share was done */
+	atomic_bool replay_cut;   /* the same for the replay */
+	bool prefetching;
 } Server;
 
 static void live_store(uint64_t *field, uint64_t value)
@@ -502,13 +549,19 @@ static void server_stop_prefetch(Server *s)
 	if (!s->prefetching)
 		return;
 	atomic_store(&s->stop, true);
-	pthread_join(s->prefetcher, NULL);
+	for (unsigned k = 0; k < s->n_copiers; k++) {
+		Copier *c = &s->copiers[k];
+
+		pthread_join(c->thread, NULL);
+		s->st.pages_copied += c->pages;
+		s->st.bytes_copied += c->bytes;
+		s->st.eexist += c->eexist;
+		s->st.eagain += c->eagain;
+		s->st.replay_pages += c->replay_pages;
+	}
 	s->prefetching = false;
-	s->st.pages_copied += s->pst.pages;
-	s->st.bytes_copied += s->pst.bytes;
-	s->st.eexist += s->pst.eexist;
-	s->st.eagain += s->pst.eagain;
-	s->pst = (PrefetchStats){0};
+	s->st.replay_ns = atomic_load(&s->replay_ns);
+	s->st.prefetch_ns = atomic_load(&s->prefetch_ns);
 }
 
 static void server_free(Server *s)
@@ -524,12 +577,17 @@ static void server_free(Server *s)
 	safe_close(s->mem_fd);
 	safe_close(s->efd);
 	safe_close(s->hs.uffd);
-	if (s->mem)
-		(void)munmap((void *)s->mem, s->mem_len);
+	free(s->fault_buf);
 	if (s->zero_huge)
 		(void)munmap((void *)s->zero_huge, PAGE_2M);
-	for (size_t i = 0; i < ELEMENTSOF(s->removed); i++)
+	for (size_t i = 0; i < ELEMENTSOF(s->removed); i++) {
 		free(s->removed[i]);
+		free(s->present[i]);
+	}
+	uffd_working_set_done(&s->ws);
+	free(s->rec);
+	for (size_t k = 0; k < ELEMENTSOF(s->copy_bufs); k++)
+		free(s->copy_bufs[k]);
 	free(s->error);
 	free(s->prefetch_msg);
 	free(s);
@@ -544,8 +602,11 @@ static int server_new(const UffdOptions *opt, Server **ret)
 		return -ENOMEM;
 	s->listen_fd = s->sock = s->pidfd = s->mem_fd = s->efd = s->hs.uffd = -EBADF;
 	s->opt = opt ? *opt : (UffdOptions){.prefetch = false, .timeout_ms = -1};
-	atomic_init(&s->copy_lock, false);
-	atomic_init(&s->want_read, false);
+	s->fault_around = s->opt.fault_around > 1 ? s->opt.fault_around : 1;
+	atomic_init(&s->copiers_in, 0);
+	atomic_init(&s->want_read, 0);
+	atomic_init(&s->copiers_asleep, 0);
+	atomic_init(&s->failed, false);
 	atomic_init(&s->stop, false);
 	*ret = s;
 	return 0;
@@ -721,16 +782,23 @@ static int remaining_ms(uint64_t deadline)
 	return (int)((deadline - now + 999999) / 1000000);
 }
 
-/* Waits for fd to become readable before the deadline. */
-static int wait_readable(int fd, uint64_t deadline)
+#define SERVE_PEER_GONE 1
+#define SERVE_STOPPED   2
+
+/* Waits for fd to become readable before the deadline: 0, SERVE_STOPPED when the stop fd
+ * became readable first, -ETIMEDOUT. */
+static int wait_readable(const Server *s, int fd, uint64_t deadline)
 {
-	struct pollfd p = {.fd = fd, .events = POLLIN};
+	struct pollfd p[] = {
+		{.fd = fd, .events = POLLIN},
+		{.fd = s->opt.has_stop_fd ? s->opt.stop_fd : -1, .events = POLLIN},
+	};
 	int r;
 
 	for (;;) {
-		r = poll(&p, 1, remaining_ms(deadline));
+		r = poll(p, ELEMENTSOF(p), remaining_ms(deadline));
 		if (r > 0)
-			return 0;
+			return p[1].revents ? SERVE_STOPPED : 0;
 		if (r == 0)
 			return -ETIMEDOUT;
 		if (errno != EINTR)
@@ -744,7 +812,9 @@ static int server_accept(Server *s, uint64_t deadline)
 	socklen_t len = sizeof(cred);
 	int r, pidfd = -EBADF;
 
-	r = wait_readable(s->listen_fd, deadline);
+	r = wait_readable(s, s->listen_fd, deadline);
+	if (r == SERVE_STOPPED)
+		return r;
 	if (r == -ETIMEDOUT)
 		return server_fail(s, false, "no connection", r,
 				   "firecracker did not connect within %d ms", s->opt.timeout_ms);
@@ -795,7 +865,9 @@ static int server_receive_handshake(Server *s, uint64_t deadline)
 	_cleanup_free_ char *err = NULL;
 	int r, fl;
 
-	r = wait_readable(s->sock, deadline);
+	r = wait_readable(s, s->sock, deadline);
+	if (r == SERVE_STOPPED)
+		return r;
 	if (r == -ETIMEDOUT)
 		return server_fail(s, true, "invalid handshake", r,
 				   "firecracker sent no handshake within %d ms", s->opt.timeout_ms);
@@ -833,45 +905,50 @@ static int server_receive_handshake(Server *s, uint64_t deadline)
 	return 0;
 }
 
-static int server_map_memory(Server *s)
+/* Checks the memory file against the handshake and allocates what serving needs. The file
+ * stays open: every copy reads it (see fault_buf). */
+static int server_prepare(Server *s)
 {
 	uint64_t needed = 0;
-	struct stat st;
+	size_t fault_len = 0;
 	void *p;
 
 	for (size_t i = 0; i < s->hs.n_regions; i++) {
 		const UffdRegion *reg = &s->hs.regions[i];
+		size_t len = reg->page_size == PAGE_2M ? PAGE_2M : s->fault_around * PAGE_4K;
 
 		if (reg->offset + reg->size > needed)
 			needed = reg->offset + reg->size;
+		if (len > fault_len)
+			fault_len = len;
 	}
-	if (fstat(s->mem_fd, &st) < 0)
+	if (fstat(s->mem_fd, &s->mem_st) < 0)
 		return server_fail(s, true, "memory file unreadable", -errno,
 				   "cannot stat the memory file: %m");
-	if ((uint64_t)st.st_size < needed)
+	if ((uint64_t)s->mem_st.st_size < needed)
 		return server_fail(s, true, "memory file truncated", -EIO,
 				   "memory file truncated: needs %" PRIu64 " bytes, has %" PRIu64,
-				   needed, (uint64_t)st.st_size);
-	if (needed > SIZE_MAX)
-		return server_fail(s, true, "memory file unreadable", -EFBIG,
-				   "memory file too large to map");
-	/* Read-only and shared: copies come straight from the page cache, nothing is private. */
-	p = mmap(NULL, (size_t)needed, PROT_READ, MAP_SHARED | MAP_NORESERVE, s->mem_fd, 0);
-	if (p == MAP_FAILED)
-		return server_fail(s, true, "memory file unreadable", -errno,
-				   "cannot map the memory file: %m");
-	s->mem = p;
-	s->mem_len = (size_t)needed;
-	s->mem_fd = safe_close(s->mem_fd);
+				   needed, (uint64_t)s->mem_st.st_size);
+	/* Sequential from the start: readahead at its largest for the prefetch sweep. */
+	(void)posix_fadvise(s->mem_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
 
+	if (fault_len > s->fault_buf_len) { /* 2 MiB pages: larger than allocated before */
+		free(s->fault_buf);
+		s->fault_buf = aligned_alloc(PAGE_4K, fault_len);
+		s->fault_buf_len = s->fault_buf ? fault_len : 0;
+	}
+	if (!s->fault_buf)
+		return server_fail(s, true, "out of memory", -ENOMEM,
+				   "out of memory for the copy buffers");
 	for (size_t i = 0; i < s->hs.n_regions; i++) {
 		const UffdRegion *reg = &s->hs.regions[i];
 		uint64_t pages = reg->size / reg->page_size;
 
 		s->removed[i] = calloc((pages + 63) / 64, sizeof(uint64_t));
-		if (!s->removed[i])
+		s->present[i] = calloc((pages + 63) / 64, sizeof(uint64_t));
+		if (!s->removed[i] || !s->present[i])
 			return server_fail(s, true, "out of memory", -ENOMEM,
-					   "out of memory for the removed-page bitmap");
+					   "out of memory for the page bitmaps");
 		if (reg->page_size == PAGE_2M && !s->zero_huge) {
 			/* Never written: reads come from the kernel's zero page. */
 			p = mmap(NULL, PAGE_2M, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -884,9 +961,47 @@ static int server_map_memory(Server *s)
 	return 0;
 }
 
+/* Reads pages [p, p + n) of region reg from the memory file into buf: 0, -ENODATA when the
+ * file ends before them (it shrank after the check), or -errno. */
+static int source_read(const Server *s, const UffdRegion *reg, uint64_t p, uint64_t n, uint8_t *buf)
+{
+	uint64_t off = reg->offset + p * reg->page_size, len = n * reg->page_size, done = 0;
+
+	while (done < len) {
+		ssize_t k = pread(s->mem_fd, buf + done, len - done, (off_t)(off + done));
+
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0)
+			return -errno;
+		if (k == 0)
+			return -ENODATA;
+		done += (uint64_t)k;
+	}
+	return 0;
+}
+
+/* Evaluates to the failure recorded for a source_read() error r at page p of reg. */
+#define source_fail(s, kill_peer, r, reg, p)                                                       \
+	server_fail(s, kill_peer, "memory file unreadable", (r) == -ENODATA ? -EIO : (r),          \
+		    "cannot read the memory file at offset %" PRIu64 ": %s",                       \
+		    (reg)->offset + (p) * (reg)->page_size,                                        \
+		    (r) == -ENODATA ? "it ends there (truncated while serving)" : strerror(-(r)))
+
 static bool bit_test(const uint64_t *map, uint64_t i)
 {
-	return map[i / 64] & (1ull << (i % 64));
+	return __atomic_load_n(&map[i / 64], __ATOMIC_RELAXED) & (1ull << (i % 64));
+}
+
+static void bits_set(uint64_t *map, uint64_t from, uint64_t n)
+{
+	for (uint64_t i = from; i < from + n;) {
+		uint64_t bit = i % 64, k = 64 - bit < from + n - i ? 64 - bit : from + n - i;
+		uint64_t mask = k == 64 ? ~0ull : ((1ull << k) - 1) << bit;
+
+		__atomic_fetch_or(&map[i / 64], mask, __ATOMIC_RELAXED);
+		i += k;
+	}
 }
 
 static int region_find(const Server *s, uint64_t addr)
@@ -900,7 +1015,7 @@ static int region_find(const Server *s, uint64_t addr)
 	return -ENOENT;
 }
 
-/* Called with copy_lock held. */
+/* Called with the copy lock held. */
 static void server_mark_removed(Server *s, uint64_t start, uint64_t end)
 {
 	s->st.removes++;
@@ -912,10 +1027,10 @@ static void server_mark_removed(Server *s, uint64_t start, uint64_t end)
 		hi = end < base + reg->size ? end : base + reg->size;
 		if (lo >= hi)
 			continue;
-		for (uint64_t p = (lo - base) / reg->page_size,
-			      last = (hi - base + reg->page_size - 1) / reg->page_size;
-		     p < last; p++)
-			s->removed[i][p / 64] |= 1ull << (p % 64);
+		uint64_t p = (lo - base) / reg->page_size,
+			 last = (hi - base + reg->page_size - 1) / reg->page_size;
+
+		bits_set(s->removed[i], p, last - p);
 	}
 	log_debug("uffd: removed %#" PRIx64 "-%#" PRIx64, start, end);
 }
@@ -951,21 +1066,42 @@ static void server_queue_fault(Server *s, uint64_t addr, uint64_t t)
 	s->q_len++;
 }
 
-/* copy_lock is a flag the fault thread spins for rather than a mutex it would sleep on: the
- * copy it waits for lasts a fraction of a millisecond, and a futex wake-up costs tens of
- * microseconds on a VM, once per fault while the prefetcher runs (measured: 463 against
- * 335 ms for 1 GiB sequential with prefetch). sched_yield() leaves the CPU to vCPUs meanwhile. */
-static void copy_lock_fault_thread(Server *s)
+/* The copy lock is spun for first (a few sched_yield()s) and slept on (futex) only after: the
+ * copies waited for mostly end within a fraction of a millisecond, and a futex wake-up costs
+ * tens of microseconds on a VM, which once per fault made 1 GiB sequential with prefetch take
+ * 463 instead of 335 ms. Sequentially consistent: the fault thread announces itself, then
+ * looks for copiers; a copier announces itself, then looks for the fault thread; at least one
+ * of them sees the other. */
+static void futex_wait(atomic_uint *addr, unsigned value)
 {
-	atomic_store(&s->want_read, true);
-	while (atomic_exchange_explicit(&s->copy_lock, true, memory_order_acquire))
-		sched_yield();
-	atomic_store(&s->want_read, false);
+	(void)syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
 }
 
-static void copy_unlock(Server *s)
+static void futex_wake(atomic_uint *addr, int n)
 {
-	atomic_store_explicit(&s->copy_lock, false, memory_order_release);
+	(void)syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
+}
+
+static void copy_lock_fault_thread(Server *s)
+{
+	unsigned v, spins = 0;
+
+	atomic_store(&s->want_read, 1);
+	/* A few yields cover a copy about to end; longer, the CPU is better left to the copiers
+	 * (on a busy machine they are what we wait for): sleep until the last one leaves. */
+	while ((v = atomic_load(&s->copiers_in)) > 0) {
+		if (spins++ < 16)
+			sched_yield();
+		else
+			futex_wait(&s->copiers_in, v);
+	}
+}
+
+static void copy_unlock_fault_thread(Server *s)
+{
+	atomic_store(&s->want_read, 0);
+	if (atomic_load(&s->copiers_asleep) > 0)
+		futex_wake(&s->want_read, INT_MAX);
 }
 
 /* Reads what the userfaultfd has queued: REMOVE ranges are recorded at once, faults queued.
@@ -984,7 +1120,7 @@ static int server_read_events(Server *s)
 	for (ssize_t k = 0; k < n / (ssize_t)sizeof(msgs[0]); k++)
 		if (msgs[k].event == UFFD_EVENT_REMOVE)
 			server_mark_removed(s, msgs[k].arg.remove.start, msgs[k].arg.remove.end);
-	copy_unlock(s);
+	copy_unlock_fault_thread(s);
 
 	if (r == -EAGAIN)
 		return 0;
@@ -1024,14 +1160,46 @@ static int uffd_copy(int uffd, uint64_t dst, const void *src, uint64_t len, uint
 	return -errno;
 }
 
-#define SERVE_PEER_GONE 1
+/* Records the first fault of a page while the working set is recorded. */
+static void server_record(Server *s, const UffdRegion *reg, uint64_t index)
+{
+	if (!s->recording || s->rec_n >= UFFD_RECORD_MAX_PAGES ||
+	    reg->page_size != s->rec_page_size)
+		return;
+	s->rec[s->rec_n++] = (uint32_t)(reg->offset / reg->page_size + index);
+}
+
+/* Copies pages [lo, hi) of region i, already read into fault_buf from page `from` on: the
+ * pages the kernel had not filled are marked present and counted. */
+static int server_copy_pages(Server *s, size_t i, uint64_t from, uint64_t lo, uint64_t hi,
+			     uint64_t *ret_pages)
+{
+	const UffdRegion *reg = &s->hs.regions[i];
+	uint64_t ps = reg->page_size, copied = 0;
+	int r;
+
+	r = uffd_copy(s->hs.uffd, reg->base_host_virt_addr + lo * ps,
+		      s->fault_buf + (lo - from) * ps, (hi - lo) * ps, &copied);
+	if (copied > 0) {
+		bits_set(s->present[i], lo, copied / ps);
+		s->st.pages_copied += copied / ps;
+		s->st.bytes_copied += copied;
+		s->fault_bytes += copied;
+	}
+	*ret_pages = copied / ps;
+	return r;
+}
 
 /* Serves one fault: 0 when the page is there, -EAGAIN to retry after reading events,
- * SERVE_PEER_GONE when Firecracker went away, < 0 on failure (recorded, Firecracker killed). */
+ * SERVE_PEER_GONE when Firecracker went away, < 0 on failure (recorded, Firecracker killed).
+ *
+ * Fault-around: the pages of the aligned block around a 4 KiB fault that are neither present
+ * nor removed are read and copied along with it, the faulting page and those after it in the
+ * first copy (it wakes the vCPU), those before it in a second. */
 static int server_serve_fault(Server *s, uint64_t addr)
 {
 	const UffdRegion *reg;
-	uint64_t ps, page, index, copied = 0;
+	uint64_t ps, page, index, lo, hi, copied = 0;
 	typeof(&s->stuck[0]) stuck;
 	bool zero;
 	int i, r;
@@ -1046,6 +1214,8 @@ static int server_serve_fault(Server *s, uint64_t addr)
 	page = addr & ~(ps - 1);
 	index = (page - reg->base_host_virt_addr) / ps;
 	zero = bit_test(s->removed[i], index);
+	lo = index;
+	hi = index + 1;
 
 	if (zero && ps == PAGE_4K) {
 		struct uffdio_zeropage z = {.range = {.start = page, .len = ps}};
@@ -1054,26 +1224,58 @@ static int server_serve_fault(Server *s, uint64_t addr)
 	} else if (zero)
 		/* hugetlb has no UFFDIO_ZEROPAGE */
 		r = uffd_copy(s->hs.uffd, page, s->zero_huge, ps, &copied);
-	else
-		r = uffd_copy(s->hs.uffd, page, s->mem + reg->offset + index * ps, ps, &copied);
+	else {
+		/* Not while recording (a neighbour served now would never fault, nor be
+		 * recorded), nor while the working set is replayed (the replay brings what the
+		 * guest wants next; neighbours would only compete with it). */
+		if (ps == PAGE_4K && s->fault_around > 1 && !s->recording &&
+		    !(s->replay &&
+		      atomic_load_explicit(&s->replay_left, memory_order_relaxed) > 0)) {
+			uint64_t first = index & ~(uint64_t)(s->fault_around - 1),
+				 end = first + s->fault_around;
+
+			if (end > reg->size / ps)
+				end = reg->size / ps;
+			while (hi < end && !bit_test(s->present[i], hi) &&
+			       !bit_test(s->removed[i], hi))
+				hi++;
+			while (lo > first && !bit_test(s->present[i], lo - 1) &&
+			       !bit_test(s->removed[i], lo - 1))
+				lo--;
+		}
+		r = source_read(s, reg, lo, hi - lo, s->fault_buf);
+		if (r < 0)
+			return source_fail(s, true, r, reg, lo);
+		r = server_copy_pages(s, (size_t)i, lo, index, hi, &copied);
+		/* Stopped short at a page present meanwhile: the faulting one is in. */
+		if (r == -EAGAIN && copied > 0)
+			r = 0;
+		if (r == 0) {
+			s->st.around_pages += copied - 1;
+			server_record(s, reg, index);
+			if (lo < index) {
+				/* Best effort: whatever fails here is a page a later fault serves.
+				 */
+				(void)server_copy_pages(s, (size_t)i, lo, lo, index, &copied);
+				s->st.around_pages += copied;
+			}
+		}
+	}
 
 	stuck = &s->stuck[(page / PAGE_4K) % STUCK_SLOTS];
 	if (r != -EEXIST && stuck->page == page)
 		stuck->count = 0;
 	switch (r) {
 	case 0:
+		/* copies from the file were counted as they were made */
 		if (zero)
 			s->st.zero_pages++;
-		else {
-			s->st.pages_copied++;
-			s->st.bytes_copied += ps;
-			s->fault_bytes += ps;
-		}
 		return 0;
 	case -EEXIST:
 		/* The prefetcher (or an earlier duplicate) was first; its copy woke the range,
 		 * waking again costs nothing and covers any waiter it missed. */
 		s->st.eexist++;
+		bits_set(s->present[i], index, 1);
 		if (stuck->page != page)
 			*stuck = (typeof(*stuck)){.page = page, .count = 0};
 		if (++stuck->count >= STUCK_MAX)
@@ -1096,11 +1298,6 @@ static int server_serve_fault(Server *s, uint64_t addr)
 			s, true, "copy failed", r,
 			"cannot serve the fault at %#" PRIx64 " while firecracker runs: %m", addr);
 	default:
-		if (r == -EFAULT && !zero)
-			return server_fail(s, true, "memory file unreadable", r,
-					   "cannot read the memory file at offset %" PRIu64
-					   " (truncated or I/O error): %m",
-					   reg->offset + index * ps);
 		return server_fail(
 			s, true, "copy failed", r,
 			"cannot serve the fault at %#" PRIx64 ": %s: %m%s", addr,
@@ -1155,15 +1352,36 @@ static int server_serve_queue(Server *s)
 /* ------------------------------------------------------------------------------------------ */
 /* prefetch */
 
-static void copy_lock_prefetcher(Server *s)
+/* The last copier out wakes a fault thread asleep in copy_lock_fault_thread(). */
+static void copy_unlock_copier(Server *s)
+{
+	if (atomic_fetch_sub(&s->copiers_in, 1) == 1 && atomic_load(&s->want_read))
+		futex_wake(&s->copiers_in, 1);
+}
+
+static void copy_lock_copier(Server *s)
 {
 	for (;;) {
-		/* The fault thread goes first: it asks, we step aside. */
-		while (atomic_load(&s->want_read))
-			sched_yield();
-		if (!atomic_exchange_explicit(&s->copy_lock, true, memory_order_acquire))
+		unsigned spins = 0;
+
+		/* The fault thread goes first: it asks, we step aside. Asleep rather than
+		 * spinning when it takes long: on a busy machine a spinning copier takes the
+		 * CPU from the very thread it waits for (measured: 2.3 s lost per GiB with a
+		 * CPU hog running). */
+		while (atomic_load(&s->want_read)) {
+			if (spins++ < 16) {
+				sched_yield();
+				continue;
+			}
+			atomic_fetch_add(&s->copiers_asleep, 1);
+			futex_wait(&s->want_read, 1);
+			atomic_fetch_sub(&s->copiers_asleep, 1);
+		}
+		atomic_fetch_add(&s->copiers_in, 1);
+		if (!atomic_load(&s->want_read))
 			return;
-		sched_yield();
+		/* out again, as any copier leaves: the fault thread may have seen us come in */
+		copy_unlock_copier(s);
 	}
 }
 
@@ -1172,6 +1390,9 @@ static void prefetch_fail(Server *s, int r, const char *format, ...)
 {
 	va_list ap;
 
+	/* The first failure is the one reported; the fault thread reads it once woken. */
+	if (atomic_exchange(&s->failed, true))
+		return;
 	errno = -r;
 	va_start(ap, format);
 	if (vasprintf(&s->prefetch_msg, format, ap) < 0)
@@ -1182,99 +1403,309 @@ static void prefetch_fail(Server *s, int r, const char *format, ...)
 	(void)eventfd_write(s->efd, 1);
 }
 
-static void *prefetch_run(void *userdata)
+#define COPIER_GONE 1
+
+/* A copier's copy of pages [p, p + n) of region i (pages of ps bytes), chosen as neither
+ * present nor removed: read outside the copy lock, copied under it once the removed bitmap is
+ * checked again. Sets *ret_next to the page to look at next. 0, COPIER_GONE when Firecracker's
+ * memory is gone, < 0 on failure (reported to the fault thread). */
+static int copier_copy(Copier *c, size_t i, uint64_t ps, uint64_t p, uint64_t n, uint64_t *ret_next)
 {
-	Server *s = userdata;
-	uint64_t t0 = now_ns();
+	Server *s = c->s;
+	const UffdRegion *reg = &s->hs.regions[i];
+	uint64_t m = 0, copied = 0;
+	int r;
 
-	for (size_t i = 0; i < s->hs.n_regions; i++) {
-		const UffdRegion *reg = &s->hs.regions[i];
-		const uint64_t ps = reg->page_size, n_pages = reg->size / ps,
-			       chunk = PREFETCH_CHUNK > ps ? PREFETCH_CHUNK / ps : 1;
-		const uint64_t *removed = s->removed[i];
-		uint64_t p = 0;
+	*ret_next = p;
+	r = source_read(s, reg, p, n, c->buf);
+	if (r < 0) {
+		prefetch_fail(s, r == -ENODATA ? -EIO : r,
+			      "prefetch cannot read the memory file at offset %" PRIu64 ": %s",
+			      reg->offset + p * ps,
+			      r == -ENODATA ? "it ends there (truncated while serving)"
+					    : strerror(-r));
+		return r;
+	}
+	copy_lock_copier(s);
+	/* A REMOVE read since the run was chosen: its pages are served as zero, never copied. */
+	while (m < n && !bit_test(s->removed[i], p + m))
+		m++;
+	r = m == 0 ? 0
+		   : uffd_copy(s->hs.uffd, reg->base_host_virt_addr + p * ps, c->buf, m * ps,
+			       &copied);
+	copy_unlock_copier(s);
 
-		while (p < n_pages) {
-			uint64_t n = 0, copied = 0;
-			int r;
+	if (copied > 0)
+		bits_set(s->present[i], p, copied / ps);
+	c->pages += copied / ps;
+	c->bytes += copied;
+	if (c->replaying)
+		c->replay_pages += copied / ps;
+	if (s->opt.live && copied > 0)
+		__atomic_fetch_add(c->replaying ? &s->opt.live->replay_bytes
+						: &s->opt.live->prefetch_bytes,
+				   copied, __ATOMIC_RELAXED);
+	*ret_next = p + (m == 0 ? 1 : copied / ps);
+	switch (r) {
+	case 0:
+		return 0;
+	case -EEXIST: /* the first page was there: a fault won it */
+		c->eexist++;
+		bits_set(s->present[i], p, 1);
+		*ret_next = p + 1;
+		return 0;
+	case -EAGAIN:
+		if (copied == 0) { /* a REMOVE is pending: let it be read, then try again */
+			c->eagain++;
+			sched_yield();
+		}
+		/* else stopped at a present page: skipped on the next round */
+		return 0;
+	case -ESRCH:
+	case -ENOENT:
+		log_debug("uffd: prefetch stopped: firecracker's memory is gone");
+		return COPIER_GONE;
+	default:
+		prefetch_fail(s, r,
+			      "prefetch: UFFDIO_COPY of %" PRIu64 " bytes at %#" PRIx64
+			      " failed: %m",
+			      m * ps, reg->base_host_virt_addr + p * ps);
+		return r;
+	}
+}
 
-			if (atomic_load(&s->stop))
-				return NULL;
-			copy_lock_prefetcher(s);
-			/* Removed pages are served as zero on fault, never from the file. */
-			while (p < n_pages && bit_test(removed, p))
-				p++;
-			while (n < chunk && p + n < n_pages && !bit_test(removed, p + n))
-				n++;
-			r = n == 0 ? 0
-				   : uffd_copy(s->hs.uffd, reg->base_host_virt_addr + p * ps,
-					       s->mem + reg->offset + p * ps, n * ps, &copied);
-			copy_unlock(s);
+static bool page_wanted(const Server *s, size_t i, uint64_t p)
+{
+	return !bit_test(s->present[i], p) && !bit_test(s->removed[i], p);
+}
 
-			s->pst.pages += copied / ps;
-			s->pst.bytes += copied;
-			if (s->opt.live)
-				live_store(&s->opt.live->prefetch_bytes, s->pst.bytes);
-			p += n == 0 ? 0 : copied / ps;
-			switch (r) {
-			case 0:
-				break;
-			case -EEXIST: /* the first page was there: a fault won it */
-				s->pst.eexist++;
-				p++;
-				break;
-			case -EAGAIN:
-				if (copied == 0) { /* a REMOVE is pending: let it be read */
-					s->pst.eagain++;
-					sched_yield();
-				}
-				/* else stopped at a present page: EEXIST on the next round */
-				break;
-			case -ESRCH:
-			case -ENOENT:
-				log_debug("uffd: prefetch stopped: firecracker's memory is gone");
-				return NULL;
-			case -EFAULT:
-				prefetch_fail(
-					s, r,
-					"prefetch cannot read the memory file at offset %" PRIu64
-					" (truncated or I/O error): %m",
-					reg->offset + p * ps);
-				return NULL;
-			default:
-				prefetch_fail(s, r,
-					      "prefetch: UFFDIO_COPY of %" PRIu64
-					      " bytes at %#" PRIx64 " failed: %m",
-					      n * ps, reg->base_host_virt_addr + p * ps);
-				return NULL;
-			}
+/* Copies pages [from, to) of region i that are not there yet, in runs of at most
+ * PREFETCH_CHUNK that do not cross a chunk boundary (of the VMM's addresses). With `share`,
+ * only the chunks that are this copier's. 0, COPIER_GONE, or < 0 on failure; the stop flag
+ * ends it early with 0. */
+static int copier_range(Copier *c, size_t i, uint64_t from, uint64_t to, bool share)
+{
+	Server *s = c->s;
+	const uint64_t ps = s->hs.regions[i].page_size,
+		       chunk = PREFETCH_CHUNK > ps ? PREFETCH_CHUNK / ps : 1,
+		       va_page = s->hs.regions[i].base_host_virt_addr / ps;
+	uint64_t p = from;
+	int r;
+
+	while (p < to) {
+		uint64_t n = 0, ci, end;
+
+		if (atomic_load(&s->stop))
+			return 0;
+		ci = (va_page + p) / chunk;
+		end = (ci + 1) * chunk - va_page;
+		if (share && ci % s->n_copiers != c->k) {
+			p = end;
+			continue;
+		}
+		if (end > to)
+			end = to;
+		while (p < end && !page_wanted(s, i, p))
+			p++;
+		while (p + n < end && page_wanted(s, i, p + n))
+			n++;
+		if (n == 0)
+			continue;
+		r = copier_copy(c, i, ps, p, n, &p);
+		if (r != 0)
+			return r;
+	}
+	return 0;
+}
+
+/* This copier's share of the working set, in its order: runs of pages that follow each other
+ * in it and in memory, every n-th run. */
+static int copier_replay(Copier *c)
+{
+	Server *s = c->s;
+	const UffdWorkingSetHeader *h = &s->ws.h;
+	const uint64_t chunk =
+		PREFETCH_CHUNK / h->page_size > 0 ? PREFETCH_CHUNK / h->page_size : 1;
+	int r = 0;
+
+	c->replaying = true;
+	for (uint32_t k = 0, run = 0; r == 0 && k < h->count; run++) {
+		uint64_t fp = s->ws.pages[k], n = 1;
+
+		while (k + n < h->count && n < chunk && s->ws.pages[k + n] == fp + n)
+			n++;
+		k += (uint32_t)n;
+		if (run % s->n_copiers != c->k)
+			continue;
+		for (size_t i = 0; i < s->hs.n_regions; i++) {
+			const UffdRegion *reg = &s->hs.regions[i];
+			uint64_t first = reg->offset / h->page_size,
+				 pages = reg->size / reg->page_size;
+
+			if (reg->page_size != h->page_size || fp < first || fp - first >= pages)
+				continue;
+			r = copier_range(c, i, fp - first,
+					 fp - first + n < pages ? fp - first + n : pages, false);
+			break;
+		}
+		if (atomic_load(&s->stop))
+			break;
+	}
+	c->replaying = false;
+	if (r != 0 || atomic_load(&s->stop))
+		atomic_store(&s->replay_cut, true);
+	if (atomic_fetch_sub(&s->replay_left, 1) == 1 && !atomic_load(&s->replay_cut)) {
+		atomic_store(&s->replay_ns, now_ns() - s->t_handshake);
+		log_debug("uffd: working set replayed: %" PRIu32 " entries", h->count);
+	}
+	/* No sweep before the whole working set is in: the other copier's share too. */
+	while (r == 0 && atomic_load(&s->replay_left) > 0 && !atomic_load(&s->stop))
+		(void)nanosleep(&(struct timespec){.tv_nsec = 100000}, NULL);
+	return r;
+}
+
+static void *copier_run(void *userdata)
+{
+	Copier *c = userdata;
+	Server *s = c->s;
+	int r = 0;
+
+	if (s->replay) {
+		if (r == 0)
+			r = copier_replay(c);
+		else
+			atomic_fetch_sub(&s->replay_left, 1); /* nobody waits for this share */
+	}
+	for (size_t i = 0; s->opt.prefetch && r == 0 && i < s->hs.n_regions; i++)
+		r = copier_range(c, i, 0, s->hs.regions[i].size / s->hs.regions[i].page_size, true);
+	if (s->opt.prefetch) {
+		if (r != 0 || atomic_load(&s->stop))
+			atomic_store(&s->sweep_cut, true);
+		if (atomic_fetch_sub(&s->sweep_left, 1) == 1 && !atomic_load(&s->sweep_cut)) {
+			atomic_store(&s->prefetch_ns, now_ns() - s->t_handshake);
+			log_debug("uffd: prefetch done in %" PRIu64 " ms",
+				  (now_ns() - s->t_handshake) / 1000000);
 		}
 	}
-	log_debug("uffd: prefetch done in %" PRIu64 " ms: %" PRIu64 " pages copied, %" PRIu64
-		  " already present",
-		  (now_ns() - t0) / 1000000, s->pst.pages, s->pst.eexist);
+	free(c->buf);
+	c->buf = NULL;
 	return NULL;
 }
 
 static int server_start_prefetch(Server *s)
 {
+	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+	unsigned n;
 	int r;
 
+	if (s->prefetching || (!s->replay && (!s->opt.prefetch || s->prefetch_deferred)))
+		return 0;
 	s->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (s->efd < 0)
 		return server_fail(s, true, "out of memory", -errno,
 				   "cannot create an eventfd: %m");
-	r = -pthread_create(&s->prefetcher, NULL, prefetch_run, s);
-	if (r < 0)
-		return server_fail(s, true, "out of memory", r,
-				   "cannot start the prefetch thread: %m");
+	n = cpus >= COPIERS_MAX ? COPIERS_MAX : 1;
+	for (unsigned k = 0; k < n; k++)
+		if (!s->copy_bufs[k] && !(s->copy_bufs[k] = aligned_alloc(PAGE_4K, PREFETCH_CHUNK)))
+			return server_fail(s, true, "out of memory", -ENOMEM,
+					   "cannot allocate the copiers' buffers");
+	atomic_store(&s->replay_left, n);
+	atomic_store(&s->sweep_left, n);
+	s->n_copiers = n;
+	for (unsigned k = 0; k < n; k++) {
+		Copier *c = &s->copiers[k];
+
+		*c = (Copier){.s = s, .k = k, .buf = s->copy_bufs[k]};
+		s->copy_bufs[k] = NULL; /* the copier's now */
+		r = c->buf ? -pthread_create(&c->thread, NULL, copier_run, c) : -ENOMEM;
+		if (r < 0) {
+			/* Those started stop at once (their shares assume n copiers); serving
+			 * fails as for any other copier failure. */
+			free(c->buf);
+			c->buf = NULL;
+			atomic_store(&s->stop, true);
+			s->n_copiers = k;
+			s->prefetching = k > 0;
+			return server_fail(s, true, "out of memory", r,
+					   "cannot start the copiers: %m");
+		}
+		(void)pthread_setname_np(c->thread, "uffd-copier"); /* for top -H and perf */
+	}
 	s->prefetching = true;
 	return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* the working set */
 
-/* Serves until Firecracker goes away: 0, or < 0 when it could not serve. */
+/* A valid working set is replayed; without one, this resume records it, holding the prefetch
+ * sweep back until the recording ends so that the faults show what the guest wants first. */
+static void server_setup_working_set(Server *s)
+{
+	_cleanup_free_ char *err = NULL;
+
+	if (!s->opt.working_set)
+		return;
+	if (uffd_working_set_load(s->opt.working_set, &s->mem_st, &s->ws, &err) >= 0) {
+		s->replay = true;
+		log_debug("uffd: replaying the working set %s: %" PRIu32 " pages",
+			  s->opt.working_set, s->ws.h.count);
+		return;
+	}
+	/* One recorder per memory file: the resumes that start meanwhile (a burst of forks) are
+	 * served as usual, and the lock goes with the fd when serving ends. */
+	if (flock(s->mem_fd, LOCK_EX | LOCK_NB) < 0) {
+		log_debug("uffd: the working set is being recorded by another resume");
+		return;
+	}
+	log_debug("uffd: recording the working set (%s)", err ? err : "none");
+	s->recording = true;
+	s->rec_page_size = (uint32_t)s->hs.regions[0].page_size;
+	s->rec_deadline = now_ns() + (uint64_t)(s->opt.record_ms > 0 ? s->opt.record_ms
+								     : UFFD_RECORD_MS_DEFAULT) *
+					     1000000;
+	s->prefetch_deferred = s->opt.prefetch;
+	/* At most 4 MiB, allocated once: the fault path allocates nothing. Untouched pages of it
+	 * cost nothing. */
+	s->rec = malloc(UFFD_RECORD_MAX_PAGES * sizeof(uint32_t));
+	if (!s->rec) {
+		s->recording = s->prefetch_deferred = false;
+		(void)flock(s->mem_fd, LOCK_UN);
+		log_debug("uffd: no memory to record the working set");
+	}
+}
+
+/* Writes what was recorded and lets the prefetch sweep start. */
+static int server_finish_recording(Server *s, bool start_prefetch)
+{
+	_cleanup_free_ char *err = NULL;
+
+	if (!s->recording)
+		return 0;
+	s->recording = false;
+	if (s->rec_n > 0) {
+		UffdWorkingSet ws = {
+			.h = {.page_size = s->rec_page_size, .count = s->rec_n},
+			.pages = s->rec,
+		};
+
+		/* Losing it costs the next resume its head start, nothing more. */
+		if (uffd_working_set_write(s->opt.working_set, &ws, &s->mem_st, &err) >= 0)
+			s->st.recorded = s->rec_n;
+		else
+			log_debug("uffd: %s", err ? err : "cannot write the working set");
+	}
+	free(s->rec);
+	s->rec = NULL;
+	(void)flock(s->mem_fd, LOCK_UN);
+	log_debug("uffd: working set recorded: %" PRIu32 " pages", s->rec_n);
+	s->prefetch_deferred = false;
+	return start_prefetch ? server_start_prefetch(s) : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+/* Serves until Firecracker goes away: 0, SERVE_STOPPED, or < 0 when it could not serve. */
 static int server_loop(Server *s)
 {
 	char buf[256];
@@ -1287,13 +1718,22 @@ static int server_loop(Server *s)
 			{.fd = s->sock, .events = POLLIN | POLLRDHUP},
 			{.fd = s->pidfd, .events = POLLIN}, /* ignored when -EBADF */
 			{.fd = s->efd, .events = POLLIN},
+			{.fd = s->opt.has_stop_fd ? s->opt.stop_fd : -1, .events = POLLIN},
 		};
 
-		r = poll(p, ELEMENTSOF(p), -1);
+		r = poll(p, ELEMENTSOF(p), s->recording ? remaining_ms(s->rec_deadline) : -1);
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r < 0)
 			return server_fail(s, true, "poll error", -errno, "poll failed: %m");
+		if (p[4].revents)
+			return SERVE_STOPPED;
+		if (s->recording &&
+		    (now_ns() >= s->rec_deadline || s->rec_n >= UFFD_RECORD_MAX_PAGES)) {
+			r = server_finish_recording(s, true);
+			if (r < 0)
+				return r;
+		}
 
 		/* Faults first: a guest waits on each. */
 		if (p[0].revents & POLLIN) {
@@ -1348,20 +1788,33 @@ static int server_run(Server *s, const char *socket_path, const char *mem_path)
 	r = server_listen(s, socket_path);
 	if (r < 0)
 		return r;
+	/* The buffers now, touched, not once the guest waits on faults (a first touch costs a
+	 * fault per page). A failure here is tried again when they are needed, and reported
+	 * then. Copiers may run: theirs too. */
+	s->fault_buf = aligned_alloc(PAGE_4K, s->fault_around * PAGE_4K);
+	if (s->fault_buf) {
+		s->fault_buf_len = s->fault_around * PAGE_4K;
+		memset(s->fault_buf, 0, s->fault_buf_len);
+	}
+	for (size_t k = 0; (s->opt.prefetch || s->opt.working_set) && k < COPIERS_MAX; k++) {
+		s->copy_bufs[k] = aligned_alloc(PAGE_4K, PREFETCH_CHUNK);
+		if (s->copy_bufs[k])
+			memset(s->copy_bufs[k], 0, PREFETCH_CHUNK);
+	}
 	r = server_accept(s, deadline);
-	if (r < 0)
+	if (r != 0)
 		return r;
 	r = server_receive_handshake(s, deadline);
+	if (r != 0)
+		return r;
+	s->t_handshake = now_ns();
+	r = server_prepare(s);
 	if (r < 0)
 		return r;
-	r = server_map_memory(s);
+	server_setup_working_set(s);
+	r = server_start_prefetch(s);
 	if (r < 0)
 		return r;
-	if (s->opt.prefetch) {
-		r = server_start_prefetch(s);
-		if (r < 0)
-			return r;
-	}
 	return server_loop(s);
 }
 
@@ -1373,12 +1826,23 @@ int uffd_serve(const char *socket_path, const char *mem_path, const UffdOptions 
 
 	if (!socket_path || !mem_path)
 		return uffd_error(ret_error, -EINVAL, "no socket path or no memory file");
+	if (opt && (opt->fault_around > UFFD_FAULT_AROUND_MAX ||
+		    (opt->fault_around & (opt->fault_around - 1))))
+		return uffd_error(ret_error, -EINVAL,
+				  "fault-around of %u pages: a power of two up to %d is needed",
+				  opt->fault_around, UFFD_FAULT_AROUND_MAX);
 	r = server_new(opt, &s);
 	if (r < 0)
 		return uffd_error(ret_error, r, "out of memory");
 
 	r = server_run(s, socket_path, mem_path);
+	if (r == SERVE_STOPPED) {
+		server_set_reason(s, "stopped");
+		r = 0;
+	}
 	server_stop_prefetch(s);
+	/* A guest that went away within the recording window leaves what it showed. */
+	(void)server_finish_recording(s, false);
 	s->st.p50_ns = hist_percentile(&s->hist, 500);
 	s->st.p99_ns = hist_percentile(&s->hist, 990);
 	s->st.max_ns = s->hist.max;

@@ -476,3 +476,42 @@ def test_uffd_serves_only_its_vmm(case):
             "other-uid": "uid 65534, only uid 0 may connect",
             "not-a-userfaultfd": "is not a userfaultfd"}[case]
     assert want in err, err
+
+
+@pytest.mark.parametrize("when", ["listening", "serving"])
+def test_uffd_sigterm_writes_its_statistics(when):
+    """SIGTERM ends ember-uffd with status 0 and its statistics line, whether or not a VMM
+    had connected: the line is what an operator reads after a stop."""
+    d = tempfile.mkdtemp(prefix="ember-uffd-term-", dir="/tmp")
+    mem = os.path.join(d, "mem")
+    with open(mem, "wb") as f:
+        f.truncate(1 << 20)
+    sock = os.path.join(d, "uffd.sock")
+    u = subprocess.Popen([UFFD, sock, mem, "--timeout-ms", "20000"], stderr=subprocess.PIPE,
+                         text=True)
+    peer = None
+    try:
+        wait_for(lambda: os.path.exists(sock), 10, "the socket")
+        if when == "serving":
+            # PEER's userfaultfd, made usable (UFFDIO_API) as Firecracker's is
+            api = ("import fcntl, struct\n"
+                   "fcntl.ioctl(fd, 0xC018AA3F, bytearray(struct.pack('<QQQ', 0xAA, 0, 0)))\n"
+                   "s = socket.socket")
+            script = PEER.replace("s = socket.socket", api, 1)
+            peer = subprocess.Popen(["python3", "-c", script, sock], stderr=subprocess.PIPE)
+            # connected once the socket's name is gone (one peer only)
+            wait_for(lambda: not os.path.exists(sock), 10, "the peer's connection")
+        u.send_signal(signal.SIGTERM)
+        _, err = u.communicate(timeout=30)
+    finally:
+        for p in (u, peer):
+            if p and p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    assert u.returncode == 0, err
+    line = [l for l in err.splitlines() if l.startswith("ember-uffd: stats: ")]
+    assert len(line) == 1, err
+    assert 'end="stopped"' in line[0], line[0]
+    if when == "serving":
+        assert f"peer={peer.pid}" in line[0], line[0]

@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -1233,6 +1234,275 @@ static void test_memory_flat(void **state)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* fault-around, the working set, stopping */
+
+static bool resident(const uint8_t *addr)
+{
+	unsigned char v = 0;
+
+	return mincore((void *)addr, PAGE, &v) == 0 && (v & 1);
+}
+
+static void test_fault_around(void **state)
+{
+	const uint64_t size = 4 * MIB, off = 8 * MIB;
+	ServerRun s;
+	Vmm v;
+
+	(void)state;
+	server_start(&s, "around.sock", mem_path, false);
+	s.opt.fault_around = 16;
+	assert_int_equal(vmm_start(&v, s.sock, PAGE, 1, &size, &off), 0);
+	/* one fault in the middle of a block brings the whole aligned block */
+	assert_true(page_ok(v.r[0].addr + 5 * PAGE, off / PAGE + 5, false));
+	for (uint64_t p = 0; p < 16; p++)
+		assert_true(resident(v.r[0].addr + p * PAGE));
+	assert_false(resident(v.r[0].addr + 16 * PAGE));
+	touch_check(&v, 0, false, 0, 0);
+	v.sock = safe_close(v.sock);
+	server_join(&s);
+	assert_int_equal(s.r, 0);
+	/* the 16 pages of the first block with one fault, each later block with one */
+	assert_int_equal(s.st.faults, size / PAGE / 16);
+	assert_int_equal(s.st.pages_copied, size / PAGE);
+	assert_int_equal(s.st.around_pages, size / PAGE - s.st.faults);
+	vmm_destroy(&v);
+
+	/* a block with pages the guest gave back: never served around a fault, only as zeros
+	 * when they fault themselves; a run stops at them */
+	server_start(&s, "around.sock", mem_path, false);
+	s.opt.fault_around = 16;
+	assert_int_equal(vmm_start(&v, s.sock, PAGE, 1, &size, &off), 0);
+	assert_int_equal(madvise(v.r[0].addr + 50 * PAGE, 2 * PAGE, MADV_DONTNEED), 0);
+	assert_true(page_ok(v.r[0].addr + 48 * PAGE, off / PAGE + 48, false));
+	assert_true(resident(v.r[0].addr + 49 * PAGE));
+	assert_false(resident(v.r[0].addr + 50 * PAGE));
+	assert_false(resident(v.r[0].addr + 52 * PAGE));
+	assert_true(page_ok(v.r[0].addr + 50 * PAGE, 0, true));
+	assert_true(page_ok(v.r[0].addr + 51 * PAGE, 0, true));
+	assert_true(page_ok(v.r[0].addr + 63 * PAGE, off / PAGE + 63, false));
+	assert_true(resident(v.r[0].addr + 52 * PAGE));
+	v.sock = safe_close(v.sock);
+	server_join(&s);
+	assert_int_equal(s.r, 0);
+	assert_int_equal(s.st.faults, 4); /* 48, 50, 51 and 63 (which brought 52..63) */
+	assert_int_equal(s.st.zero_pages, 2);
+	assert_int_equal(s.st.pages_copied, 14);
+	vmm_destroy(&v);
+}
+
+static void test_fault_around_refused(void **state)
+{
+	UffdOptions opt = {.fault_around = 12};
+	_cleanup_free_ char *err = NULL;
+	UffdStats st;
+	char sock[PATH_MAX];
+
+	(void)state;
+	tpath(sock, "never.sock");
+	assert_int_equal(uffd_serve(sock, mem_path, &opt, &st, &err), -EINVAL);
+	assert_non_null(strstr(err, "fault-around of 12 pages"));
+	assert_int_equal(access(sock, F_OK), -1);
+}
+
+/* Pages touched in this order: the working set a resume records. */
+static const uint64_t ws_touch[] = {700, 3, 512, 513, 514, 90, 1023, 4, 300, 301};
+
+static void ws_run(ServerRun *s, const char *ws, Vmm *v, uint64_t size, uint64_t off)
+{
+	server_start(s, "ws.sock", mem_path, false);
+	s->opt.fault_around = 16; /* off while recording: the record is exact anyway */
+	s->opt.working_set = ws;
+	s->opt.record_ms = 60000;
+	assert_int_equal(vmm_start(v, s->sock, PAGE, 1, &size, &off), 0);
+}
+
+static void test_working_set(void **state)
+{
+	const uint64_t size = 4 * MIB, off = 16 * MIB;
+	UffdWorkingSet ws = {0};
+	_cleanup_free_ char *err = NULL;
+	char path[PATH_MAX];
+	struct stat st;
+	ServerRun s;
+	Vmm v;
+
+	(void)state;
+	tpath(path, "guest.mem.ws");
+	(void)unlink(path);
+	assert_int_equal(stat(mem_path, &st), 0);
+
+	/* no working set yet: this resume records one, each page as it faults, and nothing
+	 * around the faults */
+	ws_run(&s, path, &v, size, off);
+	for (size_t k = 0; k < ELEMENTSOF(ws_touch); k++)
+		assert_true(
+			page_ok(v.r[0].addr + ws_touch[k] * PAGE, off / PAGE + ws_touch[k], false));
+	assert_false(resident(v.r[0].addr + 5 * PAGE));
+	v.sock = safe_close(v.sock);
+	server_join(&s);
+	assert_int_equal(s.r, 0);
+	assert_int_equal(s.st.recorded, ELEMENTSOF(ws_touch));
+	assert_int_equal(s.st.around_pages, 0);
+	vmm_destroy(&v);
+	assert_int_equal(uffd_working_set_load(path, &st, &ws, &err), 0);
+	assert_int_equal(ws.h.count, ELEMENTSOF(ws_touch));
+	assert_int_equal(ws.h.page_size, PAGE);
+	for (size_t k = 0; k < ELEMENTSOF(ws_touch); k++)
+		assert_int_equal(ws.pages[k], off / PAGE + ws_touch[k]);
+	uffd_working_set_done(&ws);
+
+	/* the next resume copies those pages before the guest asks, and nothing else */
+	ws_run(&s, path, &v, size, off);
+	for (size_t k = 0; k < ELEMENTSOF(ws_touch); k++)
+		assert_true(wait_resident(v.r[0].addr + ws_touch[k] * PAGE, PAGE, 0, 0));
+	assert_false(resident(v.r[0].addr + 5 * PAGE));
+	assert_false(resident(v.r[0].addr + 515 * PAGE));
+	for (size_t k = 0; k < ELEMENTSOF(ws_touch); k++)
+		assert_true(
+			page_ok(v.r[0].addr + ws_touch[k] * PAGE, off / PAGE + ws_touch[k], false));
+	v.sock = safe_close(v.sock);
+	server_join(&s);
+	assert_int_equal(s.r, 0);
+	assert_int_equal(s.st.faults, 0);
+	assert_int_equal(s.st.replay_pages, ELEMENTSOF(ws_touch));
+	assert_true(s.st.replay_ns > 0);
+	assert_int_equal(s.st.recorded, 0);
+	vmm_destroy(&v);
+
+	/* two resumes at once with no working set yet: one records, the other is served as
+	 * usual (with fault-around) */
+	{
+		ServerRun s2;
+		Vmm v2;
+
+		assert_int_equal(unlink(path), 0);
+		ws_run(&s, path, &v, size, off);
+		assert_true(page_ok(v.r[0].addr + 7 * PAGE, off / PAGE + 7, false));
+		server_start(&s2, "ws2.sock", mem_path, false);
+		s2.opt.fault_around = 16;
+		s2.opt.working_set = path;
+		s2.opt.record_ms = 60000;
+		assert_int_equal(vmm_start(&v2, s2.sock, PAGE, 1, &size, &off), 0);
+		assert_true(page_ok(v2.r[0].addr + 7 * PAGE, off / PAGE + 7, false));
+		assert_true(resident(v2.r[0].addr + 8 * PAGE)); /* fault-around: not recording */
+		v2.sock = safe_close(v2.sock);
+		server_join(&s2);
+		assert_int_equal(s2.st.recorded, 0);
+		v.sock = safe_close(v.sock);
+		server_join(&s);
+		assert_int_equal(s.st.recorded, 1);
+		vmm_destroy(&v2);
+		vmm_destroy(&v);
+	}
+
+	/* a memory file changed since: the working set is stale, recorded again */
+	assert_int_equal(utimensat(AT_FDCWD, mem_path, NULL, 0), 0);
+	ws_run(&s, path, &v, size, off);
+	assert_true(page_ok(v.r[0].addr + 42 * PAGE, off / PAGE + 42, false));
+	v.sock = safe_close(v.sock);
+	server_join(&s);
+	assert_int_equal(s.r, 0);
+	assert_int_equal(s.st.replay_pages, 0);
+	assert_int_equal(s.st.recorded, 1);
+	vmm_destroy(&v);
+	assert_int_equal(unlink(path), 0);
+}
+
+static void test_working_set_parse(void **state)
+{
+	struct stat st = {.st_size = 64 * (off_t)PAGE, .st_ino = 77};
+	UffdWorkingSet ws = {.h = {.page_size = PAGE, .count = 3}, .pages = (uint32_t[]){1, 2, 63}};
+	UffdWorkingSet got = {0};
+	char path[PATH_MAX];
+	_cleanup_free_ char *data = NULL;
+	size_t len = 0;
+	struct {
+		const char *what;
+		size_t at; /* byte changed, or the new length when len_only */
+		uint8_t value;
+		bool len_only;
+		int r;
+	} cases[] = {
+		{"not a working set file", 0, 'X', false, -EBADMSG},
+		{"version", 8, 2, false, -EBADMSG},
+		{"page size", 12, 1, false, -EBADMSG},
+		{"pages", 16, 0, false, -EBADMSG},          /* count 0 */
+		{"bytes for", 16, 4, false, -EBADMSG},      /* count 4, 3 there */
+		{"reserved field", 20, 1, false, -EBADMSG}, /* reserved */
+		{"another memory file", 24, 1, false, -ESTALE},
+		{"another memory file", 32, 1, false, -ESTALE},
+		{"beyond the memory file", 48 + 8, 64, false, -EBADMSG},
+		{"shorter than its header", 47, 0, true, -EBADMSG},
+		{"bytes for", 48 + 11, 0, true, -EBADMSG},
+	};
+
+	(void)state;
+	st.st_mtim.tv_sec = 1234;
+	tpath(path, "parse.ws");
+	assert_int_equal(uffd_working_set_write(path, &ws, &st, NULL), 0);
+	assert_int_equal(read_full_file(path, 1 << 20, &data, &len), 0);
+	assert_int_equal(len, sizeof(UffdWorkingSetHeader) + 3 * sizeof(uint32_t));
+	assert_int_equal(uffd_working_set_parse(data, len, &st, &got, NULL), 0);
+	assert_int_equal(got.h.count, 3);
+	assert_int_equal(got.pages[2], 63);
+	uffd_working_set_done(&got);
+
+	for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+		_cleanup_free_ char *bad = malloc(len), *err = NULL;
+		size_t n = cases[i].len_only ? cases[i].at : len;
+
+		assert_non_null(bad);
+		memcpy(bad, data, len);
+		if (!cases[i].len_only)
+			bad[cases[i].at] = (char)cases[i].value;
+		assert_int_equal(uffd_working_set_parse(bad, n, &st, &got, &err), cases[i].r);
+		if (!strstr(err ? err : "", cases[i].what))
+			fail_msg("case %zu: \"%s\" does not say \"%s\"", i, err ? err : "",
+				 cases[i].what);
+		assert_null(got.pages);
+	}
+	assert_int_equal(unlink(path), 0);
+}
+
+static void test_stop_fd(void **state)
+{
+	const uint64_t size = 4 * MIB, off = 0;
+	ServerRun s;
+	Vmm v;
+	int efd = eventfd(0, EFD_CLOEXEC);
+
+	(void)state;
+	assert_true(efd >= 0);
+	/* before Firecracker connects */
+	server_start(&s, "stop.sock", mem_path, false);
+	s.opt.has_stop_fd = true;
+	s.opt.stop_fd = efd;
+	for (int i = 0; i < WAIT_MS && access(s.sock, F_OK) < 0; i++)
+		usleep(1000);
+	assert_int_equal(eventfd_write(efd, 1), 0);
+	server_join(&s);
+	assert_int_equal(s.r, 0);
+	assert_string_equal(s.st.end_reason, "stopped");
+	assert_int_equal(access(s.sock, F_OK), -1);
+	assert_int_equal(eventfd_read(efd, &(eventfd_t){0}), 0);
+
+	/* while serving, with the statistics of what was served */
+	server_start(&s, "stop.sock", mem_path, true);
+	s.opt.has_stop_fd = true;
+	s.opt.stop_fd = efd;
+	assert_int_equal(vmm_start(&v, s.sock, PAGE, 1, &size, &off), 0);
+	assert_true(page_ok(v.r[0].addr, 0, false));
+	assert_int_equal(eventfd_write(efd, 1), 0);
+	server_join(&s);
+	assert_int_equal(s.r, 0);
+	assert_string_equal(s.st.end_reason, "stopped");
+	assert_true(s.st.pages_copied >= 1);
+	vmm_destroy(&v);
+	close(efd);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 
 static int group_setup(void **state)
 {
@@ -1252,14 +1522,27 @@ static int group_teardown(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_parse_valid),         cmocka_unit_test(test_parse_refused),
-		cmocka_unit_test(test_parse_fds),           cmocka_unit_test(test_serve_basic),
-		cmocka_unit_test(test_serve_prefetch),      cmocka_unit_test(test_remove),
-		cmocka_unit_test(test_remove_prefetch),     cmocka_unit_test(test_huge),
-		cmocka_unit_test(test_huge_pool_exhausted), cmocka_unit_test(test_truncated),
-		cmocka_unit_test(test_file_shrinks),        cmocka_unit_test(test_fault_outside),
-		cmocka_unit_test(test_bad_handshake),       cmocka_unit_test(test_vmm_exits),
-		cmocka_unit_test(test_listen_errors),       cmocka_unit_test(test_memory_flat),
+		cmocka_unit_test(test_parse_valid),
+		cmocka_unit_test(test_parse_refused),
+		cmocka_unit_test(test_parse_fds),
+		cmocka_unit_test(test_serve_basic),
+		cmocka_unit_test(test_serve_prefetch),
+		cmocka_unit_test(test_remove),
+		cmocka_unit_test(test_remove_prefetch),
+		cmocka_unit_test(test_huge),
+		cmocka_unit_test(test_huge_pool_exhausted),
+		cmocka_unit_test(test_truncated),
+		cmocka_unit_test(test_file_shrinks),
+		cmocka_unit_test(test_fault_outside),
+		cmocka_unit_test(test_bad_handshake),
+		cmocka_unit_test(test_vmm_exits),
+		cmocka_unit_test(test_listen_errors),
+		cmocka_unit_test(test_memory_flat),
+		cmocka_unit_test(test_fault_around),
+		cmocka_unit_test(test_fault_around_refused),
+		cmocka_unit_test(test_working_set),
+		cmocka_unit_test(test_working_set_parse),
+		cmocka_unit_test(test_stop_fd),
 	};
 
 	signal(SIGPIPE, SIG_IGN);
