@@ -235,6 +235,17 @@ static const Key keys[] = {
 	 0,
 	 0,
 	 NULL},
+	{{"vmm", "uffd_working_set", "true", "true or false",
+	  "For sandboxes created from a snapshot or a template's boot snapshot, whose memory file "
+	  "many sandboxes share: the first create records which pages its guest wanted first, in "
+	  "that order, beside the memory file (<memory file>.ws), and later creates copy those "
+	  "pages before any other (working-set replay). A paused sandbox's own memory is resumed "
+	  "once, and gets none."},
+	 KEY_BOOL,
+	 STR(uffd_working_set),
+	 0,
+	 0,
+	 NULL},
 	{{"vmm", "boot_timeout_s", "30", "a whole number from 1 to 600",
 	  "How long a create or restore waits for the guest agent to answer before it fails "
 	  "and unwinds."},

@@ -43,6 +43,7 @@ typedef struct Config {
 	char *jailer_bin;
 	char *uffd_bin; /* empty: next to emberd, ../lib/ember, else PATH */
 	bool uffd_prefetch;
+	bool uffd_working_set;
 	unsigned boot_timeout_s;
 
 	/* [storage] */

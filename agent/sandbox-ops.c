@@ -296,6 +296,7 @@ static int release_processes(Manager *m, Sandbox *sb, char **ret_error)
 		m->uffd_done.faults += uc.faults;
 		m->uffd_done.fault_bytes += uc.fault_bytes;
 		m->uffd_done.prefetch_bytes += uc.prefetch_bytes;
+		m->uffd_done.replay_bytes += uc.replay_bytes;
 	}
 	sb->uffd_counted = false;
 	pthread_mutex_unlock(&m->lock);
@@ -618,7 +619,7 @@ static const StepDef fork_steps[] = {
 	{"spawn", S_SPAWN}, {"load", S_LOAD}, {"guest-agent", S_GUEST},
 };
 
-static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error);
+static int step_uffd(Manager *m, Sandbox *sb, const char *mem, bool shared, char **ret_error);
 static int step_load(Manager *m, Sandbox *sb, const char *vmstate, bool fork, char **ret_error);
 
 /* One step of a create (or of a template's boot, which is a create's first steps). */
@@ -632,7 +633,8 @@ static int create_step(Manager *m, Sandbox *sb, CreateStep id, char **ret_error)
 	case S_RUNDIR:
 		return step_run_dir(sb, false, ret_error);
 	case S_UFFD:
-		return step_uffd(m, sb, sb->snap ? sb->snap->mem : sb->tmpl->boot.mem, ret_error);
+		return step_uffd(m, sb, sb->snap ? sb->snap->mem : sb->tmpl->boot.mem, true,
+				 ret_error);
 	case S_SPAWN:
 		return step_spawn(m, sb, ret_error);
 	case S_CONFIGURE:
@@ -1142,9 +1144,11 @@ void sandbox_op_pause(Manager *m, Sandbox *sb)
 }
 
 /* ember-uffd on a memory file that it only reads: a sandbox's own saved state, or a
- * snapshot's, shared by every sandbox created from it. */
-static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error)
+ * snapshot's, shared by every sandbox created from it. A shared one gets a working set beside
+ * it, recorded by the first create and replayed by the next ones. */
+static int step_uffd(Manager *m, Sandbox *sb, const char *mem, bool shared, char **ret_error)
 {
+	_cleanup_free_ char *ws = NULL;
 	FcUffdSpawn spawn = {
 		.binary = m->vmm.uffd,
 		.id = sb->id,
@@ -1155,6 +1159,11 @@ static int step_uffd(Manager *m, Sandbox *sb, const char *mem, char **ret_error)
 	};
 	int r;
 
+	if (shared && m->config->uffd_working_set) {
+		if (asprintf(&ws, "%s.ws", mem) < 0)
+			return error_set(ret_error, -ENOMEM, "out of memory");
+		spawn.working_set = ws;
+	}
 	if (!m->vmm.uffd)
 		return error_set(ret_error, -ENOENT, "ember-uffd is not found ([vmm] uffd_bin)");
 	r = fcctl_uffd_spawn(&spawn, &sb->uffd, ret_error);
@@ -1240,7 +1249,7 @@ void sandbox_op_resume(Manager *m, Sandbox *sb)
 				r = step_run_dir(sb, true, &err);
 				break;
 			case R_UFFD:
-				r = mem ? step_uffd(m, sb, mem, &err) : -ENOMEM;
+				r = mem ? step_uffd(m, sb, mem, false, &err) : -ENOMEM;
 				break;
 			case R_SPAWN:
 				r = step_spawn(m, sb, &err);

@@ -614,16 +614,21 @@ void manager_write_metrics(Manager *m, FILE *f)
 			sum.faults += uc.faults;
 			sum.fault_bytes += uc.fault_bytes;
 			sum.prefetch_bytes += uc.prefetch_bytes;
+			sum.replay_bytes += uc.replay_bytes;
 		}
 	metrics_header(f, "ember_uffd_faults_total", "counter",
 		       "Guest page faults ember-uffd served (resumed sandboxes and forks).");
 	fprintf(f, "ember_uffd_faults_total %llu\n", (unsigned long long)sum.faults);
-	metrics_header(f, "ember_uffd_served_bytes_total", "counter",
-		       "Bytes of guest memory ember-uffd copied in, on faults or ahead of them.");
+	metrics_header(
+		f, "ember_uffd_served_bytes_total", "counter",
+		"Bytes of guest memory ember-uffd copied in: on faults (with the pages around "
+		"them), by the prefetch sweep, or from a working set replayed.");
 	fprintf(f, "ember_uffd_served_bytes_total{how=\"fault\"} %llu\n",
 		(unsigned long long)sum.fault_bytes);
 	fprintf(f, "ember_uffd_served_bytes_total{how=\"prefetch\"} %llu\n",
 		(unsigned long long)sum.prefetch_bytes);
+	fprintf(f, "ember_uffd_served_bytes_total{how=\"replay\"} %llu\n",
+		(unsigned long long)sum.replay_bytes);
 	metrics_header(f, "ember_operation_duration_seconds", "histogram",
 		       "Lifecycle operations (create, pause, resume) from start to end, failed "
 		       "ones included.");

@@ -93,6 +93,7 @@ typedef struct FcUffdSpawn {
 	const char *output;       /* its stderr, relative to workdir; NULL: uffd.out */
 	const char *stats_file;   /* its live counters (uffd.h), relative to workdir; NULL: none */
 	bool prefetch;            /* copy all memory in the background after the handshake */
+	const char *working_set;  /* --working-set: replayed or recorded there (NULL: none) */
 	int start_timeout_ms;     /* for the socket to appear; 0: 10 s */
 	int handshake_timeout_ms; /* for the VMM to connect once it listens; 0: 30 s */
 } FcUffdSpawn;
@@ -102,7 +103,8 @@ typedef struct FcUffdSpawn {
 typedef struct FcUffdCounters {
 	uint64_t faults;         /* page faults served */
 	uint64_t fault_bytes;    /* bytes copied to serve them */
-	uint64_t prefetch_bytes; /* bytes copied ahead of faults */
+	uint64_t prefetch_bytes; /* bytes copied ahead of faults (the sweep) */
+	uint64_t replay_bytes;   /* bytes copied ahead of faults from the working set */
 } FcUffdCounters;
 int fcctl_uffd_counters_read(const char *path, FcUffdCounters *ret);
 

@@ -497,7 +497,9 @@ int fcctl_uffd_counters_read(const char *path, FcUffdCounters *ret)
 		return -errno;
 	if (fstat(fd, &st) < 0)
 		return -errno;
-	if ((size_t)st.st_size < sizeof(UffdLiveStats))
+	/* An ember-uffd older than this emberd (still serving after an upgrade) wrote a shorter
+	 * structure: its fields are a prefix of this one's. */
+	if ((size_t)st.st_size < offsetof(UffdLiveStats, replay_bytes))
 		return -EBADMSG;
 	/* Mapped, not read: ember-uffd stores each field atomically and so must we load it (a
 	 * read() copies bytes in no promised order, and a torn counter looks like a reset). */
@@ -506,13 +508,17 @@ int fcctl_uffd_counters_read(const char *path, FcUffdCounters *ret)
 		return -errno;
 	int r = 0;
 	if (__atomic_load_n(&l->magic, __ATOMIC_ACQUIRE) != UFFD_LIVE_MAGIC ||
-	    l->size < sizeof(UffdLiveStats))
+	    l->size < offsetof(UffdLiveStats, replay_bytes) || l->size > (size_t)st.st_size)
 		r = -EBADMSG;
 	else
 		*ret = (FcUffdCounters){
 			.faults = __atomic_load_n(&l->faults, __ATOMIC_RELAXED),
 			.fault_bytes = __atomic_load_n(&l->fault_bytes, __ATOMIC_RELAXED),
 			.prefetch_bytes = __atomic_load_n(&l->prefetch_bytes, __ATOMIC_RELAXED),
+			.replay_bytes =
+				l->size >= sizeof(UffdLiveStats)
+					? __atomic_load_n(&l->replay_bytes, __ATOMIC_RELAXED)
+					: 0,
 		};
 	(void)munmap((void *)l, sizeof(UffdLiveStats));
 	return r;
@@ -561,6 +567,10 @@ int fcctl_uffd_spawn(const FcUffdSpawn *s, FcVm **ret, char **ret_error)
 	if (s->stats_file) {
 		argv[n++] = "--stats-file";
 		argv[n++] = s->stats_file;
+	}
+	if (s->working_set) {
+		argv[n++] = "--working-set";
+		argv[n++] = s->working_set;
 	}
 	argv[n] = NULL;
 

@@ -6,6 +6,7 @@
 import concurrent.futures
 import os
 import signal
+import struct
 import subprocess
 
 import grpc
@@ -272,6 +273,11 @@ def test_template_boot_snapshot(start_emberd, workdir):
     for sid in ("quick", "slow"):
         p = guest_exec(e, sid, "sh", "-c", f"echo {sid} > /root/f && sync && cat /root/f")
         assert p.returncode == 0 and p.stdout == f"{sid}\n".encode(), p
+    # the first create from the boot snapshot recorded the pages its guest wanted first,
+    # beside the shared memory file (the window is 5 s)
+    ws = os.path.join(d, "mem.ws")
+    wait_for(lambda: os.path.exists(ws), 30, "the working set")
+    assert os.path.getsize(ws) > 48
     pause(n, "quick")
     resume(n, "quick")
     assert guest_exec(e, "quick", "cat", "/root/f").stdout == b"quick\n"
@@ -284,6 +290,11 @@ def test_template_boot_snapshot(start_emberd, workdir):
     assert get(n2, "quick").state == S.SANDBOX_STATE_RUNNING
     assert guest_exec(e2, "quick", "cat", "/root/f").stdout == b"quick\n"
     assert steps(create(n2, "again", template="fast"))[3] == "memory-server"
+    # ... and the next create replayed it: its ember-uffd's live counters (uffd.h:
+    # magic, size, faults, fault, prefetch and replay bytes)
+    with open(os.path.join(e2.run_dir, "sandboxes", "again", "uffd.stats"), "rb") as f:
+        magic, size, _, _, _, replayed = struct.unpack("<IIQQQQ", f.read(40))
+    assert magic == 0x46465545 and size >= 40 and replayed > 0, (size, replayed)
     code, _ = code_of(lambda: n2.DeleteTemplate(S.DeleteTemplateRequest(template_id="fast"),
                                                 timeout=10))
     assert code == grpc.StatusCode.FAILED_PRECONDITION

@@ -243,7 +243,7 @@ static void test_key_table(void **state)
 	Fixture *fx = *state;
 	size_t n = config_n_keys();
 
-	assert_int_equal(n, 54);
+	assert_int_equal(n, 55);
 	assert_null(config_key_info(n));
 	for (size_t i = 0; i < n; i++) {
 		const ConfigKeyInfo *k = config_key_info(i);
