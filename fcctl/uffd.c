@@ -1254,8 +1254,7 @@ static int server_serve_fault(Server *s, uint64_t addr)
 			s->st.around_pages += copied - 1;
 			server_record(s, reg, index);
 			if (lo < index) {
-				/* Best effort: whatever fails here is a page a later fault serves.
-				 */
+				/* best effort: a page this misses is served by its own fault */
 				(void)server_copy_pages(s, (size_t)i, lo, lo, index, &copied);
 				s->st.around_pages += copied;
 			}
@@ -1570,12 +1569,8 @@ static void *copier_run(void *userdata)
 	Server *s = c->s;
 	int r = 0;
 
-	if (s->replay) {
-		if (r == 0)
-			r = copier_replay(c);
-		else
-			atomic_fetch_sub(&s->replay_left, 1); /* nobody waits for this share */
-	}
+	if (s->replay)
+		r = copier_replay(c);
 	for (size_t i = 0; s->opt.prefetch && r == 0 && i < s->hs.n_regions; i++)
 		r = copier_range(c, i, 0, s->hs.regions[i].size / s->hs.regions[i].page_size, true);
 	if (s->opt.prefetch) {
