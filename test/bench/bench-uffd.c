@@ -501,6 +501,19 @@ static void print_table(void)
 	}
 }
 
+static const struct {
+	const char *name, *target, *num, *den;
+} time_ratios[] = {
+	{"VMM first access alone / sequential + prefetch VMM done", NULL,
+	 "VMM first access, all present", "sequential + prefetch"},
+	{"demand sequential: throughput with fault-around / without", NULL,
+	 "demand sequential, 1 page per fault", "demand sequential, fault-around"},
+	{"demand random: throughput with fault-around / without", NULL,
+	 "demand random, 1 page per fault", "demand random, fault-around"},
+	{"10% working set: time on demand / time replayed", ">= 300%",
+	 "10% working set, on demand (fault-around)", "10% working set, replayed"},
+};
+
 static void run_once(int run, int runs)
 {
 	const UffdOptions on_demand = {.fault_around = 1}, around = {.fault_around = fault_around},
@@ -532,11 +545,12 @@ static void run_once(int run, int runs)
 	 * touches the same pages in an order of its own. */
 	(void)unlink(ws_path);
 	shuffle(ws_order, n_ws, 0xC0FFEEull + (uint64_t)run * 2);
-	if (!skip("10% working set"))
+	if (!skip("10% working set")) {
 		(void)resume(&record, ws_order, n_ws, &st);
-	if (!skip("10% working set") && st.recorded == 0) {
-		fprintf(stderr, "bench-uffd: no working set was recorded\n");
-		errors++;
+		if (st.recorded == 0) {
+			fprintf(stderr, "bench-uffd: no working set was recorded\n");
+			errors++;
+		}
 	}
 	shuffle(ws_order, n_ws, 0xC0FFEEull + (uint64_t)run * 2 + 1);
 	bench_uffd("10% working set, on demand (fault-around)", &around, ws_order, n_ws);
@@ -574,25 +588,14 @@ static void run_once(int run, int runs)
 		ratio_add("File sequential read time / sequential + prefetch VMM done time", NULL,
 			  b->ms / a->ms);
 	}
-	b = find_row("VMM first access, all present");
-	if (a && b)
-		ratio_add("VMM first access alone / sequential + prefetch VMM done", NULL,
-			  b->ms / a->ms);
-	a = find_row("demand sequential, fault-around");
-	b = find_row("demand sequential, 1 page per fault");
-	if (a && b)
-		ratio_add("demand sequential: throughput with fault-around / without", NULL,
-			  a->gibps / b->gibps);
-	a = find_row("demand random, fault-around");
-	b = find_row("demand random, 1 page per fault");
-	if (a && b)
-		ratio_add("demand random: throughput with fault-around / without", NULL,
-			  a->gibps / b->gibps);
-	a = find_row("10% working set, replayed");
-	b = find_row("10% working set, on demand (fault-around)");
-	if (a && b)
-		ratio_add("10% working set: time on demand / time replayed", ">= 300%",
-			  b->ms / a->ms);
+	/* Time of one row over time of another, both touching the same pages: for the demand rows
+	 * it is their throughput with fault-around over without. */
+	for (size_t i = 0; i < ELEMENTSOF(time_ratios); i++) {
+		a = find_row(time_ratios[i].num);
+		b = find_row(time_ratios[i].den);
+		if (a && b)
+			ratio_add(time_ratios[i].name, time_ratios[i].target, a->ms / b->ms);
+	}
 }
 
 static void summary(int runs, int hog)
